@@ -1,0 +1,221 @@
+"""Adapter configs: the base dataclass, the method and task enums, and the JSON round trip.
+
+Configs use peft's field names and ``peft_type`` values so that ``adapter_config.json`` files move freely between
+deltatune, peft and vLLM. Reading a file applies one policy for fields this class does not define:
+
+* a field peft knows but deltatune does not implement (``_unsupported``), left at its "off" value: ignored;
+  set to anything else: :class:`ConfigError`, because loading would silently compute something else;
+* metadata fields (``peft_version``, ...): ignored;
+* any other unknown field: one warning naming them all, then ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+CONFIG_NAME = "adapter_config.json"
+
+# Fields peft writes that carry no meaning for the computation.
+_METADATA_FIELDS = frozenset({"peft_version", "megatron_core"})
+
+
+class PeftType(str, enum.Enum):
+    """Method identifiers, spelled as peft writes them into ``adapter_config.json``."""
+
+    LORA = "LORA"
+    ADALORA = "ADALORA"
+    IA3 = "IA3"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    OFT = "OFT"
+    VERA = "VERA"
+    BOTTLENECK = "BOTTLENECK"
+    BITFIT = "BITFIT"
+    LN_TUNING = "LN_TUNING"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TaskType(str, enum.Enum):
+    """What the wrapped model does; picks the task wrapper (``PeftModelForCausalLM``, ...)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _is_off(value: Any) -> bool:
+    """Whether a peft field's value means "feature not used"."""
+    return value is None or value is False or (isinstance(value, (dict, list, tuple, str)) and len(value) == 0)
+
+
+@dataclass
+class PeftConfig:
+    """Fields every method shares.
+
+    Attributes:
+        peft_type: Which method; set by each subclass, never by the user.
+        task_type: What the base model does; selects the task wrapper. ``None`` gives the generic ``PeftModel``.
+        inference_mode: Load frozen (no trainable adapter parameters). Saved files carry ``True``.
+        base_model_name_or_path: Where the base model came from; ``AutoPeftModel`` loads it from here.
+        revision: Hub revision of the base model.
+        auto_mapping: For custom (non-transformers) models: the base class and parent library, as peft records it.
+        modules_to_save: Names (exact or dotted suffix) of modules trained in full and saved with the adapter,
+            e.g. a classification head.
+    """
+
+    peft_type: PeftType | None = None
+    task_type: TaskType | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    auto_mapping: dict | None = None
+    modules_to_save: list[str] | None = None
+
+    # peft fields this class does not implement, with the value that means "off" (see module docstring).
+    _unsupported: ClassVar[dict[str, Any]] = {}
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None:
+            try:
+                self.task_type = TaskType(str(self.task_type))
+            except ValueError:
+                raise ConfigError(
+                    f"unknown task_type {self.task_type!r}; use one of {[t.value for t in TaskType]}"
+                ) from None
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """Whether this method feeds the model inputs (virtual tokens / prefixes) instead of wrapping layers."""
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with peft's field names; sets become sorted lists and enums their values."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, set):
+                value = sorted(value)
+            out[f.name] = value
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` atomically into ``save_directory``."""
+        from .checkpoint import atomic_write_bytes
+
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json_string().encode())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> PeftConfig:
+        """Build the config class named by ``data["peft_type"]`` (or ``cls`` itself when it is concrete).
+
+        Raises:
+            ConfigError: unknown ``peft_type``, a peft feature switched on that deltatune does not implement, or
+                values the config's own checks reject. ``source`` (e.g. the file path) is named in the message.
+        """
+        from .registry import config_class
+
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        peft_type = data.get("peft_type")
+        if peft_type is None and cls.peft_type_default() is None:
+            raise ConfigError(f"{source}: has no 'peft_type'; it is not an adapter config")
+        target_cls = config_class(peft_type, source=source) if peft_type is not None else cls
+        return target_cls._from_known_type(data, source)
+
+    @classmethod
+    def peft_type_default(cls) -> PeftType | None:
+        for f in dataclasses.fields(cls):
+            if f.name == "peft_type":
+                return f.default
+        return None
+
+    @classmethod
+    def _from_known_type(cls, data: dict[str, Any], source: str) -> PeftConfig:
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        kwargs, unknown = {}, []
+        for key, value in data.items():
+            if key == "peft_type" or key in _METADATA_FIELDS:
+                continue
+            if key in names:
+                kwargs[key] = value
+            elif key in cls._unsupported:
+                if not _is_off(value) and value != cls._unsupported[key]:
+                    raise ConfigError(
+                        f"{source}: sets {key}={value!r}, a {cls.__name__} feature deltatune does not implement; "
+                        f"loading it would compute something else. Remove the field or load it with a library "
+                        f"that supports it."
+                    )
+            else:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(f"{source}: ignoring fields unknown to {cls.__name__}: {sorted(unknown)}", stacklevel=3)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: invalid {cls.__name__}: {exc}") from exc
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> PeftConfig:
+        """Read ``adapter_config.json`` from a local directory or a hub repo (``revision``, ``subfolder``, ...)."""
+        from .checkpoint import read_config
+
+        return read_config(pretrained_model_name_or_path, **hub_kwargs)
+
+
+@dataclass
+class LayerConfig(PeftConfig):
+    """Fields every layer method (LoRA, IA3, ...) shares: which modules to adapt.
+
+    Attributes:
+        target_modules: Module names to adapt: a list of exact names or dotted suffixes (``"q_proj"`` matches
+            ``model.layers.0.self_attn.q_proj``), a string regex matched against the full name, or ``"all-linear"``
+            (every linear layer except the output head). ``None`` uses the default for the model type.
+        exclude_modules: Same forms as ``target_modules``; matches are never adapted.
+        layers_to_transform: Only adapt modules in these layer indices (an int or a list).
+        layers_pattern: Name of the layer list (``"layers"``, ``"h"``, ...) used to read the layer index; needed
+            only when the model's layer list has an unusual name.
+    """
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_pattern is not None and not self.layers_to_transform:
+            raise ConfigError("layers_pattern only has an effect together with layers_to_transform")

@@ -1,0 +1,27 @@
+"""The exceptions deltatune raises on bad input.
+
+Every one subclasses ``ValueError`` so code written against peft (which raises ``ValueError``) keeps working, and
+every message says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class DeltatuneError(ValueError):
+    """Base class of every error deltatune raises on bad input."""
+
+
+class ConfigError(DeltatuneError):
+    """An adapter config is missing, malformed, or asks for something this version cannot compute."""
+
+
+class TargetError(DeltatuneError):
+    """``target_modules`` / ``modules_to_save`` select nothing, or select a module the method cannot wrap."""
+
+
+class AdapterLoadError(DeltatuneError):
+    """Adapter weights are missing, corrupt, unsafe, or do not fit the model they are loaded onto."""
+
+
+class AdapterStateError(DeltatuneError):
+    """An operation does not fit the wrapper's adapters (unknown name, duplicate name, deleting the active one...)."""

@@ -1,0 +1,235 @@
+"""The adapter-layer core shared by every layer method.
+
+An :class:`AdapterLayer` replaces a target module in the model. It keeps the frozen module as ``base_layer`` and one
+:class:`Delta` per adapter name in ``deltas``; the state it owns (which adapters are active, which are merged into the
+base weight, whether adapters are disabled, which adapter each batch row uses) is the same for every method and lives
+only here. A method contributes a ``Delta`` subclass: its parameters, its forward, and how it turns into a weight.
+
+:class:`ModulesToSaveWrapper` does the same for ``modules_to_save``: a frozen original plus one trainable copy per
+adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import AdapterStateError
+
+BASE_ADAPTER = "__base__"  # in ``adapter_names``: this row uses no adapter
+
+_batch_adapters: contextvars.ContextVar[Sequence[str] | None] = contextvars.ContextVar("batch_adapters", default=None)
+
+
+@contextlib.contextmanager
+def batch_adapters(names: Sequence[str] | None) -> Iterator[None]:
+    """Within the block, row ``i`` of every batch uses adapter ``names[i]`` (``"__base__"``: none).
+
+    A batch that is a whole multiple of ``len(names)`` (beam search, ``num_return_sequences``) repeats each name for
+    its consecutive rows, as ``generate()`` expands inputs with ``repeat_interleave``.
+    """
+    token = _batch_adapters.set(list(names) if names is not None else None)
+    try:
+        yield
+    finally:
+        _batch_adapters.reset(token)
+
+
+def _row_groups(batch_size: int, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Row indices per adapter name for a batch of ``batch_size`` rows."""
+    if batch_size % len(names):
+        raise AdapterStateError(
+            f"adapter_names has {len(names)} entries but the batch has {batch_size} rows; give one name per row"
+        )
+    repeat = batch_size // len(names)
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
+    return {name: torch.tensor(rows) for name, rows in groups.items()}
+
+
+class Delta(nn.Module):
+    """One adapter's trainable change to one layer. Subclasses implement ``forward`` and ``delta_weight``.
+
+    ``forward(x, base_out, base_layer)`` returns the layer's new output given its input and the base layer's output.
+    Merging defaults to ``W + delta_weight``; methods whose effect is not additive (DoRA, IA3) override
+    ``merge_weight`` / ``unmerge_weight``.
+    """
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        """The additive change to ``base_layer.weight``, in that weight's own layout and dtype."""
+        raise NotImplementedError
+
+    def merge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return weight + self.delta_weight(base_layer).to(weight.dtype)
+
+    def unmerge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return weight - self.delta_weight(base_layer).to(weight.dtype)
+
+
+class _Wrapper(nn.Module):
+    """Attribute fallback shared by both wrappers: code that reads ``layer.weight`` or ``layer.in_features`` on a
+    wrapped module (weight tying, dtype probes in modeling code) sees the wrapped module's attribute."""
+
+    def _wrapped(self) -> nn.Module:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "original_module"):
+                raise
+            return getattr(self._wrapped(), name)
+
+
+class AdapterLayer(_Wrapper):
+    """A frozen ``base_layer`` plus named deltas, with the active / merged / disabled state every method shares."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.deltas = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    def _wrapped(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def add_delta(self, name: str, delta: Delta) -> None:
+        self.deltas[name] = delta
+
+    def remove_delta(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge()
+        del self.deltas[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.deltas]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        row_names = _batch_adapters.get()
+        if row_names is not None:
+            return self._mixed_forward(x, row_names, *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                out = self.deltas[name](x, out, self.base_layer)
+        return out
+
+    def _mixed_forward(self, x: torch.Tensor, row_names: Sequence[str], *args, **kwargs) -> torch.Tensor:
+        """Each group of rows goes through its own adapter; rows marked ``__base__`` (or naming an adapter this layer
+        does not hold) get the base output."""
+        if self.merged_adapters:
+            raise AdapterStateError("adapter_names cannot be used while adapters are merged; call unmerge_adapter()")
+        out = self.base_layer(x, *args, **kwargs)
+        for name, rows in _row_groups(x.shape[0], row_names).items():
+            if name == BASE_ADAPTER or name not in self.deltas:
+                continue
+            rows = rows.to(out.device)
+            out = out.index_copy(0, rows, self.deltas[name](x[rows], out[rows], self.base_layer))
+        return out
+
+    @torch.no_grad()
+    def merge(self, names: Sequence[str], safe_merge: bool = False) -> None:
+        """Fold the named deltas into ``base_layer.weight``; ``safe_merge`` checks the result is finite first."""
+        weight = self.base_layer.weight
+        for name in names:
+            if name in self.merged_adapters or name not in self.deltas:
+                continue
+            new = self.deltas[name].merge_weight(weight.data.clone(), self.base_layer)
+            if safe_merge and not torch.isfinite(new).all():
+                raise AdapterStateError(
+                    f"merging adapter {name!r} would put NaN/inf into the base weights; the model is unchanged"
+                )
+            weight.data.copy_(new)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, keep: int = 0) -> None:
+        """Undo merges, last merged first, until ``keep`` remain merged."""
+        weight = self.base_layer.weight
+        while len(self.merged_adapters) > keep:
+            name = self.merged_adapters.pop()
+            weight.data.copy_(self.deltas[name].unmerge_weight(weight.data, self.base_layer))
+
+
+class ModulesToSaveWrapper(_Wrapper):
+    """A frozen ``original_module`` plus one trainable copy per adapter in ``modules_to_save`` (peft's names, so that
+    state-dict keys match peft's)."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def _wrapped(self) -> nn.Module:
+        return self.original_module
+
+    def add_copy(self, name: str) -> None:
+        import copy
+
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def remove_copy(self, name: str) -> None:
+        del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active_adapter = next((n for n in names if n in self.modules_to_save), None)
+
+    def _module_for(self, name: str | None) -> nn.Module:
+        if self.disabled or name is None or name not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        row_names = _batch_adapters.get()
+        if row_names is None or self.disabled:
+            return self._module_for(self.active_adapter)(x, *args, **kwargs)
+        groups = _row_groups(x.shape[0], row_names)
+        out = None
+        for name, rows in groups.items():
+            rows = rows.to(x.device)
+            part = self._module_for(None if name == BASE_ADAPTER else name)(x[rows], *args, **kwargs)
+            if not isinstance(part, torch.Tensor):
+                raise AdapterStateError(
+                    f"adapter_names is not supported for modules_to_save module {type(self.original_module).__name__} "
+                    f"whose output is a {type(part).__name__}"
+                )
+            if out is None:
+                out = part.new_zeros((x.shape[0], *part.shape[1:]))
+            out = out.index_copy(0, rows, part)
+        return out
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            yield name, module

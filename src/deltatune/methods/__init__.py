@@ -1,0 +1,1 @@
+"""One module per method; each defines ``METHOD`` and is registered in ``deltatune.registry``."""

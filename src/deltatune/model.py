@@ -1,0 +1,383 @@
+"""``PeftModel`` and its task wrappers: the user-facing object around a base model and its adapters.
+
+Names and behaviour follow peft, so switching is one import. The wrapper owns the adapter bookkeeping (configs, the
+active adapter, trainability) and delegates the mechanics to ``inject`` (module surgery), ``layers`` (per-layer
+state) and ``checkpoint`` (files). Task wrappers only add what differs by task: default ``modules_to_save`` heads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from . import inject
+from .checkpoint import (
+    layer_adapter_state_dict,
+    load_layer_adapter_state_dict,
+    read_config,
+    read_weights,
+    save_adapter,
+    validate_adapter_name,
+)
+from .config import PeftConfig, TaskType
+from .errors import AdapterStateError, ConfigError
+from .layers import adapter_layers, batch_adapters
+from .registry import LayerMethod, get_method
+
+_HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
+
+
+class AdapterModel(nn.Module):
+    """Holds the base model as ``.model`` so saved keys read ``base_model.model.<path>`` as in peft."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A base model with one or more adapters; the entry point is :func:`get_peft_model` or :meth:`from_pretrained`.
+
+    Attributes:
+        peft_config: Adapter name -> config.
+        base_model: The adapted model's holder; ``base_model.model`` is the original (now wrapped) model.
+    """
+
+    # Heads trained in full with the adapter for this task (peft's defaults), added to ``modules_to_save``.
+    default_modules_to_save: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any) -> None:
+        super().__init__()
+        if isinstance(model, PeftModel):
+            raise AdapterStateError("the model is already a PeftModel; use add_adapter() to add another adapter")
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active: list[str] = []
+        self.base_model = AdapterModel(model)
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "peft_config", "_active"):
+                raise
+            return getattr(self.base_model, name)
+
+    # --- adapters -------------------------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0]
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapter]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add an adapter (not made active; see :meth:`set_adapter`). All checks run before the model changes.
+
+        Raises:
+            AdapterStateError: invalid or duplicate name.
+            TargetError: the config's targets match nothing or something the method cannot adapt.
+        """
+        validate_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise AdapterStateError(f"an adapter named {adapter_name!r} already exists; choose another name")
+        config = copy.deepcopy(peft_config)
+        method = get_method(config.peft_type)
+        if not isinstance(method, LayerMethod):
+            raise ConfigError(f"{config.peft_type.value} is not available in this version of deltatune")
+        base = self.get_base_model()
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(base, "name_or_path", None) or None
+        names = list(config.modules_to_save or [])
+        if self.default_modules_to_save:
+            config.modules_to_save = names = names + [n for n in self.default_modules_to_save if n not in names]
+        inject.add_layer_adapter(base, config, adapter_name, method)
+        try:
+            if names:
+                inject.add_modules_to_save(base, names, adapter_name)
+        except Exception:
+            inject.remove_adapter(base, adapter_name)
+            raise
+        self.peft_config[adapter_name] = config
+        self._refresh()
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make ``adapter_name`` (or several, applied in order) the active adapter(s); only they train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._check_exists(name)
+        self._active = names
+        self._refresh()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_exists(adapter_name)
+        if adapter_name in self._active:
+            raise AdapterStateError(
+                f"adapter {adapter_name!r} is active; set_adapter() to another adapter before deleting it"
+            )
+        inject.remove_adapter(self.get_base_model(), adapter_name)
+        del self.peft_config[adapter_name]
+        self._refresh()
+
+    def _check_exists(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise AdapterStateError(f"no adapter named {name!r}; adapters: {list(self.peft_config)}")
+
+    def _refresh(self) -> None:
+        """Re-derive per-layer active sets and ``requires_grad`` from the active adapters and their configs."""
+        base = self.get_base_model()
+        inject.set_active(base, self._active)
+        trainable = [n for n in self._active if not self.peft_config[n].inference_mode]
+        bias = next((getattr(self.peft_config[n], "bias", "none") for n in trainable), "none")
+        inject.mark_trainable(base, trainable, bias)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes as the base model (merged adapters are unmerged first)."""
+        base = self.get_base_model()
+        inject.set_disabled(base, True)
+        try:
+            yield
+        finally:
+            inject.set_disabled(base, False)
+
+    # --- merging --------------------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; all layers or none."""
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        for name in names:
+            self._check_exists(name)
+        inject.merge(self.get_base_model(), names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        inject.unmerge(self.get_base_model())
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
+        """Merge adapters into the weights and return the plain base model (``modules_to_save`` heads replaced by
+        their trained copies). The returned model no longer depends on deltatune."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return inject.unload(self.get_base_model(), keep_trained_copies=True)
+
+    def unload(self) -> nn.Module:
+        """Remove all adapters without merging and return the base model exactly as it was."""
+        base = self.get_base_model()
+        inject.unmerge(base)
+        return inject.unload(base, keep_trained_copies=False)
+
+    # --- running --------------------------------------------------------------------------------------------------
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """The base model's forward; ``adapter_names`` gives one adapter name per row (``"__base__"``: none)."""
+        self._check_row_adapters(adapter_names)
+        with batch_adapters(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """The base model's ``generate()`` (KV cache on), optionally with one adapter per input row."""
+        self._check_row_adapters(adapter_names)
+        with batch_adapters(adapter_names):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    def _check_row_adapters(self, adapter_names: Sequence[str] | None) -> None:
+        if adapter_names is None:
+            return
+        unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
+        if unknown:
+            raise AdapterStateError(f"adapter_names mentions unknown adapters {unknown}; have {list(self.peft_config)}")
+        if any(layer.merged for _, layer in adapter_layers(self.get_base_model())):
+            raise AdapterStateError("adapter_names cannot be used while adapters are merged; call unmerge_adapter()")
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Turn on the base model's gradient checkpointing so that it works with a frozen base.
+
+        With reentrant checkpointing, a segment whose inputs do not require grad produces no gradients; making the
+        input embeddings' output require grad fixes that without the user having to know.
+        """
+        base = self.get_base_model()
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
+    # --- parameters -----------------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, adapters included in "all"."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- files ----------------------------------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str = "default", save_embedding_layers: bool | str = "auto") -> dict:
+        """The tensors saved for ``adapter_name``, keyed exactly as in ``adapter_model.safetensors``."""
+        self._check_exists(adapter_name)
+        config = self.peft_config[adapter_name]
+        if save_embedding_layers == "auto":
+            save_embedding_layers = any(
+                isinstance(layer.base_layer, nn.Embedding) and adapter_name in layer.deltas
+                for _, layer in adapter_layers(self.get_base_model())
+            )
+        state = layer_adapter_state_dict(
+            self.get_base_model(), adapter_name, getattr(config, "bias", "none"), bool(save_embedding_layers)
+        )
+        return {f"base_model.model.{k}": v for k, v in state.items()}
+
+    def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
+        prefix = "base_model.model."
+        bad = next((k for k in state_dict if not k.startswith(prefix)), None)
+        if bad is not None:
+            from .errors import AdapterLoadError
+
+            raise AdapterLoadError(f"{source}: key {bad!r} does not start with {prefix!r}; not a layer adapter file")
+        stripped = {k[len(prefix):]: v for k, v in state_dict.items()}
+        load_layer_adapter_state_dict(self.get_base_model(), stripped, adapter_name, source)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: Sequence[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        **_: Any,
+    ) -> None:
+        """Save adapters in peft's format: the default adapter (or the first selected) at the top of
+        ``save_directory``, every other adapter in a sub-folder named after it. Each write is atomic."""
+        if not is_main_process:
+            return
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        for name in names:
+            self._check_exists(name)
+        for name in names:
+            directory = save_directory if name == "default" else os.path.join(save_directory, name)
+            config = dataclasses.replace(self.peft_config[name], inference_mode=True)
+            save_adapter(directory, config, self.adapter_state_dict(name, save_embedding_layers), safe_serialization)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        safetensors_only: bool = False,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Attach a saved adapter (local directory or hub repo id with ``revision``/``subfolder``) to ``model``.
+
+        On any error the base model is left exactly as it was before the call.
+        """
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        config = copy.deepcopy(config) if config is not None else read_config(model_id, **hub)
+        config.inference_mode = not is_trainable
+        target_cls = cls
+        if cls is PeftModel and config.task_type is not None:
+            target_cls = TASK_WRAPPERS.get(config.task_type, PeftModel)
+        tensors, source = read_weights(model_id, safetensors_only=safetensors_only, **hub)
+        peft_model = target_cls(model, config, adapter_name)
+        try:
+            peft_model.load_adapter_state_dict(tensors, adapter_name, source)
+        except Exception:
+            peft_model.unload()
+            raise
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        safetensors_only: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Load another saved adapter under ``adapter_name`` (not made active); all or nothing."""
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        config = read_config(model_id, **hub)
+        config.inference_mode = not is_trainable
+        tensors, source = read_weights(model_id, safetensors_only=safetensors_only, **hub)
+        self.add_adapter(adapter_name, config)
+        try:
+            self.load_adapter_state_dict(tensors, adapter_name, source)
+        except Exception:
+            inject.remove_adapter(self.get_base_model(), adapter_name)
+            del self.peft_config[adapter_name]
+            self._refresh()
+            raise
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Decoder-only language models (Llama, GPT-2, ...)."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder language models (T5, MT5, mt0, BART, ...)."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """Sequence classification; the classification head trains in full and is saved with the adapter."""
+
+    default_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """Token classification; the classification head trains in full and is saved with the adapter."""
+
+    default_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """Extractive question answering; the span head trains in full and is saved with the adapter."""
+
+    default_modules_to_save = ("qa_outputs",)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Encoders used for embeddings (hidden states)."""
+
+
+TASK_WRAPPERS: dict[TaskType, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(
+    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any
+) -> PeftModel:
+    """Wrap ``model`` with a new adapter described by ``peft_config``; the wrapper class follows ``task_type``."""
+    cls = TASK_WRAPPERS.get(peft_config.task_type, PeftModel) if peft_config.task_type else PeftModel
+    return cls(model, peft_config, adapter_name, **kwargs)

@@ -1,0 +1,82 @@
+"""The one place a method is registered: ``peft_type`` -> the module that implements it.
+
+Each method module defines a module-level ``METHOD`` (a :class:`LayerMethod` or :class:`PromptMethod`). Modules are
+imported lazily so that importing deltatune stays cheap and a broken optional method cannot break the others.
+Adding a method is one file in ``methods/`` plus one line in ``_METHOD_MODULES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .config import PeftConfig, PeftType
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .layers import Delta
+
+_METHOD_MODULES: dict[PeftType, str] = {
+    PeftType.LORA: "deltatune.methods.lora",
+}
+
+
+@dataclass(frozen=True)
+class LayerMethod:
+    """A method that wraps target modules and adds a per-layer delta.
+
+    Attributes:
+        config_class: The method's config dataclass.
+        make_delta: ``(config, base_layer, module_name) -> Delta``, called only for modules of ``layer_types``.
+        layer_types: The module types the method can wrap; anything else is refused before the model is touched.
+        default_targets: ``model_type -> module names`` used when the config gives no ``target_modules``; ``None``
+            falls back to :data:`deltatune.targeting.DEFAULT_ATTENTION_TARGETS`.
+    """
+
+    config_class: type[PeftConfig]
+    make_delta: Callable[[Any, nn.Module, str], Delta]
+    layer_types: tuple[type[nn.Module], ...]
+    default_targets: dict[str, list[str]] | None = None
+
+
+@dataclass(frozen=True)
+class PromptMethod:
+    """A method that leaves the layers alone and feeds the model virtual tokens or key/value prefixes.
+
+    Attributes:
+        config_class: The method's config dataclass.
+        make_encoder: ``(config, word_embeddings) -> nn.Module`` whose ``forward(indices)`` returns the prompt.
+    """
+
+    config_class: type[PeftConfig]
+    make_encoder: Callable[[Any, nn.Module], nn.Module]
+
+
+def get_method(peft_type: PeftType | str, *, source: str = "config") -> LayerMethod | PromptMethod:
+    """The implementation registered for ``peft_type``.
+
+    Raises:
+        ConfigError: ``peft_type`` is unknown or not implemented in this version.
+    """
+    try:
+        key = PeftType(str(peft_type))
+        module_name = _METHOD_MODULES[key]
+    except (ValueError, KeyError):
+        raise ConfigError(
+            f"{source}: peft_type {str(peft_type)!r} is not supported by this version of deltatune; "
+            f"supported: {sorted(t.value for t in _METHOD_MODULES)}"
+        ) from None
+    return importlib.import_module(module_name).METHOD
+
+
+def config_class(peft_type: PeftType | str, *, source: str = "config") -> type[PeftConfig]:
+    """The config dataclass registered for ``peft_type``."""
+    return get_method(peft_type, source=source).config_class
+
+
+def supported_types() -> list[PeftType]:
+    return list(_METHOD_MODULES)

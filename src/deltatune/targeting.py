@@ -1,0 +1,186 @@
+"""Which modules an adapter adapts: one pure matching rule, one model walk, one clear error.
+
+Matching (the same for ``target_modules``, ``exclude_modules`` and ``modules_to_save``):
+
+* a list of names: a module matches when its full dotted name equals an entry or ends with ``"." + entry``;
+* a string: a regular expression that must match the full dotted name (``re.fullmatch``);
+* ``"all-linear"``: every ``nn.Linear`` / transformers ``Conv1D`` except the model's output head.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+
+from .errors import TargetError
+
+ALL_LINEAR = "all-linear"
+
+# Attention projections adapted by default when a config names no target modules (keyed by config.model_type).
+DEFAULT_ATTENTION_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "mbart": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+}
+
+
+def _linear_types() -> tuple[type[nn.Module], ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def name_matches(name: str, patterns: Sequence[str] | str) -> bool:
+    """Whether the dotted module ``name`` is selected by ``patterns`` (list of names/suffixes, or a regex)."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def layer_index(name: str, layers_pattern: Sequence[str] | str | None = None) -> int | None:
+    """The transformer-layer index in a module name: the number after ``layers_pattern`` or, without a pattern, the
+    first all-digit path segment (``model.layers.3.mlp`` -> 3; ``encoder.block.1.layer.0.SelfAttention.q`` -> 1)."""
+    parts = name.split(".")
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    for i, part in enumerate(parts[:-1]):
+        if parts[i + 1].isdigit() and (patterns is None or part in patterns):
+            return int(parts[i + 1])
+    if patterns is None and parts and parts[0].isdigit():
+        return int(parts[0])
+    return None
+
+
+def iter_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules of ``model``, skipping the insides of adapter wrappers (their base layers and deltas)."""
+    from .layers import AdapterLayer, ModulesToSaveWrapper
+
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(s) for s in skip):
+            continue
+        yield name, module
+        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            skip.append(name + ".")
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Full names of the modules that produce the model's output (never adapted by ``all-linear``)."""
+    names: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            names.add(name)
+    return names
+
+
+def expand_all_linear(model: nn.Module) -> list[str]:
+    """``"all-linear"`` as the sorted leaf names of the model's linear layers, minus the output head.
+
+    The expansion is stored back into the config so that peft and vLLM, which read names, select the same modules.
+    """
+    from .layers import AdapterLayer
+
+    heads = output_head_names(model)
+    linear = _linear_types()
+    leaves = set()
+    for name, module in iter_candidates(model):
+        base = module.base_layer if isinstance(module, AdapterLayer) else module
+        if isinstance(base, linear) and name not in heads:
+            leaves.add(name.rsplit(".", 1)[-1])
+    head_leaves = {h.rsplit(".", 1)[-1] for h in heads}
+    return sorted(leaves - head_leaves)
+
+
+def find_targets(model: nn.Module, config, default_targets: dict[str, list[str]] | None = None) -> list[str]:
+    """Full names of the modules ``config`` selects in ``model``, in model order.
+
+    Resolves ``target_modules=None`` to the default for the model type and ``"all-linear"`` to leaf names, writing
+    the result back into ``config.target_modules`` so the saved config names exactly what was adapted.
+
+    Raises:
+        TargetError: nothing matches; the message lists the patterns and the model's candidate module names.
+    """
+    patterns = config.target_modules
+    if patterns is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        table = default_targets if default_targets is not None else DEFAULT_ATTENTION_TARGETS
+        if model_type not in table:
+            raise TargetError(
+                f"no default target_modules for model type {model_type!r}; pass target_modules explicitly, e.g. "
+                f"one of {_candidate_leaves(model)[:20]} or 'all-linear'"
+            )
+        patterns = config.target_modules = list(table[model_type])
+    elif patterns == ALL_LINEAR:
+        patterns = config.target_modules = expand_all_linear(model)
+
+    selected = []
+    for name, _ in iter_candidates(model):
+        if not name_matches(name, patterns):
+            continue
+        if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
+            continue
+        if config.layers_to_transform is not None:
+            if layer_index(name, config.layers_pattern) not in config.layers_to_transform:
+                continue
+        selected.append(name)
+    if not selected:
+        extra = ""
+        if config.layers_to_transform is not None:
+            extra = f" in layers {config.layers_to_transform} (layers_pattern={config.layers_pattern!r})"
+        raise TargetError(
+            f"target_modules {patterns!r}{extra} matched no module of {type(model).__name__}. "
+            f"Module names that can be targeted include: {_candidate_leaves(model)[:40]}"
+        )
+    return selected
+
+
+def find_modules_to_save(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Full names of the modules selected by ``modules_to_save`` (exact names or dotted suffixes).
+
+    Entries that match nothing are allowed only when another entry matches, because peft's task defaults list
+    alternatives (``["classifier", "score"]``); when none matches, :class:`TargetError` lists what exists.
+    """
+    selected = [name for name, _ in iter_candidates(model) if name_matches(name, list(names))]
+    selected = [n for n in selected if not any(n.startswith(s + ".") for s in selected)]
+    if names and not selected:
+        raise TargetError(
+            f"modules_to_save {list(names)!r} matched no module of {type(model).__name__}; "
+            f"top-level modules are {[n for n, _ in model.named_children()]}"
+        )
+    return selected
+
+
+def _candidate_leaves(model: nn.Module) -> list[str]:
+    """Distinct leaf names of modules that have weights of their own: what a user would most likely mean."""
+    seen: dict[str, None] = {}
+    for name, module in iter_candidates(model):
+        if any(True for _ in module.parameters(recurse=False)) or hasattr(module, "base_layer"):
+            seen.setdefault(name.rsplit(".", 1)[-1], None)
+    return list(seen)
