@@ -1,0 +1,1 @@
+"""Sub-commands of the ``deltatune`` CLI, one module each (see ``deltatune.cli``)."""
