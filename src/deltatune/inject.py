@@ -39,6 +39,8 @@ def add_layer_adapter(model: nn.Module, config, adapter_name: str, method: Layer
                 f"module {name!r} is a {type(base).__name__}, which {config.peft_type.value} cannot adapt; "
                 f"supported types: {[t.__name__ for t in method.layer_types]}. Narrow target_modules to exclude it."
             )
+        if method.check_target is not None:
+            method.check_target(config, base, name)
         bases[name] = base
     deltas = {name: method.make_delta(config, base, name) for name, base in bases.items()}
     for name, delta in deltas.items():
@@ -104,19 +106,31 @@ def mark_trainable(model: nn.Module, trainable: Sequence[str], bias: str = "none
             if name in wrapper.modules_to_save:
                 wrapper.modules_to_save[name].requires_grad_(True)
     if bias == "all":
+        # The model's own biases. Those inside wrappers follow their adapter (set above) or, in a modules_to_save
+        # original, stay frozen: the original does not run while its trained copy is active.
+        wrapped = {id(p) for _, w in save_wrappers(model) for p in w.parameters()}
+        wrapped.update(id(p) for _, layer in adapter_layers(model) for p in layer.deltas.parameters())
         for pname, param in model.named_parameters():
-            if pname.endswith("bias"):
+            if pname.endswith("bias") and id(param) not in wrapped:
                 param.requires_grad_(True)
 
 
 def merge(model: nn.Module, names: Sequence[str], safe_merge: bool = False) -> None:
-    """Fold the deltas of ``names`` into the base weights of every adapter layer, all or nothing: if one layer fails
-    (``safe_merge`` found NaN/inf), the layers merged by this call are unmerged again before the error propagates."""
+    """Fold the deltas of ``names`` into the base weights of every adapter layer, all or nothing.
+
+    ``safe_merge`` checks every layer for NaN/inf before any weight changes, so a refusal leaves the weights bit for
+    bit as they were (unmerging is exact only up to rounding). Any other failure unmerges the layers this call merged
+    before the error propagates.
+    """
+    layers = [layer for _, layer in adapter_layers(model)]
+    if safe_merge:
+        for layer in layers:
+            layer.check_merge(names)
     before: list[tuple[AdapterLayer, int]] = []
     try:
-        for _, layer in adapter_layers(model):
+        for layer in layers:
             before.append((layer, len(layer.merged_adapters)))
-            layer.merge(names, safe_merge=safe_merge)
+            layer.merge(names)
     except Exception:
         for layer, count in before:
             layer.unmerge(keep=count)

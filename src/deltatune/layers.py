@@ -148,18 +148,29 @@ class AdapterLayer(_Wrapper):
         return out
 
     @torch.no_grad()
+    def check_merge(self, names: Sequence[str]) -> None:
+        """Raise :class:`AdapterStateError` if merging ``names`` would put NaN/inf into ``base_layer.weight``; the
+        merged weight is computed aside and the layer is not changed."""
+        weight = self.base_layer.weight.data
+        for name in names:
+            if name in self.merged_adapters or name not in self.deltas:
+                continue
+            weight = self.deltas[name].merge_weight(weight.clone(), self.base_layer)
+            if not torch.isfinite(weight).all():
+                raise AdapterStateError(
+                    f"merging adapter {name!r} would put NaN/inf into the base weights; the model is unchanged"
+                )
+
+    @torch.no_grad()
     def merge(self, names: Sequence[str], safe_merge: bool = False) -> None:
-        """Fold the named deltas into ``base_layer.weight``; ``safe_merge`` checks the result is finite first."""
+        """Fold the named deltas into ``base_layer.weight``; ``safe_merge`` runs :meth:`check_merge` first."""
+        if safe_merge:
+            self.check_merge(names)
         weight = self.base_layer.weight
         for name in names:
             if name in self.merged_adapters or name not in self.deltas:
                 continue
-            new = self.deltas[name].merge_weight(weight.data.clone(), self.base_layer)
-            if safe_merge and not torch.isfinite(new).all():
-                raise AdapterStateError(
-                    f"merging adapter {name!r} would put NaN/inf into the base weights; the model is unchanged"
-                )
-            weight.data.copy_(new)
+            weight.data.copy_(self.deltas[name].merge_weight(weight.data.clone(), self.base_layer))
             self.merged_adapters.append(name)
 
     @torch.no_grad()

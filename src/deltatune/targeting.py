@@ -122,7 +122,9 @@ def find_targets(model: nn.Module, config, default_targets: dict[str, list[str]]
     """Full names of the modules ``config`` selects in ``model``, in model order.
 
     Resolves ``target_modules=None`` to the default for the model type and ``"all-linear"`` to leaf names, writing
-    the result back into ``config.target_modules`` so the saved config names exactly what was adapted.
+    the result back into ``config.target_modules`` so the saved config names exactly what was adapted. Modules in
+    ``config.modules_to_save`` (and everything inside them) are trained in full, so they are never also adapted, as
+    in peft (e.g. a classification head under ``"all-linear"``).
 
     Raises:
         TargetError: nothing matches; the message lists the patterns and the model's candidate module names.
@@ -140,9 +142,10 @@ def find_targets(model: nn.Module, config, default_targets: dict[str, list[str]]
     elif patterns == ALL_LINEAR:
         patterns = config.target_modules = expand_all_linear(model)
 
+    trained_in_full = [n for n, _ in iter_candidates(model) if name_matches(n, list(config.modules_to_save or []))]
     selected = []
     for name, _ in iter_candidates(model):
-        if not name_matches(name, patterns):
+        if not name_matches(name, patterns) or any(name == t or name.startswith(t + ".") for t in trained_in_full):
             continue
         if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
             continue

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import LayerConfig, PeftType
+from ..config import LayerConfig, PeftType, validate_regex
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
@@ -83,8 +83,10 @@ class LoraConfig(LayerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        for where, rank in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
+            # The bound only stops a corrupt file from asking for absurd allocations; real ranks are far below it.
+            if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank < 2**31:
+                raise ConfigError(f"{where} must be a positive integer below 2**31, got {rank!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -96,6 +98,9 @@ class LoraConfig(LayerConfig):
             )
         if self.use_dora and isinstance(init, str) and init != "gaussian":
             raise ConfigError(f"use_dora cannot be combined with init_lora_weights={init!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                validate_regex(f"{name} key {key!r}", rf"(.*\.)?({key})$")  # the form pattern_value matches with
 
 
 def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
@@ -156,7 +161,12 @@ class LoraDelta(Delta):
 
     def enable_dora(self, base_layer: nn.Module) -> None:
         """Add the magnitude vector, initialised to ``‖W₀ + ΔW‖`` so the adapter starts as plain LoRA."""
-        self.lora_magnitude_vector = nn.Parameter(self._weight_norm(base_layer))
+        self.lora_magnitude_vector = nn.Parameter(self.stored_magnitude(self._weight_norm(base_layer), base_layer))
+
+    def stored_magnitude(self, m: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """The ``(out,)`` magnitude in the shape peft saves it in, so that files interchange; the math reads it back
+        with ``.flatten()``."""
+        return m
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         x_in = x.to(self.adapter_dtype) if x.is_floating_point() else x
@@ -165,7 +175,7 @@ class LoraDelta(Delta):
         if self.lora_magnitude_vector is None:
             return base_out + update.to(base_out.dtype)
         # DoRA: y = s ⊙ (W₀x + ΔWx) + b with s = m / ‖W₀ + ΔW‖, written as a correction of the base output.
-        scale = self._channel_view(self.lora_magnitude_vector / self._weight_norm(base_layer), base_out.ndim)
+        scale = self._channel_view(self.lora_magnitude_vector.flatten() / self._weight_norm(base_layer), base_out.ndim)
         bias = getattr(base_layer, "bias", None)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             base_no_bias = base_out if bias is None else base_out - self._channel_view(bias, base_out.ndim)
@@ -184,7 +194,7 @@ class LoraDelta(Delta):
         norm = self._weight_norm(base_layer)
         self._merged_norm = norm
         merged = self.canonical(weight, base_layer) + self.lora_weight() * self.scaling
-        factor = (self.lora_magnitude_vector / norm).view(-1, *([1] * (merged.ndim - 1)))
+        factor = (self.lora_magnitude_vector.flatten() / norm).view(-1, *([1] * (merged.ndim - 1)))
         return self.canonical((factor * merged).to(weight.dtype), base_layer)
 
     def unmerge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
@@ -192,7 +202,7 @@ class LoraDelta(Delta):
             return super().unmerge_weight(weight, base_layer)
         norm = self._merged_norm
         canonical = self.canonical(weight, base_layer)
-        factor = (self.lora_magnitude_vector / norm).view(-1, *([1] * (canonical.ndim - 1)))
+        factor = (self.lora_magnitude_vector.flatten() / norm).view(-1, *([1] * (canonical.ndim - 1)))
         orig = canonical / factor - self.lora_weight() * self.scaling
         return self.canonical(orig.to(weight.dtype), base_layer)
 
@@ -228,13 +238,14 @@ class LoraConv(LoraDelta):
     def __init__(self, base_layer: nn.modules.conv._ConvNd, r: int, alpha: float, dropout: float, use_rslora: bool):
         super().__init__(r, alpha, dropout, use_rslora)
         conv = type(base_layer)
-        if base_layer.groups != 1:
-            raise TargetError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
         self.lora_A = conv(
             base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride, base_layer.padding,
             base_layer.dilation, bias=False,
         )
         self.lora_B = conv(r, base_layer.out_channels, 1, 1, bias=False)
+
+    def stored_magnitude(self, m: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return self._channel_view(m, base_layer.weight.ndim)  # peft's conv layout: (1, out, 1, ...)
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B(self.lora_A(x))
@@ -301,8 +312,6 @@ def _init_ab(delta: LoraDelta, scheme: bool | str) -> None:
 def _init_from_weight(delta: LoraDelta, base_layer: nn.Module, scheme: str) -> None:
     """PiSSA / OLoRA: A and B span the principal part of W₀ and W₀ keeps the residual, so the initial output is
     unchanged while the adapter starts on the directions that matter most."""
-    if not isinstance(delta, LoraLinear):
-        raise TargetError(f"init_lora_weights={scheme!r} supports Linear and Conv1D layers only")
     weight = delta.canonical(base_layer.weight, base_layer).float()  # (out, in)
     r = delta.r
     if scheme == "olora":
@@ -332,8 +341,25 @@ _LAYER_CLASSES: tuple[tuple[tuple[type[nn.Module], ...], type[LoraDelta]], ...] 
 )
 
 
+def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
+    """Refuse a module this config cannot adapt although its type is supported. Injection calls this for every target
+    before the first :func:`make_delta`, because PiSSA / OLoRA initialisation rewrites the base weight.
+
+    Raises:
+        TargetError: a grouped convolution, DoRA on an embedding, or PiSSA / OLoRA on a layer other than Linear/Conv1D.
+    """
+    scheme = config.init_lora_weights
+    if isinstance(base_layer, nn.modules.conv._ConvNd) and base_layer.groups != 1:
+        raise TargetError(f"{name}: LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
+    if config.use_dora and isinstance(base_layer, nn.Embedding):
+        raise TargetError(f"{name}: DoRA supports Linear, Conv1D and Conv layers, not Embedding")
+    if isinstance(scheme, str) and scheme != "gaussian" and not isinstance(base_layer, (nn.Linear, Conv1D)):
+        raise TargetError(f"{name}: init_lora_weights={scheme!r} supports Linear and Conv1D layers only")
+
+
 def make_delta(config: LoraConfig, base_layer: nn.Module, name: str) -> LoraDelta:
     """Build and initialise the LoRA delta for ``base_layer`` (module ``name``), honouring rank/alpha patterns."""
+    check_target(config, base_layer, name)
     cls = next(c for types, c in _LAYER_CLASSES if isinstance(base_layer, types))
     r = pattern_value(config.rank_pattern, name, config.r)
     alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
@@ -347,8 +373,6 @@ def make_delta(config: LoraConfig, base_layer: nn.Module, name: str) -> LoraDelt
     elif weight.device.type != "meta":
         _init_ab(delta, scheme)
     if config.use_dora:
-        if isinstance(delta, LoraEmbedding):
-            raise TargetError(f"{name}: DoRA supports Linear, Conv1D and Conv layers, not Embedding")
         delta.enable_dora(base_layer)
     return delta
 
@@ -357,4 +381,5 @@ METHOD = LayerMethod(
     config_class=LoraConfig,
     make_delta=make_delta,
     layer_types=tuple(t for types, _ in _LAYER_CLASSES for t in types),
+    check_target=check_target,
 )

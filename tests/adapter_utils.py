@@ -1,0 +1,100 @@
+"""Small helpers shared by the adapter tests: run a model, snapshot and compare weights, talk about peft's names.
+
+Kept apart from :mod:`tests.models` (which builds models) so that file stays about fixtures only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.layers import AdapterLayer, adapter_layers
+from tests.models import FAMILIES
+
+Batch = dict[str, torch.Tensor]
+
+
+def family_batch(family: str, model: Any, batch: int = 2, seed: int = 0) -> Batch:
+    """Inputs for ``family`` with labels (so the output has a loss as well as logits)."""
+    return FAMILIES[family].make_inputs(model, batch=batch, seed=seed)
+
+
+@torch.no_grad()
+def logits(model: nn.Module, inputs: Mapping[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    """The logits of one forward pass in eval mode (no dropout, no grad)."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(**inputs, **kwargs)
+    finally:
+        model.train(was_training)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every tensor in ``model.state_dict()``."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(before: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """``model``'s state dict has exactly the keys and bit-identical values of ``before`` (NaN equals NaN)."""
+    after = model.state_dict()
+    assert list(after) == list(before), sorted(set(after) ^ set(before))
+    changed = [k for k in before if not _identical(before[k], after[k])]
+    assert not changed, f"tensors changed: {changed[:5]}"
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+
+
+def wrapped_names(model: nn.Module) -> list[str]:
+    """Full names (relative to the base model) of the modules wrapped by deltatune adapter layers."""
+    return sorted(re.sub(r"^base_model\.model\.", "", n) for n, _ in adapter_layers(model))
+
+
+def peft_wrapped_names(model: nn.Module) -> list[str]:
+    """Full names (relative to the base model) of the modules peft wrapped in LoRA layers."""
+    from peft.tuners.lora import LoraLayer
+
+    return sorted(re.sub(r"^base_model\.model\.", "", n) for n, m in model.named_modules() if isinstance(m, LoraLayer))
+
+
+def lora_deltas(model: nn.Module, adapter: str = "default") -> list[nn.Module]:
+    """The LoRA deltas of ``adapter`` in model order."""
+    return [layer.deltas[adapter] for _, layer in adapter_layers(model) if adapter in layer.deltas]
+
+
+@torch.no_grad()
+def perturb_lora(model: nn.Module, adapter: str = "default", seed: int = 0, std: float = 0.2) -> None:
+    """Add noise to the factor LoRA initialises to zero (``lora_B``; ``lora_embedding_A`` for embeddings) in every
+    layer of ``adapter``, so its delta is clearly non-zero, as after some training (deterministic in ``seed``)."""
+    gen = torch.Generator().manual_seed(seed)
+    for delta in lora_deltas(model, adapter):
+        factor = delta.lora_embedding_A if hasattr(delta, "lora_embedding_A") else delta.lora_B.weight
+        factor.add_(torch.randn(factor.shape, generator=gen) * std)
+
+
+def adapter_layer_count(model: nn.Module) -> int:
+    return sum(isinstance(m, AdapterLayer) for m in model.modules())
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    """Equal up to float32 rounding: the largest difference is at most ``rel`` times the largest magnitude of
+    ``expected``. (The tiny models' logits range from ~0.02 for BERT to ~20 for mT5, so one absolute tolerance
+    would be either meaningless or flaky.)"""
+    assert actual.shape == expected.shape
+    diff, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
+    assert diff <= rel * scale, f"max difference {diff:.3g} exceeds {rel:g} x max |expected| {scale:.3g}"
+
+
+def assert_clearly_different(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-2) -> None:
+    """The largest difference is more than ``rel`` times the largest magnitude of ``expected``."""
+    diff, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
+    assert diff > rel * scale, f"max difference {diff:.3g} is within {rel:g} x max |expected| {scale:.3g}"

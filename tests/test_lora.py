@@ -1,0 +1,356 @@
+"""LoRA and its variants (``deltatune.methods.lora``): the math of each layer type and variant against hand-written
+formulas, the init schemes, rank/alpha patterns, and the config's checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import deltatune as dt
+from deltatune.layers import AdapterLayer, adapter_layers
+from tests.adapter_utils import assert_close_scaled, assert_same_state, logits, snapshot
+from tests.models import (
+    CONVNET_SEQ_LEN,
+    VOCAB_SIZE,
+    make_causal_lm_inputs,
+    make_convnet_inputs,
+    make_mlp_inputs,
+    tiny_convnet,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_mlp,
+)
+
+
+def _convnet_args(batch: int = 2) -> dict[str, torch.Tensor]:
+    inputs = make_convnet_inputs(batch)
+    inputs.pop("labels")
+    return inputs
+
+
+def _layer(model: nn.Module, name: str) -> AdapterLayer:
+    layer = model.get_base_model().get_submodule(name)
+    assert isinstance(layer, AdapterLayer)
+    return layer
+
+
+def _layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    return list(adapter_layers(model))
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+# --- the update on each layer type, against the paper's formula --------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kwargs, scaling",
+    [(dict(r=4, lora_alpha=8), 8 / 4), (dict(r=4, lora_alpha=8, use_rslora=True), 8 / math.sqrt(4))],
+    ids=["lora", "rslora"],
+)
+def test_linear_output_is_base_plus_scaled_low_rank_update(kwargs, scaling) -> None:
+    model = dt.get_peft_model(tiny_mlp(), dt.LoraConfig(target_modules=["lin0"], init_lora_weights=False, **kwargs))
+    layer = _layer(model, "lin0")
+    delta = layer.deltas["default"]
+    x = make_mlp_inputs(3)["x"]
+    base = layer.base_layer
+    expected = F.linear(x, base.weight, base.bias) + scaling * (x @ delta.lora_A.weight.T @ delta.lora_B.weight.T)
+    with torch.no_grad():
+        _close(layer(x), expected)
+    assert delta.scaling == pytest.approx(scaling)
+
+
+def test_conv1d_of_gpt2_uses_the_transposed_weight_layout() -> None:
+    model = dt.get_peft_model(tiny_gpt2(), dt.LoraConfig(target_modules=["c_attn"], init_lora_weights=False, r=4))
+    layer = _layer(model, "transformer.h.0.attn.c_attn")
+    base, delta = layer.base_layer, layer.deltas["default"]
+    assert isinstance(base, Conv1D)
+    x = torch.randn(2, 5, base.weight.shape[0])
+    update = delta.scaling * (x @ delta.lora_A.weight.T @ delta.lora_B.weight.T)
+    with torch.no_grad():
+        _close(layer(x), x @ base.weight + base.bias + update)
+        # merging adds (BA)ᵀ to the (in, out) weight
+        before = base.weight.clone()
+        layer.merge(["default"])
+        _close(base.weight, before + delta.scaling * (delta.lora_B.weight @ delta.lora_A.weight).T)
+
+
+def test_conv2d_update_is_a_conv_then_a_pointwise_conv() -> None:
+    model = dt.get_peft_model(tiny_convnet(), dt.LoraConfig(target_modules=["conv2d"], init_lora_weights=False, r=2))
+    layer = _layer(model, "conv2d")
+    base, delta = layer.base_layer, layer.deltas["default"]
+    x = _convnet_args()["pixel_values"]
+    a = F.conv2d(x, delta.lora_A.weight, padding=base.padding)
+    expected = base(x) + delta.scaling * F.conv2d(a, delta.lora_B.weight)
+    with torch.no_grad():
+        _close(layer(x), expected)
+
+
+def test_conv1d_update_and_merge_match_the_formula() -> None:
+    model = dt.get_peft_model(tiny_convnet(), dt.LoraConfig(target_modules=["conv1d"], init_lora_weights=False, r=2))
+    layer = _layer(model, "conv1d")
+    base, delta = layer.base_layer, layer.deltas["default"]
+    x = torch.randn(2, 8, CONVNET_SEQ_LEN)
+    expected = base(x) + delta.scaling * F.conv1d(F.conv1d(x, delta.lora_A.weight, padding=1), delta.lora_B.weight)
+    with torch.no_grad():
+        _close(layer(x), expected)
+        layer.merge(["default"])
+        _close(layer(x), expected)
+
+
+def test_embedding_update_looks_up_rows_of_a_transposed() -> None:
+    model = dt.get_peft_model(tiny_convnet(), dt.LoraConfig(target_modules=["embed"], init_lora_weights=False, r=2))
+    layer = _layer(model, "embed")
+    base, delta = layer.base_layer, layer.deltas["default"]
+    ids = torch.randint(0, VOCAB_SIZE, (2, CONVNET_SEQ_LEN))
+    expected = base(ids) + delta.scaling * (delta.lora_embedding_A.T[ids] @ delta.lora_embedding_B.T)
+    with torch.no_grad():
+        _close(layer(ids), expected)
+        layer.merge(["default"])
+        _close(layer(ids), expected)
+
+
+def _dora_weight(base: nn.Module, delta, weight: torch.Tensor) -> torch.Tensor:
+    """DoRA §4.1: W' = m · (W₀ + sBA) / ‖W₀ + sBA‖ per output channel; ``weight`` is (out, in, ...)."""
+    combined = weight + delta.scaling * delta.lora_weight()
+    norm = combined.flatten(1).norm(dim=1)
+    m = delta.lora_magnitude_vector.flatten()
+    return (m / norm).view(-1, *[1] * (combined.ndim - 1)) * combined
+
+
+def test_dora_linear_output_is_magnitude_times_normalised_direction() -> None:
+    config = dt.LoraConfig(target_modules=["lin1"], init_lora_weights=False, use_dora=True)
+    model = dt.get_peft_model(tiny_mlp(), config)
+    layer = _layer(model, "lin1")
+    base, delta = layer.base_layer, layer.deltas["default"]
+    with torch.no_grad():
+        delta.lora_magnitude_vector.mul_(torch.linspace(0.5, 1.5, base.out_features))  # as if trained
+    x = torch.randn(3, base.in_features)
+    with torch.no_grad():
+        _close(layer(x), F.linear(x, _dora_weight(base, delta, base.weight), base.bias))
+
+
+def test_dora_magnitude_starts_at_the_weight_norm_so_dora_starts_as_lora() -> None:
+    lora = dt.get_peft_model(tiny_mlp(), dt.LoraConfig(target_modules=["lin1"], init_lora_weights=False))
+    dora = dt.get_peft_model(tiny_mlp(), dt.LoraConfig(target_modules=["lin1"], init_lora_weights=False, use_dora=True))
+    with torch.no_grad():
+        for name in ("lora_A", "lora_B"):
+            getattr(lora.base_model.model.lin1.deltas["default"], name).weight.copy_(
+                getattr(dora.base_model.model.lin1.deltas["default"], name).weight
+            )
+    x = make_mlp_inputs()["x"]
+    _close(logits(dora, {"x": x}), logits(lora, {"x": x}))
+
+
+@pytest.mark.parametrize("target", ["conv2d", "conv1d"])
+def test_dora_conv_matches_formula_and_stores_magnitude_in_peft_layout(target: str) -> None:
+    config = dt.LoraConfig(target_modules=[target], init_lora_weights=False, use_dora=True, r=2)
+    model = dt.get_peft_model(tiny_convnet(), config)
+    layer = _layer(model, target)
+    base, delta = layer.base_layer, layer.deltas["default"]
+    # peft saves conv magnitudes as (1, out, 1, ...): the shape is part of the file format
+    assert delta.lora_magnitude_vector.shape == (1, base.out_channels, *[1] * (base.weight.ndim - 2))
+    with torch.no_grad():
+        delta.lora_magnitude_vector.mul_(1.3)
+    x = _convnet_args()["pixel_values"] if target == "conv2d" else torch.randn(2, 8, CONVNET_SEQ_LEN)
+    expected = base._conv_forward(x, _dora_weight(base, delta, base.weight), base.bias)
+    with torch.no_grad():
+        _close(layer(x), expected)
+        layer.merge(["default"])
+        _close(layer(x), expected)
+
+
+@pytest.mark.parametrize("target", ["lin0", "conv2d", "conv1d"])
+def test_dora_merge_and_unmerge_round_trip(target: str) -> None:
+    factory, args = (tiny_mlp, {"x": make_mlp_inputs()["x"]}) if target == "lin0" else (tiny_convnet, _convnet_args())
+    config = dt.LoraConfig(target_modules=[target], init_lora_weights=False, use_dora=True, r=2)
+    model = dt.get_peft_model(factory(), config)
+    weight = _layer(model, target).base_layer.weight.detach().clone()
+    unmerged = logits(model, args)
+    model.merge_adapter()
+    assert_close_scaled(logits(model, args), unmerged)
+    model.unmerge_adapter()
+    assert_close_scaled(logits(model, args), unmerged)
+    torch.testing.assert_close(_layer(model, target).base_layer.weight, weight, rtol=1e-5, atol=1e-6)
+
+
+def test_dora_on_an_embedding_is_refused_and_the_model_left_untouched() -> None:
+    model = tiny_convnet()
+    before = snapshot(model)
+    with pytest.raises(dt.TargetError, match="embed.*DoRA.*not Embedding"):
+        dt.get_peft_model(model, dt.LoraConfig(target_modules=["fc1", "embed"], use_dora=True))
+    assert_same_state(before, model)
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+
+
+def test_grouped_convolutions_are_refused() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(dt.TargetError, match="groups=2"):
+        dt.get_peft_model(model, dt.LoraConfig(target_modules=["0"]))
+    assert isinstance(model[0], nn.Conv2d)
+
+
+# --- init schemes ------------------------------------------------------------------------------------------------
+
+def test_default_init_has_zero_b_and_random_a_so_the_model_starts_as_the_base() -> None:
+    model = dt.get_peft_model(tiny_convnet(), dt.LoraConfig(target_modules=["fc1", "conv2d", "embed"]))
+    for name in ("fc1", "conv2d"):
+        delta = _layer(model, name).deltas["default"]
+        assert torch.count_nonzero(delta.lora_B.weight) == 0
+        assert torch.count_nonzero(delta.lora_A.weight) == delta.lora_A.weight.numel()
+    embed = _layer(model, "embed").deltas["default"]  # peft's convention for embeddings: A = 0, B random
+    assert torch.count_nonzero(embed.lora_embedding_A) == 0
+    assert torch.count_nonzero(embed.lora_embedding_B) == embed.lora_embedding_B.numel()
+    args = _convnet_args()
+    assert torch.equal(logits(model, args), tiny_convnet()(**args).detach())
+
+
+def test_gaussian_init_draws_a_with_std_one_over_r() -> None:
+    torch.manual_seed(0)
+    config = dt.LoraConfig(target_modules="all-linear", init_lora_weights="gaussian", r=4)
+    model = dt.get_peft_model(tiny_llama(), config)
+    a = torch.cat([layer.deltas["default"].lora_A.weight.flatten() for _, layer in _layers(model)])
+    assert a.std().item() == pytest.approx(1 / 4, rel=0.1)
+    assert all(torch.count_nonzero(l.deltas["default"].lora_B.weight) == 0 for _, l in _layers(model))
+
+
+def test_init_false_makes_both_factors_random() -> None:
+    model = dt.get_peft_model(tiny_mlp(), dt.LoraConfig(target_modules=["lin0"], init_lora_weights=False))
+    delta = _layer(model, "lin0").deltas["default"]
+    assert torch.count_nonzero(delta.lora_B.weight) == delta.lora_B.weight.numel()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_4"])
+def test_pissa_and_olora_keep_the_initial_output_equal_to_the_base_output(init: str) -> None:
+    inputs = make_causal_lm_inputs(tiny_llama())
+    expected = logits(tiny_llama(), inputs)
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+    assert_close_scaled(logits(model, inputs), expected)
+    # ...but unlike plain LoRA the adapter itself is not zero: it carries the weight's principal part
+    assert all(torch.count_nonzero(l.deltas["default"].lora_B.weight) > 0 for _, l in _layers(model))
+
+
+def test_pissa_adapter_holds_the_top_r_singular_part_and_the_base_keeps_the_residual() -> None:
+    original = tiny_mlp().lin1.weight.detach().clone()
+    model = dt.get_peft_model(tiny_mlp(), dt.LoraConfig(target_modules=["lin1"], init_lora_weights="pissa", r=4))
+    layer = _layer(model, "lin1")
+    delta = layer.deltas["default"]
+    u, s, vh = torch.linalg.svd(original, full_matrices=False)
+    top = u[:, :4] @ torch.diag(s[:4]) @ vh[:4]
+    _close(delta.scaling * delta.lora_weight().detach(), top)
+    _close(layer.base_layer.weight.detach(), original - top)
+
+
+def test_olora_a_and_b_come_from_a_qr_decomposition_of_the_weight() -> None:
+    original = tiny_mlp().lin1.weight.detach().clone()
+    model = dt.get_peft_model(tiny_mlp(), dt.LoraConfig(target_modules=["lin1"], init_lora_weights="olora", r=4))
+    delta = _layer(model, "lin1").deltas["default"]
+    q, _ = torch.linalg.qr(original)
+    b = delta.lora_B.weight.detach() * math.sqrt(delta.scaling)
+    _close(b.T @ b, torch.eye(4))  # orthonormal columns of Q
+    _close(b, q[:, :4])
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_weight_based_init_on_an_unsupported_layer_leaves_every_earlier_layer_untouched(init: str) -> None:
+    # The Linear comes first in model order; its PiSSA/OLoRA init would rewrite its weight before the embedding fails.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Embedding(10, 6))
+    before = snapshot(model)
+    with pytest.raises(dt.TargetError, match=rf"1: init_lora_weights='{init}' supports Linear and Conv1D"):
+        dt.get_peft_model(model, dt.LoraConfig(target_modules=["0", "1"], init_lora_weights=init, r=2))
+    assert_same_state(before, model)
+    assert isinstance(model[0], nn.Linear)
+
+
+# --- rank / alpha patterns ---------------------------------------------------------------------------------------
+
+def test_rank_and_alpha_patterns_override_r_and_alpha_per_module() -> None:
+    config = dt.LoraConfig(
+        target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16,
+        rank_pattern={r"layers\.0\.self_attn\.q_proj": 2}, alpha_pattern={"v_proj": 4},
+    )
+    model = dt.get_peft_model(tiny_llama(), config)
+    q0 = _layer(model, "model.layers.0.self_attn.q_proj").deltas["default"]
+    q1 = _layer(model, "model.layers.1.self_attn.q_proj").deltas["default"]
+    v1 = _layer(model, "model.layers.1.self_attn.v_proj").deltas["default"]
+    assert (q0.r, q0.lora_A.weight.shape[0], q0.scaling) == (2, 2, 16 / 2)
+    assert (q1.r, q1.scaling) == (8, 16 / 8)
+    assert (v1.r, v1.scaling) == (8, 4 / 8)
+
+
+def test_pattern_keys_match_a_dotted_suffix_not_a_substring() -> None:
+    config = dt.LoraConfig(target_modules=["q_proj", "v_proj"], rank_pattern={"proj": 2})
+    model = dt.get_peft_model(tiny_llama(), config)
+    assert {layer.deltas["default"].r for _, layer in _layers(model)} == {8}
+
+
+# --- dropout -----------------------------------------------------------------------------------------------------
+
+def test_dropout_applies_to_the_adapter_input_in_training_only() -> None:
+    config = dt.LoraConfig(target_modules=["lin0"], init_lora_weights=False, lora_dropout=0.5)
+    model = dt.get_peft_model(tiny_mlp(), config)
+    layer = _layer(model, "lin0")
+    x = make_mlp_inputs(4)["x"]
+    with torch.no_grad():
+        layer.eval()
+        assert torch.equal(layer(x), layer(x))
+        layer.train()
+        torch.manual_seed(0)
+        a, b = layer(x), layer(x)
+        assert not torch.equal(a, b)
+        # the base path never sees dropout: the difference is all in the low-rank update, which has rank <= r
+        assert torch.linalg.matrix_rank(a - b) <= layer.deltas["default"].r
+
+
+# --- config ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(r=0), "r must be a positive integer"),
+        (dict(r=2.5), "r must be a positive integer"),
+        (dict(lora_dropout=1.0), "lora_dropout"),
+        (dict(bias="some"), "bias must be"),
+        (dict(init_lora_weights="kaiming"), "init_lora_weights='kaiming' is not supported"),
+        (dict(use_dora=True, init_lora_weights="pissa"), "use_dora cannot be combined"),
+        (dict(layers_pattern="layers"), "layers_pattern only has an effect together with layers_to_transform"),
+        (dict(task_type="CHAT"), "unknown task_type 'CHAT'"),
+    ],
+)
+def test_invalid_config_values_raise_config_error(kwargs, message) -> None:
+    with pytest.raises(dt.ConfigError, match=message):
+        dt.LoraConfig(**kwargs)
+
+
+def test_config_normalises_peft_spellings() -> None:
+    config = dt.LoraConfig(target_modules={"v_proj", "q_proj"}, layers_to_transform=1, modules_to_save="lm_head",
+                           task_type="CAUSAL_LM")
+    assert config.target_modules == ["q_proj", "v_proj"]
+    assert config.layers_to_transform == [1]
+    assert config.modules_to_save == ["lm_head"]
+    assert config.task_type is dt.TaskType.CAUSAL_LM
+    assert config.peft_type is dt.PeftType.LORA
+
+
+def test_config_dict_round_trip_keeps_every_field() -> None:
+    config = dt.LoraConfig(r=4, lora_alpha=32, use_rslora=True, target_modules=["q_proj"], rank_pattern={"q": 2},
+                           task_type="CAUSAL_LM", bias="lora_only")
+    data = config.to_dict()
+    assert data["peft_type"] == "LORA" and data["task_type"] == "CAUSAL_LM"
+    assert dt.PeftConfig.from_dict(data) == config
+
+
+def test_adapter_weights_stay_float32_on_a_half_precision_base() -> None:
+    model = tiny_mlp().to(torch.bfloat16)
+    peft_model = dt.get_peft_model(model, dt.LoraConfig(target_modules=["lin0"], init_lora_weights=False))
+    delta = _layer(peft_model, "lin0").deltas["default"]
+    assert delta.lora_A.weight.dtype == torch.float32
+    out = peft_model(make_mlp_inputs()["x"].to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
