@@ -2,7 +2,8 @@
 
 Names and behaviour follow peft, so switching is one import. The wrapper owns the adapter bookkeeping (configs, the
 active adapter, trainability) and delegates the mechanics to ``inject`` (module surgery), ``layers`` (per-layer
-state) and ``checkpoint`` (files). Task wrappers only add what differs by task: default ``modules_to_save`` heads.
+state), ``checkpoint`` (files) and ``prompt`` (prompt methods' inputs). Task wrappers only add what differs by
+task, as data: default ``modules_to_save`` heads and how inputs line up with virtual tokens (``prompt_task``).
 """
 
 from __future__ import annotations
@@ -17,19 +18,20 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import inject
+from . import inject, prompt
 from .checkpoint import (
+    adapter_directory,
     layer_adapter_state_dict,
     load_layer_adapter_state_dict,
-    read_config,
+    read_config_file,
     read_weights,
     save_adapter,
     validate_adapter_name,
 )
 from .config import PeftConfig, TaskType
-from .errors import AdapterStateError, ConfigError
+from .errors import AdapterLoadError, AdapterStateError, DeltatuneError
 from .layers import adapter_layers, batch_adapters
-from .registry import LayerMethod, get_method
+from .registry import PromptMethod, get_method
 
 _HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
 
@@ -63,6 +65,8 @@ class PeftModel(nn.Module):
 
     # Heads trained in full with the adapter for this task (peft's defaults), added to ``modules_to_save``.
     default_modules_to_save: ClassVar[tuple[str, ...]] = ()
+    # How this task's inputs line up with prepended virtual tokens (prompt methods); data, not a forward per task.
+    prompt_task: ClassVar[prompt.PromptTask] = prompt.PromptTask()
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any) -> None:
         super().__init__()
@@ -70,6 +74,8 @@ class PeftModel(nn.Module):
             raise AdapterStateError("the model is already a PeftModel; use add_adapter() to add another adapter")
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
+        self.prompt_encoder = nn.ModuleDict()  # prompt adapters' encoders (peft's attribute name)
+        self._prompt_disabled = False
         self.base_model = AdapterModel(model)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
@@ -110,20 +116,21 @@ class PeftModel(nn.Module):
             raise AdapterStateError(f"an adapter named {adapter_name!r} already exists; choose another name")
         config = copy.deepcopy(peft_config)
         method = get_method(config.peft_type)
-        if not isinstance(method, LayerMethod):
-            raise ConfigError(f"{config.peft_type.value} is not available in this version of deltatune")
         base = self.get_base_model()
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(base, "name_or_path", None) or None
         names = list(config.modules_to_save or [])
         if self.default_modules_to_save:
             config.modules_to_save = names = names + [n for n in self.default_modules_to_save if n not in names]
-        inject.add_layer_adapter(base, config, adapter_name, method)
+        if isinstance(method, PromptMethod):
+            self.prompt_encoder[adapter_name] = prompt.make_prompt_encoder(base, config, method)
+        else:
+            inject.add_layer_adapter(base, config, adapter_name, method)
         try:
             if names:
                 inject.add_modules_to_save(base, names, adapter_name)
         except Exception:
-            inject.remove_adapter(base, adapter_name)
+            self._remove_adapter_modules(adapter_name)
             raise
         self.peft_config[adapter_name] = config
         self._refresh()
@@ -133,6 +140,8 @@ class PeftModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._check_exists(name)
+        if len(names) > 1 and any(n in self.prompt_encoder for n in names):
+            raise AdapterStateError(f"a prompt adapter cannot be combined with other active adapters: {names}")
         self._active = names
         self._refresh()
 
@@ -142,9 +151,14 @@ class PeftModel(nn.Module):
             raise AdapterStateError(
                 f"adapter {adapter_name!r} is active; set_adapter() to another adapter before deleting it"
             )
-        inject.remove_adapter(self.get_base_model(), adapter_name)
+        self._remove_adapter_modules(adapter_name)
         del self.peft_config[adapter_name]
         self._refresh()
+
+    def _remove_adapter_modules(self, adapter_name: str) -> None:
+        inject.remove_adapter(self.get_base_model(), adapter_name)
+        if adapter_name in self.prompt_encoder:
+            del self.prompt_encoder[adapter_name]
 
     def _check_exists(self, name: str) -> None:
         if name not in self.peft_config:
@@ -157,16 +171,20 @@ class PeftModel(nn.Module):
         trainable = [n for n in self._active if not self.peft_config[n].inference_mode]
         bias = next((getattr(self.peft_config[n], "bias", "none") for n in trainable), "none")
         inject.mark_trainable(base, trainable, bias)
+        for name, encoder in self.prompt_encoder.items():
+            encoder.requires_grad_(name in trainable)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes as the base model (merged adapters are unmerged first)."""
         base = self.get_base_model()
         inject.set_disabled(base, True)
+        was_disabled, self._prompt_disabled = self._prompt_disabled, True
         try:
             yield
         finally:
             inject.set_disabled(base, False)
+            self._prompt_disabled = was_disabled
 
     # --- merging --------------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
@@ -174,6 +192,11 @@ class PeftModel(nn.Module):
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         for name in names:
             self._check_exists(name)
+            if name in self.prompt_encoder:
+                raise AdapterStateError(
+                    f"adapter {name!r} is {self.peft_config[name].peft_type.value}: prompt methods have no weights to "
+                    f"merge (they feed the model inputs); keep using the PeftModel, or merge a layer adapter instead"
+                )
         inject.merge(self.get_base_model(), names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
@@ -197,14 +220,31 @@ class PeftModel(nn.Module):
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """The base model's forward; ``adapter_names`` gives one adapter name per row (``"__base__"``: none)."""
         self._check_row_adapters(adapter_names)
+        call = self._prompt_call(adapter_names)
+        if call is not None:
+            return prompt.prompt_forward(self.get_base_model(), *call, self.prompt_task, args, kwargs)
         with batch_adapters(adapter_names):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """The base model's ``generate()`` (KV cache on), optionally with one adapter per input row."""
         self._check_row_adapters(adapter_names)
+        call = self._prompt_call(adapter_names)
+        if call is not None:
+            return prompt.prompt_generate(self.get_base_model(), *call, args, kwargs)
         with batch_adapters(adapter_names):
             return self.get_base_model().generate(*args, **kwargs)
+
+    def _prompt_call(self, adapter_names: Sequence[str] | None) -> tuple | None:
+        """``(config, encoder, kind)`` of the active prompt adapter, or ``None`` when a layer adapter (or none, or
+        ``disable_adapter()``) is in effect."""
+        name = self._active[0] if self._active else None
+        if name not in self.prompt_encoder or self._prompt_disabled:
+            return None
+        if adapter_names is not None:
+            raise AdapterStateError("adapter_names (one adapter per row) is not supported with a prompt adapter")
+        config = self.peft_config[name]
+        return config, self.prompt_encoder[name], get_method(config.peft_type).kind
 
     def _check_row_adapters(self, adapter_names: Sequence[str] | None) -> None:
         if adapter_names is None:
@@ -241,6 +281,11 @@ class PeftModel(nn.Module):
         """The tensors saved for ``adapter_name``, keyed exactly as in ``adapter_model.safetensors``."""
         self._check_exists(adapter_name)
         config = self.peft_config[adapter_name]
+        if adapter_name in self.prompt_encoder:
+            # peft's prompt wrapper holds the model directly, so its modules_to_save keys start with ``base_model.``
+            heads = layer_adapter_state_dict(self.get_base_model(), adapter_name)
+            table = prompt.saved_table(self.prompt_encoder[adapter_name])
+            return {prompt.PROMPT_KEY: table, **{f"base_model.{k}": v for k, v in heads.items()}}
         if save_embedding_layers == "auto":
             save_embedding_layers = any(
                 isinstance(layer.base_layer, nn.Embedding) and adapter_name in layer.deltas
@@ -252,6 +297,8 @@ class PeftModel(nn.Module):
         return {f"base_model.model.{k}": v for k, v in state.items()}
 
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
+        if adapter_name in self.prompt_encoder:
+            return self._load_prompt_state_dict(state_dict, adapter_name, source)
         prefix = "base_model.model."
         bad = next((k for k in state_dict if not k.startswith(prefix)), None)
         if bad is not None:
@@ -260,6 +307,21 @@ class PeftModel(nn.Module):
             raise AdapterLoadError(f"{source}: key {bad!r} does not start with {prefix!r}; not a layer adapter file")
         stripped = {k[len(prefix):]: v for k, v in state_dict.items()}
         load_layer_adapter_state_dict(self.get_base_model(), stripped, adapter_name, source)
+
+    def _load_prompt_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
+        """``prompt_embeddings`` into the encoder, ``base_model.<path>`` heads into their ``modules_to_save`` copies."""
+        if prompt.PROMPT_KEY not in state_dict:
+            raise AdapterLoadError(f"{source}: no {prompt.PROMPT_KEY!r} tensor; not a prompt-learning adapter file")
+        heads = {k: v for k, v in state_dict.items() if k != prompt.PROMPT_KEY}
+        bad = next((k for k in heads if not k.startswith("base_model.")), None)
+        if bad is not None:
+            raise AdapterLoadError(f"{source}: unexpected key {bad!r} in a prompt-learning adapter file")
+        load_layer_adapter_state_dict(
+            self.get_base_model(), {k[len("base_model."):]: v for k, v in heads.items()}, adapter_name, source
+        )
+        encoder = self.prompt_encoder[adapter_name]
+        self.prompt_encoder[adapter_name] = prompt.load_prompt_embeddings(encoder, state_dict[prompt.PROMPT_KEY], source)
+        self._refresh()
 
     def save_pretrained(
         self,
@@ -278,7 +340,7 @@ class PeftModel(nn.Module):
         for name in names:
             self._check_exists(name)
         for name in names:
-            directory = save_directory if name == "default" else os.path.join(save_directory, name)
+            directory = adapter_directory(save_directory, name)
             config = dataclasses.replace(self.peft_config[name], inference_mode=True)
             save_adapter(directory, config, self.adapter_state_dict(name, save_embedding_layers), safe_serialization)
 
@@ -297,19 +359,26 @@ class PeftModel(nn.Module):
 
         On any error the base model is left exactly as it was before the call.
         """
+        validate_adapter_name(adapter_name)
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-        config = copy.deepcopy(config) if config is not None else read_config(model_id, **hub)
+        if config is not None:
+            config, config_source = copy.deepcopy(config), "config passed to from_pretrained"
+        else:
+            config, config_source = read_config_file(model_id, **hub)
         config.inference_mode = not is_trainable
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
             target_cls = TASK_WRAPPERS.get(config.task_type, PeftModel)
         tensors, source = read_weights(model_id, safetensors_only=safetensors_only, **hub)
-        peft_model = target_cls(model, config, adapter_name)
-        try:
-            peft_model.load_adapter_state_dict(tensors, adapter_name, source)
-        except Exception:
-            peft_model.unload()
-            raise
+        _check_planned_size(model, config, tensors, source, config_source)
+        with _restore_base_on_error(model, config):
+            with _naming_source(config_source):
+                peft_model = target_cls(model, config, adapter_name)
+            try:
+                peft_model.load_adapter_state_dict(tensors, adapter_name, source)
+            except Exception:
+                peft_model.unload()
+                raise
         return peft_model
 
     def load_adapter(
@@ -321,22 +390,109 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> None:
         """Load another saved adapter under ``adapter_name`` (not made active); all or nothing."""
+        validate_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise AdapterStateError(f"an adapter named {adapter_name!r} already exists; choose another name")
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-        config = read_config(model_id, **hub)
+        config, config_source = read_config_file(model_id, **hub)
         config.inference_mode = not is_trainable
         tensors, source = read_weights(model_id, safetensors_only=safetensors_only, **hub)
-        self.add_adapter(adapter_name, config)
-        try:
-            self.load_adapter_state_dict(tensors, adapter_name, source)
-        except Exception:
-            inject.remove_adapter(self.get_base_model(), adapter_name)
-            del self.peft_config[adapter_name]
-            self._refresh()
+        _check_planned_size(self.get_base_model(), config, tensors, source, config_source)
+        with _restore_base_on_error(self.get_base_model(), config):
+            with _naming_source(config_source):
+                self.add_adapter(adapter_name, config)
+            try:
+                self.load_adapter_state_dict(tensors, adapter_name, source)
+            except Exception:
+                self._remove_adapter_modules(adapter_name)
+                del self.peft_config[adapter_name]
+                self._refresh()
+                raise
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose tensors live on the meta device (shapes and dtypes only; nothing is allocated)."""
+    memo: dict[int, Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+def _check_planned_size(
+    model: nn.Module, config: PeftConfig, tensors: dict[str, torch.Tensor], source: str, config_source: str
+) -> None:
+    """Refuse, before allocating anything, a config that describes a far bigger adapter than the weights file holds.
+
+    A corrupt or hostile ``adapter_config.json`` (``"r": 100000000``) would otherwise allocate (and initialise)
+    gigabytes before the shape check could object. The adapter is built once on the meta device, which costs no
+    memory; a valid file always holds at least every parameter the adapter has. Small differences and anything the
+    dry run cannot do are left to the real construction and the key-by-key checks, whose messages are more precise.
+    """
+    from .layers import AdapterLayer
+    from .registry import LayerMethod
+    from .targeting import find_targets
+
+    method = get_method(config.peft_type)
+    if not isinstance(method, LayerMethod):
+        return
+    planned = 0
+    try:
+        for name in find_targets(model, config, method.default_targets):
+            module = model.get_submodule(name)
+            base = module.base_layer if isinstance(module, AdapterLayer) else module
+            if not isinstance(base, method.layer_types):
+                return
+            with torch.device("meta"):
+                delta = method.make_delta(config, _meta_copy(base), name)
+            planned += sum(p.numel() for p in delta.parameters())
+    except Exception:  # bad targets, an op without a meta kernel...: the real construction reports it
+        return
+    available = sum(t.numel() for t in tensors.values())
+    if planned > max(2 * available, available + 2**20):
+        raise AdapterLoadError(
+            f"{config_source} describes an adapter of {planned:,} parameters but {source} holds only {available:,} "
+            f"values; the config does not belong to these weights (check r, rank_pattern and target_modules). "
+            f"Nothing was allocated."
+        )
+
+
+@contextlib.contextmanager
+def _naming_source(source: str) -> Iterator[None]:
+    """Re-raise deltatune errors from building an adapter with ``source`` (the config file) in the message, so that
+    every loading error names the file it came from."""
+    try:
+        yield
+    except DeltatuneError as exc:
+        if source in str(exc):
             raise
+        raise type(exc)(f"{source}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _restore_base_on_error(model: nn.Module, config: PeftConfig) -> Iterator[None]:
+    """Keep a failed load all-or-nothing for initialisations that rewrite the base weights (PiSSA / OLoRA keep the
+    residual ``W₀ - BA`` in the base layer): snapshot the base state first and put it back on error. Other configs
+    never touch base weights before the load succeeds, so they pay nothing."""
+    init = getattr(config, "init_lora_weights", None)
+    if not (isinstance(init, str) and init != "gaussian"):
+        yield
+        return
+    # By tensor identity, not by name: a failure may leave wrappers around the very same base tensors.
+    snapshot = [(t, t.detach().clone()) for t in [*model.parameters(), *model.buffers()]]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for tensor, saved in snapshot:
+                tensor.copy_(saved)
+        raise
 
 
 class PeftModelForCausalLM(PeftModel):
     """Decoder-only language models (Llama, GPT-2, ...)."""
+
+    prompt_task = prompt.PromptTask(token_labels=True, positions_from_mask=True)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
@@ -353,12 +509,14 @@ class PeftModelForTokenClassification(PeftModel):
     """Token classification; the classification head trains in full and is saved with the adapter."""
 
     default_modules_to_save = ("classifier", "score")
+    prompt_task = prompt.PromptTask(token_labels=True)
 
 
 class PeftModelForQuestionAnswering(PeftModel):
     """Extractive question answering; the span head trains in full and is saved with the adapter."""
 
     default_modules_to_save = ("qa_outputs",)
+    prompt_task = prompt.PromptTask(span_keys=("start_positions", "end_positions"))
 
 
 class PeftModelForFeatureExtraction(PeftModel):

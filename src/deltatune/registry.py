@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 _METHOD_MODULES: dict[PeftType, str] = {
     PeftType.LORA: "deltatune.methods.lora",
+    PeftType.PROMPT_TUNING: "deltatune.methods.prompt_tuning",
+    PeftType.P_TUNING: "deltatune.methods.p_tuning",
+    PeftType.PREFIX_TUNING: "deltatune.methods.prefix_tuning",
 }
 
 
@@ -35,12 +38,16 @@ class LayerMethod:
         layer_types: The module types the method can wrap; anything else is refused before the model is touched.
         default_targets: ``model_type -> module names`` used when the config gives no ``target_modules``; ``None``
             falls back to :data:`deltatune.targeting.DEFAULT_ATTENTION_TARGETS`.
+        check_target: ``(config, base_layer, module_name) -> None``, raising :class:`~deltatune.errors.TargetError`
+            for a module of ``layer_types`` that this config still cannot adapt. Runs for every target before the
+            first ``make_delta``, which may change the base layer (e.g. PiSSA initialisation).
     """
 
     config_class: type[PeftConfig]
     make_delta: Callable[[Any, nn.Module, str], Delta]
     layer_types: tuple[type[nn.Module], ...]
     default_targets: dict[str, list[str]] | None = None
+    check_target: Callable[[Any, nn.Module, str], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -49,11 +56,15 @@ class PromptMethod:
 
     Attributes:
         config_class: The method's config dataclass.
-        make_encoder: ``(config, word_embeddings) -> nn.Module`` whose ``forward(indices)`` returns the prompt.
+        make_encoder: ``(config, word_embeddings) -> nn.Module`` whose ``forward(indices)`` returns the prompt;
+            it keeps its input table as ``embedding`` (an ``nn.Embedding``).
+        kind: How the prompt reaches the model: ``"embeddings"`` (virtual tokens prepended to ``inputs_embeds``) or
+            ``"prefix"`` (per-layer key/value prefix in the KV cache); see ``deltatune.prompt``.
     """
 
     config_class: type[PeftConfig]
     make_encoder: Callable[[Any, nn.Module], nn.Module]
+    kind: str = "embeddings"
 
 
 def get_method(peft_type: PeftType | str, *, source: str = "config") -> LayerMethod | PromptMethod:

@@ -1,0 +1,661 @@
+"""Everything the prompt methods (prompt tuning, P-tuning, prefix tuning) share, written once.
+
+A prompt method never touches the model's layers. Its *encoder* produces a table of virtual tokens and this module
+feeds that table to the unchanged model in one of two ways (the method's :attr:`PromptMethod.kind`):
+
+* ``"embeddings"`` (prompt tuning, P-tuning): ``T`` virtual-token embeddings are prepended to ``inputs_embeds`` (the
+  encoder's input for encoder-decoder models). The attention mask, per-token labels (``-100`` over virtual tokens),
+  ``token_type_ids``, explicit ``position_ids`` and span labels are extended to match.
+* ``"prefix"`` (prefix tuning): the table holds one key and one value of ``T`` positions for every layer; it is handed
+  to the model as a transformers ``Cache`` that already contains ``T`` tokens (``DynamicCache``; an
+  ``EncoderDecoderCache`` whose self-attention part holds the prefix for encoder-decoder models). The model's own
+  attention concatenates it with the real keys/values, so GQA, rotary positions and relative position biases are the
+  model's business. Only the attention mask (and explicit position ids) are extended.
+
+The model's own heads and losses do the rest, so there is no per-task forward: what differs by task is data
+(:class:`PromptTask`, a class attribute of each task wrapper).
+
+Generation goes through the model's own ``generate()`` with the KV cache on. Virtual-token embeddings travel as
+``inputs_embeds`` next to ``input_ids``; a prefix is written into ``generate()``'s own (empty) cache by a forward
+pre-hook at the first step, sized to the batch that step really has (beams, ``num_return_sequences``). The invariant
+the tests check: tokens from cached generation equal tokens from re-running the full forward at every step.
+
+Never dropped silently: after every forward that received a prefix, the cache must have grown past the prefix; a
+model that ignored it raises :class:`AdapterStateError` instead of quietly computing the base model. Nothing is kept
+between calls: each forward builds a fresh cache and the generation hooks are removed when ``generate()`` returns.
+
+The transformers forward argument is ``cache`` from 5.24 on and ``past_key_values`` before; the name is read from
+the forward signature (or, for task heads that forward ``**kwargs``, from their backbone's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PeftConfig, TaskType
+from .errors import AdapterLoadError, AdapterStateError, ConfigError
+
+EMBEDDINGS = "embeddings"  # PromptMethod.kind: virtual tokens prepended to inputs_embeds
+PREFIX = "prefix"  # PromptMethod.kind: per-layer key/value prefix in the KV cache
+
+PROMPT_KEY = "prompt_embeddings"  # the one tensor peft saves for every prompt method
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Fields every prompt method shares. Dimensions left ``None`` are read from the base model's config when the
+    adapter is added (and then saved, so a file always carries them).
+
+    Attributes:
+        num_virtual_tokens: Number of virtual tokens ``T`` (for prefix tuning: prefix length per layer).
+        token_dim: Width of one virtual token: the model's hidden size. For prefix tuning, the key (or value) width
+            of one layer, ``head_dim × num_key_value_heads`` (smaller than the hidden size with grouped-query
+            attention).
+        num_transformer_submodules: ``2`` for encoder-decoder models (task ``SEQ_2_SEQ_LM``), else ``1``. Prompt
+            tuning and P-tuning keep ``T × num_transformer_submodules`` rows and feed the first ``T`` to the encoder.
+        num_attention_heads: Attention heads; for prefix tuning the number of key/value heads.
+        num_layers: Transformer layers (prefix tuning: the layers that receive a prefix).
+    """
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) \
+                or self.num_virtual_tokens <= 0:
+            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        for name in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ConfigError(f"num_transformer_submodules must be 1 or 2, got {self.num_transformer_submodules!r}")
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class PromptTask:
+    """What a task wrapper's inputs need when virtual tokens are prepended (only for ``"embeddings"`` methods, whose
+    outputs then have ``T`` extra leading positions; a prefix adds no positions to the output).
+
+    Attributes:
+        token_labels: ``labels`` has one entry per input token (causal LM, token classification): prepend ``-100``.
+        span_keys: Inputs holding token indices (extractive QA's start/end positions): shift them by ``T``.
+        positions_from_mask: Derive ``position_ids`` from the attention mask as ``generate()`` does
+            (``cumsum - 1``), so that a left-padded batch gets the same positions in a plain forward as in cached
+            generation. Decoder-only language models only.
+    """
+
+    token_labels: bool = False
+    span_keys: tuple[str, ...] = ()
+    positions_from_mask: bool = False
+
+
+# --- the encoder's table --------------------------------------------------------------------------------------------
+
+class PromptTable(nn.Module):
+    """A plain table of virtual tokens: ``forward(indices)`` looks rows up. Every prompt encoder keeps its input
+    table as ``embedding`` (peft's name); this class is the encoder when the table *is* the prompt (prompt tuning,
+    prefix tuning without projection, and any adapter loaded from a file, which stores only the encoder's output)."""
+
+    def __init__(self, rows: int, width: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(rows, width)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.embedding(indices)
+
+
+def prompt_table(encoder: nn.Module) -> torch.Tensor:
+    """The encoder's output for all its virtual tokens, ``(rows, width)``; differentiable."""
+    rows = encoder.embedding.num_embeddings
+    indices = torch.arange(rows, device=encoder.embedding.weight.device).unsqueeze(0)  # (1, rows)
+    return encoder(indices)[0]
+
+
+@torch.no_grad()
+def saved_table(encoder: nn.Module) -> torch.Tensor:
+    """What peft's files hold for a prompt adapter: the encoder's output table ``(rows, width)``, detached."""
+    return prompt_table(encoder).detach()
+
+
+def table_shape(config: PromptLearningConfig, kind: str) -> tuple[int, int]:
+    """``(rows, width)`` of the saved ``prompt_embeddings`` for a method of ``kind``."""
+    if kind == PREFIX:
+        return config.num_virtual_tokens, config.num_layers * 2 * config.token_dim
+    return config.num_virtual_tokens * config.num_transformer_submodules, config.token_dim
+
+
+# --- adding an adapter: checks, dimensions, encoder ------------------------------------------------------------------
+
+def _model_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return config
+
+
+def _first(config, *names: str):
+    for name in names:
+        value = getattr(config, name, None) if config is not None else None
+        if value is not None:
+            return value
+    return None
+
+
+def _signature(fn) -> tuple[frozenset[str], bool]:
+    params = inspect.signature(fn).parameters
+    return frozenset(params), any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    """The forward argument that takes a KV cache: ``"cache"`` (transformers ≥ 5.24) or ``"past_key_values"``;
+    for a task head without one that forwards ``**kwargs`` to its backbone (``BertForSequenceClassification``), the
+    backbone's name. ``None`` when the model cannot take a cache."""
+    names, var_kw = _signature(model.forward)
+    for name in ("cache", "past_key_values"):
+        if name in names:
+            return name
+    backbone = getattr(model, "base_model", None)
+    if var_kw and isinstance(backbone, nn.Module) and backbone is not model:
+        backbone_names, _ = _signature(backbone.forward)
+        for name in ("cache", "past_key_values"):
+            if name in backbone_names:
+                return name
+    return None
+
+
+def fill_dimensions(config: PromptLearningConfig, model: nn.Module, kind: str) -> None:
+    """Fill the config's ``None`` dimensions from the model's config, as peft does (so files agree), in place.
+
+    For a prefix on a model with ``num_key_value_heads`` (grouped-query attention) the prefix has the key/value
+    shape: ``token_dim = head_dim × num_key_value_heads`` and ``num_attention_heads = num_key_value_heads``.
+    """
+    mc = _model_config(model)
+    needed = {
+        "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+        "token_dim": ("hidden_size", "n_embd", "d_model"),
+        "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+    }
+    filled = {}
+    for field_name, names in needed.items():
+        if getattr(config, field_name) is None:
+            value = _first(mc, *names)
+            if value is None:
+                raise ConfigError(
+                    f"cannot read {field_name} from {type(model).__name__}'s config; set {field_name} in the "
+                    f"{type(config).__name__}"
+                )
+            setattr(config, field_name, value)
+            filled[field_name] = value
+    model_dict = mc.to_dict() if hasattr(mc, "to_dict") else {}
+    if kind == PREFIX and "num_key_value_heads" in model_dict and {"token_dim", "num_attention_heads"} <= set(filled):
+        kv_heads = model_dict["num_key_value_heads"]
+        head_dim = model_dict.get("head_dim") or config.token_dim // config.num_attention_heads
+        config.token_dim = head_dim * kv_heads
+        config.num_attention_heads = kv_heads
+    if config.num_transformer_submodules is None:
+        config.num_transformer_submodules = 2 if config.task_type == TaskType.SEQ_2_SEQ_LM else 1
+    if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
+        config.encoder_hidden_size = config.token_dim
+
+
+def _check_prefix_shape(config: PromptLearningConfig, model: nn.Module) -> None:
+    """Refuse a prefix whose per-layer key/value shape or layer count does not fit the model's attention, before
+    any forward turns it into a shape error deep inside attention."""
+    mc = _model_config(model)
+    if mc is None:
+        return
+    if config.token_dim % config.num_attention_heads:
+        raise ConfigError(
+            f"token_dim={config.token_dim} is not divisible by num_attention_heads={config.num_attention_heads}"
+        )
+    q_heads = _first(mc, "num_attention_heads", "n_head", "num_heads")
+    hidden = _first(mc, "hidden_size", "n_embd", "d_model")
+    kv_heads = _first(mc, "num_key_value_heads") or q_heads
+    head_dim = _first(mc, "head_dim", "d_kv") or (hidden // q_heads if hidden and q_heads else None)
+    want = (config.num_attention_heads, config.token_dim // config.num_attention_heads)
+    if kv_heads and head_dim and want != (kv_heads, head_dim):
+        raise ConfigError(
+            f"the prefix has {want[0]} heads of width {want[1]} per layer but {type(model).__name__} attends with "
+            f"{kv_heads} key/value heads of width {head_dim}; set num_attention_heads={kv_heads} and "
+            f"token_dim={kv_heads * head_dim} in the PrefixTuningConfig"
+        )
+    layers = _first(mc, "num_decoder_layers") if getattr(mc, "is_encoder_decoder", False) else None
+    layers = layers or _first(mc, "num_hidden_layers", "num_layers", "n_layer")
+    if layers and layers != config.num_layers:
+        raise ConfigError(
+            f"the prefix covers num_layers={config.num_layers} layers but {type(model).__name__} has {layers} "
+            f"attention layers that read the cache; set num_layers={layers}"
+        )
+
+
+def make_prompt_encoder(model: nn.Module, config: PromptLearningConfig, method) -> nn.Module:
+    """Check that ``model`` can take the method's prompt, fill the config's dimensions and build the encoder.
+
+    A config in inference mode (a saved adapter being loaded) gets a plain :class:`PromptTable` of the saved shape:
+    peft's files hold the encoder's output, not its parameters.
+
+    Raises:
+        ConfigError: the model's forward cannot take ``inputs_embeds`` (embeddings) or a KV cache (prefix), the
+            dimensions cannot be read or do not fit, or gradient checkpointing is on for prefix tuning.
+    """
+    if not isinstance(config, PromptLearningConfig):
+        raise ConfigError(f"{type(config).__name__} is not a prompt-learning config")
+    name = type(model).__name__
+    if method.kind == PREFIX:
+        if cache_argument(model) is None:
+            raise ConfigError(
+                f"{name}.forward takes no KV cache ('cache' or 'past_key_values'), so prefix tuning cannot feed it "
+                f"a prefix; use prompt tuning or P-tuning for this model"
+            )
+        if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+            raise ConfigError(
+                "prefix tuning does not work with gradient checkpointing (recomputation would write the prefix "
+                "into the cache twice); disable gradient checkpointing on the base model first"
+            )
+    else:
+        names, _ = _signature(model.forward)
+        if "inputs_embeds" not in names:
+            raise ConfigError(
+                f"{name}.forward takes no 'inputs_embeds', so {config.peft_type.value} cannot prepend virtual "
+                f"tokens; use a model whose forward accepts inputs_embeds"
+            )
+        if input_embeddings(model) is None:
+            raise ConfigError(f"{name} has no get_input_embeddings(); {config.peft_type.value} needs the word embeddings")
+    fill_dimensions(config, model, method.kind)
+    if method.kind == PREFIX:
+        _check_prefix_shape(config, model)
+    limit = _max_positions(model)
+    if limit is not None and config.num_virtual_tokens >= limit:
+        raise ConfigError(
+            f"num_virtual_tokens={config.num_virtual_tokens} leaves no room for input in {name}, which has "
+            f"{limit} positions"
+        )
+    if config.inference_mode:
+        encoder = PromptTable(*table_shape(config, method.kind))
+    else:
+        encoder = method.make_encoder(config, input_embeddings(model))
+    reference = next(iter(model.parameters()), None)
+    return encoder.to(reference.device) if reference is not None else encoder
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's word-embedding module (``get_input_embeddings()``), or ``None``."""
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        return getter() if getter is not None else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    mc = _model_config(model)
+    value = _first(mc, "max_position_embeddings", "n_positions")
+    return value if isinstance(value, int) else None
+
+
+# --- files ----------------------------------------------------------------------------------------------------------
+
+def load_prompt_embeddings(encoder: nn.Module, table: torch.Tensor, source: str) -> nn.Module:
+    """Put a saved ``prompt_embeddings`` table into ``encoder``; returns the encoder to keep.
+
+    A :class:`PromptTable` takes the values directly. A reparameterised encoder (P-tuning's MLP/LSTM, prefix
+    projection) cannot be inverted from its output, so it is replaced by a trainable table holding that output:
+    the outputs are exactly the saved adapter's and training continues on the table (peft refuses
+    ``is_trainable=True`` for prompt adapters).
+
+    Raises:
+        AdapterLoadError: the table's shape differs from the adapter's (different model or config).
+    """
+    want = tuple(encoder.embedding.weight.shape) if isinstance(encoder, PromptTable) else tuple(prompt_table(encoder).shape)
+    if tuple(table.shape) != want:
+        raise AdapterLoadError(
+            f"{source}: shape mismatch for {PROMPT_KEY!r}: saved {list(table.shape)}, adapter has {list(want)}. "
+            f"The adapter was saved for another base model or with another num_virtual_tokens/token_dim/num_layers."
+        )
+    if not isinstance(encoder, PromptTable):
+        warnings.warn(
+            f"{source}: a saved {type(encoder).__name__} holds only its output; continuing training on that output "
+            f"as a plain table (the reparameterisation network is not part of peft's file format)",
+            stacklevel=3,
+        )
+        weight = encoder.embedding.weight
+        encoder = PromptTable(*want).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(table.to(encoder.embedding.weight))
+    return encoder
+
+
+# --- feeding the model ----------------------------------------------------------------------------------------------
+
+def _bind(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional forward arguments as keywords (by the model's forward signature)."""
+    if not args:
+        return dict(kwargs)
+    names = [n for n, p in inspect.signature(model.forward).parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(names):
+        raise TypeError(f"{type(model).__name__}.forward got {len(args)} positional arguments, expected at most {len(names)}")
+    bound = dict(zip(names, args))
+    clash = sorted(set(bound) & set(kwargs))
+    if clash:
+        raise TypeError(f"{type(model).__name__}.forward got multiple values for {clash}")
+    return {**bound, **kwargs}
+
+
+def _pop_cache(kwargs: dict[str, Any]):
+    cache = None
+    for name in ("cache", "past_key_values"):
+        value = kwargs.pop(name, None)
+        if value is not None:
+            cache = value
+    return cache
+
+
+def _cache_length(cache) -> int:
+    return cache.get_seq_length() if cache is not None else 0
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _extend_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.dim() != 2:
+        raise ConfigError(
+            f"with a prompt adapter the attention mask must be 2-D (batch, length), got shape {list(mask.shape)}"
+        )
+    return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)  # (B, T + S)
+
+
+def _positions_from_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Position ids of the last ``length`` tokens, counted over unmasked tokens (as ``generate()`` does)."""
+    positions = mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(mask == 0, 0)
+    return positions[:, -length:]
+
+
+def _check_length(model: nn.Module, config: PromptLearningConfig, total: int, what: str) -> None:
+    limit = _max_positions(model)
+    if limit is not None and total > limit:
+        raise ConfigError(
+            f"num_virtual_tokens={config.num_virtual_tokens} plus {what} needs {total} positions but "
+            f"{type(model).__name__} has {limit} (max_position_embeddings); shorten the input or use fewer virtual "
+            f"tokens"
+        )
+
+
+def _batch_and_length(kwargs: dict[str, Any], *keys: str) -> tuple[int, int]:
+    """Batch size and length of the first of ``keys`` present (``input_ids``, ``inputs_embeds``, ...)."""
+    source = next((kwargs[k] for k in keys if kwargs.get(k) is not None), None)
+    if source is None:
+        raise ConfigError(f"pass one of {list(keys)}")
+    return source.shape[0], source.shape[1] if source.dim() > 1 else 1
+
+
+def _virtual_embeddings(encoder: nn.Module, config: PromptLearningConfig, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """The first ``T`` virtual-token embeddings for a batch, in the dtype of ``like``: ``(B, T, token_dim)``.
+
+    Encoder-decoder configs keep ``2T`` rows (``num_transformer_submodules=2``); as in peft, only the first ``T``
+    are fed (to the encoder), the others are saved but unused."""
+    table = prompt_table(encoder)[: config.num_virtual_tokens].to(dtype=like.dtype, device=like.device)
+    return table.unsqueeze(0).expand(batch, -1, -1)
+
+
+def _prepend_virtual_tokens(
+    model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, kwargs: dict[str, Any], task: PromptTask
+) -> None:
+    """Turn ``input_ids``/``inputs_embeds`` into ``inputs_embeds`` with the virtual tokens in front, and extend the
+    inputs that are indexed by token position. In place."""
+    T = config.num_virtual_tokens
+    ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
+    if embeds is None:
+        if ids is None:
+            raise ConfigError("pass input_ids or inputs_embeds")
+        embeds = input_embeddings(model)(ids)  # (B, S, d)
+    batch, length = embeds.shape[:2]
+    _check_length(model, config, T + length, f"an input of {length} tokens")
+    kwargs["inputs_embeds"] = torch.cat([_virtual_embeddings(encoder, config, batch, embeds), embeds], dim=1)
+    if task.token_labels and kwargs.get("labels") is not None and not _is_encoder_decoder(model):
+        labels = kwargs["labels"]
+        kwargs["labels"] = torch.cat([labels.new_full((batch, T), -100), labels], dim=1)
+    for key in task.span_keys:
+        if kwargs.get(key) is not None:
+            kwargs[key] = kwargs[key] + T
+    if kwargs.get("token_type_ids") is not None:
+        types_ = kwargs["token_type_ids"]
+        kwargs["token_type_ids"] = torch.cat([types_.new_zeros(batch, T), types_], dim=1)
+    if kwargs.get("position_ids") is not None:
+        positions = kwargs["position_ids"]
+        virtual = torch.arange(T, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], T)
+        kwargs["position_ids"] = torch.cat([virtual, positions + T], dim=1)
+
+
+def split_prefix(table: torch.Tensor, config: PromptLearningConfig, encoder_decoder: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer ``(key, value)`` of shape ``(heads, T, head_dim)`` from the flat prefix table ``(T, L·2·token_dim)``.
+
+    The flat layout (peft's, so files move between libraries) is ``[layer][key|value][head][head_dim]`` per row.
+    For encoder-decoder models peft 0.21.2 pairs the table with the decoder layers in a way that follows from its
+    cache construction: decoder layer ``i`` reads layer block ``2i mod L`` as its self-attention prefix, and the
+    other blocks (historically cross-attention prefixes) are unused. We reproduce it so that adapters trained with
+    peft give the same outputs here.
+    """
+    T, L, H = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
+    D = config.token_dim // H
+    kv = table.view(T, L * 2, H, D).permute(1, 2, 0, 3)  # (2L, H, T, D)
+    layers = [(kv[2 * i], kv[2 * i + 1]) for i in range(L)]
+    if encoder_decoder:
+        layers = [layers[(2 * i) % L] for i in range(L)]
+    return layers
+
+
+def write_prefix(cache, model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, batch: int) -> None:
+    """Write the prefix into an empty ``cache`` for ``batch`` rows (the self-attention part of an encoder-decoder
+    cache)."""
+    target = getattr(cache, "self_attention_cache", cache)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    table = prompt_table(encoder)
+    table = table.to(dtype) if dtype is not None else table
+    for layer, (key, value) in enumerate(split_prefix(table, config, _is_encoder_decoder(model))):
+        target.update(key.unsqueeze(0).expand(batch, -1, -1, -1), value.unsqueeze(0).expand(batch, -1, -1, -1), layer)
+
+
+def new_cache(model: nn.Module):
+    """An empty cache of the kind ``generate()`` would create for ``model``."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    mc = getattr(model, "config", None)
+    make = (lambda: DynamicCache(config=mc.get_text_config(decoder=True))) if hasattr(mc, "get_text_config") \
+        else DynamicCache
+    return EncoderDecoderCache(make(), make()) if _is_encoder_decoder(model) else make()
+
+
+def _check_consumed(cache, model: nn.Module, config: PromptLearningConfig) -> None:
+    if _cache_length(cache) <= config.num_virtual_tokens:
+        raise AdapterStateError(
+            f"{type(model).__name__} did not use the key/value prefix handed to it (its cache did not grow past the "
+            f"{config.num_virtual_tokens} prefix tokens), so the output would be the base model's; this model's "
+            f"forward does not pass the cache to its attention layers and cannot be used with prefix tuning"
+        )
+
+
+def prompt_forward(
+    model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, kind: str, task: PromptTask,
+    args: tuple, kwargs: dict[str, Any],
+):
+    """Run ``model`` (the base transformers model) with the prompt fed in; returns the model's own output.
+
+    A call that passes a non-empty cache (or ``encoder_outputs``) continues from an earlier call whose prompt is
+    already in it: only the attention mask and positions are extended.
+    """
+    kwargs = _bind(model, args, kwargs)
+    T = config.num_virtual_tokens
+    encoder_decoder = _is_encoder_decoder(model)
+    cache = _pop_cache(kwargs)
+    cache_name = cache_argument(model)
+    continuing = _cache_length(cache) > 0
+    if kind == EMBEDDINGS:
+        fed = kwargs.get("encoder_outputs") is not None if encoder_decoder else continuing
+        if not fed:
+            _prepend_virtual_tokens(model, config, encoder, kwargs, task)
+        mask_key, fresh = "attention_mask", False
+    else:
+        fresh = not continuing
+        if fresh:
+            batch, length = _batch_and_length(kwargs, "input_ids", "inputs_embeds", "decoder_input_ids",
+                                              "decoder_inputs_embeds", "labels")
+            if not encoder_decoder:
+                _check_length(model, config, T + length, f"an input of {length} tokens")
+            cache = cache if cache is not None else new_cache(model)
+            write_prefix(cache, model, config, encoder, batch)
+        if kwargs.get("position_ids") is not None and not encoder_decoder:
+            kwargs["position_ids"] = kwargs["position_ids"] + T
+        mask_key = "decoder_attention_mask" if encoder_decoder else "attention_mask"
+    kwargs[mask_key] = _extend_mask(kwargs.get(mask_key), T)
+    if kwargs[mask_key] is None:
+        del kwargs[mask_key]
+    if task.positions_from_mask and not encoder_decoder and kwargs.get("position_ids") is None \
+            and kwargs.get("attention_mask") is not None and "position_ids" in _signature(model.forward)[0]:
+        _, length = _batch_and_length(kwargs, "input_ids", "inputs_embeds")
+        kwargs["position_ids"] = _positions_from_mask(kwargs["attention_mask"], length)
+    if cache is not None:
+        if cache_name is None:
+            raise ConfigError(f"{type(model).__name__}.forward takes no KV cache")
+        kwargs[cache_name] = cache
+    output = model(**kwargs)
+    if kind == PREFIX and fresh:
+        _check_consumed(cache, model, config)
+    return output
+
+
+# --- generation -----------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _prefix_hooks(model: nn.Module, config: PromptLearningConfig, encoder: nn.Module) -> Iterator[None]:
+    """While generating: write the prefix into ``generate()``'s empty cache at the first forward (sized to that
+    forward's batch, which includes beams) and check afterwards that the model used it. Without a KV cache
+    (``use_cache=False``) every step re-runs the full sequence, so every step gets a fresh prefix cache that is not
+    handed back to ``generate()``."""
+    cache_name = cache_argument(model)
+    encoder_decoder = _is_encoder_decoder(model)
+    pending: list[tuple[Any, bool]] = []
+
+    def before(module, args, kwargs):
+        kwargs = _bind(module, args, kwargs)
+        cache = kwargs.get(cache_name)
+        if _cache_length(cache) > 0:
+            return None
+        fresh = cache is None
+        if fresh:
+            cache = new_cache(module)
+            kwargs[cache_name] = cache
+        ids_key = "decoder_input_ids" if encoder_decoder else "input_ids"
+        embeds_key = "decoder_inputs_embeds" if encoder_decoder else "inputs_embeds"
+        batch, _ = _batch_and_length(kwargs, ids_key, embeds_key)
+        write_prefix(cache, module, config, encoder, batch)
+        pending.append((cache, fresh))
+        return (), kwargs
+
+    def after(module, args, kwargs, output):
+        if not pending:
+            return None
+        cache, fresh = pending.pop()
+        _check_consumed(cache, module, config)
+        if fresh and hasattr(output, "keys") and cache_name in output:
+            output[cache_name] = None  # generate() must not carry a per-step cache into the next step
+        return output
+
+    handles = [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def prompt_generate(
+    model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, kind: str, args: tuple, kwargs: dict[str, Any]
+):
+    """``model.generate()`` with the prompt fed in and the KV cache on (unless the caller turns it off).
+
+    Returns exactly what the base model's ``generate()`` returns for the same call: decoder-only models give the
+    input ids followed by the new tokens (virtual tokens never appear in the output).
+    """
+    kwargs = dict(kwargs)
+    if args:
+        if len(args) > 1 or "inputs" in kwargs or "input_ids" in kwargs:
+            raise TypeError("generate() takes the input ids as its only positional argument")
+        kwargs["input_ids"] = args[0]
+    if "inputs" in kwargs:
+        kwargs["input_ids"] = kwargs.pop("inputs")
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        raise ConfigError(
+            "generate() with a prompt adapter builds its own cache (the prompt must be in it); do not pass cache / "
+            "past_key_values"
+        )
+    T = config.num_virtual_tokens
+    encoder_decoder = _is_encoder_decoder(model)
+    batch, length = _batch_and_length(kwargs, "input_ids", "inputs_embeds")
+    if not encoder_decoder:
+        new = kwargs.get("max_new_tokens")
+        total = T + length + new if new is not None else T + max(length, kwargs.get("max_length") or 0)
+        _check_length(model, config, total, f"an input of {length} tokens and the tokens to generate")
+    if kind == PREFIX and kwargs.get("prefill_chunk_size") is not None:
+        raise ConfigError("prefill_chunk_size is not supported with prefix tuning (the prefix is the first chunk)")
+    if kwargs.get("position_ids") is not None and not encoder_decoder:
+        positions = kwargs["position_ids"]
+        if kind == EMBEDDINGS:
+            virtual = torch.arange(T, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], T)
+            kwargs["position_ids"] = torch.cat([virtual, positions + T], dim=1)
+        else:
+            kwargs["position_ids"] = positions + T
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        device = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).device
+        mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    if kind == EMBEDDINGS:
+        ids = kwargs.get("input_ids")
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            embeds = input_embeddings(model)(ids)
+        kwargs["inputs_embeds"] = torch.cat([_virtual_embeddings(encoder, config, batch, embeds), embeds], dim=1)
+        if encoder_decoder:
+            kwargs.pop("input_ids", None)  # encoder-decoder generate() takes one of the two
+        if kwargs.get("token_type_ids") is not None:
+            types_ = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat([types_.new_zeros(batch, T), types_], dim=1)
+        kwargs["attention_mask"] = _extend_mask(mask, T)
+        return model.generate(**kwargs)
+    if cache_argument(model) is None:
+        raise ConfigError(f"{type(model).__name__}.forward takes no KV cache")
+    if encoder_decoder:
+        kwargs["attention_mask"] = mask  # the encoder has no prefix
+        if kwargs.get("decoder_attention_mask") is not None:
+            kwargs["decoder_attention_mask"] = _extend_mask(kwargs["decoder_attention_mask"], T)
+    else:
+        # input_ids stay the real tokens; the mask covers prefix + input, so generate() treats the ids as new
+        # tokens after the T cached ones and counts positions from T.
+        kwargs["attention_mask"] = _extend_mask(mask, T)
+    with _prefix_hooks(model, config, encoder):
+        return model.generate(**kwargs)
