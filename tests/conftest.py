@@ -1,9 +1,8 @@
-"""Shared pytest setup: offline mode, the ``slow`` marker, and tiny-model fixtures.
+"""Shared pytest setup: offline mode, one torch thread, and tiny-model fixtures.
 
 The factories themselves live in :mod:`tests.models` so non-pytest code
 (benchmarks, scripts) can import them too; this file only wires them up as
-fixtures. Marker registration lives here rather than in ``pyproject.toml``
-because that file is owned elsewhere.
+fixtures. The ``slow`` marker is registered in ``pyproject.toml``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,12 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+# Tiny models: one thread avoids the thread-pool overhead that dominates their microsecond matmuls, and keeps the
+# suite's speed independent of whatever else runs on the machine.
+torch.set_num_threads(1)
 
 # Make ``import tests.models`` work whatever rootdir / import mode pytest uses,
 # without relying on ``pythonpath`` in pyproject.toml.
@@ -43,11 +47,6 @@ from tests.models import (  # noqa: E402
     tiny_t5,
     write_remote_code_model,
 )
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Register custom markers so ``--strict-markers`` runs stay clean."""
-    config.addinivalue_line("markers", "slow: long-running test; deselect with -m 'not slow'")
 
 
 # Fresh model per test (function scope): tests mutate models in place

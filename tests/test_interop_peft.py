@@ -141,8 +141,8 @@ def test_both_libraries_write_the_same_keys_shapes_and_config_fields(
     for config in (our_config, their_config):
         config["target_modules"] = sorted(n for n in names if name_matches(n, config["target_modules"]))
         config["modules_to_save"] = sorted(set(config["modules_to_save"] or []))
-    # peft records the model class and flips fan_in_fan_out for Conv1D (deltatune reads the layout from the layer)
-    ignored = {"auto_mapping", "fan_in_fan_out"}
+    # peft records the model class in auto_mapping
+    ignored = {"auto_mapping"}
     differing = {
         k: (our_config[k], their_config[k]) for k in our_config if k not in ignored and our_config[k] != their_config[k]
     }

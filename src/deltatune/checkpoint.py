@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .config import CONFIG_NAME, PeftConfig
-from .errors import AdapterLoadError, AdapterStateError, ConfigError
+from .errors import AdapterLoadError, AdapterStateError, ConfigError, DeltatuneError
 from .layers import AdapterLayer, ModulesToSaveWrapper
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -29,6 +29,8 @@ PICKLE_NAME = "adapter_model.bin"
 
 # A safetensors header (JSON describing tensors) larger than this is not an adapter; refuse before reading it.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+# An adapter_config.json larger than this is not a config; refuse before reading it.
+_MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 _CONTAINERS = {AdapterLayer: "deltas", ModulesToSaveWrapper: "modules_to_save"}
 _WRAPPED = {AdapterLayer: "base_layer", ModulesToSaveWrapper: "original_module"}
@@ -50,6 +52,27 @@ def validate_adapter_name(name: object) -> str:
     if os.path.isabs(name) or name == "__base__":
         raise AdapterStateError(f"invalid adapter name {name!r}: it is reserved or an absolute path")
     return name
+
+
+def adapter_directory(save_directory: str | os.PathLike, adapter_name: str) -> str:
+    """Where adapter ``adapter_name`` is saved under ``save_directory``: the directory itself for ``"default"``, else
+    the sub-folder named after the adapter, which must stay inside ``save_directory`` (symlinks resolved).
+
+    Raises:
+        AdapterStateError: the name is invalid (see :func:`validate_adapter_name`) or the sub-folder would resolve to a
+            place outside ``save_directory``.
+    """
+    save_directory = os.fspath(save_directory)
+    if adapter_name == "default":
+        return save_directory
+    path = os.path.join(save_directory, validate_adapter_name(adapter_name))
+    root = os.path.realpath(save_directory)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise AdapterStateError(
+            f"adapter {adapter_name!r} would be saved to {os.path.realpath(path)!r}, outside {save_directory!r} "
+            f"(a symlink?); remove the link or choose another adapter name"
+        )
+    return path
 
 
 def atomic_write_files(files: Mapping[str, bytes]) -> None:
@@ -109,7 +132,8 @@ def layer_adapter_state_dict(
     ``save_embedding_layers``, the base weights of adapted embedding layers (needed when the vocabulary was resized).
     """
     out: dict[str, torch.Tensor] = {}
-    for path, holder in _holders(root).items():
+    holders = _holders(root)
+    for path, holder in holders.items():
         container = getattr(holder, _CONTAINERS[type(holder)])
         if adapter_name not in container:
             continue
@@ -122,14 +146,19 @@ def layer_adapter_state_dict(
             if save_embedding_layers and isinstance(base, nn.Embedding):
                 out[f"{path}.base_layer.weight"] = base.weight
     if bias == "all":
+        # Biases inside containers belong to an adapter: this one's were saved above under adapter-free keys, and
+        # another adapter's must not leak into this file under keys that name it.
+        owned = {id(p) for h in holders.values() for p in getattr(h, _CONTAINERS[type(h)]).parameters()}
         for name, param in root.named_parameters():
-            if name.endswith("bias") and name not in out and f".{_CONTAINERS[AdapterLayer]}." not in name:
+            if name.endswith("bias") and name not in out and id(param) not in owned:
                 out[name] = param
     return {k: v.detach() for k, v in out.items()}
 
 
 def to_model_keys(saved_keys: Iterable[str], holders: Mapping[str, nn.Module], adapter_name: str) -> dict[str, str]:
-    """Map saved keys to in-memory parameter names: insert ``<container>.<adapter>`` after the wrapper's path.
+    """Map saved keys to in-memory parameter names: insert ``<container>.<adapter>`` after the wrapper's path, or only
+    ``<adapter>`` when the key already names the container (peft writes ``classifier.modules_to_save.bias`` for a
+    ``modules_to_save`` bias under ``bias="all"``).
 
     Keys that address the wrapped module itself (``...base_layer.bias``, ``...original_module.weight``) or lie outside
     any wrapper are returned unchanged.
@@ -142,9 +171,11 @@ def to_model_keys(saved_keys: Iterable[str], holders: Mapping[str, nn.Module], a
             holder = holders.get(".".join(parts[:cut]))
             if holder is None:
                 continue
-            rest = parts[cut:]
-            if rest[0] not in (_WRAPPED[type(holder)], _CONTAINERS[type(holder)]):
-                target = ".".join([*parts[:cut], _CONTAINERS[type(holder)], adapter_name, *rest])
+            rest, container = parts[cut:], _CONTAINERS[type(holder)]
+            if rest[0] == container:  # peft's bias="all" keys keep the container and drop only the adapter name
+                target = ".".join([*parts[:cut], container, adapter_name, *rest[1:]])
+            elif rest[0] != _WRAPPED[type(holder)]:
+                target = ".".join([*parts[:cut], container, adapter_name, *rest])
             break
         mapping[key] = target
     return mapping
@@ -176,6 +207,12 @@ def load_layer_adapter_state_dict(
         saved, current = tuple(state_dict[key].shape), tuple(params[target].shape)
         if saved != current:
             raise AdapterLoadError(_shape_message(source, key, saved, current, params[target]))
+        if params[target].is_floating_point() and not state_dict[key].is_floating_point():
+            raise AdapterLoadError(
+                f"{source}: tensor {key!r} has dtype {state_dict[key].dtype} but the model's parameter is "
+                f"{params[target].dtype}; a floating-point tensor is required. The file is corrupt or was not written "
+                f"by an adapter library."
+            )
     expected = set()
     for path, holder in holders.items():
         container = getattr(holder, _CONTAINERS[type(holder)])
@@ -232,13 +269,22 @@ def resolve_file(
         path = os.path.join(model_id, subfolder or "", filename)
         return path if os.path.isfile(path) else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 
     try:
         return hf_hub_download(
             repo_id=model_id, filename=filename, subfolder=subfolder or None, revision=revision, token=token,
             cache_dir=cache_dir, local_files_only=local_files_only,
         )
+    except LocalEntryNotFoundError as exc:
+        # Offline (or local_files_only): the cache has this revision but not the file -> the file is absent, as far
+        # as we can know; the revision itself is not cached -> say so instead of "no such file".
+        if cached_snapshot(model_id, revision, cache_dir) is not None:
+            return None
+        raise AdapterLoadError(
+            f"{model_id!r} (revision={revision!r}) is not in the local Hugging Face cache and downloads are disabled "
+            f"(HF_HUB_OFFLINE=1 or local_files_only=True); download it once online or pass a local directory"
+        ) from exc
     except EntryNotFoundError:
         return None
     except HFValidationError:
@@ -251,22 +297,59 @@ def resolve_file(
         ) from exc
 
 
+def cached_snapshot(
+    repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> str | None:
+    """The snapshot folder of ``repo_id`` at ``revision`` (branch, tag or commit) in the local Hugging Face cache, or
+    ``None`` when that revision is not cached. Reads the cache layout only; never touches the network."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
+
+    cache = os.fspath(cache_dir or constants.HF_HUB_CACHE)
+    storage = os.path.join(cache, repo_folder_name(repo_id=repo_id, repo_type="model"))
+    revision = revision or "main"
+    commit = revision
+    if not REGEX_COMMIT_HASH.fullmatch(revision):
+        try:
+            with open(os.path.join(storage, "refs", revision), encoding="utf-8") as fh:
+                commit = fh.read().strip()
+        except (OSError, ValueError):
+            return None
+    snapshot = os.path.join(storage, "snapshots", commit)
+    return snapshot if commit and os.path.isdir(snapshot) else None
+
+
+def read_json_file(path: str, *, max_bytes: int = _MAX_CONFIG_BYTES, error: type[Exception] = ConfigError) -> object:
+    """Parse a small JSON file, refusing oversized, non-UTF-8, malformed or absurdly nested content with ``error``
+    (whose message names the file)."""
+    try:
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise error(f"{path}: {size} bytes is too large for a JSON config (limit {max_bytes})")
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        if isinstance(exc, DeltatuneError):
+            raise
+        raise error(f"{path}: not a readable JSON file ({type(exc).__name__}: {exc})") from exc
+
+
+def read_config_file(model_id: str | os.PathLike, **hub_kwargs) -> tuple[PeftConfig, str]:
+    """Like :func:`read_config`, also returning the local path of the file that was read."""
+    path = resolve_file(model_id, CONFIG_NAME, **hub_kwargs)
+    if path is None:
+        where = os.path.join(os.fspath(model_id), hub_kwargs.get("subfolder") or "")
+        raise ConfigError(f"no {CONFIG_NAME} in {where!r}; is this an adapter directory?")
+    return PeftConfig.from_dict(read_json_file(path), source=path), path
+
+
 def read_config(model_id: str | os.PathLike, **hub_kwargs) -> PeftConfig:
     """Read and validate ``adapter_config.json``.
 
     Raises:
         ConfigError: the file is missing, not JSON, or not a valid config (the message names the file).
     """
-    path = resolve_file(model_id, CONFIG_NAME, **hub_kwargs)
-    if path is None:
-        where = os.path.join(os.fspath(model_id), hub_kwargs.get("subfolder") or "")
-        raise ConfigError(f"no {CONFIG_NAME} in {where!r}; is this an adapter directory?")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not a readable JSON adapter config ({exc})") from exc
-    return PeftConfig.from_dict(data, source=path)
+    return read_config_file(model_id, **hub_kwargs)[0]
 
 
 def check_safetensors_header(path: str) -> None:
@@ -284,6 +367,49 @@ def check_safetensors_header(path: str) -> None:
         )
 
 
+def read_safetensors_header(path: str) -> dict[str, dict]:
+    """The header of a safetensors file: tensor name -> ``{"dtype", "shape", "data_offsets"}``, plus
+    ``"__metadata__"`` when present. Reads only the (size-checked) header bytes, never tensor data, and runs no code.
+
+    Raises:
+        AdapterLoadError: truncated file, absurd header size, or a header that is not a JSON object of well-formed
+            tensor entries lying inside the file; the message names the file.
+    """
+    check_safetensors_header(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise AdapterLoadError(f"{path}: corrupt safetensors header ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(header, dict):
+        raise AdapterLoadError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_len = size - 8 - header_len
+
+    def is_count(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    for name, entry in header.items():
+        if name == "__metadata__":
+            ok = isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+        else:
+            ok = (
+                isinstance(entry, dict)
+                and isinstance(entry.get("dtype"), str)
+                and isinstance(entry.get("shape"), list)
+                and all(is_count(d) for d in entry["shape"])
+                and isinstance(entry.get("data_offsets"), list)
+                and len(entry["data_offsets"]) == 2
+                and all(is_count(o) for o in entry["data_offsets"])
+                and entry["data_offsets"][0] <= entry["data_offsets"][1] <= data_len
+            )
+        if not ok:
+            raise AdapterLoadError(f"{path}: corrupt safetensors header entry {name!r}; re-save the adapter")
+    return header
+
+
 def read_weights(
     model_id: str | os.PathLike, *, safetensors_only: bool = False, **hub_kwargs
 ) -> tuple[dict[str, torch.Tensor], str]:
@@ -299,7 +425,7 @@ def read_weights(
     if path is not None:
         from safetensors.torch import load_file
 
-        check_safetensors_header(path)
+        read_safetensors_header(path)
         try:
             tensors = load_file(path, device="cpu")
         except Exception as exc:
@@ -319,8 +445,10 @@ def read_weights(
             f"{path}: cannot be read as a weights-only pickle ({type(exc).__name__}: {exc}); deltatune never "
             f"unpickles arbitrary objects. Re-save the adapter as safetensors."
         ) from exc
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise AdapterLoadError(f"{path}: expected a dict of tensors")
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise AdapterLoadError(f"{path}: expected a dict of tensors keyed by name")
     return tensors, path
 
 

@@ -15,6 +15,9 @@ import dataclasses
 import enum
 import json
 import os
+import re
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -65,6 +68,56 @@ class TaskType(str, enum.Enum):
 def _is_off(value: Any) -> bool:
     """Whether a peft field's value means "feature not used"."""
     return value is None or value is False or (isinstance(value, (dict, list, tuple, str)) and len(value) == 0)
+
+
+def _json_type_ok(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON fits a field annotation (``bool`` is not an ``int``; an ``int`` is a ``float``;
+    enums accept their string values, checked later by the config itself). Unknown annotations accept anything."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_json_type_ok(value, a) for a in args)
+    if hint is type(None) or hint is None:
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, (str, hint))
+    if origin in (list, set, frozenset, tuple) or hint in (list, set, frozenset, tuple):
+        if not isinstance(value, (list, tuple, set, frozenset)):
+            return False
+        item = args[0] if args and (origin is not tuple or len(args) == 2 and args[1] is Ellipsis) else Any
+        return all(_json_type_ok(v, item) for v in value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            return False
+        key, item = args if len(args) == 2 else (Any, Any)
+        return all(_json_type_ok(k, key) and _json_type_ok(v, item) for k, v in value.items())
+    return True
+
+
+def _check_json_types(cls: type, kwargs: dict[str, Any], source: str) -> None:
+    """Refuse values of the wrong JSON type (``"r": "8"``, ``"lora_alpha": []``) with one clear message, before the
+    config's own checks or any arithmetic see them."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation this interpreter cannot resolve: leave the checking to the class
+        return
+    for name, value in kwargs.items():
+        if name in hints and not _json_type_ok(value, hints[name]):
+            shown = repr(value)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            hint = hints[name].__name__ if isinstance(hints[name], type) else str(hints[name]).replace("typing.", "")
+            raise ConfigError(f"{source}: field {name!r} must be of type {hint}, got {shown} ({type(value).__name__})")
 
 
 @dataclass
@@ -177,6 +230,7 @@ class PeftConfig:
                 unknown.append(key)
         if unknown:
             warnings.warn(f"{source}: ignoring fields unknown to {cls.__name__}: {sorted(unknown)}", stacklevel=3)
+        _check_json_types(cls, kwargs, source)
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
@@ -219,3 +273,15 @@ class LayerConfig(PeftConfig):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_pattern is not None and not self.layers_to_transform:
             raise ConfigError("layers_pattern only has an effect together with layers_to_transform")
+        for name in ("target_modules", "exclude_modules"):
+            pattern = getattr(self, name)
+            if isinstance(pattern, str) and pattern != "all-linear":
+                validate_regex(name, pattern)
+
+
+def validate_regex(field_name: str, pattern: str) -> None:
+    """Refuse an invalid regular expression when the config is built, not when the model is walked."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ConfigError(f"{field_name}: {pattern!r} is not a valid regular expression ({exc})") from None

@@ -25,3 +25,7 @@ class AdapterLoadError(DeltatuneError):
 
 class AdapterStateError(DeltatuneError):
     """An operation does not fit the wrapper's adapters (unknown name, duplicate name, deleting the active one...)."""
+
+
+class RemoteCodeError(ConfigError):
+    """Loading a base model would execute custom code (``trust_remote_code``) that the caller has not opted in to."""

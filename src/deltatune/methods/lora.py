@@ -45,7 +45,8 @@ class LoraConfig(LayerConfig):
         r: Rank of the update.
         lora_alpha: Scale numerator: the update is multiplied by ``lora_alpha / r`` (``/ √r`` with rsLoRA).
         lora_dropout: Dropout on the adapter's input during training.
-        fan_in_fan_out: Weight stored ``(in, out)`` (GPT-2's ``Conv1D``). Informational: deltatune reads the layout
+        fan_in_fan_out: Weight stored ``(in, out)`` (GPT-2's ``Conv1D``). Set automatically when a target is a
+            ``Conv1D``, as peft does; deltatune itself reads the layout
             from the layer type.
         bias: Which biases train and are saved: ``"none"``, ``"all"`` (every bias in the model), or ``"lora_only"``
             (biases of adapted layers).
@@ -360,6 +361,8 @@ def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
 def make_delta(config: LoraConfig, base_layer: nn.Module, name: str) -> LoraDelta:
     """Build and initialise the LoRA delta for ``base_layer`` (module ``name``), honouring rank/alpha patterns."""
     check_target(config, base_layer, name)
+    if isinstance(base_layer, Conv1D):
+        config.fan_in_fan_out = True  # recorded as peft records it; readers such as vLLM take the layout from here
     cls = next(c for types, c in _LAYER_CLASSES if isinstance(base_layer, types))
     r = pattern_value(config.rank_pattern, name, config.r)
     alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
