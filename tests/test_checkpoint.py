@@ -285,6 +285,14 @@ def test_a_file_with_tensors_for_modules_the_model_lacks_is_refused(tmp_path: Pa
     _assert_load_fails_cleanly(tmp_path, dt.AdapterLoadError, r"do not fit this model.*layers\.7")
 
 
+def test_a_file_that_would_overwrite_base_weights_is_refused(tmp_path: Path) -> None:
+    _saved_llama(tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS)
+    tensors["base_model.model.model.norm.weight"] = torch.zeros(32)
+    save_file(tensors, tmp_path / WEIGHTS)
+    _assert_load_fails_cleanly(tmp_path, dt.AdapterLoadError, r"model\.norm\.weight.*overwrite a base-model weight")
+
+
 def test_unknown_peft_type_is_a_config_error(tmp_path: Path) -> None:
     _saved_llama(tmp_path)
     _edit_config(tmp_path, peft_type="SHIRA")

@@ -203,6 +203,19 @@ def load_layer_adapter_state_dict(
             f"{source}: {len(unknown)} saved tensor(s) do not fit this model, first {unknown[0]!r}. The adapter was "
             f"probably saved for a different base model or with different target_modules."
         )
+    # Outside the adapter's own tensors, a file may only carry what peft writes there: biases (``bias="all"`` /
+    # ``"lora_only"``) and the base weights of adapted layers (resized embeddings). Anything else would silently
+    # overwrite the base model.
+    own = tuple(f".{container}.{adapter_name}." for container in _CONTAINERS.values())
+    foreign = [
+        k for k, t in mapping.items()
+        if not any(marker in t for marker in own) and not t.endswith(("bias", ".base_layer.weight"))
+    ]
+    if foreign:
+        raise AdapterLoadError(
+            f"{source}: tensor {foreign[0]!r} would overwrite a base-model weight, which an adapter file must not do "
+            f"({len(foreign)} such tensor(s)); the file is not a plain adapter. Load the full model instead."
+        )
     for key, target in mapping.items():
         saved, current = tuple(state_dict[key].shape), tuple(params[target].shape)
         if saved != current:
