@@ -8,6 +8,8 @@ tests load peft-saved adapters and the reverse (peft 0.21.2 is the oracle, never
 
 from __future__ import annotations
 
+import inspect
+
 import warnings
 from collections.abc import Callable
 
@@ -241,16 +243,29 @@ def test_prefix_is_never_dropped_silently():
         model(input_ids=torch.tensor([[1, 2, 3]]))
 
 
-def test_forward_argument_named_past_key_values_gets_the_prefix():
-    """transformers before 5.24 names the cache argument ``past_key_values``; the name is read from the signature."""
+def _llama_with_cache_argument_named(name: str) -> type:
+    """A Llama whose forward calls its cache argument ``name`` and hands it on under the installed transformers'
+    own name, whichever that is."""
     from transformers import LlamaForCausalLM
 
-    class OldStyleLlama(LlamaForCausalLM):
-        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                    inputs_embeds=None, labels=None, use_cache=None, **kwargs):
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   cache=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                   use_cache=use_cache, **kwargs)
+    native = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        kwargs[native] = kwargs.pop(name, None)
+        return LlamaForCausalLM.forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    forward.__signature__ = inspect.Signature([
+        inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None if p != "self" else inspect._empty)
+        for p in ("self", "input_ids", "attention_mask", name, "position_ids", "inputs_embeds", "labels", "use_cache")
+    ] + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+    return type(f"LlamaWith_{name}", (LlamaForCausalLM,), {"forward": forward})
+
+
+@pytest.mark.parametrize("argument", ["past_key_values", "cache"])
+def test_the_cache_argument_name_is_read_from_the_forward_signature(argument):
+    """transformers before 5.24 names the cache argument ``past_key_values``, 5.24 on ``cache``; either gets the
+    prefix, on any installed version."""
+    renamed = _llama_with_cache_argument_named(argument)
 
     def build(cls):
         reference = tiny_llama()
@@ -259,7 +274,7 @@ def test_forward_argument_named_past_key_values_gets_the_prefix():
         torch.manual_seed(5)
         return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=T))
 
-    old, new = build(OldStyleLlama), build(type(tiny_llama()))
+    old, new = build(renamed), build(type(tiny_llama()))
     ids, mask = _gen_inputs(new, padded=True)
     with torch.no_grad():
         torch.testing.assert_close(old(input_ids=ids, attention_mask=mask).logits,
