@@ -77,8 +77,8 @@ class PeftModel(nn.Module):
         self.prompt_encoder = nn.ModuleDict()  # prompt adapters' encoders (peft's attribute name)
         self._prompt_disabled = False
         self.base_model = AdapterModel(model)
+        self._active = [adapter_name]  # the first adapter is active; add_adapter's refresh applies that
         self.add_adapter(adapter_name, peft_config)
-        self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str):
         try:
