@@ -9,7 +9,7 @@ import sys
 
 from .errors import DeltatuneError
 
-_COMMANDS: tuple[str, ...] = ()
+_COMMANDS: tuple[str, ...] = ("inspect", "train", "generate", "merge")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,156 @@
+"""The base model, its tokenizer and task, and the method config: everything ``train``, ``generate`` and ``merge``
+build the same way from a run's options."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..config import TaskType
+from ..errors import DeltatuneError
+from ._quiet import quiet_transformers
+from .options import TrainError, TrainOptions
+
+TASK_TYPES = {
+    "causal-lm": TaskType.CAUSAL_LM,
+    "seq2seq": TaskType.SEQ_2_SEQ_LM,
+    "seq-cls": TaskType.SEQ_CLS,
+    "token-cls": TaskType.TOKEN_CLS,
+}
+
+
+def infer_task(model_config, records: list[dict[str, Any]], explicit: str | None) -> str:
+    """The task: ``--task`` if given, else from the model's architecture, else from the data's columns."""
+    if explicit:
+        return explicit
+    if getattr(model_config, "is_encoder_decoder", False):
+        return "seq2seq"
+    for arch in getattr(model_config, "architectures", None) or []:
+        for suffix, task in (("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"),
+                             ("ForSequenceClassification", "seq-cls"), ("ForTokenClassification", "token-cls"),
+                             ("ForConditionalGeneration", "seq2seq")):
+            if arch.endswith(suffix):
+                return task
+    first = records[0]
+    if "tags" in first:
+        return "token-cls"
+    if "label" in first:
+        return "seq-cls"
+    raise TrainError(
+        f"cannot tell the task from the model ({getattr(model_config, 'architectures', None)}) or the data's "
+        f"columns {sorted(first)}; pass --task ({', '.join(TASK_TYPES)})"
+    )
+
+
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"cannot load a tokenizer from {model_dir!r}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise TrainError(f"the tokenizer of {model_dir!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_dir: str, task: str, labels: list[str] | None, pad_token_id: int | None = None,
+               dtype: torch.dtype = torch.float32):
+    """The base model with the head ``task`` needs (a fresh classification head sized for ``labels``)."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
+    auto = {
+        "causal-lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM,
+        "seq-cls": AutoModelForSequenceClassification, "token-cls": AutoModelForTokenClassification,
+    }[task]
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if labels is not None:
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={name: i for i, name in enumerate(labels)})
+    try:
+        with quiet_transformers():  # "newly initialized head" is expected: the head trains with the adapter
+            model = auto.from_pretrained(model_dir, **kwargs)
+    except ValueError as exc:
+        raise TrainError(f"{model_dir!r} cannot be loaded for --task {task}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise TrainError(f"cannot load model {model_dir!r}: {str(exc).splitlines()[0]}") from None
+    if task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
+        # decoder models classify from the last non-padding token, which they find with pad_token_id
+        model.config.pad_token_id = pad_token_id if pad_token_id is not None else 0
+    return model
+
+
+def _csv(value: str | None) -> list[str] | str | None:
+    """``"a,b"`` -> ``["a", "b"]``; ``all-linear`` and regexes (anything with regex syntax) stay strings."""
+    if value is None:
+        return None
+    if value == "all-linear" or any(c in value for c in "*()[]|^$\\+?"):
+        return value
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+# CLI option -> config field, for the method options the CLI has flags for.
+METHOD_FLAGS = {
+    "r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "use_dora": "use_dora",
+    "use_rslora": "use_rslora", "init_lora_weights": "init_lora_weights",
+}
+
+
+def build_peft_config(options: TrainOptions, task: str):
+    """The method's config from the options; refuses options the method does not have."""
+    from ..config import PeftType
+    from ..registry import config_class
+
+    try:
+        cls = config_class(PeftType(options.method.upper()))
+    except (ValueError, DeltatuneError):
+        from ..registry import supported_types
+
+        names = ", ".join(t.value.lower() for t in supported_types())
+        raise TrainError(f"--method {options.method!r} is not available; choose one of: {names}") from None
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    values: dict[str, Any] = {"task_type": TASK_TYPES[task]}
+    for option, name in METHOD_FLAGS.items():
+        value = getattr(options, option)
+        if value is None:
+            continue
+        if name not in fields:
+            raise TrainError(f"--{option.replace('_', '-')} does not apply to --method {options.method}")
+        values[name] = value
+    if "lora_alpha" in fields and "lora_alpha" not in values and "r" in values:
+        values["lora_alpha"] = 2 * values["r"]
+    if isinstance(values.get("init_lora_weights"), str) and values["init_lora_weights"].lower() in ("true", "false"):
+        values["init_lora_weights"] = values["init_lora_weights"].lower() == "true"
+    for option, name in (("target", "target_modules"), ("exclude", "exclude_modules"),
+                         ("modules_to_save", "modules_to_save")):
+        value = getattr(options, option)
+        if value is not None:
+            if name not in fields:
+                raise TrainError(f"--{option.replace('_', '-')} does not apply to --method {options.method}")
+            values[name] = _csv(value) if name != "modules_to_save" else [v for v in value.split(",") if v]
+    if options.layers is not None:
+        if "layers_to_transform" not in fields:
+            raise TrainError(f"--layers does not apply to --method {options.method}")
+        try:
+            values["layers_to_transform"] = [int(v) for v in options.layers.split(",") if v.strip()]
+        except ValueError:
+            raise TrainError(f"--layers must be comma-separated integers, got {options.layers!r}") from None
+    for name, value in options.method_options.items():
+        if name not in fields or name in ("peft_type", "task_type"):
+            raise TrainError(
+                f"--method-option {name}=...: {cls.__name__} has no field {name!r} "
+                f"(fields: {', '.join(sorted(fields - {'peft_type', 'task_type'}))})"
+            )
+        values[name] = value
+    try:
+        return cls(**values)
+    except DeltatuneError as exc:
+        raise TrainError(f"invalid --method {options.method} options: {exc}") from None

@@ -1,0 +1,272 @@
+"""The run directory and its checkpoints.
+
+Layout of a run directory::
+
+    run.json                  the options (what this run computes) — how a later command recognises the run
+    metrics.jsonl             one JSON object per logged step / evaluation
+    checkpoints/LATEST        name of the newest complete checkpoint (written last, atomically)
+    checkpoints/step-000040/  adapter (peft format) + optimizer + scheduler + RNG states + trainer state
+    adapter/                  the final adapter (peft format: PeftModel.from_pretrained loads it)
+    best/                     the adapter with the best eval loss (when evaluating during training)
+    loss.png, summary.json    written at the end
+
+A checkpoint's files are written together with :func:`deltatune.checkpoint.atomic_write_files` into a directory of
+their own, and only then does ``LATEST`` move to it; a crash or a full disk at any point leaves the previous
+checkpoint complete and ``LATEST`` pointing at it.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..checkpoint import SAFETENSORS_NAME, atomic_write_files
+from ..config import CONFIG_NAME
+from .options import TrainError, TrainOptions
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+LATEST = "LATEST"
+
+
+@dataclass
+class TrainerState:
+    """Progress of a run, saved with every checkpoint.
+
+    Attributes:
+        step: Optimizer steps done.
+        tokens: Non-padding input tokens processed (all processes).
+        elapsed: Seconds spent training (evaluation excluded), summed over resumed segments.
+        best_eval_loss: Lowest eval loss seen during training, and ``best_step`` where.
+        bad_evals: Evaluations since the last improvement (early stopping).
+        stopped_early: Whether early stopping ended the run.
+    """
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- the run directory -----------------------------------------------------------------------------------------------
+
+def read_run(directory: str) -> dict[str, Any] | None:
+    path = os.path.join(directory, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TrainError(f"{path}: unreadable run file ({exc})") from None
+
+
+def write_run(directory: str, options: TrainOptions, info: dict[str, Any]) -> None:
+    from .. import __version__
+
+    os.makedirs(directory, exist_ok=True)
+    payload = {"deltatune_version": __version__, "options": options.to_dict(), **info}
+    atomic_write_files({os.path.join(directory, RUN_FILE): (json.dumps(payload, indent=2) + "\n").encode()})
+
+
+def check_run_dir(options: TrainOptions) -> str | None:
+    """Decide what the run directory means for this command; returns the checkpoint to resume from (or None).
+
+    Raises:
+        TrainError: the directory holds another run (or something that is not a run) and ``--overwrite`` was not
+            given; or ``--resume`` names something that is not a run of these options.
+    """
+    directory = options.out
+    assert directory is not None
+    if options.resume:
+        stored = read_run(directory)
+        if stored is None:
+            raise TrainError(f"--resume {directory}: not a run directory (no {RUN_FILE})")
+        return latest_checkpoint(directory)
+    if not os.path.exists(directory) or (os.path.isdir(directory) and not os.listdir(directory)):
+        return None
+    if not os.path.isdir(directory):
+        raise TrainError(f"--out {directory} is a file; choose a directory")
+    stored = read_run(directory)
+    if stored is None:
+        raise TrainError(
+            f"--out {directory} exists and is not a deltatune run directory; choose another --out "
+            f"(--overwrite only replaces run directories)"
+        )
+    if options.overwrite:
+        return None
+    previous = TrainOptions.from_dict(stored.get("options", {}))
+    diff = options.differences(previous)
+    if diff:
+        raise TrainError(
+            f"--out {directory} holds a different run (differs in {', '.join(diff[:6])}); choose another --out "
+            f"or pass --overwrite to replace it"
+        )
+    where = describe_progress(directory)
+    raise TrainError(
+        f"--out {directory} already holds this run ({where}); continue it with --resume {directory} or start "
+        f"over with --overwrite"
+    )
+
+
+def describe_progress(directory: str) -> str:
+    if os.path.isfile(os.path.join(directory, "adapter", CONFIG_NAME)):
+        return "finished"
+    latest = latest_checkpoint(directory)
+    return f"last checkpoint {os.path.basename(latest)}" if latest else "no checkpoint yet"
+
+
+def clear_run_dir(directory: str) -> None:
+    """Empty a run directory for ``--overwrite`` (only called on directories that hold a ``run.json``)."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------------
+
+def latest_checkpoint(directory: str) -> str | None:
+    pointer = os.path.join(directory, CHECKPOINTS, LATEST)
+    try:
+        with open(pointer, encoding="utf-8") as fh:
+            name = fh.read().strip()
+    except FileNotFoundError:
+        return None
+    path = os.path.join(directory, CHECKPOINTS, name)
+    if not name or not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise TrainError(f"{pointer} names {name!r}, which is not a complete checkpoint; the run directory is damaged")
+    return path
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states as plain Python / tensors (loadable with ``weights_only=True``)."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(
+    directory: str,
+    state: TrainerState,
+    adapter_config_json: str,
+    adapter_tensors: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
+    rng_states: list[dict[str, Any]],
+    keep: int,
+) -> str:
+    """Write checkpoint ``step-<state.step>`` and point ``LATEST`` at it; then delete all but the newest ``keep``.
+
+    Raises:
+        TrainError: the write failed (disk full, permissions); the previous checkpoint is untouched and named.
+    """
+    from safetensors.torch import save
+
+    root = os.path.join(directory, CHECKPOINTS)
+    name = f"step-{state.step:06d}"
+    path = os.path.join(root, name)
+    previous = latest_checkpoint(directory)
+    try:
+        os.makedirs(path, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors.items()}
+        atomic_write_files({
+            os.path.join(path, SAFETENSORS_NAME): save(tensors, metadata={"format": "pt"}),
+            os.path.join(path, CONFIG_NAME): adapter_config_json.encode(),
+            os.path.join(path, "optimizer.pt"): _torch_bytes(optimizer_state),
+            os.path.join(path, "scheduler.pt"): _torch_bytes(scheduler_state),
+            os.path.join(path, "rng_state.pt"): _torch_bytes(rng_states),
+            os.path.join(path, "trainer_state.json"): (json.dumps(asdict(state), indent=2) + "\n").encode(),
+        })
+        atomic_write_files({os.path.join(root, LATEST): (name + "\n").encode()})
+    except OSError as exc:
+        if previous != path:
+            shutil.rmtree(path, ignore_errors=True)
+        raise write_failure(directory, f"checkpoint {name}", exc, previous) from None
+    prune_checkpoints(directory, keep)
+    return path
+
+
+def write_failure(directory: str, what: str, exc: OSError, previous: str | None = None) -> TrainError:
+    """The one-line error for a failed write in a run directory, naming the checkpoint that is still intact."""
+    if previous is None:
+        try:
+            previous = latest_checkpoint(directory)
+        except TrainError:
+            previous = None
+    kept = f"the previous checkpoint {os.path.basename(previous)} is intact" if previous else "no earlier checkpoint"
+    why = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return TrainError(f"could not write {what} ({why}); {kept}. Free space and continue with --resume {directory}")
+
+
+def prune_checkpoints(directory: str, keep: int) -> None:
+    """Delete checkpoints older than the newest ``keep`` and leftovers of interrupted writes."""
+    root = os.path.join(directory, CHECKPOINTS)
+    latest = latest_checkpoint(directory)
+    names = sorted(n for n in os.listdir(root) if n.startswith("step-"))
+    if latest is not None:
+        names = [n for n in names if n <= os.path.basename(latest)]
+        stale = [n for n in os.listdir(root) if n.startswith("step-") and n > os.path.basename(latest)]
+        for name in stale:  # written after LATEST moved? impossible; from a killed write: incomplete
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    for name in names[: max(0, len(names) - keep)]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Read everything :func:`save_checkpoint` wrote (tensors on CPU)."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as fh:
+        state = TrainerState(**json.load(fh))
+
+    def load(name: str) -> Any:
+        return torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+
+    return {
+        "state": state,
+        "adapter": load_file(os.path.join(path, SAFETENSORS_NAME)),
+        "optimizer": load("optimizer.pt"),
+        "scheduler": load("scheduler.pt"),
+        "rng": load("rng_state.pt"),
+    }

@@ -1,0 +1,206 @@
+"""The training loop on tiny models, in process: every task, accumulation, early stopping, checkpoints, errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deltatune import PeftModel
+from deltatune.train import TrainError, TrainOptions, train
+from deltatune.train.state import latest_checkpoint
+from tests.train_utils import (
+    ner_records,
+    one_thread,
+    read_losses,
+    sentiment_records,
+    write_bert,
+    write_jsonl,
+    write_llama,
+    write_t5,
+)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {
+        "llama": write_llama(root / "llama"),
+        "bert": write_bert(root / "bert"),
+        "t5": write_t5(root / "t5"),
+        "sentiment": write_jsonl(root / "sentiment.jsonl", sentiment_records(48)),
+        "ner": write_jsonl(root / "ner.jsonl", ner_records(24)),
+    }
+
+
+def opts(files, tmp_path, **kw) -> TrainOptions:
+    base = dict(model=files["llama"], data=files["sentiment"], r=8, target="all-linear", lr=2e-2, epochs=4,
+                batch_size=8, eval_split=16, eval_generate=16, save_steps=0, progress=False, out=str(tmp_path / "run"))
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def test_causal_lm_run_improves_and_writes_everything(files, tmp_path, capsys):
+    result = train(opts(files, tmp_path, save_steps=5))
+    out = tmp_path / "run"
+    assert result.steps == 16
+    assert result.after["eval_loss"] < result.before["eval_loss"] / 2
+    assert result.after["eval_exact_match"] > result.before["eval_exact_match"]
+    for name in ("run.json", "metrics.jsonl", "loss.png", "summary.json", "before.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    assert sorted(os.listdir(out / "checkpoints")) == ["LATEST", "step-000015", "step-000016"]  # save_total_limit 2
+    losses = read_losses(out)
+    assert sorted(losses) == list(range(1, 17)) and losses[16][0] < losses[1][0]
+    printed = capsys.readouterr().out
+    assert "held-out metric" in printed and "exact match" in printed and "expected: 'positive'" in printed
+    # The saved adapter is plain peft format: it loads onto the base and reproduces the trained model's loss.
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(files["llama"]), out / "adapter")
+    assert model.peft_config["default"].r == 8
+    final = load_file(out / "checkpoints" / "step-000016" / "adapter_model.safetensors")
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in final)
+
+
+def test_grad_accumulation_matches_the_big_batch(files, tmp_path):
+    train(opts(files, tmp_path / "a", max_steps=3, eval_split=0, out=str(tmp_path / "a")))
+    train(opts(files, tmp_path / "b", max_steps=3, eval_split=0, batch_size=2, grad_accum=4,
+               out=str(tmp_path / "b")))
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    la, lb = read_losses(tmp_path / "a"), read_losses(tmp_path / "b")
+    assert all(abs(la[s][0] - lb[s][0]) < 1e-5 for s in la)
+
+
+def test_seq_cls_on_a_bare_encoder_trains_a_new_head(files, tmp_path):
+    result = train(opts(files, tmp_path, model=files["bert"], task="seq-cls", target="query,value", epochs=6,
+                        lr=1e-2, eval_steps=3))
+    assert "eval_accuracy" in result.after and result.after["eval_loss"] < result.before["eval_loss"]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["labels"] == ["negative", "positive"]
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert any(k.startswith("base_model.model.classifier.") for k in saved)  # the head is saved with the adapter
+    assert (tmp_path / "run" / "best" / "adapter_config.json").is_file()
+
+
+def test_token_cls_and_seq2seq(files, tmp_path):
+    tc = train(opts(files, tmp_path / "tc", model=files["bert"], data=files["ner"], task="token-cls",
+                    target="query,value", eval_split=4, lr=1e-2, out=str(tmp_path / "tc")))
+    assert tc.after["eval_token_accuracy"] >= tc.before["eval_token_accuracy"]
+    s2s = train(opts(files, tmp_path / "s2s", model=files["t5"], target="q,v", eval_generate=4,
+                     out=str(tmp_path / "s2s")))
+    assert s2s.after["eval_loss"] < s2s.before["eval_loss"]
+    assert "eval_exact_match" in s2s.after and "eval_choice_accuracy" in s2s.after
+
+
+def test_task_is_inferred_from_the_model(files, tmp_path):
+    result = train(opts(files, tmp_path, model=files["t5"], target="q,v", max_steps=1, eval_split=0))
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["task"] == "seq2seq" and result.steps == 1
+
+
+def test_early_stopping_keeps_the_best_adapter(files, tmp_path):
+    # A huge constant learning rate makes the eval loss get worse after the first evaluation.
+    result = train(opts(files, tmp_path, lr=5.0, lr_schedule="constant", eval_steps=1, early_stopping_patience=2,
+                        max_grad_norm=0, epochs=20))
+    assert result.stopped_early and result.steps < 20 * 4
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["best_step"] < result.steps
+    assert (tmp_path / "run" / "best" / "adapter_model.safetensors").is_file()
+    options = opts(files, tmp_path, lr=5.0, lr_schedule="constant", eval_steps=1, early_stopping_patience=2,
+                   max_grad_norm=0, epochs=20)
+    resumed = train(TrainOptions.from_dict({**options.to_dict(), "resume": options.out}))
+    assert resumed.steps == result.steps and resumed.stopped_early  # a stopped run stays stopped
+
+
+def test_bf16_and_gradient_checkpointing_run(files, tmp_path):
+    result = train(opts(files, tmp_path, max_steps=2, bf16=True, gradient_checkpointing=True, eval_generate=2))
+    assert result.steps == 2 and result.after["eval_loss"] == result.after["eval_loss"]  # finite, not NaN
+
+
+def test_disk_full_during_checkpoint_keeps_the_previous_one(files, tmp_path, monkeypatch):
+    import deltatune.train.state as state
+
+    real = state.atomic_write_files
+    calls = {"n": 0}
+
+    def failing(files_):
+        if any(p.endswith("optimizer.pt") for p in files_):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second checkpoint hits a full disk while writing
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(files_)
+
+    monkeypatch.setattr(state, "atomic_write_files", failing)
+    with pytest.raises(TrainError, match=r"checkpoint step-000004 \(disk full\); the previous checkpoint "
+                                         r"step-000002 is intact.*--resume"):
+        train(opts(files, tmp_path, save_steps=2, max_steps=6))
+    run = tmp_path / "run"
+    assert os.path.basename(latest_checkpoint(str(run))) == "step-000002"
+    assert sorted(os.listdir(run / "checkpoints")) == ["LATEST", "step-000002"]
+    assert not [n for n in os.listdir(run / "checkpoints" / "step-000002") if n.startswith(".tmp")]
+    monkeypatch.setattr(state, "atomic_write_files", real)
+    result = train(TrainOptions(resume=str(run), out=str(run), **{k: v for k, v in opts(
+        files, tmp_path, save_steps=2, max_steps=6).identity().items()}, progress=False))
+    assert result.steps == 6
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(model="/nonexistent/model"), "model path '/nonexistent/model' does not exist"),
+        (dict(data="/nonexistent/train.jsonl"), "data file '/nonexistent/train.jsonl' does not exist"),
+        (dict(label_column="y"), "--label-column does not apply to --task causal-lm"),
+        (dict(prompt_column="question"), "has no column 'question'"),
+        (dict(chat=True, task="seq-cls", model="bert"), "--chat does not apply to --task seq-cls"),
+        (dict(method="nope"), "--method 'nope' is not available"),
+        (dict(method_options={"nope": 1}), "LoraConfig has no field 'nope'"),
+        (dict(target="nothing_matches"), "matched no module"),
+        (dict(early_stopping_patience=2), "--early-stopping-patience needs"),
+        (dict(eval_split=48), "leaving none to train on"),
+    ],
+)
+def test_bad_input_is_one_clear_error_and_writes_nothing(files, tmp_path, change, message):
+    if change.get("model") == "bert":
+        change["model"] = files["bert"]
+    with pytest.raises(TrainError, match=message):
+        train(opts(files, tmp_path, **change))
+    assert not (tmp_path / "run").exists()
+
+
+def test_option_that_does_not_apply_to_the_method(files, tmp_path, monkeypatch):
+    """A method whose config has no ``r`` refuses ``--r`` (with only LoRA registered, fake such a method)."""
+    from dataclasses import dataclass
+
+    import deltatune.registry as registry
+    from deltatune.config import LayerConfig, PeftType
+
+    @dataclass
+    class NoRankConfig(LayerConfig):
+        peft_type: PeftType = PeftType.IA3
+
+    class Method:
+        config_class = NoRankConfig
+
+    monkeypatch.setattr(registry, "get_method", lambda *a, **k: Method)
+    with pytest.raises(TrainError, match="--r does not apply to --method ia3"):
+        train(opts(files, tmp_path, method="ia3"))
+
+
+def test_seq_cls_on_a_decoder_uses_the_tokenizer_pad_id(files, tmp_path):
+    result = train(opts(files, tmp_path, task="seq-cls", target="q_proj,v_proj", max_steps=2, eval_generate=0))
+    assert "eval_accuracy" in result.after
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert any(k.startswith("base_model.model.score.") for k in saved)
