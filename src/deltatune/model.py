@@ -262,7 +262,10 @@ class PeftModel(nn.Module):
         input embeddings' output require grad fixes that without the user having to know.
         """
         base = self.get_base_model()
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.24's name for it
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
 
