@@ -23,16 +23,7 @@ from torch import nn
 from .checkpoint import read_config_file, read_json_file, resolve_file, validate_adapter_name
 from .config import PeftConfig, TaskType
 from .errors import AdapterLoadError, ConfigError, RemoteCodeError
-from .model import (
-    TASK_WRAPPERS,
-    PeftModel,
-    PeftModelForCausalLM,
-    PeftModelForFeatureExtraction,
-    PeftModelForQuestionAnswering,
-    PeftModelForSeq2SeqLM,
-    PeftModelForSequenceClassification,
-    PeftModelForTokenClassification,
-)
+from .model import TASK_WRAPPERS, PeftModel
 
 # task_type -> the transformers Auto class that loads a base model for it (peft's choice for each task).
 AUTO_CLASS_FOR_TASK: dict[TaskType, str] = {
@@ -183,10 +174,9 @@ def check_remote_code(
 # --- Auto classes ------------------------------------------------------------------------------------------------
 
 class _BaseAutoPeftModel:
-    """Shared ``from_pretrained``; subclasses fix the task (``_task_type``) and the wrapper class."""
+    """Shared ``from_pretrained``; subclasses fix the task (``_task_type``), which also picks the wrapper class."""
 
     _task_type: ClassVar[TaskType | None] = None
-    _peft_class: ClassVar[type[PeftModel]] = PeftModel
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(f"{type(self).__name__} is not instantiated; use {type(self).__name__}.from_pretrained(...)")
@@ -262,7 +252,7 @@ class _BaseAutoPeftModel:
         base = base_cls.from_pretrained(
             base_id, revision=peft_config.revision, trust_remote_code=trust_remote_code is True, **shared, **kwargs
         )
-        peft_cls = TASK_WRAPPERS.get(task, PeftModel) if cls._peft_class is PeftModel else cls._peft_class
+        peft_cls = TASK_WRAPPERS.get(task, PeftModel)
         return peft_cls.from_pretrained(
             base, adapter_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config, revision=revision,
             **shared, **adapter_only,
@@ -297,32 +287,26 @@ class AutoPeftModel(_BaseAutoPeftModel):
 
 class AutoPeftModelForCausalLM(_BaseAutoPeftModel):
     _task_type = TaskType.CAUSAL_LM
-    _peft_class = PeftModelForCausalLM
 
 
 class AutoPeftModelForSeq2SeqLM(_BaseAutoPeftModel):
     _task_type = TaskType.SEQ_2_SEQ_LM
-    _peft_class = PeftModelForSeq2SeqLM
 
 
 class AutoPeftModelForSequenceClassification(_BaseAutoPeftModel):
     _task_type = TaskType.SEQ_CLS
-    _peft_class = PeftModelForSequenceClassification
 
 
 class AutoPeftModelForTokenClassification(_BaseAutoPeftModel):
     _task_type = TaskType.TOKEN_CLS
-    _peft_class = PeftModelForTokenClassification
 
 
 class AutoPeftModelForQuestionAnswering(_BaseAutoPeftModel):
     _task_type = TaskType.QUESTION_ANS
-    _peft_class = PeftModelForQuestionAnswering
 
 
 class AutoPeftModelForFeatureExtraction(_BaseAutoPeftModel):
     _task_type = TaskType.FEATURE_EXTRACTION
-    _peft_class = PeftModelForFeatureExtraction
 
 
 _AUTO_CLASSES = (
