@@ -22,34 +22,53 @@ from .errors import AdapterStateError
 
 BASE_ADAPTER = "__base__"  # in ``adapter_names``: this row uses no adapter
 
-_batch_adapters: contextvars.ContextVar[Sequence[str] | None] = contextvars.ContextVar("batch_adapters", default=None)
+class RowPlan:
+    """The adapter name of every row of the batches run inside one :func:`batch_adapters` block.
+
+    The grouping of rows by adapter is the same for every adapted layer of a forward (and for every step of a
+    ``generate()``), so it is built once per batch size and device and then shared, instead of being rebuilt as index
+    tensors in each of the model's layers.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
+
+    def groups(self, batch_size: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """``(adapter name, row indices)`` for each name, in order of first appearance; indices on ``device``.
+
+        A batch that is a whole multiple of ``len(names)`` (beam search, ``num_return_sequences``) repeats each name
+        for its consecutive rows, as ``generate()`` expands inputs with ``repeat_interleave``.
+        """
+        key = (batch_size, device)
+        if key not in self._groups:
+            self._groups[key] = [(name, rows.to(device)) for name, rows in self._build(batch_size)]
+        return self._groups[key]
+
+    def _build(self, batch_size: int) -> list[tuple[str, torch.Tensor]]:
+        if batch_size % len(self.names):
+            raise AdapterStateError(
+                f"adapter_names has {len(self.names)} entries but the batch has {batch_size} rows; give one name per row"
+            )
+        repeat = batch_size // len(self.names)
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names):
+            rows.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
+        return [(name, torch.tensor(r)) for name, r in rows.items()]
+
+
+_batch_adapters: contextvars.ContextVar[RowPlan | None] = contextvars.ContextVar("batch_adapters", default=None)
 
 
 @contextlib.contextmanager
 def batch_adapters(names: Sequence[str] | None) -> Iterator[None]:
-    """Within the block, row ``i`` of every batch uses adapter ``names[i]`` (``"__base__"``: none).
-
-    A batch that is a whole multiple of ``len(names)`` (beam search, ``num_return_sequences``) repeats each name for
-    its consecutive rows, as ``generate()`` expands inputs with ``repeat_interleave``.
-    """
-    token = _batch_adapters.set(list(names) if names is not None else None)
+    """Within the block, row ``i`` of every batch uses adapter ``names[i]`` (``"__base__"``: none); see
+    :meth:`RowPlan.groups` for batches that are a multiple of ``len(names)``."""
+    token = _batch_adapters.set(RowPlan(names) if names is not None else None)
     try:
         yield
     finally:
         _batch_adapters.reset(token)
-
-
-def _row_groups(batch_size: int, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Row indices per adapter name for a batch of ``batch_size`` rows."""
-    if batch_size % len(names):
-        raise AdapterStateError(
-            f"adapter_names has {len(names)} entries but the batch has {batch_size} rows; give one name per row"
-        )
-    repeat = batch_size // len(names)
-    groups: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        groups.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
-    return {name: torch.tensor(rows) for name, rows in groups.items()}
 
 
 class Delta(nn.Module):
@@ -62,6 +81,22 @@ class Delta(nn.Module):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError
+
+    @classmethod
+    def batched_forward(
+        cls, groups: Sequence[tuple[Delta, torch.Tensor]], x: torch.Tensor, out: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
+        """``out`` (the base output of the whole batch) with the rows of each ``(delta, rows)`` group changed by that
+        group's delta: the mixed-adapter batch. Every delta in ``groups`` is an instance of ``cls``.
+
+        This default works for any delta: it runs each group's own ``forward`` on that group's rows and writes all
+        groups back with a single copy of ``out``. Methods override it with something faster where their update can
+        be added into the rows in place.
+        """
+        if not groups:
+            return out
+        parts = [delta(x.index_select(0, rows), out.index_select(0, rows), base_layer) for delta, rows in groups]
+        return out.index_copy(0, torch.cat([rows for _, rows in groups]), torch.cat(parts))
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         """The additive change to ``base_layer.weight``, in that weight's own layout and dtype."""
@@ -125,26 +160,29 @@ class AdapterLayer(_Wrapper):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        row_names = _batch_adapters.get()
-        if row_names is not None:
-            return self._mixed_forward(x, row_names, *args, **kwargs)
+        plan = _batch_adapters.get()
+        if plan is not None:
+            return self._mixed_forward(plan, x, *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 out = self.deltas[name](x, out, self.base_layer)
         return out
 
-    def _mixed_forward(self, x: torch.Tensor, row_names: Sequence[str], *args, **kwargs) -> torch.Tensor:
+    def _mixed_forward(self, plan: RowPlan, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each group of rows goes through its own adapter; rows marked ``__base__`` (or naming an adapter this layer
-        does not hold) get the base output."""
+        does not hold) get the base output. Groups are handed to their delta class's ``batched_forward`` together, so
+        a method can treat all of its adapters in one pass."""
         if self.merged_adapters:
             raise AdapterStateError("adapter_names cannot be used while adapters are merged; call unmerge_adapter()")
         out = self.base_layer(x, *args, **kwargs)
-        for name, rows in _row_groups(x.shape[0], row_names).items():
-            if name == BASE_ADAPTER or name not in self.deltas:
-                continue
-            rows = rows.to(out.device)
-            out = out.index_copy(0, rows, self.deltas[name](x[rows], out[rows], self.base_layer))
+        by_class: dict[type[Delta], list[tuple[Delta, torch.Tensor]]] = {}
+        for name, rows in plan.groups(x.shape[0], x.device):
+            if name != BASE_ADAPTER and name in self.deltas:
+                delta = self.deltas[name]
+                by_class.setdefault(type(delta), []).append((delta, rows))
+        for cls, groups in by_class.items():
+            out = cls.batched_forward(groups, x, out, self.base_layer)
         return out
 
     @torch.no_grad()
@@ -215,13 +253,11 @@ class ModulesToSaveWrapper(_Wrapper):
         return self.modules_to_save[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        row_names = _batch_adapters.get()
-        if row_names is None or self.disabled:
+        plan = _batch_adapters.get()
+        if plan is None or self.disabled:
             return self._module_for(self.active_adapter)(x, *args, **kwargs)
-        groups = _row_groups(x.shape[0], row_names)
         out = None
-        for name, rows in groups.items():
-            rows = rows.to(x.device)
+        for name, rows in plan.groups(x.shape[0], x.device):
             part = self._module_for(None if name == BASE_ADAPTER else name)(x[rows], *args, **kwargs)
             if not isinstance(part, torch.Tensor):
                 raise AdapterStateError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -113,6 +114,141 @@ def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
+def _accumulate(out: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``out + alpha · update``, without the separate scaled copy of ``update`` that ``out + update * alpha`` makes.
+
+    In place when autograd is off: ``out`` is the fresh output of the base layer (or of the previous delta) and
+    nothing else holds it (except a forward hook on the base layer that keeps its output, which then sees the sum).
+    With autograd on it stays out of place: ``out`` may be a view (a biased ``nn.Linear``'s is), and an in-place op
+    on a view makes autograd clone the whole gradient in backward. An update kept in float32 next to a half-precision
+    base is scaled before it is rounded to the base's dtype.
+    """
+    if update.dtype != out.dtype:
+        return out + (update * alpha).to(out.dtype)
+    if torch.is_grad_enabled():
+        return torch.add(out, update, alpha=alpha)
+    return out.add_(update, alpha=alpha)
+
+
+def _add_low_rank(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``out + alpha · xa bᵀ`` as one ``addmm``: the low-rank product accumulates straight into the output, with no
+    intermediate ``(…, out)`` update tensor and no separate scaling pass (forward or backward). ``out`` is
+    ``(..., out)``, ``xa`` ``(..., r)``, ``b`` ``(out, r)``; in place under the same rule as :func:`_accumulate`.
+    Mixed dtypes (a float32 adapter beside a half-precision base, or ``b`` under autocast, which in-place ops ignore)
+    take the unfused path."""
+    if not xa.dtype == b.dtype == out.dtype or not out.is_contiguous():
+        return _accumulate(out, F.linear(xa, b), alpha)
+    out2d, xa2d = out.view(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1])  # (N, out), (N, r)
+    if torch.is_grad_enabled():
+        return torch.addmm(out2d, xa2d, b.T, alpha=alpha).view(out.shape)
+    out2d.addmm_(xa2d, b.T, alpha=alpha)
+    return out
+
+
+def _index_accumulate(out: torch.Tensor, rows: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:
+    """:func:`_accumulate` into the batch rows ``rows`` of ``out`` only (``update`` has ``len(rows)`` rows). With
+    autograd on (training on a mixed batch, which is rare) each call copies ``out``, as before."""
+    if update.dtype != out.dtype:
+        update, alpha = (update * alpha).to(out.dtype), 1.0
+    if torch.is_grad_enabled():
+        return out.index_add(0, rows, update, alpha=alpha)
+    return out.index_add_(0, rows, update, alpha=alpha)
+
+
+def _stack_by_rank(weights: list[torch.Tensor], rank_dim: int, rank: int, zero_entry: bool) -> torch.Tensor:
+    """Per-adapter weights stacked on a new first dim, each zero-padded at the end of ``rank_dim`` (0 for A's
+    ``(r, in)``, 1 for B's ``(out, r)``) up to ``rank``; with ``zero_entry`` an all-zero weight is appended last."""
+    padded = [w if w.shape[rank_dim] == rank else F.pad(w, (0, 0, 0, rank - w.shape[0]) if rank_dim == 0
+                                                        else (0, rank - w.shape[1]))
+              for w in weights]
+    if zero_entry:
+        padded.append(torch.zeros_like(padded[0]))
+    return torch.stack(padded)
+
+
+def _row_slots(groups: Sequence[tuple[Delta, torch.Tensor]], batch: int, device: torch.device) -> torch.Tensor:
+    """``(B,)``: the index of each row's group, or ``len(groups)`` for a row in none of them."""
+    counts = torch.tensor([len(rows) for _, rows in groups], device=device)
+    slots = torch.full((batch,), len(groups), dtype=torch.long, device=device)
+    slots[torch.cat([rows for _, rows in groups])] = torch.arange(len(groups), device=device).repeat_interleave(counts)
+    return slots
+
+
+def _gathered_low_rank(
+    groups: Sequence[tuple[LoraLinear, torch.Tensor]], x: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """``out`` plus every row's own ``scaling · B A x`` in two batched matmuls over the batch rows (the gathered
+    matmul of Punica / S-LoRA): each row gathers its adapter's A and B (zero-padded to the largest rank; rows in no
+    group get zeros) and ``baddbmm`` adds the update straight into that row's output, in place under the rule of
+    :func:`_accumulate`.
+
+    Against per-group gathers this runs two large, well-parallelised ops instead of four small ones per adapter, and
+    moves ``r·(in + out)`` gathered weights per row instead of the row's activations: it pays once a row has at
+    least ``r`` tokens (the caller's rule). ``out`` must be contiguous and in the adapters' dtype.
+    """
+    batch, rank = out.shape[0], max(delta.r for delta, _ in groups)
+    slots = _row_slots(groups, batch, out.device)  # (B,)
+    uncovered = sum(len(rows) for _, rows in groups) < batch
+    a = _stack_by_rank([delta.lora_A.weight * delta.scaling for delta, _ in groups], 0, rank, uncovered)  # (G, r, in)
+    b = _stack_by_rank([delta.lora_B.weight for delta, _ in groups], 1, rank, uncovered)  # (G, out, r)
+    x3 = x.reshape(batch, -1, x.shape[-1]).to(out.dtype)  # (B, L, in)
+    out3 = out.view(batch, -1, out.shape[-1])  # (B, L, out)
+    xa = torch.bmm(x3, a[slots].transpose(1, 2))  # (B, L, r)
+    b_rows = b[slots].transpose(1, 2)  # (B, r, out)
+    if torch.is_grad_enabled():
+        return torch.baddbmm(out3, xa, b_rows).view(out.shape)
+    out3.baddbmm_(xa, b_rows)
+    return out
+
+
+def _channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+    """The ``(out,)`` vector ``v`` shaped to broadcast along ``channel_dim`` of an ``ndim``-dimensional output."""
+    shape = [1] * ndim
+    shape[channel_dim] = -1
+    return v.view(shape)
+
+
+class _DoraRescale(torch.autograd.Function):
+    """DoRA's per-channel rescaling of the LoRA output: ``y = lora_out + (s - 1) ⊙ z`` with ``z = lora_out - offset``
+    and ``s = m / ‖W₀ + ΔW‖`` (the norm is a constant, DoRA §4.3).
+
+    ``z`` is the adapted layer's output before rescaling and without the part that is not rescaled (the bias, and
+    under dropout the base response to the dropped-out inputs); ``y = s ⊙ z + offset``. Written as a correction of
+    ``lora_out``, a fresh adapter (``s = 1``) returns it bit for bit. Autograd on the plain expression would save
+    both the base term and the update for the gradient of ``m``; this saves only ``z``, which it needs, and computes
+    the input gradient ``g ⊙ s`` in one pass.
+    """
+
+    @staticmethod
+    def parts(lora_out: torch.Tensor, offset: torch.Tensor | None, magnitude: torch.Tensor, norm: torch.Tensor,
+              channel_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z, s, s - 1)``; ``s`` shaped to broadcast along the channel dim and kept in the magnitude's dtype,
+        ``s - 1`` (small near the start) taken before it is rounded to the output's dtype."""
+        scale = _channel_view(magnitude / norm, lora_out.ndim, channel_dim)  # (1, …, out, …, 1)
+        z = lora_out if offset is None else lora_out - offset  # (..., out, ...)
+        return z, scale, (scale - 1).to(lora_out.dtype)
+
+    @staticmethod
+    def forward(ctx, lora_out: torch.Tensor, offset: torch.Tensor | None, magnitude: torch.Tensor, norm: torch.Tensor,
+                channel_dim: int) -> torch.Tensor:
+        z, scale, scale_minus_one = _DoraRescale.parts(lora_out, offset, magnitude, norm, channel_dim)
+        ctx.save_for_backward(z, scale, norm)
+        ctx.offset_shape = None if offset is None else offset.shape
+        ctx.channel_dim = channel_dim
+        return torch.addcmul(lora_out, z, scale_minus_one)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, scale, norm = ctx.saved_tensors
+        grad_offset = grad_magnitude = None
+        if ctx.needs_input_grad[1]:
+            grad_offset = (grad * (1 - scale)).sum_to_size(ctx.offset_shape).to(grad.dtype)
+        if ctx.needs_input_grad[2]:
+            dims = [d for d in range(grad.ndim) if d != ctx.channel_dim % grad.ndim]
+            grad_magnitude = (grad * z).sum(dims, dtype=norm.dtype) / norm
+        return (grad * scale).to(grad.dtype), grad_offset, grad_magnitude, None, None
+
+
 class LoraDelta(Delta):
     """Shared LoRA/DoRA logic; subclasses supply the layer-type specifics (how A and B apply, the canonical weight
     layout ``(out, ...)`` and how to read it from the base layer)."""
@@ -141,24 +277,43 @@ class LoraDelta(Delta):
         """The base weight as ``(out, in, ...)``; an involution (applying it twice gives the stored layout)."""
         return weight
 
+    def add_update(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out + scaling · B A x`` for an ``x`` already through :meth:`adapter_input`. Layer types whose update is a
+        plain matrix product override this with a fused one."""
+        return _accumulate(out, self.lora_forward(x), self.scaling)
+
+    def add_lora_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight + scaling · B A`` for a canonical ``(out, in, ...)`` weight (overridden where one op does it)."""
+        return torch.add(weight, self.lora_weight(), alpha=self.scaling)
+
     # --- shared -----------------------------------------------------------------------------------------------
     @property
     def adapter_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def dropout_active(self) -> bool:
+        """Whether dropout changes anything now (``p = 0`` is an ``nn.Identity`` that is never called)."""
+        return self.training and isinstance(self.dropout, nn.Dropout)
+
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the adapter's dtype with dropout applied (only while it does something: training, ``p > 0``);
+        integer inputs (token ids) pass unchanged."""
+        if not x.is_floating_point():
+            return x
+        x = x.to(self.adapter_dtype)
+        return self.dropout(x) if self.dropout_active() else x
+
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         return self.canonical(self.lora_weight() * self.scaling, base_layer)
 
+    @torch.no_grad()
     def _weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
-        """Per-output-channel norm of ``W₀ + ΔW``, shape ``(out,)``; detached as in DoRA §4.3."""
+        """Per-output-channel norm of ``W₀ + ΔW``, shape ``(out,)``; a constant for autograd, as in DoRA §4.3."""
         weight = self.canonical(base_layer.weight, base_layer).to(self.adapter_dtype)
-        combined = weight + self.lora_weight().detach() * self.scaling
-        return combined.flatten(1).norm(dim=1).detach()
+        return self.add_lora_weight(weight).flatten(1).norm(dim=1)
 
     def _channel_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
-        shape = [1] * ndim
-        shape[self.channel_dim] = -1
-        return v.view(shape)
+        return _channel_view(v, ndim, self.channel_dim)
 
     def enable_dora(self, base_layer: nn.Module) -> None:
         """Add the magnitude vector, initialised to ``‖W₀ + ΔW‖`` so the adapter starts as plain LoRA."""
@@ -170,20 +325,40 @@ class LoraDelta(Delta):
         return m
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        x_in = x.to(self.adapter_dtype) if x.is_floating_point() else x
-        dropped = self.dropout(x_in)
-        update = self.lora_forward(dropped) * self.scaling
+        x = self.adapter_input(x)
         if self.lora_magnitude_vector is None:
-            return base_out + update.to(base_out.dtype)
-        # DoRA: y = s ⊙ (W₀x + ΔWx) + b with s = m / ‖W₀ + ΔW‖, written as a correction of the base output.
-        scale = self._channel_view(self.lora_magnitude_vector.flatten() / self._weight_norm(base_layer), base_out.ndim)
-        bias = getattr(base_layer, "bias", None)
-        if isinstance(self.dropout, nn.Identity) or not self.training:
-            base_no_bias = base_out if bias is None else base_out - self._channel_view(bias, base_out.ndim)
-        else:  # the base term must see the same dropped input as the update
-            base_no_bias = self.base_no_bias(dropped, base_layer)
-        dora = (scale - 1) * base_no_bias.to(scale.dtype) + scale * update
-        return base_out + dora.to(base_out.dtype)
+            return self.add_update(base_out, x)
+        return self._dora_forward(x, base_out, base_layer)
+
+    def _dora_forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """DoRA: ``y = s ⊙ (W₀x + ΔWx) + b`` with ``s = m / ‖W₀ + ΔW‖``, as a rescaling of the LoRA output (see
+        :class:`_DoraRescale` for what it keeps for backward)."""
+        norm = self._weight_norm(base_layer)  # (out,)
+        magnitude = self.lora_magnitude_vector.flatten()  # (out,)
+        if self.dropout_active():  # the base term must see the same dropped input as the update
+            offset = (base_out - self.base_no_bias(x, base_layer)).to(base_out.dtype)  # W₀(x - x̃) + b  (..., out)
+        else:
+            bias = getattr(base_layer, "bias", None)
+            offset = None if bias is None else self._channel_view(bias, base_out.ndim).to(base_out.dtype)
+        lora_out = self.add_update(base_out, x)  # (..., out)
+        if torch.is_grad_enabled():
+            return _DoraRescale.apply(lora_out, offset, magnitude, norm, self.channel_dim)
+        z, _, scale_minus_one = _DoraRescale.parts(lora_out, offset, magnitude, norm, self.channel_dim)
+        return lora_out.addcmul_(z, scale_minus_one)  # no autograd: in place, as in _accumulate
+
+    @classmethod
+    def batched_forward(
+        cls, groups: Sequence[tuple[Delta, torch.Tensor]], x: torch.Tensor, out: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
+        """Plain-LoRA groups add ``scaling · B A x`` of their rows straight into those rows of ``out`` (one gather
+        of the group's inputs, one indexed add; no copy of the whole output per adapter). DoRA groups, whose output
+        is a rescaling rather than an addition, take the generic path."""
+        dora = [(delta, rows) for delta, rows in groups if delta.lora_magnitude_vector is not None]
+        for delta, rows in groups:
+            if delta.lora_magnitude_vector is None:
+                update = delta.lora_forward(delta.adapter_input(x.index_select(0, rows)))  # (rows, ..., out)
+                out = _index_accumulate(out, rows, update, delta.scaling)
+        return super().batched_forward(dora, x, out, base_layer)
 
     def base_no_bias(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """The base layer applied without its bias (DoRA under dropout)."""
@@ -222,10 +397,37 @@ class LoraLinear(LoraDelta):
         return weight.T if isinstance(base_layer, Conv1D) else weight
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B(self.lora_A(x))
+        return F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight)
+
+    def add_update(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return _add_low_rank(out, F.linear(x, self.lora_A.weight), self.lora_B.weight, self.scaling)  # xa: (..., r)
 
     def lora_weight(self) -> torch.Tensor:
         return self.lora_B.weight @ self.lora_A.weight  # (out, r) @ (r, in)
+
+    def gatherable(self, dtype: torch.dtype) -> bool:
+        """Whether this delta's rows can join the gathered batched matmul of a mixed batch whose output is ``dtype``:
+        plain LoRA, no dropout mask to draw, weights already in that dtype."""
+        return (self.lora_magnitude_vector is None and not self.dropout_active()
+                and self.lora_A.weight.dtype == self.lora_B.weight.dtype == dtype)
+
+    @classmethod
+    def batched_forward(
+        cls, groups: Sequence[tuple[Delta, torch.Tensor]], x: torch.Tensor, out: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
+        """Gatherable groups go through one gathered batched matmul (:func:`_gathered_low_rank`) when rows have at
+        least as many tokens as the largest rank; everything else as in :meth:`LoraDelta.batched_forward`."""
+        gathered: list[tuple[Delta, torch.Tensor]] = []
+        rest: list[tuple[Delta, torch.Tensor]] = []
+        for delta, rows in groups:
+            (gathered if delta.gatherable(out.dtype) else rest).append((delta, rows))
+        tokens_per_row = math.prod(out.shape[1:-1])  # out: (B, ..., out)
+        if not gathered or not out.is_contiguous() or tokens_per_row < max(delta.r for delta, _ in gathered):
+            return super().batched_forward(groups, x, out, base_layer)
+        return super().batched_forward(rest, x, _gathered_low_rank(gathered, x, out), base_layer)
+
+    def add_lora_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(weight, self.lora_B.weight, self.lora_A.weight, alpha=self.scaling)  # (out, in)
 
     def base_no_bias(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return F.linear(x, self.canonical(base_layer.weight, base_layer).to(x.dtype))
@@ -275,15 +477,17 @@ class LoraEmbedding(LoraDelta):
     def canonical(weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return weight.T  # (num_embeddings, dim) <-> (dim, num_embeddings)
 
+    def _lookup_a(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, self.lora_embedding_A.T, **self._lookup)  # (..., r); no dropout on token ids
+
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Dropout is not applied to token ids.
-        return F.embedding(x, self.lora_embedding_A.T, **self._lookup) @ self.lora_embedding_B.T
+        return self._lookup_a(x) @ self.lora_embedding_B.T
+
+    def add_update(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return _add_low_rank(out, self._lookup_a(x), self.lora_embedding_B, self.scaling)
 
     def lora_weight(self) -> torch.Tensor:
         return self.lora_embedding_B @ self.lora_embedding_A  # (dim, num_embeddings)
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return base_out + (self.lora_forward(x) * self.scaling).to(base_out.dtype)
 
 
 # --- initialisation ------------------------------------------------------------------------------------------------
