@@ -35,6 +35,21 @@ def logits(model: nn.Module, inputs: Mapping[str, torch.Tensor], **kwargs: Any) 
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def train_steps(model: nn.Module, batch: Mapping[str, torch.Tensor], steps: int, lr: float = 1e-2) -> list[float]:
+    """AdamW on the trainable parameters for ``steps`` steps on one batch; the losses, model back in eval mode."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of every tensor in ``model.state_dict()``."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

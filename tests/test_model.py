@@ -12,7 +12,7 @@ import torch
 
 import deltatune as dt
 from deltatune.layers import AdapterLayer, ModulesToSaveWrapper
-from tests.adapter_utils import adapter_layer_count, assert_same_state, logits, snapshot
+from tests.adapter_utils import adapter_layer_count, assert_same_state, logits, snapshot, train_steps
 from tests.models import (
     FAMILIES,
     make_causal_lm_inputs,
@@ -29,20 +29,6 @@ from tests.models import (
 
 def _llama(**kwargs) -> dt.PeftModel:
     return dt.get_peft_model(tiny_llama(), dt.LoraConfig(task_type="CAUSAL_LM", **kwargs))
-
-
-def _train_steps(model: dt.PeftModel, batch: dict, steps: int, lr: float = 1e-2) -> list[float]:
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 # --- wrapper classes ---------------------------------------------------------------------------------------------
@@ -239,7 +225,7 @@ def test_print_trainable_parameters_prints_peft_format(capsys) -> None:
 def test_modules_to_save_are_saved_restored_and_training_resumes(tmp_path: Path) -> None:
     model = dt.get_peft_model(tiny_bert("seq_cls"), dt.LoraConfig(task_type="SEQ_CLS"))
     batch = make_seq_cls_inputs(model, batch=4)
-    _train_steps(model, batch, steps=3)
+    train_steps(model, batch, steps=3)
     head = model.base_model.model.classifier
     assert not torch.equal(head.modules_to_save["default"].weight, head.original_module.weight)  # it did train
     model.save_pretrained(tmp_path)
@@ -253,7 +239,7 @@ def test_modules_to_save_are_saved_restored_and_training_resumes(tmp_path: Path)
     assert loaded.get_nb_trainable_parameters() == model.get_nb_trainable_parameters()
 
     weight_before = loaded_head.modules_to_save["default"].weight.detach().clone()
-    losses = _train_steps(loaded, batch, steps=3)
+    losses = train_steps(loaded, batch, steps=3)
     assert not torch.equal(loaded_head.modules_to_save["default"].weight, weight_before)
     assert losses[-1] < losses[0]
 
@@ -279,7 +265,7 @@ def test_merge_and_unload_keeps_the_trained_head_and_returns_a_plain_model() -> 
 def test_unload_gives_back_the_original_head() -> None:
     expected = snapshot(tiny_bert("seq_cls"))
     model = dt.get_peft_model(tiny_bert("seq_cls"), dt.LoraConfig(task_type="SEQ_CLS"))
-    _train_steps(model, make_seq_cls_inputs(model), steps=1)
+    train_steps(model, make_seq_cls_inputs(model), steps=1)
     assert_same_state(expected, model.unload())
 
 
@@ -305,7 +291,7 @@ def test_training_a_few_steps_lowers_the_loss_and_leaves_the_base_alone(factory)
     base_state = snapshot(factory())
     model = dt.get_peft_model(factory(), dt.LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear"))
     batch = make_causal_lm_inputs(model, batch=4)
-    losses = _train_steps(model, batch, steps=8)
+    losses = train_steps(model, batch, steps=8)
     assert losses[-1] < losses[0] - 0.05
     assert_same_state(base_state, model.unload())
 

@@ -22,6 +22,7 @@ from deltatune import (
     RemoteCodeError,
     get_peft_model,
 )
+from tests.adapter_utils import train_steps
 from tests.models import make_causal_lm_inputs
 
 LINEAR_NAMES = ("wqkv", "wo", "w1", "w2")
@@ -52,21 +53,6 @@ def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def _train(model: torch.nn.Module, batch: dict, steps: int = 8) -> list[float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
 @pytest.mark.parametrize("targets", [list(LINEAR_NAMES), "all-linear"], ids=["named", "all-linear"])
 def test_lora_lifecycle_on_remote_code_model(remote_dir: Path, tmp_path: Path, targets: Any) -> None:
     base = _base(remote_dir)
@@ -81,7 +67,7 @@ def test_lora_lifecycle_on_remote_code_model(remote_dir: Path, tmp_path: Path, t
     torch.testing.assert_close(_logits(model, batch), base_logits, rtol=0, atol=0)  # B = 0 at init
 
     # training moves only the adapter and lowers the loss
-    losses = _train(model, batch)
+    losses = train_steps(model, batch, steps=8)
     assert losses[-1] < losses[0] - 0.05, losses
     trained = _logits(model, batch)
     assert not torch.allclose(trained, base_logits)
@@ -181,7 +167,7 @@ def test_prompt_tuning_on_remote_code_model(remote_dir: Path, tmp_path: Path) ->
     base = _base(remote_dir)
     batch = make_causal_lm_inputs(base, batch=2, seq=8)
     model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    losses = _train(model, batch, steps=10)
+    losses = train_steps(model, batch, steps=10)
     assert losses[-1] < losses[0], losses
     trained = _logits(model, batch)
     assert trained.shape[1] == 4 + batch["input_ids"].shape[1]  # logits cover the virtual tokens too (as in peft)
