@@ -333,3 +333,12 @@ def test_a_plain_torch_model_can_be_adapted_and_trained() -> None:
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_new_adapters_follow_the_models_train_or_eval_mode(training: bool) -> None:
+    base = tiny_llama().train(training)
+    model = dt.get_peft_model(base, dt.LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.5))
+    model.add_adapter("other", dt.LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.5))
+    assert model.training == training
+    assert all(m.training == training for m in model.modules())

@@ -78,6 +78,7 @@ class PeftModel(nn.Module):
         self._prompt_disabled = False
         self.base_model = AdapterModel(model)
         self._active = [adapter_name]  # the first adapter is active; add_adapter's refresh applies that
+        self.training = model.training  # a model loaded for inference stays in eval mode (no adapter dropout)
         self.add_adapter(adapter_name, peft_config)
 
     def __getattr__(self, name: str):
@@ -133,6 +134,7 @@ class PeftModel(nn.Module):
             self._remove_adapter_modules(adapter_name)
             raise
         self.peft_config[adapter_name] = config
+        self.train(self.training)  # new adapter modules follow the wrapper's train/eval mode
         self._refresh()
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
