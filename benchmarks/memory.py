@@ -34,7 +34,8 @@ def saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> int:
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=ids, labels=ids).loss
-    del loss, keep
+    del loss
+    keep.clear()
     return sum(storages.values())
 
 

@@ -140,7 +140,7 @@ def markdown(size: Size, env: dict[str, str], res: Results, gs: list[Goal], area
               f"- **rounds**: warm-up {size.warmup}, median of {size.repeats_fast} (fast ops) / {size.repeats_slow} "
               f"(training steps) / {size.repeats_mixed} (mixed batch) / {size.repeats_setup} (injection), interleaved "
               f"round-robin",
-              f"- **wall time per area**: " + ", ".join(f"{k} {v:.0f} s" for k, v in area_s.items()), ""]
+              "- **wall time per area**: " + ", ".join(f"{k} {v:.0f} s" for k, v in area_s.items()), ""]
     lines += ["## Goals", "", "Judged on the wall-clock median ratio; the CPU-time ratio is a cross-check that is less "
               "sensitive to other processes on the machine.", "",
               "| goal | measured (wall) | by CPU time | target | result |", "|---|---:|---:|---:|---|"]
