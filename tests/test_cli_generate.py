@@ -14,12 +14,6 @@ from tests.train_utils import one_thread, sentiment_records, write_bert, write_j
 PROMPT = "review : the film was great sentiment ?"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")

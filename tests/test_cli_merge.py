@@ -18,12 +18,6 @@ from deltatune.train import TrainOptions, train
 from tests.train_utils import one_thread, sentiment_records, write_bert, write_jsonl, write_llama
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")

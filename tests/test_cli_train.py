@@ -12,13 +12,7 @@ import pytest
 from deltatune.cli import build_parser, main
 from deltatune.commands.train import resolve_options
 from deltatune.train.presets import DEFAULT_PRESET, PRESETS
-from tests.train_utils import one_thread, sentiment_records, write_jsonl, write_llama
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+from tests.train_utils import sentiment_records, write_jsonl, write_llama
 
 
 @pytest.fixture(scope="module")

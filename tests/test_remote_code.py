@@ -35,15 +35,6 @@ def remote_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_remote_code_model(tmp_path_factory.mktemp("remote") / "tinycustom")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: intra-op threads only add hand-off latency (large on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _base(remote_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(remote_dir, trust_remote_code=True).eval()
 

@@ -15,7 +15,6 @@ from deltatune.train import TrainError, TrainOptions, train
 from deltatune.train.state import latest_checkpoint
 from tests.train_utils import (
     ner_records,
-    one_thread,
     read_losses,
     sentiment_records,
     write_bert,
@@ -23,12 +22,6 @@ from tests.train_utils import (
     write_llama,
     write_t5,
 )
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
