@@ -75,9 +75,20 @@ class Delta(nn.Module):
     """One adapter's trainable change to one layer. Subclasses implement ``forward`` and ``delta_weight``.
 
     ``forward(x, base_out, base_layer)`` returns the layer's new output given its input and the base layer's output.
-    Merging defaults to ``W + delta_weight``; methods whose effect is not additive (DoRA, IA3) override
-    ``merge_weight`` / ``unmerge_weight``.
+    A delta that acts on the layer's *input* (IA3 on feed-forward layers, OFT's rotation) sets ``transforms_input``:
+    its :meth:`transform_input` then runs before the base layer, and ``base_out`` is the base layer's output for the
+    transformed input.
+
+    Merging defaults to ``W + delta_weight`` with the bias unchanged; methods whose effect is not additive (DoRA,
+    IA3) override ``merge_weight`` / ``unmerge_weight``, and methods that change the bias ``merge_bias`` /
+    ``unmerge_bias``.
     """
+
+    transforms_input: bool = False
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input the base layer sees, for a delta with ``transforms_input``."""
+        return x
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError
@@ -107,6 +118,13 @@ class Delta(nn.Module):
 
     def unmerge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return weight - self.delta_weight(base_layer).to(weight.dtype)
+
+    def merge_bias(self, bias: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """The base layer's bias after merging (called only for a base layer that has one)."""
+        return bias
+
+    def unmerge_bias(self, bias: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return bias
 
 
 class _Wrapper(nn.Module):
@@ -163,10 +181,14 @@ class AdapterLayer(_Wrapper):
         plan = _batch_adapters.get()
         if plan is not None:
             return self._mixed_forward(plan, x, *args, **kwargs)
-        out = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name not in self.merged_adapters:
-                out = self.deltas[name](x, out, self.base_layer)
+        deltas = [self.deltas[n] for n in self.active_adapters if n not in self.merged_adapters]
+        base_in = x
+        for delta in deltas:
+            if delta.transforms_input:
+                base_in = delta.transform_input(base_in)
+        out = self.base_layer(base_in, *args, **kwargs)
+        for delta in deltas:
+            out = delta(x, out, self.base_layer)
         return out
 
     def _mixed_forward(self, plan: RowPlan, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -177,47 +199,69 @@ class AdapterLayer(_Wrapper):
             raise AdapterStateError("adapter_names cannot be used while adapters are merged; call unmerge_adapter()")
         out = self.base_layer(x, *args, **kwargs)
         by_class: dict[type[Delta], list[tuple[Delta, torch.Tensor]]] = {}
+        input_side: list[tuple[Delta, torch.Tensor]] = []
         for name, rows in plan.groups(x.shape[0], x.device):
             if name != BASE_ADAPTER and name in self.deltas:
                 delta = self.deltas[name]
-                by_class.setdefault(type(delta), []).append((delta, rows))
+                if delta.transforms_input:
+                    input_side.append((delta, rows))
+                else:
+                    by_class.setdefault(type(delta), []).append((delta, rows))
         for cls, groups in by_class.items():
             out = cls.batched_forward(groups, x, out, self.base_layer)
+        if input_side:  # these rows need the base layer run again on their own transformed input
+            parts = []
+            for delta, rows in input_side:
+                x_rows = x.index_select(0, rows)
+                parts.append(delta(x_rows, self.base_layer(delta.transform_input(x_rows), *args, **kwargs),
+                                   self.base_layer))
+            out = out.index_copy(0, torch.cat([rows for _, rows in input_side]), torch.cat(parts))
         return out
+
+    def _bias(self) -> torch.Tensor | None:
+        bias = getattr(self.base_layer, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
 
     @torch.no_grad()
     def check_merge(self, names: Sequence[str]) -> None:
-        """Raise :class:`AdapterStateError` if merging ``names`` would put NaN/inf into ``base_layer.weight``; the
-        merged weight is computed aside and the layer is not changed."""
-        weight = self.base_layer.weight.data
+        """Raise :class:`AdapterStateError` if merging ``names`` would put NaN/inf into the base weight or bias; the
+        merged tensors are computed aside and the layer is not changed."""
+        weight, bias = self.base_layer.weight.data, self._bias()
         for name in names:
             if name in self.merged_adapters or name not in self.deltas:
                 continue
-            weight = self.deltas[name].merge_weight(weight.clone(), self.base_layer)
-            if not torch.isfinite(weight).all():
+            delta = self.deltas[name]
+            weight = delta.merge_weight(weight.clone(), self.base_layer)
+            bias = None if bias is None else delta.merge_bias(bias.data.clone(), self.base_layer)
+            if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
                 raise AdapterStateError(
                     f"merging adapter {name!r} would put NaN/inf into the base weights; the model is unchanged"
                 )
 
     @torch.no_grad()
     def merge(self, names: Sequence[str], safe_merge: bool = False) -> None:
-        """Fold the named deltas into ``base_layer.weight``; ``safe_merge`` runs :meth:`check_merge` first."""
+        """Fold the named deltas into the base weight (and bias); ``safe_merge`` runs :meth:`check_merge` first."""
         if safe_merge:
             self.check_merge(names)
-        weight = self.base_layer.weight
+        weight, bias = self.base_layer.weight, self._bias()
         for name in names:
             if name in self.merged_adapters or name not in self.deltas:
                 continue
-            weight.data.copy_(self.deltas[name].merge_weight(weight.data.clone(), self.base_layer))
+            delta = self.deltas[name]
+            weight.data.copy_(delta.merge_weight(weight.data.clone(), self.base_layer))
+            if bias is not None:
+                bias.data.copy_(delta.merge_bias(bias.data.clone(), self.base_layer))
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self, keep: int = 0) -> None:
         """Undo merges, last merged first, until ``keep`` remain merged."""
-        weight = self.base_layer.weight
+        weight, bias = self.base_layer.weight, self._bias()
         while len(self.merged_adapters) > keep:
-            name = self.merged_adapters.pop()
-            weight.data.copy_(self.deltas[name].unmerge_weight(weight.data, self.base_layer))
+            delta = self.deltas[self.merged_adapters.pop()]
+            weight.data.copy_(delta.unmerge_weight(weight.data, self.base_layer))
+            if bias is not None:
+                bias.data.copy_(delta.unmerge_bias(bias.data, self.base_layer))
 
 
 class ModulesToSaveWrapper(_Wrapper):
