@@ -7,9 +7,7 @@ deltatune with the same outputs, and both libraries write the same tensor keys a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import peft
 import pytest
@@ -20,65 +18,18 @@ from torch import nn
 import deltatune as dt
 from deltatune.targeting import name_matches
 from tests.adapter_utils import logits
+from tests.interop_cases import all_cases
 from tests.models import (
     make_causal_lm_inputs,
-    make_convnet_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_convnet,
     tiny_gpt2,
     tiny_llama,
-    tiny_t5,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # peft's notes (fan_in_fan_out, embedding saving)
 
 
-def _convnet_inputs(model: Any, batch: int = 2) -> dict[str, torch.Tensor]:
-    inputs = make_convnet_inputs(batch)
-    inputs.pop("labels")
-    return inputs
-
-
-# (id, model factory, inputs, LoraConfig kwargs shared by both libraries)
-CASES: list[tuple[str, Callable[[], nn.Module], Callable[..., dict], dict[str, Any]]] = [
-    ("llama", tiny_llama, make_causal_lm_inputs, dict(task_type="CAUSAL_LM")),
-    ("gpt2-conv1d", tiny_gpt2, make_causal_lm_inputs, dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_fc"])),
-    ("bert-seq-cls-heads", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, dict(task_type="SEQ_CLS")),
-    ("bert-extra-modules-to-save", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs,
-     dict(task_type="SEQ_CLS", modules_to_save=["bert.pooler"])),
-    ("t5", tiny_t5, make_seq2seq_inputs, dict(task_type="SEQ_2_SEQ_LM", target_modules=["q", "v", "wo"])),
-    ("llama-dora", tiny_llama, make_causal_lm_inputs, dict(task_type="CAUSAL_LM", use_dora=True)),
-    ("gpt2-dora", tiny_gpt2, make_causal_lm_inputs, dict(task_type="CAUSAL_LM", use_dora=True)),
-    ("llama-rslora", tiny_llama, make_causal_lm_inputs,
-     dict(task_type="CAUSAL_LM", use_rslora=True, r=4, lora_alpha=16)),
-    ("llama-embedding", tiny_llama, make_causal_lm_inputs,
-     dict(task_type="CAUSAL_LM", target_modules=["embed_tokens", "q_proj", "lm_head"])),
-    ("llama-patterns", tiny_llama, make_causal_lm_inputs,
-     dict(task_type="CAUSAL_LM", target_modules="all-linear", rank_pattern={"down_proj": 2},
-          alpha_pattern={r"layers\.1\..*": 4})),
-    ("convnet-conv-and-linear", tiny_convnet, _convnet_inputs,
-     dict(target_modules=["conv2d", "conv1d", "fc1", "fc2"], r=2)),
-    ("convnet-dora-conv", tiny_convnet, _convnet_inputs, dict(target_modules=["conv2d", "conv1d"], use_dora=True, r=2)),
-    ("convnet-embedding", tiny_convnet, _convnet_inputs, dict(target_modules=["embed"], r=2)),
-    ("gpt2-bias-all", tiny_gpt2, make_causal_lm_inputs, dict(task_type="CAUSAL_LM", bias="all")),
-    ("bert-bias-all", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, dict(task_type="SEQ_CLS", bias="all")),
-    ("bert-bias-lora-only", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs,
-     dict(task_type="SEQ_CLS", bias="lora_only")),
-]
-PARAMS = [pytest.param(factory, make_inputs, kwargs, id=name) for name, factory, make_inputs, kwargs in CASES]
-
-# Known, harmless differences in what the two libraries write (each side loads the other's file regardless):
-# * peft writes the base weight of a targeted layer only for the names it knows (embed_tokens, lm_head), including
-#   a targeted Linear lm_head; deltatune writes it for every targeted nn.Embedding (so a resized vocabulary travels
-#   with the adapter) and never for Linear layers.
-# * under bias="all" peft also writes a modules_to_save bias a second time as "<head>.modules_to_save.bias".
-_EXTRA_OURS = {"convnet-embedding": {"base_model.model.embed.base_layer.weight"}}
-_EXTRA_THEIRS = {
-    "bert-bias-all": {"base_model.model.classifier.modules_to_save.bias"},
-    "llama-embedding": {"base_model.model.lm_head.base_layer.weight"},
-}
+CASES = {case.name: case for case in all_cases()}
+PARAMS = [pytest.param(name, id=name) for name in CASES]
 
 
 def _nonzero(model: nn.Module, seed: int) -> None:
@@ -94,9 +45,11 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("factory, make_inputs, kwargs", PARAMS)
-def test_deltatune_adapter_loads_in_peft_with_the_same_outputs(factory, make_inputs, kwargs, tmp_path: Path) -> None:
-    ours = dt.get_peft_model(factory(), dt.LoraConfig(**kwargs))
+@pytest.mark.parametrize("name", PARAMS)
+def test_deltatune_adapter_loads_in_peft_with_the_same_outputs(name: str, tmp_path: Path) -> None:
+    case = CASES[name]
+    factory, make_inputs = case.factory, case.make_inputs
+    ours = dt.get_peft_model(factory(), case.config(dt))
     _nonzero(ours, seed=0)
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(factory(), tmp_path)
@@ -106,9 +59,11 @@ def test_deltatune_adapter_loads_in_peft_with_the_same_outputs(factory, make_inp
     assert (expected - logits(factory(), inputs)).abs().max() > 1e-4  # the adapter does something
 
 
-@pytest.mark.parametrize("factory, make_inputs, kwargs", PARAMS)
-def test_peft_adapter_loads_in_deltatune_with_the_same_outputs(factory, make_inputs, kwargs, tmp_path: Path) -> None:
-    theirs = peft.get_peft_model(factory(), peft.LoraConfig(**kwargs))
+@pytest.mark.parametrize("name", PARAMS)
+def test_peft_adapter_loads_in_deltatune_with_the_same_outputs(name: str, tmp_path: Path) -> None:
+    case = CASES[name]
+    factory, make_inputs = case.factory, case.make_inputs
+    theirs = peft.get_peft_model(factory(), case.config(peft))
     _nonzero(theirs, seed=1)
     theirs.save_pretrained(tmp_path)
     ours = dt.PeftModel.from_pretrained(factory(), tmp_path)
@@ -118,17 +73,16 @@ def test_peft_adapter_loads_in_deltatune_with_the_same_outputs(factory, make_inp
     assert (expected - logits(factory(), inputs)).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("factory, make_inputs, kwargs", PARAMS)
-def test_both_libraries_write_the_same_keys_shapes_and_config_fields(
-    factory, make_inputs, kwargs, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    case = request.node.callspec.id
-    dt.get_peft_model(factory(), dt.LoraConfig(**kwargs)).save_pretrained(tmp_path / "ours")
-    peft.get_peft_model(factory(), peft.LoraConfig(**kwargs)).save_pretrained(tmp_path / "theirs")
+@pytest.mark.parametrize("name", PARAMS)
+def test_both_libraries_write_the_same_keys_shapes_and_config_fields(name: str, tmp_path: Path) -> None:
+    case = CASES[name]
+    factory = case.factory
+    dt.get_peft_model(factory(), case.config(dt)).save_pretrained(tmp_path / "ours")
+    peft.get_peft_model(factory(), case.config(peft)).save_pretrained(tmp_path / "theirs")
     ours = load_file(tmp_path / "ours/adapter_model.safetensors")
     theirs = load_file(tmp_path / "theirs/adapter_model.safetensors")
-    assert set(ours) - set(theirs) == _EXTRA_OURS.get(case, set())
-    assert set(theirs) - set(ours) == _EXTRA_THEIRS.get(case, set())
+    assert set(ours) - set(theirs) == case.extra_ours
+    assert set(theirs) - set(ours) == case.extra_theirs
     shared = ours.keys() & theirs.keys()
     assert {k: ours[k].shape for k in shared} == {k: theirs[k].shape for k in shared}
 
