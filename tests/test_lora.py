@@ -319,6 +319,7 @@ def test_dropout_applies_to_the_adapter_input_in_training_only() -> None:
         (dict(lora_dropout=1.0), "lora_dropout"),
         (dict(bias="some"), "bias must be"),
         (dict(init_lora_weights="kaiming"), "init_lora_weights='kaiming' is not supported"),
+        (dict(init_lora_weights="pissa_niter_100000"), r"pissa_niter_N' with N <= 1024"),
         (dict(use_dora=True, init_lora_weights="pissa"), "use_dora cannot be combined"),
         (dict(layers_pattern="layers"), "layers_pattern only has an effect together with layers_to_transform"),
         (dict(task_type="CHAT"), "unknown task_type 'CHAT'"),

@@ -254,8 +254,8 @@ class PeftModel(nn.Module):
         unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
         if unknown:
             raise AdapterStateError(f"adapter_names mentions unknown adapters {unknown}; have {list(self.peft_config)}")
-        if any(layer.merged for _, layer in adapter_layers(self.get_base_model())):
-            raise AdapterStateError("adapter_names cannot be used while adapters are merged; call unmerge_adapter()")
+        # A merged layer refuses mixed rows itself (AdapterLayer._mixed_forward), before computing anything, so the
+        # whole model is not walked here on every call.
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Turn on the base model's gradient checkpointing so that it works with a frozen base.

@@ -36,6 +36,9 @@ from ..layers import Delta
 from ..registry import LayerMethod
 
 _INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora")
+# Subspace iterations of fast PiSSA; a handful is the practice (peft's docs use 4-16). The bound stops a config file
+# from asking for hours of SVD work at load time.
+_MAX_PISSA_NITER = 1024
 
 
 @dataclass
@@ -94,9 +97,11 @@ class LoraConfig(LayerConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         init = self.init_lora_weights
-        if init not in _INIT_SCHEMES and not (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init)):
+        niter = re.fullmatch(r"pissa_niter_(\d{1,6})", init) if isinstance(init, str) else None
+        if init not in _INIT_SCHEMES and not (niter and int(niter.group(1)) <= _MAX_PISSA_NITER):
             raise ConfigError(
-                f"init_lora_weights={init!r} is not supported; use one of {list(_INIT_SCHEMES)} or 'pissa_niter_N'"
+                f"init_lora_weights={init!r} is not supported; use one of {list(_INIT_SCHEMES)} or 'pissa_niter_N' "
+                f"with N <= {_MAX_PISSA_NITER}"
             )
         if self.use_dora and isinstance(init, str) and init != "gaussian":
             raise ConfigError(f"use_dora cannot be combined with init_lora_weights={init!r}")
