@@ -349,3 +349,30 @@ def test_malformed_base_config(tmp_path: Path) -> None:
     tmp_path.joinpath("config.json").write_text("[1, 2")
     with pytest.raises(ConfigError, match="config.json"):
         check_remote_code(str(tmp_path), "AutoModelForCausalLM")
+
+
+def test_adapter_saved_with_an_extended_tokenizer_resizes_the_base_embeddings(tmp_path: Path) -> None:
+    # Training added tokens and resized the embeddings; the adapter travels with that tokenizer (as peft's users save
+    # it), so loading resizes the base model to the tokenizer before the adapter's weights are put in.
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from tests.train_utils import write_llama
+
+    base_dir = write_llama(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.add_tokens(["<tool>", "</tool>"])
+    base = LlamaForCausalLM.from_pretrained(base_dir)
+    base.resize_token_embeddings(len(tokenizer))
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "embed_tokens"],
+                                            modules_to_save=["lm_head"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, len(tokenizer) - 2, 7, len(tokenizer) - 1]])  # includes both new tokens
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert loaded.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected)

@@ -252,11 +252,36 @@ class _BaseAutoPeftModel:
         base = base_cls.from_pretrained(
             base_id, revision=peft_config.revision, trust_remote_code=trust_remote_code is True, **shared, **kwargs
         )
+        _fit_embeddings_to_adapter_tokenizer(
+            base, adapter_id, revision=revision, subfolder=adapter_only.get("subfolder"),
+            trust_remote_code=trust_remote_code is True, **shared,
+        )
         peft_cls = TASK_WRAPPERS.get(task, PeftModel)
         return peft_cls.from_pretrained(
             base, adapter_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config, revision=revision,
             **shared, **adapter_only,
         )
+
+
+def _fit_embeddings_to_adapter_tokenizer(
+    base: nn.Module, adapter_id: str, *, revision: str | None, subfolder: str | None, trust_remote_code: bool,
+    **hub: Any,
+) -> None:
+    """An adapter trained with added tokens is saved with its tokenizer (and the resized embedding rows): give the
+    base model as many embedding rows as that tokenizer has tokens, so the adapter's weights fit (peft does the same).
+    Without a tokenizer next to the adapter, or when the sizes already agree, nothing changes."""
+    if resolve_file(adapter_id, "tokenizer_config.json", subfolder=subfolder, revision=revision, **hub) is None:
+        return
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if embeddings is None:
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        adapter_id, revision=revision, subfolder=subfolder or "", trust_remote_code=trust_remote_code, **hub
+    )
+    if len(tokenizer) != embeddings.weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer))
 
 
 def _base_class(task: TaskType | None, config: PeftConfig, source: str, transformers: Any) -> tuple[Any, str | None]:
