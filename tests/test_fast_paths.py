@@ -268,6 +268,65 @@ def test_fresh_dora_adapter_returns_the_base_output_bit_for_bit() -> None:
                 assert torch.equal(model(x), expected), kind
 
 
+@pytest.mark.parametrize("kind", ["linear", "gpt2-conv1d", "conv2d"])
+@pytest.mark.parametrize("change", ["in-place-after", "zero-magnitude"])
+def test_dora_gradients_hold_when_the_saved_output_cannot_give_z_back(kind: str, change: str) -> None:
+    """DoRA saves its output and recovers ``z`` from it; a later in-place op on that output, or a channel whose
+    magnitude is 0 (``z = (y - b) / s`` undefined), make it recompute ``z`` from the input instead."""
+    model, layer, x = _adapted(kind, dora=True, bias="lora_only")
+    model.train()
+    delta = layer.deltas["default"]
+    if change == "zero-magnitude":
+        with torch.no_grad():
+            delta.lora_magnitude_vector.view(-1)[0] = 0.0
+    weights = torch.randn(layer(x).shape, generator=torch.Generator().manual_seed(2))
+    out = model(x)
+    if change == "in-place-after":
+        out.mul_(2)  # allowed: DoRA's function does not need its output for the input gradient
+    else:
+        out = out * 2
+    expected = reference(layer, x, 0.0, True) * 2
+    inputs = _trainable(model, x)
+    got = torch.autograd.grad((out * weights).sum(), inputs)
+    want = torch.autograd.grad((expected * weights).sum(), inputs, allow_unused=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, rtol=1e-5, atol=1e-5)
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn`` runs, parameters (and views of them) excluded."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_dora_saves_no_full_size_tensor_beyond_lora_when_the_next_op_keeps_the_output(dropout: float) -> None:
+    """Followed by an op that saves its input (SiLU here, as in Llama's MLP), DoRA's saved output is that same tensor:
+    no activation memory beyond LoRA's but the per-channel vectors. Under dropout ``z`` must be saved (one more)."""
+    def saved(dora: bool) -> int:
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(64, 256), nn.SiLU())
+        config = dt.LoraConfig(target_modules=["0"], r=4, use_dora=dora, lora_dropout=dropout)
+        model = dt.get_peft_model(base, config)
+        model.train()
+        x = torch.randn(8, 16, 64, requires_grad=True)
+        return _saved_bytes(lambda: model(x), [p for p in model.parameters()])
+
+    full = 8 * 16 * 256 * 4  # one (tokens, out) float32 tensor
+    extra = saved(True) - saved(False)
+    assert extra < full // 4 if dropout == 0 else full <= extra < 2 * full
+
+
 # --- mixed-adapter batches ------------------------------------------------------------------------------------------
 
 def _three_adapters(factory: Callable[[], nn.Module], targets: list[str] | None = None,

@@ -19,9 +19,10 @@ Layer types: ``nn.Linear``, transformers ``Conv1D`` (weight stored ``(in, out)``
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -219,9 +220,14 @@ class _DoraRescale(torch.autograd.Function):
 
     ``z`` is the adapted layer's output before rescaling and without the part that is not rescaled (the bias, and
     under dropout the base response to the dropped-out inputs); ``y = s ⊙ z + offset``. Written as a correction of
-    ``lora_out``, a fresh adapter (``s = 1``) returns it bit for bit. Autograd on the plain expression would save
-    both the base term and the update for the gradient of ``m``; this saves only ``z``, which it needs, and computes
-    the input gradient ``g ⊙ s`` in one pass.
+    ``lora_out``, a fresh adapter (``s = 1``) returns it bit for bit. The input gradient is ``g ⊙ s`` in one pass.
+
+    Only the magnitude's gradient ``Σ g ⊙ z / ‖W₀ + ΔW‖`` needs a full-size tensor. Where the offset is the bias (no
+    dropout), ``z = (y - offset) / s`` follows from the *output*, which is what is saved: the next op of most layers
+    (an activation, a gating product, attention on the values) saves that same tensor anyway, so DoRA then costs no
+    activation memory beyond LoRA's there. ``recompute_z`` rebuilds ``z`` from the layer input for the two cases
+    where the output cannot give it back: a later op changed the output in place, or a channel's magnitude is 0.
+    Under dropout the offset is a full tensor, and ``z`` itself is saved.
     """
 
     @staticmethod
@@ -235,23 +241,37 @@ class _DoraRescale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lora_out: torch.Tensor, offset: torch.Tensor | None, magnitude: torch.Tensor, norm: torch.Tensor,
-                channel_dim: int) -> torch.Tensor:
+                channel_dim: int, recompute_z: Callable[[], torch.Tensor] | None) -> torch.Tensor:
         z, scale, scale_minus_one = _DoraRescale.parts(lora_out, offset, magnitude, norm, channel_dim)
-        ctx.save_for_backward(z, scale, norm)
+        y = torch.addcmul(lora_out, z, scale_minus_one)
+        ctx.save_for_backward(z if recompute_z is None else y)
+        ctx.recompute_z, ctx.offset, ctx.scale, ctx.norm = recompute_z, offset, scale, norm
         ctx.offset_shape = None if offset is None else offset.shape
         ctx.channel_dim = channel_dim
-        return torch.addcmul(lora_out, z, scale_minus_one)
+        return y
+
+    @staticmethod
+    def _z(ctx) -> torch.Tensor:
+        if ctx.recompute_z is None:
+            return ctx.saved_tensors[0]
+        try:
+            (y,) = ctx.saved_tensors
+        except RuntimeError:  # the output was modified in place after this op
+            return ctx.recompute_z()
+        if bool((ctx.scale == 0).any()):
+            return ctx.recompute_z()
+        return (y if ctx.offset is None else y - ctx.offset) / ctx.scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        z, scale, norm = ctx.saved_tensors
+        scale, norm = ctx.scale, ctx.norm
         grad_offset = grad_magnitude = None
         if ctx.needs_input_grad[1]:
             grad_offset = (grad * (1 - scale)).sum_to_size(ctx.offset_shape).to(grad.dtype)
         if ctx.needs_input_grad[2]:
             dims = [d for d in range(grad.ndim) if d != ctx.channel_dim % grad.ndim]
-            grad_magnitude = (grad * z).sum(dims, dtype=norm.dtype) / norm
-        return (grad * scale).to(grad.dtype), grad_offset, grad_magnitude, None, None
+            grad_magnitude = (grad * _DoraRescale._z(ctx)).sum(dims, dtype=norm.dtype) / norm
+        return (grad * scale).to(grad.dtype), grad_offset, grad_magnitude, None, None, None
 
 
 class LoraDelta(Delta):
@@ -347,9 +367,16 @@ class LoraDelta(Delta):
             offset = None if bias is None else self._channel_view(bias, base_out.ndim).to(base_out.dtype)
         lora_out = self.add_update(base_out, x)  # (..., out)
         if torch.is_grad_enabled():
-            return _DoraRescale.apply(lora_out, offset, magnitude, norm, self.channel_dim)
+            recompute_z = None if self.dropout_active() else functools.partial(self._z_from_input, x, base_layer,
+                                                                               lora_out.dtype)
+            return _DoraRescale.apply(lora_out, offset, magnitude, norm, self.channel_dim, recompute_z)
         z, _, scale_minus_one = _DoraRescale.parts(lora_out, offset, magnitude, norm, self.channel_dim)
         return lora_out.addcmul_(z, scale_minus_one)  # no autograd: in place, as in _accumulate
+
+    @torch.no_grad()
+    def _z_from_input(self, x: torch.Tensor, base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        """``W₀x + scaling · B A x`` (no bias): DoRA's ``z`` recomputed in backward (see :class:`_DoraRescale`)."""
+        return _accumulate(self.base_no_bias(x, base_layer), self.lora_forward(x), self.scaling).to(dtype)
 
     @classmethod
     def batched_forward(
