@@ -602,10 +602,11 @@ def make_delta(config: LoraConfig, base_layer: nn.Module, name: str) -> LoraDelt
     cls = next(c for types, c in _LAYER_CLASSES if isinstance(base_layer, types))
     r = pattern_value(config.rank_pattern, name, config.r)
     alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-    delta = cls(base_layer, r, alpha, config.lora_dropout, config.use_rslora)
     weight = base_layer.weight
     dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    delta.to(device=weight.device, dtype=dtype)
+    with torch.device("meta"):  # no default init on the CPU: the factors are allocated where the base is, then set
+        delta = cls(base_layer, r, alpha, config.lora_dropout, config.use_rslora)
+    delta.to_empty(device=weight.device).to(dtype)
     scheme = config.init_lora_weights
     if isinstance(scheme, str) and scheme not in ("gaussian",):
         _init_from_weight(delta, base_layer, scheme)
