@@ -15,6 +15,7 @@ import json
 import os
 import struct
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -137,11 +138,12 @@ def layer_adapter_state_dict(
         container = getattr(holder, _CONTAINERS[type(holder)])
         if adapter_name not in container:
             continue
-        for key, value in container[adapter_name].state_dict().items():
+        item = container[adapter_name]
+        for key, value in (item.saved_state_dict() if isinstance(holder, AdapterLayer) else item.state_dict()).items():
             out[f"{path}.{key}"] = value
         if isinstance(holder, AdapterLayer):
             base = holder.base_layer
-            if bias == "lora_only" and getattr(base, "bias", None) is not None:
+            if bias.endswith("_only") and getattr(base, "bias", None) is not None:  # lora_only, oft_only, ...
                 out[f"{path}.base_layer.bias"] = base.bias
             if save_embedding_layers and isinstance(base, nn.Embedding):
                 out[f"{path}.base_layer.weight"] = base.weight
@@ -257,6 +259,41 @@ def _shape_message(source: str, key: str, saved: tuple, current: tuple, tensor: 
     else:
         msg += " The adapter was saved with another rank or for another base model; load it onto the model it was trained on."
     return msg
+
+
+def shared_state_plan(
+    holder: nn.Module, saved: Mapping[str, torch.Tensor], source: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Check an adapter's saved shared tensors (keys ``<name>`` of ``base_model.<name>``) against its shared-state
+    module (see ``LayerMethod.make_shared``) and return ``(destination, value)`` pairs to copy once the rest of the
+    file has loaded, so that a failed load changes nothing.
+
+    A saved tensor that the module regenerates instead of saving (a non-persistent buffer, e.g. VeRA's projections
+    under ``save_projection=False``) is ignored with a warning, as peft does.
+
+    Raises:
+        AdapterLoadError: a persistent tensor is missing, or a saved one is unknown or of another shape.
+    """
+    expected = holder.state_dict(keep_vars=True)
+    missing = sorted(set(expected) - set(saved))
+    if missing:
+        raise AdapterLoadError(
+            f"{source}: the file lacks 'base_model.{missing[0]}', which the adapter's config says is saved with it; "
+            f"the file is incomplete or was saved with a different config"
+        )
+    regenerated = {name for name, _ in holder.named_buffers()} - set(expected)
+    plan = []
+    for key, value in saved.items():
+        if key in regenerated:
+            warnings.warn(f"{source}: ignoring 'base_model.{key}': the adapter's config regenerates it", stacklevel=3)
+            continue
+        if key not in expected:
+            raise AdapterLoadError(f"{source}: unexpected tensor 'base_model.{key}'; not a tensor of this adapter")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise AdapterLoadError(_shape_message(source, f"base_model.{key}", tuple(value.shape),
+                                                  tuple(expected[key].shape), expected[key]))
+        plan.append((expected[key], value))
+    return plan
 
 
 # --- reading files --------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .errors import TargetError
+from .errors import AdapterStateError, ConfigError, TargetError
 from .layers import AdapterLayer, ModulesToSaveWrapper, adapter_layers, save_wrappers
 from .registry import LayerMethod
 from .targeting import find_modules_to_save, find_targets
@@ -21,15 +21,22 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def add_layer_adapter(model: nn.Module, config, adapter_name: str, method: LayerMethod) -> list[str]:
+def add_layer_adapter(
+    model: nn.Module, config, adapter_name: str, method: LayerMethod, shared_state: nn.ModuleDict | None = None
+) -> list[str]:
     """Add adapter ``adapter_name`` to every module ``config`` targets; return the adapted module names.
 
-    All targets are checked before anything changes, so a bad config leaves the model untouched.
+    All targets are checked before anything changes, so a bad config leaves the model untouched. For a method with
+    ``make_shared`` (VeRA), the adapter's shared module is built once, handed to every ``make_delta`` and stored in
+    ``shared_state[adapter_name]`` (the ``PeftModel``'s ``base_model.shared_state``).
 
     Raises:
         TargetError: nothing matches, or a matched module is of a type the method cannot wrap.
+        ConfigError: the method needs ``shared_state`` and none was given (a model without the ``PeftModel``).
     """
     targets = find_targets(model, config, method.default_targets)
+    if method.resolve_config is not None:
+        method.resolve_config(config, model)
     bases = {}
     for name in targets:
         module = model.get_submodule(name)
@@ -42,13 +49,23 @@ def add_layer_adapter(model: nn.Module, config, adapter_name: str, method: Layer
         if method.check_target is not None:
             method.check_target(config, base, name)
         bases[name] = base
-    deltas = {name: method.make_delta(config, base, name) for name, base in bases.items()}
+    shared = ()
+    if method.make_shared is not None:
+        if shared_state is None:
+            raise ConfigError(
+                f"{config.peft_type.value} keeps tensors shared by all adapted layers, which live in the PeftModel "
+                f"wrapper; use get_peft_model(model, config) instead"
+            )
+        shared = (method.make_shared(config, bases, dict(shared_state)),)
+    deltas = {name: method.make_delta(config, base, name, *shared) for name, base in bases.items()}
     for name, delta in deltas.items():
         module = model.get_submodule(name)
         if not isinstance(module, AdapterLayer):
             module = AdapterLayer(module)
             _set_child(model, name, module)
         module.add_delta(adapter_name, delta)
+    if shared:
+        shared_state[adapter_name] = shared[0]
     return targets
 
 
@@ -99,7 +116,8 @@ def mark_trainable(model: nn.Module, trainable: Sequence[str], bias: str = "none
         for name in trainable:
             if name in layer.deltas:
                 layer.deltas[name].requires_grad_(True)
-        if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None and layer.active_adapters:
+        # "<method>_only" (lora_only, oft_only, ...): the biases of adapted layers, as peft reads any "_only" value
+        if bias.endswith("_only") and getattr(layer.base_layer, "bias", None) is not None and layer.active_adapters:
             layer.base_layer.bias.requires_grad_(True)
     for _, wrapper in save_wrappers(model):
         for name in trainable:
@@ -122,7 +140,15 @@ def merge(model: nn.Module, names: Sequence[str], safe_merge: bool = False) -> N
     bit as they were (unmerging is exact only up to rounding). Any other failure unmerges the layers this call merged
     before the error propagates.
     """
-    layers = [layer for _, layer in adapter_layers(model)]
+    named = list(adapter_layers(model))
+    for path, layer in named:  # deltas that cannot merge at all refuse before any weight changes
+        for name in names:
+            if name in layer.deltas and name not in layer.merged_adapters:
+                try:
+                    layer.deltas[name].check_mergeable(layer.base_layer)
+                except AdapterStateError as exc:
+                    raise AdapterStateError(f"cannot merge adapter {name!r} into {path}: {exc}") from None
+    layers = [layer for _, layer in named]
     if safe_merge:
         for layer in layers:
             layer.check_merge(names)

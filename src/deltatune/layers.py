@@ -126,6 +126,16 @@ class Delta(nn.Module):
     def unmerge_bias(self, bias: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return bias
 
+    def check_mergeable(self, base_layer: nn.Module) -> None:
+        """Raise :class:`AdapterStateError`, saying why, when this delta cannot be folded into ``base_layer`` at all
+        (a nonlinear adapter; a bias update for a layer without a bias). Merging asks every layer before it changes
+        any, so a refusal leaves the model as it was."""
+
+    def saved_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors an adapter file holds for this delta (keys relative to it): its ``state_dict()``, unless the
+        file format differs from the training-time tensors (AdaLoRA saves only the singular triplets it kept)."""
+        return self.state_dict()
+
 
 class _Wrapper(nn.Module):
     """Attribute fallback shared by both wrappers: code that reads ``layer.weight`` or ``layer.in_features`` on a

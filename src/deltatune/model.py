@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
@@ -18,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import inject, prompt
+from . import functional, inject, prompt
 from .checkpoint import (
     adapter_directory,
     layer_adapter_state_dict,
@@ -26,32 +27,57 @@ from .checkpoint import (
     read_config_file,
     read_weights,
     save_adapter,
+    shared_state_plan,
     validate_adapter_name,
 )
 from .config import PeftConfig, TaskType
 from .errors import AdapterLoadError, AdapterStateError, DeltatuneError
 from .layers import adapter_layers, batch_adapters
-from .registry import PromptMethod, get_method
+from .registry import LayerMethod, PromptMethod, get_method
 
 _HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
 
 
 class AdapterModel(nn.Module):
-    """Holds the base model as ``.model`` so saved keys read ``base_model.model.<path>`` as in peft."""
+    """Holds the base model as ``.model`` so saved keys read ``base_model.model.<path>`` as in peft, and in
+    ``shared_state`` each adapter's tensors shared by all its layers (``LayerMethod.make_shared``: VeRA's projections),
+    saved as ``base_model.<name>`` as peft saves them."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.shared_state = nn.ModuleDict()
+
+    def _layer_methods(self) -> Iterator[tuple[str, PeftConfig, LayerMethod]]:
+        for name, config in getattr(self, "peft_config", {}).items():
+            method = get_method(config.peft_type)
+            if isinstance(method, LayerMethod):
+                yield name, config, method
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        """The model's forward; in train mode each adapter's ``LayerMethod.loss_term`` (AdaLoRA's orthogonality
+        regulariser) joins ``outputs.loss``, where peft's tuner model adds it."""
+        outputs = self.model(*args, **kwargs)
+        loss = getattr(outputs, "loss", None)
+        if self.training and isinstance(loss, torch.Tensor):
+            for name, config, method in self._layer_methods():
+                term = method.loss_term(self.model, name, config) if method.loss_term is not None else None
+                if term is not None:
+                    loss = loss + term
+            outputs.loss = loss
+        return outputs
 
     def __getattr__(self, name: str):
+        """Besides the model's attributes: the adapters' ``LayerMethod.model_functions`` as methods, like peft's
+        tuner-specific ones (AdaLoRA's ``base_model.update_and_allocate(step)``)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "model":
+            if name in ("model", "peft_config"):
                 raise
+            for _, _, method in self._layer_methods():
+                if name in (method.model_functions or {}):
+                    return functools.partial(method.model_functions[name], self)
             return getattr(self.model, name)
 
 
@@ -77,6 +103,7 @@ class PeftModel(nn.Module):
         self.prompt_encoder = nn.ModuleDict()  # prompt adapters' encoders (peft's attribute name)
         self._prompt_disabled = False
         self.base_model = AdapterModel(model)
+        self.base_model.peft_config = self.peft_config  # peft's ``model.base_model.peft_config`` is the same dict
         self._active = [adapter_name]  # the first adapter is active; add_adapter's refresh applies that
         self.training = model.training  # a model loaded for inference stays in eval mode (no adapter dropout)
         self.add_adapter(adapter_name, peft_config)
@@ -126,7 +153,7 @@ class PeftModel(nn.Module):
         if isinstance(method, PromptMethod):
             self.prompt_encoder[adapter_name] = prompt.make_prompt_encoder(base, config, method)
         else:
-            inject.add_layer_adapter(base, config, adapter_name, method)
+            inject.add_layer_adapter(base, config, adapter_name, method, self.base_model.shared_state)
         try:
             if names:
                 inject.add_modules_to_save(base, names, adapter_name)
@@ -161,6 +188,8 @@ class PeftModel(nn.Module):
         inject.remove_adapter(self.get_base_model(), adapter_name)
         if adapter_name in self.prompt_encoder:
             del self.prompt_encoder[adapter_name]
+        if adapter_name in self.base_model.shared_state:
+            del self.base_model.shared_state[adapter_name]
 
     def _check_exists(self, name: str) -> None:
         if name not in self.peft_config:
@@ -181,12 +210,68 @@ class PeftModel(nn.Module):
         """Within the block the model computes as the base model (merged adapters are unmerged first)."""
         base = self.get_base_model()
         inject.set_disabled(base, True)
-        was_disabled, self._prompt_disabled = self._prompt_disabled, True
+        was_disabled, self._prompt_disabled = self._prompt_disabled, True  # also set by disable_adapter_layers()
         try:
             yield
         finally:
-            inject.set_disabled(base, False)
+            inject.set_disabled(base, was_disabled)
             self._prompt_disabled = was_disabled
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add LoRA adapter ``adapter_name``, a weighted combination of LoRA ``adapters`` (negative weights
+        subtract); not made active. ``combination_type``: ``"svd"``, ``"linear"``, ``"cat"``, ``"ties"``,
+        ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"`` or an ``*_svd`` form of the last four; see
+        :mod:`deltatune.combine` for each one's math and for ``density`` / ``majority_sign_method`` / ``svd_*``.
+        All checks run before the model changes; unlike peft, an existing ``adapter_name`` is an error, not a no-op.
+
+        Raises:
+            AdapterStateError: an unknown or prompt-learning adapter, or ``adapter_name`` already in use.
+            ConfigError: an unknown ``combination_type``, not one weight per adapter, different ranks for a type that
+                merges factors, DoRA, a missing ``density``, or adapters whose targets cannot be united.
+        """
+        from . import combine
+
+        config, combination = combine.plan(
+            self.get_base_model(), self.peft_config, adapters, weights, combination_type, svd_rank=svd_rank,
+            svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver, density=density,
+            majority_sign_method=majority_sign_method,
+        )
+        self.add_adapter(adapter_name, config)
+        try:
+            combine.fill(self.get_base_model(), adapter_name, list(adapters), combination)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def disable_adapter_layers(self) -> None:
+        """Compute as the base model until :meth:`enable_adapter_layers` (the lasting form of
+        :meth:`disable_adapter`; merged adapters are unmerged on the next forward)."""
+        inject.set_disabled(self.get_base_model(), True)
+        self._prompt_disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        inject.set_disabled(self.get_base_model(), False)
+        self._prompt_disabled = False
+
+    def get_layer_status(self) -> list[functional.TunerLayerStatus]:
+        """Per adapter layer: which adapters it holds, which are active, merged, trainable, and where they live."""
+        return functional.get_layer_status(self)
+
+    def get_model_status(self) -> functional.ModelStatus:
+        """The same, summarised for the whole model (``"irregular"`` where layers disagree)."""
+        return functional.get_model_status(self)
 
     # --- merging --------------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
@@ -299,19 +384,30 @@ class PeftModel(nn.Module):
         state = layer_adapter_state_dict(
             self.get_base_model(), adapter_name, getattr(config, "bias", "none"), bool(save_embedding_layers)
         )
-        return {f"base_model.model.{k}": v for k, v in state.items()}
+        out = {f"base_model.model.{k}": v for k, v in state.items()}
+        shared = self.base_model.shared_state
+        if adapter_name in shared:  # tensors all the adapter's layers share, saved once under ``base_model.<name>``
+            out.update({f"base_model.{k}": v.detach() for k, v in shared[adapter_name].state_dict().items()})
+        return out
 
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
         if adapter_name in self.prompt_encoder:
             return self._load_prompt_state_dict(state_dict, adapter_name, source)
         prefix = "base_model.model."
-        bad = next((k for k in state_dict if not k.startswith(prefix)), None)
+        holder = self.base_model.shared_state[adapter_name] if adapter_name in self.base_model.shared_state else None
+        shared = {  # the adapter's shared state, saved as ``base_model.<name>``
+            k[len("base_model."):]: v for k, v in state_dict.items()
+            if holder is not None and k.startswith("base_model.") and not k.startswith(prefix)
+        }
+        bad = next((k for k in state_dict if not k.startswith(prefix) and k[len("base_model."):] not in shared), None)
         if bad is not None:
-            from .errors import AdapterLoadError
-
             raise AdapterLoadError(f"{source}: key {bad!r} does not start with {prefix!r}; not a layer adapter file")
-        stripped = {k[len(prefix):]: v for k, v in state_dict.items()}
+        plan = shared_state_plan(holder, shared, source) if holder is not None else []
+        stripped = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         load_layer_adapter_state_dict(self.get_base_model(), stripped, adapter_name, source)
+        with torch.no_grad():
+            for destination, value in plan:
+                destination.copy_(value.to(dtype=destination.dtype, device=destination.device))
 
     def _load_prompt_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
         """``prompt_embeddings`` into the encoder, ``base_model.<path>`` heads into their ``modules_to_save`` copies."""
@@ -443,14 +539,18 @@ def _check_planned_size(
         return
     planned = 0
     try:
+        bases = {}
         for name in find_targets(model, config, method.default_targets):
             module = model.get_submodule(name)
             base = module.base_layer if isinstance(module, AdapterLayer) else module
             if not isinstance(base, method.layer_types):
                 return
-            with torch.device("meta"):
-                delta = method.make_delta(config, _meta_copy(base), name)
-            planned += sum(p.numel() for p in delta.parameters())
+            bases[name] = _meta_copy(base)
+        with torch.device("meta"):
+            shared = () if method.make_shared is None else (method.make_shared(config, bases, {}),)
+            for name, base in bases.items():
+                planned += sum(p.numel() for p in method.make_delta(config, base, name, *shared).parameters())
+        planned += sum(t.numel() for holder in shared for t in holder.state_dict().values())  # saved once
     except Exception:  # bad targets, an op without a meta kernel...: the real construction reports it
         return
     available = sum(t.numel() for t in tensors.values())

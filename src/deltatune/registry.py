@@ -22,9 +22,18 @@ if TYPE_CHECKING:
 
 _METHOD_MODULES: dict[PeftType, str] = {
     PeftType.LORA: "deltatune.methods.lora",
+    PeftType.ADALORA: "deltatune.methods.adalora",
+    PeftType.LOHA: "deltatune.methods.loha",
+    PeftType.LOKR: "deltatune.methods.lokr",
+    PeftType.IA3: "deltatune.methods.ia3",
     PeftType.PROMPT_TUNING: "deltatune.methods.prompt_tuning",
     PeftType.P_TUNING: "deltatune.methods.p_tuning",
     PeftType.PREFIX_TUNING: "deltatune.methods.prefix_tuning",
+    PeftType.LN_TUNING: "deltatune.methods.ln_tuning",
+    PeftType.BITFIT: "deltatune.methods.bitfit",
+    PeftType.BOTTLENECK: "deltatune.methods.bottleneck",
+    PeftType.OFT: "deltatune.methods.oft",
+    PeftType.VERA: "deltatune.methods.vera",
 }
 
 
@@ -41,13 +50,32 @@ class LayerMethod:
         check_target: ``(config, base_layer, module_name) -> None``, raising :class:`~deltatune.errors.TargetError`
             for a module of ``layer_types`` that this config still cannot adapt. Runs for every target before the
             first ``make_delta``, which may change the base layer (e.g. PiSSA initialisation).
+        resolve_config: ``(config, model) -> None``: fills in (and checks) config fields whose default depends on
+            the model, such as IA3's ``feedforward_modules`` per model type. Runs once ``target_modules`` is
+            resolved, before the first ``make_delta``.
+        make_shared: ``(config, {module name: base layer}, {adapter: shared module}) -> nn.Module``: the module
+            holding tensors that all of one adapter's deltas share (VeRA's random projections), given the targets
+            and the shared modules of the model's other adapters (which it may reuse). Built once per adapter after
+            the targets are checked; ``make_delta`` then takes it as a fourth argument and keeps a reference to it.
+            It lives in ``PeftModel.base_model.shared_state[adapter]``, so it follows the model's ``.to()``, and its
+            ``state_dict()`` is saved once per adapter under ``base_model.<key>`` (peft's model-level keys).
+        loss_term: ``(model, adapter_name, config) -> Tensor | None``: a training-time term (AdaLoRA's
+            orthogonality regulariser) that ``PeftModel.base_model`` adds to ``outputs.loss`` in train mode, for
+            every adapter of the method; ``None`` adds nothing (e.g. for an adapter that is not being trained).
+        model_functions: ``{name: fn}``: functions callable as ``peft_model.base_model.<name>(*args)`` and run as
+            ``fn(base_model, *args)``, like peft's tuner-specific methods (AdaLoRA's ``update_and_allocate``);
+            ``base_model.peft_config`` and ``base_model.model`` give them the configs and the adapted model.
     """
 
     config_class: type[PeftConfig]
-    make_delta: Callable[[Any, nn.Module, str], Delta]
+    make_delta: Callable[..., Delta]
     layer_types: tuple[type[nn.Module], ...]
     default_targets: dict[str, list[str]] | None = None
     check_target: Callable[[Any, nn.Module, str], None] | None = None
+    resolve_config: Callable[[Any, nn.Module], None] | None = None
+    make_shared: Callable[[Any, dict[str, nn.Module], dict[str, nn.Module]], nn.Module] | None = None
+    loss_term: Callable[[nn.Module, str, Any], Any] | None = None
+    model_functions: dict[str, Callable[..., Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,102 @@
+"""IA3 exchanged with peft: default targets per model type, Linear and Conv1D on both vector sides, regex forms,
+Conv2d (grouped too) and Conv3d."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tests.interop_cases import InteropCase, convnet_inputs
+from tests.models import (
+    DEFAULT_SEED,
+    make_causal_lm_inputs,
+    make_seq2seq_inputs,
+    make_seq_cls_inputs,
+    tiny_bert,
+    tiny_convnet,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_mt5,
+    tiny_t5,
+)
+
+
+class TinyVolNet(nn.Module):
+    """A Conv3d, a grouped Conv2d and a Linear head: IA3 layer types ``tiny_convnet`` lacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv3d = nn.Conv3d(2, 4, kernel_size=3, padding=1)
+        self.grouped = nn.Conv2d(4, 6, kernel_size=3, padding=1, groups=2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 2, D, H, W)
+        h = torch.relu(self.conv3d(x))  # (B, 4, D, H, W)
+        h = torch.relu(self.grouped(h.mean(2)))  # (B, 6, H, W)
+        return self.head(h.mean((2, 3)))  # (B, 3)
+
+
+def tiny_volnet(seed: int = DEFAULT_SEED) -> TinyVolNet:
+    torch.manual_seed(seed)
+    return TinyVolNet().eval()
+
+
+def volnet_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    return {"x": torch.randn(batch, 2, 3, 5, 5, generator=torch.Generator().manual_seed(seed))}
+
+
+def _ia3(name: str, factory, make_inputs, **kwargs) -> InteropCase:
+    return InteropCase(name, "IA3Config", factory, make_inputs, kwargs)
+
+
+CASES = [
+    _ia3("ia3-llama-defaults", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM"),
+    _ia3("ia3-gpt2-conv1d-defaults", tiny_gpt2, make_causal_lm_inputs, task_type="CAUSAL_LM"),
+    _ia3(  # a biased Conv1D on the input side
+        "ia3-gpt2-conv1d-feedforward-c-fc",
+        tiny_gpt2,
+        make_causal_lm_inputs,
+        task_type="CAUSAL_LM",
+        target_modules=["c_attn", "c_fc"],
+        feedforward_modules=["c_fc"],
+    ),
+    _ia3("ia3-bert-seq-cls-defaults", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS"),
+    _ia3("ia3-t5-defaults", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM"),
+    _ia3("ia3-mt5-defaults", tiny_mt5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM"),
+    _ia3(
+        "ia3-llama-regex",
+        tiny_llama,
+        make_causal_lm_inputs,
+        task_type="CAUSAL_LM",
+        target_modules=r".*layers\.1\..*(k_proj|v_proj|up_proj)",
+        feedforward_modules=r".*up_proj",
+    ),
+    _ia3(
+        "ia3-convnet-linear-feedforward",
+        tiny_convnet,
+        convnet_inputs,
+        target_modules=["conv2d", "fc1", "fc2"],
+        feedforward_modules=["fc2"],
+    ),
+    _ia3(
+        "ia3-convnet-conv2d-feedforward",
+        tiny_convnet,
+        convnet_inputs,
+        target_modules=["conv2d", "fc1"],
+        feedforward_modules=["conv2d"],
+    ),
+    _ia3(
+        "ia3-volnet-grouped-conv-feedforward",
+        tiny_volnet,
+        volnet_inputs,
+        target_modules=["conv3d", "grouped", "head"],
+        feedforward_modules=["grouped"],
+    ),
+    _ia3(
+        "ia3-volnet-conv3d-feedforward",
+        tiny_volnet,
+        volnet_inputs,
+        target_modules=["conv3d", "grouped"],
+        feedforward_modules=["conv3d"],
+    ),
+]
