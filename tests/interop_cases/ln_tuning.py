@@ -1,0 +1,41 @@
+"""LayerNorm tuning, exchanged with peft."""
+
+from __future__ import annotations
+
+from tests.interop_cases import InteropCase
+from tests.models import (
+    make_causal_lm_inputs,
+    make_seq2seq_inputs,
+    make_seq_cls_inputs,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+)
+
+CASES = [
+    # per-model-type default targets: LlamaRMSNorm, GPT-2's nn.LayerNorm ln_*, T5LayerNorm
+    InteropCase("ln-llama", "LNTuningConfig", tiny_llama, make_causal_lm_inputs, dict(task_type="CAUSAL_LM")),
+    InteropCase("ln-gpt2", "LNTuningConfig", tiny_gpt2, make_causal_lm_inputs, dict(task_type="CAUSAL_LM")),
+    InteropCase("ln-t5", "LNTuningConfig", tiny_t5, make_seq2seq_inputs, dict(task_type="SEQ_2_SEQ_LM")),
+    # BERT's LayerNorms with the classifier head trained in full (the task's default modules_to_save)
+    InteropCase(
+        "ln-bert-seq-cls",
+        "LNTuningConfig",
+        lambda: tiny_bert("seq_cls"),
+        make_seq_cls_inputs,
+        dict(task_type="SEQ_CLS", target_modules=["LayerNorm"]),
+    ),
+    InteropCase(
+        "ln-llama-regex-exclude-modules-to-save",
+        "LNTuningConfig",
+        tiny_llama,
+        make_causal_lm_inputs,
+        dict(
+            task_type="CAUSAL_LM",
+            target_modules=r".*layers\.\d+\..*layernorm",
+            exclude_modules=["layers.0.post_attention_layernorm"],
+            modules_to_save=["lm_head"],
+        ),
+    ),
+]
