@@ -263,8 +263,19 @@ class LayerConfig(PeftConfig):
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
 
+    # Targeting fields the method's peft config lacks: refused when set and left out of adapter_config.json, so that
+    # peft reads a saved adapter exactly as deltatune does.
+    _not_in_peft: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in self._not_in_peft:
+            if getattr(self, name) is not None:
+                raise ConfigError(
+                    f"{type(self).__name__} has no {name} (peft's {type(self).__name__} lacks the field, so peft would "
+                    f"read the adapter differently); select the modules with target_modules instead: a list of "
+                    f"names, or a regex such as r'.*layers\.(0|1)\..*q_proj'"
+                )
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -277,6 +288,13 @@ class LayerConfig(PeftConfig):
             pattern = getattr(self, name)
             if isinstance(pattern, str) and pattern != "all-linear":
                 validate_regex(name, pattern)
+
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        for name in self._not_in_peft:
+            del out[name]
+        return out
 
 
 def validate_regex(field_name: str, pattern: str) -> None:

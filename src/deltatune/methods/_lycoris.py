@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LayerConfig, validate_regex
+from ..config import LayerConfig
 from ..errors import ConfigError
 from ..layers import Delta
-from .lora import _accumulate, pattern_value
+from .common import accumulate, adapter_dtype, check_patterns, pattern_value
 
 #: The base layer types peft supports for LoHa and LoKr (not transformers' ``Conv1D``, not ``Conv3d``/embeddings).
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -63,17 +63,11 @@ class LycorisConfig(LayerConfig):
         super().__post_init__()
         if not isinstance(self.init_weights, (bool, str)) or self.init_weights not in self._init_choices:
             raise ConfigError(f"init_weights must be one of {list(self._init_choices)}, got {self.init_weights!r}")
-        for where, rank in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
-            # The bound only stops a corrupt file from asking for absurd allocations; real ranks are far below it.
-            if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank < 2**31:
-                raise ConfigError(f"{where} must be a positive integer below 2**31, got {rank!r}")
+        check_patterns(self.r, self.rank_pattern, self.alpha_pattern)
         if not 0.0 <= self.rank_dropout < 1.0:
             raise ConfigError(f"rank_dropout must be in [0, 1), got {self.rank_dropout!r}")
         if not 0.0 <= self.module_dropout <= 1.0:
             raise ConfigError(f"module_dropout must be in [0, 1], got {self.module_dropout!r}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            for key in getattr(self, name):
-                validate_regex(f"{name} key {key!r}", rf"(.*\.)?({key})$")  # the form pattern_value matches with
 
 
 def layer_geometry(base_layer: nn.Module, use_effective_conv2d: bool) -> tuple[int, int, tuple[int, ...], bool]:
@@ -132,7 +126,7 @@ class LycorisDelta(Delta):
             weight = weight * self._rank_mask(weight)
         x = x.to(weight.dtype)
         update = F.linear(x, weight) if isinstance(base_layer, nn.Linear) else base_layer._conv_forward(x, weight, None)
-        return _accumulate(base_out, update, 1.0)
+        return accumulate(base_out, update, 1.0)
 
     def _rank_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """``(out, 1, ...)``: 1 for kept output rows, 0 for dropped; divided by the kept fraction with
@@ -151,7 +145,7 @@ def build_delta(cls: type[LycorisDelta], config: LycorisConfig, base_layer: nn.M
     alpha = pattern_value(config.alpha_pattern, name, config.alpha)
     delta = cls(base_layer, r, alpha, config)
     weight = base_layer.weight
-    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    dtype = adapter_dtype(weight.dtype)
     delta.to(device=weight.device, dtype=dtype)
     if weight.device.type != "meta":
         zero = delta.zero_at_init(config.init_weights)

@@ -38,6 +38,7 @@ from ..errors import AdapterStateError, ConfigError, TargetError
 from ..layers import adapter_layers
 from ..registry import LayerMethod
 from ..targeting import DEFAULT_ATTENTION_TARGETS
+from .common import adapter_dtype
 from .lora import LoraConfig, LoraDelta, LoraLinear, _add_low_rank
 
 # peft's AdaLoRA defaults where they differ from LoRA's (whole attention and feed-forward blocks).
@@ -243,7 +244,7 @@ def make_delta(config: AdaLoraConfig, base_layer: nn.Module, name: str) -> AdaLo
     ``init_r``."""
     check_target(config, base_layer, name)
     mask = (config.rank_pattern or {}).get(f"{name}.lora_E")
-    held = torch.ones(config.init_r, dtype=torch.bool, device="cpu") if mask is None else torch.tensor(mask, device="cpu")
+    held = torch.ones(config.init_r, dtype=torch.bool) if mask is None else torch.tensor(mask, device="cpu")
     if isinstance(base_layer, nn.Conv2d):
         delta = AdaLoraConv2d(held, config.lora_alpha, config.lora_dropout, base_layer)
     else:
@@ -257,7 +258,7 @@ def make_delta(config: AdaLoraConfig, base_layer: nn.Module, name: str) -> AdaLo
     if config.init_lora_weights:
         nn.init.zeros_(delta.lora_E)
     weight = base_layer.weight
-    delta.to(device=weight.device, dtype=torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else None)
+    delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
     return delta
 
 

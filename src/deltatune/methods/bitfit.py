@@ -29,7 +29,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import AdapterStateError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .lora import _accumulate
+from .common import accumulate, adapter_dtype
 
 _BERT_BIASED = ["query", "key", "value", "dense", "LayerNorm"]
 
@@ -74,13 +74,13 @@ class BitFitDelta(Delta):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         ref = next(base_layer.parameters(), torch.empty(0))  # a LayerNorm without affine parameters has none
-        dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
+        dtype = adapter_dtype(ref.dtype)
         self.bitfit_bias = nn.Parameter(torch.zeros(_bias_shape(base_layer), dtype=dtype, device=ref.device))
         self.spatial_dims = len(base_layer.kernel_size) if isinstance(base_layer, _CONV) else 0
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         bias = self.bitfit_bias.view(*self.bitfit_bias.shape, *[1] * self.spatial_dims)  # (C, 1, ...) on a conv
-        return _accumulate(base_out, bias, 1.0)
+        return accumulate(base_out, bias, 1.0)
 
     def check_mergeable(self, base_layer: nn.Module) -> None:
         if not isinstance(getattr(base_layer, "bias", None), torch.Tensor):

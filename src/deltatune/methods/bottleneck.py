@@ -30,7 +30,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import AdapterStateError, ConfigError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .lora import _accumulate
+from .common import accumulate, adapter_dtype, check_size
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -69,9 +69,7 @@ class BottleneckConfig(LayerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        size = self.bottleneck_size
-        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size < 2**31:
-            raise ConfigError(f"bottleneck_size must be a positive integer below 2**31, got {size!r}")
+        check_size("bottleneck_size", self.bottleneck_size)
         if self.non_linearity not in ACTIVATIONS:
             raise ConfigError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
         if not 0.0 <= self.adapter_dropout < 1.0:
@@ -98,7 +96,7 @@ class BottleneckDelta(Delta):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         h = self.dropout(base_out.to(self.adapter_up.weight.dtype))  # (..., d)
         update = self.adapter_up(self.act(self.adapter_down(h)))  # (..., m) -> (..., d)
-        return _accumulate(base_out, update, self.scaling)
+        return accumulate(base_out, update, self.scaling)
 
     def check_mergeable(self, base_layer: nn.Module) -> None:
         raise AdapterStateError(_NOT_MERGEABLE)
@@ -110,7 +108,7 @@ class BottleneckDelta(Delta):
 def make_delta(config: BottleneckConfig, base_layer: nn.Module, name: str) -> BottleneckDelta:
     weight = base_layer.weight
     features = weight.shape[1] if isinstance(base_layer, Conv1D) else base_layer.out_features  # Conv1D: (in, out)
-    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    dtype = adapter_dtype(weight.dtype)
     return BottleneckDelta(features, config).to(device=weight.device, dtype=dtype)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from ..config import LayerConfig, PeftType, validate_regex
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .lora import _channel_view, _row_slots
+from .common import adapter_dtype, channel_view, row_slots
 
 # model_type -> (default target_modules, default feedforward_modules), peft's tables.
 _DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
@@ -63,10 +63,6 @@ _DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
     "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
 }
 
-# LayerConfig fields peft's IA3Config does not have: refused when set, and not written, so files load alike in both.
-_NOT_IN_PEFT = ("layers_to_transform", "layers_pattern")
-
-
 @dataclass
 class IA3Config(LayerConfig):
     """Configuration of an IA3 adapter (peft's field names). Shared targeting fields: see ``LayerConfig``
@@ -85,30 +81,19 @@ class IA3Config(LayerConfig):
     """
 
     peft_type: PeftType = field(default=PeftType.IA3, init=False)
+    _not_in_peft: ClassVar[tuple[str, ...]] = ("layers_to_transform", "layers_pattern")
     feedforward_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False
     init_ia3_weights: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in _NOT_IN_PEFT:
-            if getattr(self, name) is not None:
-                raise ConfigError(
-                    f"IA3 does not support {name} (peft's IA3Config has no such field, so the file would load "
-                    f"differently there); select layers with a regex target_modules instead, e.g. "
-                    f"r'.*layers\\.(0|1)\\..*(k_proj|v_proj)'"
-                )
         if isinstance(self.feedforward_modules, (set, tuple)):
             self.feedforward_modules = sorted(self.feedforward_modules)
         if isinstance(self.feedforward_modules, str):
             validate_regex("feedforward_modules", self.feedforward_modules)
         check_feedforward_subset(self)
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        for name in _NOT_IN_PEFT:
-            del out[name]
-        return out
 
 
 def check_feedforward_subset(config: IA3Config) -> None:
@@ -172,7 +157,7 @@ class IA3Delta(Delta):
         else:
             out_features, in_features = weight.shape[::-1] if isinstance(base_layer, Conv1D) else weight.shape
             shape = (1, in_features) if feedforward else (out_features, 1)
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        dtype = adapter_dtype(weight.dtype)
         self.ia3_l = nn.Parameter(torch.ones(shape, device=weight.device, dtype=dtype))
 
     def _scale(self) -> torch.Tensor:
@@ -200,7 +185,7 @@ class IA3Delta(Delta):
         first = groups[0][0]
         vectors = [delta.ia3_l.flatten() for delta, _ in groups]
         table = torch.stack([*vectors, torch.ones_like(vectors[0])])  # (G + 1, out)
-        rows = table[_row_slots(groups, out.shape[0], out.device)]  # (B, out)
+        rows = table[row_slots(groups, out.shape[0], out.device)]  # (B, out)
         shape = [out.shape[0]] + [1] * (out.ndim - 1)
         shape[first.channel_dim] = -1
         return (out * rows.view(shape)).to(out.dtype)  # (B, ..., out) or (B, out, ...)
@@ -211,9 +196,9 @@ class IA3Delta(Delta):
         v, weight = self.ia3_l.flatten(), base_layer.weight
         if not isinstance(base_layer, nn.modules.conv._ConvNd):
             out_dim = 1 if isinstance(base_layer, Conv1D) else 0  # Conv1D stores (in, out), Linear (out, in)
-            return _channel_view(v, 2, 1 - out_dim if self.transforms_input else out_dim)
+            return channel_view(v, 2, 1 - out_dim if self.transforms_input else out_dim)
         if not self.transforms_input:
-            return _channel_view(v, weight.ndim, 0)  # (out, 1, ...)
+            return channel_view(v, weight.ndim, 0)  # (out, 1, ...)
         # weight (out, in/g, *k): entry (o, j) reads input channel (o // (out/g)) · (in/g) + j
         groups, out_channels = base_layer.groups, weight.shape[0]
         per_row = v.view(groups, 1, -1).expand(groups, out_channels // groups, -1).reshape(out_channels, -1)

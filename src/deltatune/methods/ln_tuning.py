@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..config import LayerConfig, PeftType
-from ..errors import AdapterStateError, ConfigError, TargetError
+from ..errors import AdapterStateError, TargetError
 from ..layers import AdapterLayer, Delta, ModulesToSaveWrapper
 from ..registry import LayerMethod
 
@@ -62,7 +62,6 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 # LayerConfig fields peft's LNTuningConfig does not have: refused when set and not written, so files load alike.
-_NOT_IN_PEFT = ("layers_to_transform", "layers_pattern")
 _MERGEABLE_PARAMS = {"weight", "bias"}
 
 
@@ -75,22 +74,7 @@ class LNTuningConfig(LayerConfig):
     """
 
     peft_type: PeftType = field(default=PeftType.LN_TUNING, init=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in _NOT_IN_PEFT:
-            if getattr(self, name) is not None:
-                raise ConfigError(
-                    f"LN tuning does not support {name} (peft's LNTuningConfig has no such field, so the file would "
-                    f"load differently there); select layers with a regex target_modules instead, e.g. "
-                    f"r'.*layers\\.(0|1)\\.input_layernorm'"
-                )
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        for name in _NOT_IN_PEFT:
-            del out[name]
-        return out
+    _not_in_peft: ClassVar[tuple[str, ...]] = ("layers_to_transform", "layers_pattern")
 
 
 class LNTuningDelta(Delta):

@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import LayerConfig, PeftType, validate_regex
+from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
+from .common import accumulate, adapter_dtype, channel_view, check_patterns, pattern_value, row_slots
 
 _INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora")
 # Subspace iterations of fast PiSSA; a handful is the practice (peft's docs use 4-16). The bound stops a config file
@@ -89,10 +90,7 @@ class LoraConfig(LayerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for where, rank in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
-            # The bound only stops a corrupt file from asking for absurd allocations; real ranks are far below it.
-            if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank < 2**31:
-                raise ConfigError(f"{where} must be a positive integer below 2**31, got {rank!r}")
+        check_patterns(self.r, self.rank_pattern, self.alpha_pattern)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -106,44 +104,17 @@ class LoraConfig(LayerConfig):
             )
         if self.use_dora and isinstance(init, str) and init != "gaussian":
             raise ConfigError(f"use_dora cannot be combined with init_lora_weights={init!r}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            for key in getattr(self, name):
-                validate_regex(f"{name} key {key!r}", rf"(.*\.)?({key})$")  # the form pattern_value matches with
-
-
-def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """The value of the first key of ``patterns`` that matches the end of module ``name`` (peft's rule: the key is a
-    regex matched against a dotted suffix), else ``default``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def _accumulate(out: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``out + alpha · update``, without the separate scaled copy of ``update`` that ``out + update * alpha`` makes.
-
-    In place when autograd is off: ``out`` is the fresh output of the base layer (or of the previous delta) and
-    nothing else holds it (except a forward hook on the base layer that keeps its output, which then sees the sum).
-    With autograd on it stays out of place: ``out`` may be a view (a biased ``nn.Linear``'s is), and an in-place op
-    on a view makes autograd clone the whole gradient in backward. An update kept in float32 next to a half-precision
-    base is scaled before it is rounded to the base's dtype.
-    """
-    if update.dtype != out.dtype:
-        return out + (update * alpha).to(out.dtype)
-    if torch.is_grad_enabled():
-        return torch.add(out, update, alpha=alpha)
-    return out.add_(update, alpha=alpha)
 
 
 def _add_low_rank(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     """``out + alpha · xa bᵀ`` as one ``addmm``: the low-rank product accumulates straight into the output, with no
     intermediate ``(…, out)`` update tensor and no separate scaling pass (forward or backward). ``out`` is
-    ``(..., out)``, ``xa`` ``(..., r)``, ``b`` ``(out, r)``; in place under the same rule as :func:`_accumulate`.
+    ``(..., out)``, ``xa`` ``(..., r)``, ``b`` ``(out, r)``; in place under the same rule as
+    :func:`~deltatune.methods.common.accumulate`.
     Mixed dtypes (a float32 adapter beside a half-precision base, or ``b`` under autocast, which in-place ops ignore)
     take the unfused path."""
     if not xa.dtype == b.dtype == out.dtype or not out.is_contiguous():
-        return _accumulate(out, F.linear(xa, b), alpha)
+        return accumulate(out, F.linear(xa, b), alpha)
     out2d, xa2d = out.view(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1])  # (N, out), (N, r)
     if torch.is_grad_enabled():
         return torch.addmm(out2d, xa2d, b.T, alpha=alpha).view(out.shape)
@@ -152,8 +123,8 @@ def _add_low_rank(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, alpha: f
 
 
 def _index_accumulate(out: torch.Tensor, rows: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:
-    """:func:`_accumulate` into the batch rows ``rows`` of ``out`` only (``update`` has ``len(rows)`` rows). With
-    autograd on (training on a mixed batch, which is rare) each call copies ``out``, as before."""
+    """:func:`~deltatune.methods.common.accumulate` into the batch rows ``rows`` of ``out`` only (``update`` has
+    ``len(rows)`` rows). With autograd on (training on a mixed batch, which is rare) each call copies ``out``."""
     if update.dtype != out.dtype:
         update, alpha = (update * alpha).to(out.dtype), 1.0
     if torch.is_grad_enabled():
@@ -172,28 +143,20 @@ def _stack_by_rank(weights: list[torch.Tensor], rank_dim: int, rank: int, zero_e
     return torch.stack(padded)
 
 
-def _row_slots(groups: Sequence[tuple[Delta, torch.Tensor]], batch: int, device: torch.device) -> torch.Tensor:
-    """``(B,)``: the index of each row's group, or ``len(groups)`` for a row in none of them."""
-    counts = torch.tensor([len(rows) for _, rows in groups], device=device)
-    slots = torch.full((batch,), len(groups), dtype=torch.long, device=device)
-    slots[torch.cat([rows for _, rows in groups])] = torch.arange(len(groups), device=device).repeat_interleave(counts)
-    return slots
-
-
 def _gathered_low_rank(
     groups: Sequence[tuple[LoraLinear, torch.Tensor]], x: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
     """``out`` plus every row's own ``scaling · B A x`` in two batched matmuls over the batch rows (the gathered
     matmul of Punica / S-LoRA): each row gathers its adapter's A and B (zero-padded to the largest rank; rows in no
     group get zeros) and ``baddbmm`` adds the update straight into that row's output, in place under the rule of
-    :func:`_accumulate`.
+    :func:`~deltatune.methods.common.accumulate`.
 
     Against per-group gathers this runs two large, well-parallelised ops instead of four small ones per adapter, and
     moves ``r·(in + out)`` gathered weights per row instead of the row's activations: it pays once a row has at
     least ``r`` tokens (the caller's rule). ``out`` must be contiguous and in the adapters' dtype.
     """
     batch, rank = out.shape[0], max(delta.r for delta, _ in groups)
-    slots = _row_slots(groups, batch, out.device)  # (B,)
+    slots = row_slots(groups, batch, out.device)  # (B,)
     uncovered = sum(len(rows) for _, rows in groups) < batch
     a = _stack_by_rank([delta.lora_A.weight * delta.scaling for delta, _ in groups], 0, rank, uncovered)  # (G, r, in)
     b = _stack_by_rank([delta.lora_B.weight for delta, _ in groups], 1, rank, uncovered)  # (G, out, r)
@@ -205,13 +168,6 @@ def _gathered_low_rank(
         return torch.baddbmm(out3, xa, b_rows).view(out.shape)
     out3.baddbmm_(xa, b_rows)
     return out
-
-
-def _channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
-    """The ``(out,)`` vector ``v`` shaped to broadcast along ``channel_dim`` of an ``ndim``-dimensional output."""
-    shape = [1] * ndim
-    shape[channel_dim] = -1
-    return v.view(shape)
 
 
 class _DoraRescale(torch.autograd.Function):
@@ -235,7 +191,7 @@ class _DoraRescale(torch.autograd.Function):
               channel_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(z, s, s - 1)``; ``s`` shaped to broadcast along the channel dim and kept in the magnitude's dtype,
         ``s - 1`` (small near the start) taken before it is rounded to the output's dtype."""
-        scale = _channel_view(magnitude / norm, lora_out.ndim, channel_dim)  # (1, …, out, …, 1)
+        scale = channel_view(magnitude / norm, lora_out.ndim, channel_dim)  # (1, …, out, …, 1)
         z = lora_out if offset is None else lora_out - offset  # (..., out, ...)
         return z, scale, (scale - 1).to(lora_out.dtype)
 
@@ -305,7 +261,7 @@ class LoraDelta(Delta):
     def add_update(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``out + scaling · B A x`` for an ``x`` already through :meth:`adapter_input`. Layer types whose update is a
         plain matrix product override this with a fused one."""
-        return _accumulate(out, self.lora_forward(x), self.scaling)
+        return accumulate(out, self.lora_forward(x), self.scaling)
 
     def add_lora_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight + scaling · B A`` for a canonical ``(out, in, ...)`` weight (overridden where one op does it)."""
@@ -338,7 +294,7 @@ class LoraDelta(Delta):
         return self.add_lora_weight(weight).flatten(1).norm(dim=1)
 
     def _channel_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
-        return _channel_view(v, ndim, self.channel_dim)
+        return channel_view(v, ndim, self.channel_dim)
 
     def enable_dora(self, base_layer: nn.Module) -> None:
         """Add the magnitude vector, initialised to ``‖W₀ + ΔW‖`` so the adapter starts as plain LoRA."""
@@ -371,12 +327,12 @@ class LoraDelta(Delta):
                                                                                lora_out.dtype)
             return _DoraRescale.apply(lora_out, offset, magnitude, norm, self.channel_dim, recompute_z)
         z, _, scale_minus_one = _DoraRescale.parts(lora_out, offset, magnitude, norm, self.channel_dim)
-        return lora_out.addcmul_(z, scale_minus_one)  # no autograd: in place, as in _accumulate
+        return lora_out.addcmul_(z, scale_minus_one)  # no autograd: in place, as in common.accumulate
 
     @torch.no_grad()
     def _z_from_input(self, x: torch.Tensor, base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         """``W₀x + scaling · B A x`` (no bias): DoRA's ``z`` recomputed in backward (see :class:`_DoraRescale`)."""
-        return _accumulate(self.base_no_bias(x, base_layer), self.lora_forward(x), self.scaling).to(dtype)
+        return accumulate(self.base_no_bias(x, base_layer), self.lora_forward(x), self.scaling).to(dtype)
 
     @classmethod
     def batched_forward(
@@ -603,7 +559,7 @@ def make_delta(config: LoraConfig, base_layer: nn.Module, name: str) -> LoraDelt
     r = pattern_value(config.rank_pattern, name, config.r)
     alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
     weight = base_layer.weight
-    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    dtype = adapter_dtype(weight.dtype)
     with torch.device("meta"):  # no default init on the CPU: the factors are allocated where the base is, then set
         delta = cls(base_layer, r, alpha, config.lora_dropout, config.use_rslora)
     delta.to_empty(device=weight.device).to(dtype)

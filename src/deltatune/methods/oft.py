@@ -37,6 +37,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
+from .common import adapter_dtype, check_size
 
 
 @dataclass
@@ -78,9 +79,7 @@ class OFTConfig(LayerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("r", "oft_block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
-                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+            check_size(name, getattr(self, name), allow_zero=True)
         if (self.r == 0) == (self.oft_block_size == 0):
             raise ConfigError(
                 f"give exactly one of r={self.r} and oft_block_size={self.oft_block_size}, the other 0 (r × "
@@ -287,7 +286,7 @@ def make_delta(config: OFTConfig, base_layer: nn.Module, name: str) -> OFTDelta:
     cls = next(c for t, c in _LAYER_CLASSES if isinstance(base_layer, t))
     delta = cls(config, _features(base_layer), name)
     weight = base_layer.weight
-    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    dtype = adapter_dtype(weight.dtype)
     delta.to(device=weight.device, dtype=dtype)
     if not config.init_weights and weight.device.type != "meta":
         nn.init.normal_(delta.packed, mean=0.0, std=0.1)

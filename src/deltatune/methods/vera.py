@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .lora import _accumulate
+from .common import accumulate, adapter_dtype, check_size
 
 
 @dataclass
@@ -56,6 +56,7 @@ class VeraConfig(LayerConfig):
     """
 
     peft_type: PeftType = field(default=PeftType.VERA, init=False)
+    _not_in_peft: ClassVar[tuple[str, ...]] = ("exclude_modules",)
     r: int = 256
     projection_prng_key: int = 0
     save_projection: bool = True
@@ -67,25 +68,13 @@ class VeraConfig(LayerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # The bound only stops a corrupt file from asking for absurd allocations; real ranks are far below it.
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or not 0 < self.r < 2**31:
-            raise ConfigError(f"r must be a positive integer below 2**31, got {self.r!r}")
+        check_size("r", self.r)
         if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
             raise ConfigError(f"projection_prng_key must be an integer, got {self.projection_prng_key!r}")
         if not 0.0 <= self.vera_dropout < 1.0:
             raise ConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
         if self.bias not in ("none", "all", "vera_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'vera_only', got {self.bias!r}")
-        if self.exclude_modules is not None:
-            raise ConfigError(
-                "VeraConfig has no exclude_modules (peft's VeraConfig lacks the field, so peft could not read the "
-                "adapter); select the modules with target_modules (a list or a regex) instead"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        del out["exclude_modules"]  # not a peft VeraConfig field (always None here)
-        return out
 
 
 def _features(base_layer: nn.Module) -> tuple[int, int]:
@@ -154,7 +143,7 @@ def make_projections(
     dims = [_features(base) for base in bases.values()]
     max_in, max_out = max(d[0] for d in dims), max(d[1] for d in dims)
     weight = next(iter(bases.values())).weight
-    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    dtype = adapter_dtype(weight.dtype)
     if weight.device.type == "meta":  # a dry run that only counts sizes
         a, b = torch.empty(config.r, max_in, device="meta"), torch.empty(max_out, config.r, device="meta")
     else:
@@ -181,7 +170,7 @@ class VeraDelta(Delta):
         d = self.vera_lambda_d
         a, b = self.projections.corner(self.in_features, self.out_features, d)
         hidden = F.linear(self.dropout(x.to(d.dtype)), a) * d  # (..., r)
-        return _accumulate(base_out, F.linear(hidden, b) * self.vera_lambda_b, 1.0)  # (..., out)
+        return accumulate(base_out, F.linear(hidden, b) * self.vera_lambda_b, 1.0)  # (..., out)
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         a, b = self.projections.corner(self.in_features, self.out_features, self.vera_lambda_d)

@@ -1,0 +1,81 @@
+"""Small pieces the layer methods share: config checks (sizes, peft's per-module ``rank_pattern`` /
+``alpha_pattern``), the adapter's dtype next to the base weight, adding an update into an output without extra copies,
+per-channel broadcasting, and the row-to-adapter table of a mixed batch."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..config import validate_regex
+from ..errors import ConfigError
+from ..layers import Delta
+
+
+def check_size(where: str, value: Any, *, allow_zero: bool = False) -> None:
+    """Refuse a size (rank, bottleneck width, block size) that is not an integer in ``[1, 2**31)`` (``[0, …)`` with
+    ``allow_zero``). The upper bound only stops a corrupt file from asking for absurd allocations."""
+    low = 0 if allow_zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value < 2**31:
+        kind = "non-negative" if allow_zero else "positive"
+        raise ConfigError(f"{where} must be a {kind} integer below 2**31, got {value!r}")
+
+
+def check_patterns(rank: Any, rank_pattern: dict[str, Any], alpha_pattern: dict[str, Any]) -> None:
+    """``r`` and every ``rank_pattern`` value are sizes; every pattern key is a regex :func:`pattern_value` can use."""
+    check_size("r", rank)
+    for key, value in rank_pattern.items():
+        check_size(f"rank_pattern[{key!r}]", value)
+    for name, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for key in patterns:
+            validate_regex(f"{name} key {key!r}", rf"(.*\.)?({key})$")  # the form pattern_value matches with
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a new adapter's parameters take next to a base weight of ``base_dtype``: float32 beside a
+    half-precision base (small tensors, trained and kept in full precision, as peft's ``autocast_adapter_dtype``),
+    else the base's own."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """The value of the first key of ``patterns`` that matches the end of module ``name`` (peft's rule: the key is a
+    regex matched against a dotted suffix), else ``default``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def accumulate(out: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``out + alpha · update``, without the separate scaled copy of ``update`` that ``out + update * alpha`` makes.
+
+    In place when autograd is off: ``out`` is the fresh output of the base layer (or of the previous delta) and
+    nothing else holds it (except a forward hook on the base layer that keeps its output, which then sees the sum).
+    With autograd on it stays out of place: ``out`` may be a view (a biased ``nn.Linear``'s is), and an in-place op
+    on a view makes autograd clone the whole gradient in backward. An update kept in float32 next to a half-precision
+    base is scaled before it is rounded to the base's dtype.
+    """
+    if update.dtype != out.dtype:
+        return out + (update * alpha).to(out.dtype)
+    if torch.is_grad_enabled():
+        return torch.add(out, update, alpha=alpha)
+    return out.add_(update, alpha=alpha)
+
+
+def row_slots(groups: Sequence[tuple[Delta, torch.Tensor]], batch: int, device: torch.device) -> torch.Tensor:
+    """``(B,)``: the index of each row's group, or ``len(groups)`` for a row in none of them."""
+    counts = torch.tensor([len(rows) for _, rows in groups], device=device)
+    slots = torch.full((batch,), len(groups), dtype=torch.long, device=device)
+    slots[torch.cat([rows for _, rows in groups])] = torch.arange(len(groups), device=device).repeat_interleave(counts)
+    return slots
+
+
+def channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+    """The ``(out,)`` vector ``v`` shaped to broadcast along ``channel_dim`` of an ``ndim``-dimensional output."""
+    shape = [1] * ndim
+    shape[channel_dim] = -1
+    return v.view(shape)
