@@ -5,8 +5,9 @@ Kept apart from :mod:`tests.models` (which builds models) so that file stays abo
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +34,72 @@ def logits(model: nn.Module, inputs: Mapping[str, torch.Tensor], **kwargs: Any) 
     finally:
         model.train(was_training)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def batch_row(batch: Mapping[str, torch.Tensor], i: int) -> Batch:
+    """Row ``i`` of every tensor in ``batch``, keeping the batch dimension."""
+    return {k: v[i : i + 1] for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def only_adapter(model: nn.Module, name: str) -> Iterator[None]:
+    """Only adapter ``name`` active inside the block (``"__base__"``: adapters disabled). Like ``set_adapter`` it
+    leaves ``name`` active afterwards."""
+    if name == "__base__":
+        with model.disable_adapter():
+            yield
+        return
+    model.set_adapter(name)
+    yield
+
+
+def assert_mixed_batch_equals_each_row_alone(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    *,
+    rel: float | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+) -> torch.Tensor:
+    """The logits of ``model(**inputs, adapter_names=names)`` equal, row by row, those of the model run on that row
+    alone with only that row's adapter active (``"__base__"``: adapters disabled) -- an independent computation, not
+    a slice of a whole-batch run. A batch that is a whole multiple of ``len(names)`` gives each name that many
+    consecutive rows, as the model does (beam search, ``num_return_sequences``).
+
+    Compared with :func:`assert_close_scaled` (``rel``) when ``rel`` is given, else with
+    ``torch.testing.assert_close(rtol, atol)``. Returns the mixed logits, so callers can also assert that the rows for
+    different adapters really differ (otherwise the comparison proves nothing)."""
+    mixed = logits(model, inputs, adapter_names=list(names))
+    rows = len(mixed)
+    assert rows % len(names) == 0, f"{rows} rows for {len(names)} names"
+    repeat = rows // len(names)
+    expected = []
+    for i in range(rows):
+        with only_adapter(model, names[i // repeat]):
+            expected.append(logits(model, batch_row(inputs, i)))
+    alone = torch.cat(expected)
+    if rel is None:
+        torch.testing.assert_close(mixed, alone, rtol=rtol, atol=atol)
+    else:
+        assert_close_scaled(mixed, alone, rel=rel)
+    return mixed
+
+
+@torch.no_grad()
+def assert_mixed_generate_equals_each_row_alone(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, names: Sequence[str], **kwargs: Any
+) -> torch.Tensor:
+    """``model.generate(..., adapter_names=names, **kwargs)`` gives exactly the tokens of generating each row alone
+    with only its adapter active (``"__base__"``: adapters disabled); returns the mixed output."""
+    mixed = model.generate(input_ids=input_ids, attention_mask=attention_mask, adapter_names=list(names), **kwargs)
+    rows = []
+    for i, name in enumerate(names):
+        with only_adapter(model, name):
+            rows.append(model.generate(input_ids=input_ids[i : i + 1], attention_mask=attention_mask[i : i + 1],
+                                       **kwargs))
+    assert torch.equal(mixed, torch.cat(rows))
+    return mixed
 
 
 def train_steps(model: nn.Module, batch: Mapping[str, torch.Tensor], steps: int, lr: float = 1e-2) -> list[float]:

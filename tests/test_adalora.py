@@ -17,7 +17,7 @@ import deltatune as dt
 from deltatune.errors import AdapterStateError, ConfigError
 from deltatune.layers import adapter_layers
 from deltatune.methods.adalora import AdaLoraConfig, budget_schedule
-from tests.adapter_utils import logits
+from tests.adapter_utils import assert_mixed_batch_equals_each_row_alone, logits
 from tests.interop_cases.adalora import without_labels
 from tests.matrix_cases import perturb_adapter
 from tests.models import (
@@ -273,17 +273,7 @@ def test_mixed_adapter_batch_equals_each_row_with_its_adapter_alone() -> None:
     perturb_adapter(model, "default", seed=1)
     perturb_adapter(model, "other", seed=2)
     inputs = without_labels(make_causal_lm_inputs)(model, batch=3)
-    names = ["default", "__base__", "other"]
-    mixed = logits(model, inputs, adapter_names=names)
-    for row, name in enumerate(names):
-        one = {k: v[row:row + 1] for k, v in inputs.items()}
-        if name == "__base__":
-            with model.disable_adapter():
-                expected = logits(model, one)
-        else:
-            model.set_adapter(name)
-            expected = logits(model, one)
-        torch.testing.assert_close(mixed[row:row + 1], expected, rtol=1e-5, atol=1e-5)
+    assert_mixed_batch_equals_each_row_alone(model, inputs, ["default", "__base__", "other"])
 
 
 @pytest.mark.parametrize(

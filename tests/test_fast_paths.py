@@ -23,7 +23,14 @@ from transformers.pytorch_utils import Conv1D
 import deltatune as dt
 from deltatune.layers import AdapterLayer, Delta, RowPlan, adapter_layers, batch_adapters
 from deltatune.methods import lora as lora_method
-from tests.adapter_utils import assert_close_scaled, logits
+from tests.adapter_utils import (
+    assert_close_scaled,
+    assert_mixed_batch_equals_each_row_alone,
+    assert_mixed_generate_equals_each_row_alone,
+    batch_row,
+    logits,
+    only_adapter,
+)
 from tests.models import make_causal_lm_inputs, make_convnet_inputs, tiny_convnet, tiny_gpt2, tiny_llama
 
 ALPHA, RANK = 3.0, 2
@@ -342,21 +349,6 @@ def _three_adapters(factory: Callable[[], nn.Module], targets: list[str] | None 
     return model
 
 
-@contextlib.contextmanager
-def _only(model: dt.PeftModel, name: str) -> Iterator[None]:
-    """Only adapter ``name`` active (``"__base__"``: adapters disabled)."""
-    if name == "__base__":
-        with model.disable_adapter():
-            yield
-        return
-    model.set_adapter(name)
-    yield
-
-
-def _row(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-    return {k: v[i : i + 1] for k, v in batch.items()}
-
-
 MIXED = {
     "llama": (lambda: _three_adapters(tiny_llama), lambda m, n, seq=6: make_causal_lm_inputs(m, batch=n, seq=seq)),
     "gpt2": (lambda: _three_adapters(tiny_gpt2), lambda m, n, seq=6: make_causal_lm_inputs(m, batch=n, seq=seq)),
@@ -388,15 +380,9 @@ def test_mixed_batch_equals_each_row_alone_with_ranks_dora_base_and_repeats(fami
     model = make_model()
     names = ["b", "__base__", "a", "c", "b"]
     batch = make_inputs(model, 2 * len(names), SEQ[path])
-    with _count_gathered(monkeypatch) as calls:
-        mixed = logits(model, batch, adapter_names=names)
+    with _count_gathered(monkeypatch) as calls:  # only the mixed pass can call it: the rows alone have no RowPlan
+        assert_mixed_batch_equals_each_row_alone(model, batch, names, rel=1e-5)
     assert bool(calls) == (path == "gathered" and family != "convnet")  # convnet: conv, embedding and 2-D linear
-    row_names = [n for n in names for _ in range(2)]
-    expected = []
-    for i, name in enumerate(row_names):
-        with _only(model, name):
-            expected.append(logits(model, _row(batch, i)))
-    assert_close_scaled(mixed, torch.cat(expected))
 
 
 def _loss(out: Any) -> torch.Tensor:
@@ -427,8 +413,8 @@ def test_mixed_batch_gradients_equal_the_sum_over_rows_run_alone(path: str, monk
     for i, name in enumerate(names):
         if name == "__base__":  # depends on no adapter parameter
             continue
-        with _only(model, name):
-            grads_i = grads(_row(batch, i))
+        with only_adapter(model, name):
+            grads_i = grads(batch_row(batch, i))
         alone = [a if g is None else a + g for a, g in zip(alone, grads_i)]
     for m, a in zip(mixed, alone, strict=True):
         torch.testing.assert_close(torch.zeros_like(a) if m is None else m, a, rtol=1e-4, atol=1e-6)
@@ -443,14 +429,9 @@ def test_beam_search_generate_with_adapter_names_equals_each_row_alone(family: s
     batch = make_inputs(model, len(names))
     ids, mask = batch["input_ids"][:, :4], batch["attention_mask"][:, :4]
     kwargs = {"max_new_tokens": 4, "do_sample": False, "num_beams": 3, "num_return_sequences": 2}
-    with _count_gathered(monkeypatch) as calls:
-        mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kwargs)
+    with _count_gathered(monkeypatch) as calls:  # only the mixed generate can call it: the rows alone have no RowPlan
+        assert_mixed_generate_equals_each_row_alone(model, ids, mask, names, **kwargs)
     assert calls
-    rows = []
-    for i, name in enumerate(names):
-        with _only(model, name):
-            rows.append(model.generate(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], **kwargs))
-    assert torch.equal(mixed, torch.cat(rows))
 
 
 def test_rows_are_grouped_once_per_batch_shape_not_once_per_layer(monkeypatch) -> None:
@@ -516,9 +497,4 @@ def test_mixed_batch_in_mixed_precision_matches_rows_alone(base_dtype, adapter_d
     names = ["a", "c", "__base__", "b"]
     batch = make_causal_lm_inputs(model, batch=len(names), seq=SEQ["gathered"])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        mixed = logits(model, batch, adapter_names=names)
-        expected = []
-        for i, name in enumerate(names):
-            with _only(model, name):
-                expected.append(logits(model, _row(batch, i)))
-    torch.testing.assert_close(mixed, torch.cat(expected), rtol=tol, atol=tol)
+        assert_mixed_batch_equals_each_row_alone(model, batch, names, rtol=tol, atol=tol)

@@ -15,7 +15,13 @@ from torch import nn
 import deltatune as dt
 from deltatune.layers import AdapterLayer, adapter_layers
 from deltatune.methods.ia3 import IA3Delta
-from tests.adapter_utils import assert_clearly_different, assert_close_scaled, logits, snapshot
+from tests.adapter_utils import (
+    assert_clearly_different,
+    assert_close_scaled,
+    assert_mixed_batch_equals_each_row_alone,
+    logits,
+    snapshot,
+)
 from tests.interop_cases.ia3 import tiny_volnet
 from tests.models import (
     make_causal_lm_inputs,
@@ -317,19 +323,8 @@ def test_half_precision_base_keeps_float32_vectors_and_its_own_output_dtype() ->
 # --- mixed-adapter batches ------------------------------------------------------------------------------------------
 
 def _mixed_equals_rows_alone(model: dt.PeftModel, batch: dict[str, torch.Tensor], names: list[str]) -> None:
-    mixed = logits(model, batch, adapter_names=names)
-    expected = []
-    for i, name in enumerate(names):
-        row = {k: v[i : i + 1] for k, v in batch.items()}
-        if name == "__base__":
-            with model.disable_adapter():
-                expected.append(logits(model, row))
-        else:
-            model.set_adapter(name)
-            expected.append(logits(model, row))
-    expected = torch.cat(expected)
-    assert_close_scaled(mixed, expected)
-    assert_clearly_different(expected[0], expected[1])  # the rows really differ by adapter
+    mixed = assert_mixed_batch_equals_each_row_alone(model, batch, names, rel=1e-5)
+    assert_clearly_different(mixed[0], mixed[1])  # the rows really differ by adapter
 
 
 def test_mixed_batch_with_output_and_feedforward_layers_equals_each_row_alone() -> None:

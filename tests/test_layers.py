@@ -4,7 +4,6 @@ several active adapters, and mixed-adapter batches (forward and generate)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
@@ -14,6 +13,8 @@ import deltatune as dt
 from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, adapter_layers, save_wrappers
 from tests.adapter_utils import (
     assert_close_scaled,
+    assert_mixed_batch_equals_each_row_alone,
+    assert_mixed_generate_equals_each_row_alone,
     assert_same_state,
     lora_deltas,
     logits,
@@ -46,19 +47,6 @@ def _two_adapters(factory: Callable[[], nn.Module], task_type: str | None = None
                 for p in copy.parameters():
                     p.add_(0.5 * (i + 1))
     return model
-
-
-def _as_single(model: dt.PeftModel, name: str, fn: Callable[[], Any]) -> Any:
-    """``fn()`` with only adapter ``name`` active (``"__base__"``: adapters disabled)."""
-    if name == "__base__":
-        with model.disable_adapter():
-            return fn()
-    model.set_adapter(name)
-    return fn()
-
-
-def _rows(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-    return {k: v[i : i + 1] for k, v in batch.items()}
 
 
 # --- merge / unmerge ---------------------------------------------------------------------------------------------
@@ -186,14 +174,9 @@ def test_disabling_a_merged_adapter_unmerges_it_first() -> None:
 def test_mixed_batch_forward_equals_each_row_with_its_own_adapter(factory, task_type, make_inputs) -> None:
     model = _two_adapters(factory, task_type)
     names = ["other", "__base__", "default", "other"]
-    batch = make_inputs(model, batch=len(names))
-    mixed = logits(model, batch, adapter_names=names)
-    expected = torch.cat(
-        [_as_single(model, n, lambda i=i: logits(model, _rows(batch, i))) for i, n in enumerate(names)]
-    )
-    assert_close_scaled(mixed, expected)
+    mixed = assert_mixed_batch_equals_each_row_alone(model, make_inputs(model, batch=len(names)), names, rel=1e-5)
     # and the rows really differ by adapter (otherwise the check above proves nothing)
-    assert not torch.allclose(expected[0], expected[1]) and not torch.allclose(expected[0], expected[2])
+    assert not torch.allclose(mixed[0], mixed[1]) and not torch.allclose(mixed[0], mixed[2])
 
 
 def test_mixed_batch_leaves_the_active_adapter_in_charge_afterwards() -> None:
@@ -209,10 +192,7 @@ def test_mixed_batch_rows_for_an_adapter_a_layer_lacks_get_that_layers_base_outp
     model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
     model.add_adapter("mlp_only", dt.LoraConfig(target_modules=["down_proj"], init_lora_weights=False))
     batch = make_causal_lm_inputs(model, batch=2)
-    mixed = logits(model, batch, adapter_names=["mlp_only", "default"])
-    expected = torch.cat([_as_single(model, n, lambda i=i: logits(model, _rows(batch, i)))
-                          for i, n in enumerate(["mlp_only", "default"])])
-    assert_close_scaled(mixed, expected)
+    assert_mixed_batch_equals_each_row_alone(model, batch, ["mlp_only", "default"], rel=1e-5)
 
 
 def test_mixed_batch_covers_conv_embedding_and_dora_layers() -> None:
@@ -223,11 +203,7 @@ def test_mixed_batch_covers_conv_embedding_and_dora_layers() -> None:
     names = ["dora", "__base__", "default"]
     batch = make_convnet_inputs(batch=len(names))
     batch.pop("labels")
-    mixed = logits(model, batch, adapter_names=names)
-    expected = torch.cat(
-        [_as_single(model, n, lambda i=i: logits(model, _rows(batch, i))) for i, n in enumerate(names)]
-    )
-    assert_close_scaled(mixed, expected)
+    assert_mixed_batch_equals_each_row_alone(model, batch, names, rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -240,14 +216,7 @@ def test_generate_with_adapter_names_equals_generating_each_row_alone(factory, m
     batch = make_inputs(model, batch=len(names))
     kwargs = dict(max_new_tokens=4, do_sample=False, num_beams=num_beams)
     ids, mask = batch["input_ids"][:, :4], batch["attention_mask"][:, :4]
-    mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kwargs)
-    rows = [
-        _as_single(
-            model, n, lambda i=i: model.generate(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], **kwargs)
-        )
-        for i, n in enumerate(names)
-    ]
-    assert torch.equal(mixed, torch.cat(rows))
+    assert_mixed_generate_equals_each_row_alone(model, ids, mask, names, **kwargs)
 
 
 def test_adapter_names_must_give_one_name_per_row() -> None:

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import deltatune as dt
 from deltatune.layers import AdapterLayer, adapter_layers
-from tests.adapter_utils import assert_same_state, logits, snapshot
+from tests.adapter_utils import assert_mixed_batch_equals_each_row_alone, assert_same_state, logits, snapshot
 from tests.matrix_cases import perturb_adapter
 from tests.models import (
     make_causal_lm_inputs,
@@ -181,15 +181,7 @@ def _two_adapters() -> dt.PeftModel:
 def test_mixed_adapter_batch_rows_equal_each_adapter_alone() -> None:
     model = _two_adapters()
     inputs = make_causal_lm_inputs(model, batch=3)
-    mixed = logits(model, inputs, adapter_names=["a", "__base__", "b"])
-    for row, name in enumerate(["a", None, "b"]):
-        if name is None:
-            with model.disable_adapter():
-                alone = logits(model, inputs)
-        else:
-            model.set_adapter(name)
-            alone = logits(model, inputs)
-        torch.testing.assert_close(mixed[row], alone[row], rtol=1e-5, atol=1e-6)
+    mixed = assert_mixed_batch_equals_each_row_alone(model, inputs, ["a", "__base__", "b"], atol=1e-6)
     assert (mixed[0] - mixed[1]).abs().max() > 1e-3 and (mixed[2] - mixed[1]).abs().max() > 1e-3
 
 
@@ -203,10 +195,7 @@ def test_mixed_batch_with_a_trained_head() -> None:
             model.get_base_model().classifier.modules_to_save[name].weight.add_(seed)
     inputs = make_seq_cls_inputs(model, batch=2)
     inputs.pop("labels")
-    mixed = logits(model, inputs, adapter_names=["b", "a"])
-    for row, name in enumerate("ba"):
-        model.set_adapter(name)
-        torch.testing.assert_close(mixed[row], logits(model, inputs)[row], rtol=1e-5, atol=1e-6)
+    assert_mixed_batch_equals_each_row_alone(model, inputs, ["b", "a"], atol=1e-6)
 
 
 def test_with_several_active_the_last_copy_computes_the_output_merged_or_not() -> None:

@@ -16,7 +16,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.layers import AdapterLayer
 from deltatune.methods.oft import nearest_divisor
-from tests.adapter_utils import assert_close_scaled, logits
+from tests.adapter_utils import assert_mixed_batch_equals_each_row_alone, logits
 from tests.interop_cases import convnet_inputs
 from tests.models import make_causal_lm_inputs, make_mlp_inputs, tiny_convnet, tiny_gpt2, tiny_llama, tiny_mlp
 
@@ -268,19 +268,6 @@ def test_training_loss_gradients_and_coft_projection_equal_peft(kwargs, tmp_path
 
 # --- mixed-adapter batches -----------------------------------------------------------------------------------------
 
-def _rows_alone(model: dt.PeftModel, inputs: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-    rows = []
-    for i, name in enumerate(names):
-        row = {k: v[i: i + 1] for k, v in inputs.items()}
-        if name == "__base__":
-            with model.disable_adapter():
-                rows.append(logits(model, row))
-        else:
-            model.set_adapter(name)
-            rows.append(logits(model, row))
-    return torch.cat(rows)
-
-
 def test_mixed_adapter_batch_equals_each_row_alone_on_linear_layers() -> None:
     model = dt.get_peft_model(tiny_llama(), dt.OFTConfig(task_type="CAUSAL_LM", init_weights=False))
     model.add_adapter("b", dt.OFTConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"], r=4,
@@ -288,8 +275,7 @@ def test_mixed_adapter_batch_equals_each_row_alone_on_linear_layers() -> None:
     names = ["b", "__base__", "default", "b"]
     inputs = make_causal_lm_inputs(model, batch=len(names))
     inputs.pop("labels")
-    mixed = logits(model, inputs, adapter_names=names)
-    assert_close_scaled(mixed, _rows_alone(model, inputs, names))
+    assert_mixed_batch_equals_each_row_alone(model, inputs, names, rel=1e-5)
 
 
 def test_mixed_adapter_batch_equals_each_row_alone_on_conv_embedding_and_linear() -> None:
@@ -298,8 +284,7 @@ def test_mixed_adapter_batch_equals_each_row_alone_on_conv_embedding_and_linear(
     model.add_adapter("b", dt.OFTConfig(r=2, oft_block_size=0, block_share=True, **targets))
     names = ["default", "b", "__base__"]
     inputs = convnet_inputs(tiny_convnet(), batch=len(names))
-    mixed = logits(model, inputs, adapter_names=names)
-    assert_close_scaled(mixed, _rows_alone(model, inputs, names))
+    assert_mixed_batch_equals_each_row_alone(model, inputs, names, rel=1e-5)
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------

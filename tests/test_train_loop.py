@@ -173,23 +173,43 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(files, tmp_path, change
     assert not (tmp_path / "run").exists()
 
 
-def test_option_that_does_not_apply_to_the_method(files, tmp_path, monkeypatch):
-    """A method whose config has no ``r`` refuses ``--r`` (with only LoRA registered, fake such a method)."""
-    from dataclasses import dataclass
-
-    import deltatune.registry as registry
-    from deltatune.config import LayerConfig, PeftType
-
-    @dataclass
-    class NoRankConfig(LayerConfig):
-        peft_type: PeftType = PeftType.IA3
-
-    class Method:
-        config_class = NoRankConfig
-
-    monkeypatch.setattr(registry, "get_method", lambda *a, **k: Method)
+def test_option_that_does_not_apply_to_the_method(files, tmp_path):
     with pytest.raises(TrainError, match="--r does not apply to --method ia3"):
         train(opts(files, tmp_path, method="ia3"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_alpha_flag_reaches_the_alpha_field_of_each_method():
+    from deltatune.train.models import build_peft_config
+
+    for method, field in (("lora", "lora_alpha"), ("loha", "alpha"), ("lokr", "alpha")):
+        config = build_peft_config(TrainOptions(method=method, r=4, lora_alpha=16), "causal-lm")
+        assert (config.r, getattr(config, field)) == (4, 16), method
+        assert getattr(build_peft_config(TrainOptions(method=method, r=4), "causal-lm"), field) == 8  # 2r
+
+
+def test_adalora_run_allocates_its_budget_and_peft_loads_the_result(files, tmp_path):
+    import peft
+    from transformers import LlamaForCausalLM
+
+    options = opts(files, tmp_path, method="adalora", r=None, target="q_proj,v_proj", epochs=2, save_steps=4,
+                   method_options={"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1})
+    result = train(options)
+    saved = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+    assert saved["peft_type"] == "ADALORA" and saved["total_step"] == result.steps  # filled from the run's length
+    kept = [sum(mask) for mask in saved["rank_pattern"].values()]
+    assert len(kept) == 4 and sum(kept) == 2 * 4  # target_r per layer on average, spread unevenly or not
+
+    ours = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(files["llama"]), tmp_path / "run/adapter")
+    theirs = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(files["llama"]),
+                                            tmp_path / "run/adapter")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+    options.resume = True
+    with pytest.raises(TrainError, match="AdaLoRA run cannot be resumed"):
+        train(options)
 
 
 def test_seq_cls_on_a_decoder_uses_the_tokenizer_pad_id(files, tmp_path):

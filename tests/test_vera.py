@@ -17,7 +17,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.layers import AdapterLayer
-from tests.adapter_utils import assert_close_scaled, logits
+from tests.adapter_utils import assert_close_scaled, assert_mixed_batch_equals_each_row_alone, logits
 from tests.models import make_causal_lm_inputs, make_mlp_inputs, tiny_bert, tiny_gpt2, tiny_llama, tiny_mlp
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # peft's notes on save_projection / fan_in_fan_out
@@ -194,17 +194,7 @@ def test_mixed_adapter_batch_rows_equal_each_adapter_alone() -> None:
     model.set_adapter("other")
     _randomise(model, seed=5)
     inputs = make_causal_lm_inputs(model, batch=3)
-    names = ["other", "__base__", "default"]
-    mixed = logits(model, inputs, adapter_names=names)
-    for row, name in enumerate(names):
-        single = {k: v[row : row + 1] for k, v in inputs.items()}
-        if name == "__base__":
-            with model.disable_adapter():
-                expected = logits(model, single)
-        else:
-            model.set_adapter(name)
-            expected = logits(model, single)
-        torch.testing.assert_close(mixed[row : row + 1], expected, rtol=1e-5, atol=1e-5)
+    mixed = assert_mixed_batch_equals_each_row_alone(model, inputs, ["other", "__base__", "default"])
     assert (mixed[0] - mixed[2]).abs().max() > 1e-3
 
 

@@ -274,7 +274,7 @@ class LayerConfig(PeftConfig):
                 raise ConfigError(
                     f"{type(self).__name__} has no {name} (peft's {type(self).__name__} lacks the field, so peft would "
                     f"read the adapter differently); select the modules with target_modules instead: a list of "
-                    f"names, or a regex such as r'.*layers\.(0|1)\..*q_proj'"
+                    f"names, or a regex such as r'.*layers\\.(0|1)\\..*q_proj'"
                 )
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)

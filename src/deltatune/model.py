@@ -54,17 +54,25 @@ class AdapterModel(nn.Module):
             if isinstance(method, LayerMethod):
                 yield name, config, method
 
+    def adapter_loss(self) -> torch.Tensor | None:
+        """The sum of the adapters' training-time ``LayerMethod.loss_term`` s (AdaLoRA's orthogonality
+        regulariser), or ``None`` when no method has one."""
+        terms = [
+            method.loss_term(self.model, name, config)
+            for name, config, method in self._layer_methods() if method.loss_term is not None
+        ]
+        terms = [t for t in terms if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
     def forward(self, *args, **kwargs):
-        """The model's forward; in train mode each adapter's ``LayerMethod.loss_term`` (AdaLoRA's orthogonality
-        regulariser) joins ``outputs.loss``, where peft's tuner model adds it."""
+        """The model's forward; in train mode :meth:`adapter_loss` joins ``outputs.loss``, where peft's tuner model
+        adds it (a loop that computes its own loss from the logits adds ``adapter_loss()`` itself)."""
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
         if self.training and isinstance(loss, torch.Tensor):
-            for name, config, method in self._layer_methods():
-                term = method.loss_term(self.model, name, config) if method.loss_term is not None else None
-                if term is not None:
-                    loss = loss + term
-            outputs.loss = loss
+            term = self.adapter_loss()
+            if term is not None:
+                outputs.loss = loss + term
         return outputs
 
     def __getattr__(self, name: str):

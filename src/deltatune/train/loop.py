@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .. import get_peft_model
+from ..config import PeftType
 from ..errors import DeltatuneError
 from . import data as D
 from .evaluate import MAX_CHOICES, evaluate, forward_logits, loss_sum
@@ -178,7 +179,12 @@ def train(options: TrainOptions) -> RunResult:
     set_seed(options.seed)
     base = load_model(model_dir, task, labels, tokenizer.pad_token_id)
     set_seed(options.seed)
-    peft_config = build_peft_config(options, task)
+    peft_config = build_peft_config(options, task, total_steps)
+    if resume_from is not None and peft_config.peft_type == PeftType.ADALORA:
+        raise TrainError(
+            f"{out}: an AdaLoRA run cannot be resumed (its importance scores and rank allocation are not "
+            f"checkpointed yet); start it again in a new --out directory"
+        )
     try:
         model = get_peft_model(base, peft_config)
     except DeltatuneError as exc:
@@ -326,13 +332,22 @@ def train(options: TrainOptions) -> RunResult:
                 sync = contextlib.nullcontext() if a == options.grad_accum - 1 else accelerator.no_sync(model)
                 with sync, autocast():
                     summed = loss_sum(task, forward_logits(model, task, batch), batch["labels"])
-                    accelerator.backward(summed * (world / targets))
+                    objective = summed * (world / targets)
+                    extra = unwrapped.base_model.adapter_loss()  # e.g. AdaLoRA's regulariser, once per step
+                    if extra is not None:
+                        objective = objective + extra / options.grad_accum
+                    accelerator.backward(objective)
                 local_sum += summed.detach().float()
             grad_norm = None
             if options.max_grad_norm > 0:
                 grad_norm = float(accelerator.clip_grad_norm_(params, options.max_grad_norm))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
+            # Methods that reallocate as they train (AdaLoRA's budget) do it from this step's gradients, under
+            # peft's name for the call.
+            reallocate = getattr(unwrapped.base_model, "update_and_allocate", None)
+            if reallocate is not None:
+                reallocate(state.step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             totals = accelerator.reduce(torch.stack([local_sum, torch.tensor(float(local_tokens),

@@ -97,15 +97,17 @@ def _csv(value: str | None) -> list[str] | str | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-# CLI option -> config field, for the method options the CLI has flags for.
+# CLI option -> the config fields it sets, for the method options the CLI has flags for (the first one the method's
+# config has; LoHa / LoKr call LoRA's alpha ``alpha``).
 METHOD_FLAGS = {
-    "r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "use_dora": "use_dora",
-    "use_rslora": "use_rslora", "init_lora_weights": "init_lora_weights",
+    "r": ("r",), "lora_alpha": ("lora_alpha", "alpha"), "lora_dropout": ("lora_dropout",), "use_dora": ("use_dora",),
+    "use_rslora": ("use_rslora",), "init_lora_weights": ("init_lora_weights",),
 }
 
 
-def build_peft_config(options: TrainOptions, task: str):
-    """The method's config from the options; refuses options the method does not have."""
+def build_peft_config(options: TrainOptions, task: str, total_steps: int | None = None):
+    """The method's config from the options; refuses options the method does not have. ``total_steps`` (the run's
+    optimizer steps) fills a ``total_step`` field the options leave open (AdaLoRA's budget schedule)."""
     from ..config import PeftType
     from ..registry import config_class
 
@@ -118,15 +120,17 @@ def build_peft_config(options: TrainOptions, task: str):
         raise TrainError(f"--method {options.method!r} is not available; choose one of: {names}") from None
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     values: dict[str, Any] = {"task_type": TASK_TYPES[task]}
-    for option, name in METHOD_FLAGS.items():
+    for option, names in METHOD_FLAGS.items():
         value = getattr(options, option)
         if value is None:
             continue
-        if name not in fields:
+        name = next((n for n in names if n in fields), None)
+        if name is None:
             raise TrainError(f"--{option.replace('_', '-')} does not apply to --method {options.method}")
         values[name] = value
-    if "lora_alpha" in fields and "lora_alpha" not in values and "r" in values:
-        values["lora_alpha"] = 2 * values["r"]
+    alpha = next((n for n in METHOD_FLAGS["lora_alpha"] if n in fields), None)
+    if alpha is not None and alpha not in values and "r" in values:
+        values[alpha] = 2 * values["r"]
     if isinstance(values.get("init_lora_weights"), str) and values["init_lora_weights"].lower() in ("true", "false"):
         values["init_lora_weights"] = values["init_lora_weights"].lower() == "true"
     for option, name in (("target", "target_modules"), ("exclude", "exclude_modules"),
@@ -150,6 +154,8 @@ def build_peft_config(options: TrainOptions, task: str):
                 f"(fields: {', '.join(sorted(fields - {'peft_type', 'task_type'}))})"
             )
         values[name] = value
+    if "total_step" in fields and values.get("total_step") is None and total_steps is not None:
+        values["total_step"] = total_steps
     try:
         return cls(**values)
     except DeltatuneError as exc:
