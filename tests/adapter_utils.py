@@ -148,6 +148,13 @@ def peft_wrapped_names(model: nn.Module) -> list[str]:
     return sorted(re.sub(r"^base_model\.model\.", "", n) for n, m in model.named_modules() if isinstance(m, LoraLayer))
 
 
+def trainable_by_peft_name(model: nn.Module, adapter: str = "default") -> dict[str, nn.Parameter]:
+    """The trainable parameters of a deltatune or a peft model, keyed by name without the adapter's name (deltatune's
+    ``.deltas.<adapter>``, peft's ``.<adapter>``), so that the two libraries' parameters line up key for key."""
+    infix = f".deltas.{adapter}" if adapter_layer_count(model) else f".{adapter}"
+    return {n.replace(infix, ""): p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def lora_deltas(model: nn.Module, adapter: str = "default") -> list[nn.Module]:
     """The LoRA deltas of ``adapter`` in model order."""
     return [layer.deltas[adapter] for _, layer in adapter_layers(model) if adapter in layer.deltas]

@@ -51,16 +51,26 @@ def _build_pair(family: str, tmp_path: Path) -> tuple[dt.PeftModel, peft.PeftMod
     ours = dt.get_peft_model(FACTORIES[family](), _config(family, "a"), adapter_name="a")
     for name in list(ADAPTERS)[1:]:
         ours.add_adapter(name, _config(family, name))
+    return ours, _randomised_peft_copy(ours, FACTORIES[family], tmp_path, std=0.2)
+
+
+def _randomised_peft_copy(
+    ours: dt.PeftModel, factory: Callable[[], nn.Module], tmp_path: Path, std: float
+) -> peft.PeftModel:
+    """Overwrites every adapter parameter of ``ours`` with seeded noise times ``std``, then saves all its adapters
+    and loads them into a peft model on a fresh ``factory()`` base (no adapter may be called ``default``: each must
+    save to its own folder)."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for pname, param in sorted(ours.named_parameters()):
             if ".deltas." in pname:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
     ours.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(FACTORIES[family](), tmp_path / "a", adapter_name="a")
-    for name in list(ADAPTERS)[1:]:
+    first, *rest = ours.peft_config
+    theirs = peft.PeftModel.from_pretrained(factory(), tmp_path / first, adapter_name=first)
+    for name in rest:
         theirs.load_adapter(tmp_path / name, adapter_name=name)
-    return ours, theirs
+    return theirs
 
 
 @pytest.fixture(scope="module")
@@ -342,14 +352,7 @@ def test_conv2d_layers_match_peft(combination_type: str, tmp_path: Path) -> None
     config = {"target_modules": ["conv2d", "fc1"], "r": 3, "lora_alpha": 6}
     ours = dt.get_peft_model(tiny_convnet(), dt.LoraConfig(**config), adapter_name="x")
     ours.add_adapter("y", dt.LoraConfig(**config))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for pname, param in sorted(ours.named_parameters()):
-            if ".deltas." in pname:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    ours.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(tiny_convnet(), tmp_path / "x", adapter_name="x")
-    theirs.load_adapter(tmp_path / "y", adapter_name="y")
+    theirs = _randomised_peft_copy(ours, tiny_convnet, tmp_path, std=0.3)
     _both(ours, theirs, ["x", "y"], [0.8, -0.3], "mix", combination_type, density=0.6, svd_rank=2)
     mine, other = _state(ours, "mix"), _state(theirs, "mix")
     assert mine.keys() == other.keys()

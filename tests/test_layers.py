@@ -16,8 +16,8 @@ from tests.adapter_utils import (
     assert_mixed_batch_equals_each_row_alone,
     assert_mixed_generate_equals_each_row_alone,
     assert_same_state,
-    lora_deltas,
     logits,
+    lora_deltas,
     perturb_lora,
     snapshot,
 )

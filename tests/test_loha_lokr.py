@@ -22,6 +22,7 @@ from tests.adapter_utils import (
     assert_close_scaled,
     assert_mixed_batch_equals_each_row_alone,
     logits,
+    trainable_by_peft_name,
 )
 from tests.models import make_causal_lm_inputs, tiny_gpt2, tiny_llama
 
@@ -185,8 +186,8 @@ def test_training_forward_and_gradients_equal_peft_under_rank_and_module_dropout
         their_loss.backward()
         losses.append(our_loss.item())
     assert len(set(losses)) == 3  # the masks really differ from seed to seed
-    our_grads = {n.replace(".deltas.default", ""): p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    their_grads = {n.replace(".default", ""): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    our_grads = {n: p.grad for n, p in trainable_by_peft_name(ours).items()}
+    their_grads = {n: p.grad for n, p in trainable_by_peft_name(theirs).items()}
     assert our_grads.keys() == their_grads.keys()
     for name, grad in our_grads.items():
         torch.testing.assert_close(grad, their_grads[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -228,8 +229,8 @@ def test_grouped_circular_conv_shapes_equal_peft_and_forward_equals_the_merged_c
 
     model, _ = _wrap(conv().layer, config)
     theirs = peft.get_peft_model(conv(), getattr(peft, type(config).__name__)(**config.to_dict()))
-    our_shapes = {n.replace(".deltas.default", ""): p.shape for n, p in model.named_parameters() if p.requires_grad}
-    their_shapes = {n.replace(".default", ""): p.shape for n, p in theirs.named_parameters() if p.requires_grad}
+    our_shapes = {n: p.shape for n, p in trainable_by_peft_name(model).items()}
+    their_shapes = {n: p.shape for n, p in trainable_by_peft_name(theirs).items()}
     assert our_shapes == their_shapes
     x = {"x": torch.randn(2, 8, 5, 5)}
     unmerged = logits(model, x)

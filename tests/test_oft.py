@@ -16,7 +16,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.layers import AdapterLayer
 from deltatune.methods.oft import nearest_divisor
-from tests.adapter_utils import assert_mixed_batch_equals_each_row_alone, logits
+from tests.adapter_utils import assert_mixed_batch_equals_each_row_alone, logits, trainable_by_peft_name
 from tests.interop_cases import convnet_inputs
 from tests.models import make_causal_lm_inputs, make_mlp_inputs, tiny_convnet, tiny_gpt2, tiny_llama, tiny_mlp
 
@@ -255,11 +255,7 @@ def test_training_loss_gradients_and_coft_projection_equal_peft(kwargs, tmp_path
         loss.backward()
         losses.append(loss)
     _close(losses[0], losses[1])
-
-    def trained(model: nn.Module, infix: str) -> dict[str, nn.Parameter]:
-        return {n.replace(infix, ""): p for n, p in model.named_parameters() if p.requires_grad}
-
-    mine, peft_params = trained(ours, ".deltas.default"), trained(theirs, ".default")
+    mine, peft_params = trainable_by_peft_name(ours), trainable_by_peft_name(theirs)
     assert mine.keys() == peft_params.keys() and mine
     for name, param in mine.items():
         _close(param.grad, peft_params[name].grad)

@@ -17,7 +17,12 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.layers import AdapterLayer
-from tests.adapter_utils import assert_close_scaled, assert_mixed_batch_equals_each_row_alone, logits
+from tests.adapter_utils import (
+    assert_close_scaled,
+    assert_mixed_batch_equals_each_row_alone,
+    logits,
+    trainable_by_peft_name,
+)
 from tests.models import make_causal_lm_inputs, make_mlp_inputs, tiny_bert, tiny_gpt2, tiny_llama, tiny_mlp
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # peft's notes on save_projection / fan_in_fan_out
@@ -211,10 +216,7 @@ def test_dropout_training_forward_and_gradients_equal_peft(tmp_path: Path) -> No
         losses.append(model(**batch).loss)
         losses[-1].backward()
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
-    grads = [
-        {n.replace(infix, ""): p.grad for n, p in m.named_parameters() if p.requires_grad}
-        for m, infix in ((ours, ".deltas.default"), (theirs, ".default"))
-    ]
+    grads = [{n: p.grad for n, p in trainable_by_peft_name(m).items()} for m in (ours, theirs)]
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
     for name, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][name], rtol=1e-5, atol=1e-6)
