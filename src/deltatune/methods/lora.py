@@ -270,7 +270,10 @@ class LoraDelta(Delta):
     # --- shared -----------------------------------------------------------------------------------------------
     @property
     def adapter_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The dtype of the factors (read from ``A``, not ``next(self.parameters())``: this runs on every forward,
+        and walking the module tree there cost more than the rank-r product it prepares)."""
+        a = self.lora_A
+        return (a if isinstance(a, torch.Tensor) else a.weight).dtype
 
     def dropout_active(self) -> bool:
         """Whether dropout changes anything now (``p = 0`` is an ``nn.Identity`` that is never called)."""
@@ -460,6 +463,10 @@ class LoraEmbedding(LoraDelta):
             padding_idx=base_layer.padding_idx, max_norm=base_layer.max_norm, norm_type=base_layer.norm_type,
             scale_grad_by_freq=base_layer.scale_grad_by_freq, sparse=base_layer.sparse,
         )
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        return self.lora_embedding_A.dtype
 
     @staticmethod
     def canonical(weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
