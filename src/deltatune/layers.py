@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from torch import nn
 from .errors import AdapterStateError
 
 BASE_ADAPTER = "__base__"  # in ``adapter_names``: this row uses no adapter
+T = TypeVar("T")
 
 class RowPlan:
     """The adapter name of every row of the batches run inside one :func:`batch_adapters` block.
@@ -33,6 +35,17 @@ class RowPlan:
     def __init__(self, names: Sequence[str]) -> None:
         self.names = list(names)
         self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
+        self._memo: dict[tuple[int, ...], tuple[tuple[torch.Tensor, ...], Any]] = {}
+
+    def memo(self, rows: tuple[torch.Tensor, ...], make: Callable[[], T]) -> T:
+        """``make()``, computed once per plan for the same row-index tensors ``rows`` (those :meth:`groups` hands
+        out): what every adapted layer of a forward would otherwise derive again from the same grouping, such as the
+        group of each row."""
+        key = tuple(id(r) for r in rows)
+        hit = self._memo.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[0], rows, strict=True)):  # ids are reused after GC
+            hit = self._memo[key] = (rows, make())
+        return hit[1]
 
     def groups(self, batch_size: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
         """``(adapter name, row indices)`` for each name, in order of first appearance; indices on ``device``.
@@ -58,6 +71,11 @@ class RowPlan:
 
 
 _batch_adapters: contextvars.ContextVar[RowPlan | None] = contextvars.ContextVar("batch_adapters", default=None)
+
+
+def current_row_plan() -> RowPlan | None:
+    """The plan of the enclosing :func:`batch_adapters` block, if any."""
+    return _batch_adapters.get()
 
 
 @contextlib.contextmanager

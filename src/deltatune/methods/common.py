@@ -12,7 +12,7 @@ import torch
 
 from ..config import validate_regex
 from ..errors import ConfigError
-from ..layers import Delta
+from ..layers import Delta, current_row_plan
 
 
 def check_size(where: str, value: Any, *, allow_zero: bool = False) -> None:
@@ -67,11 +67,19 @@ def accumulate(out: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.T
 
 
 def row_slots(groups: Sequence[tuple[Delta, torch.Tensor]], batch: int, device: torch.device) -> torch.Tensor:
-    """``(B,)``: the index of each row's group, or ``len(groups)`` for a row in none of them."""
-    counts = torch.tensor([len(rows) for _, rows in groups], device=device)
-    slots = torch.full((batch,), len(groups), dtype=torch.long, device=device)
-    slots[torch.cat([rows for _, rows in groups])] = torch.arange(len(groups), device=device).repeat_interleave(counts)
-    return slots
+    """``(B,)``: the index of each row's group, or ``len(groups)`` for a row in none of them. Every adapted layer of a
+    mixed batch asks this for the same groups, so inside :func:`~deltatune.layers.batch_adapters` it is computed once
+    per plan."""
+    rows = tuple(r for _, r in groups)
+
+    def make() -> torch.Tensor:
+        counts = torch.tensor([len(r) for r in rows], device=device)
+        slots = torch.full((batch,), len(rows), dtype=torch.long, device=device)
+        slots[torch.cat(rows)] = torch.arange(len(rows), device=device).repeat_interleave(counts)
+        return slots
+
+    plan = current_row_plan()
+    return make() if plan is None else plan.memo(rows, make)
 
 
 def channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
