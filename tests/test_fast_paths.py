@@ -490,11 +490,13 @@ def test_generic_batched_forward_serves_deltas_that_do_not_override_it() -> None
     ],
     ids=["bf16-base-fp32-adapters", "fp32-base-fp64-adapters", "autocast-bf16", "all-bf16"],
 )
-def test_mixed_batch_in_mixed_precision_matches_rows_alone(base_dtype, adapter_dtype, autocast: bool, tol) -> None:
+def test_mixed_batch_in_mixed_precision_matches_rows_alone(base_dtype, adapter_dtype, autocast: bool, tol,
+                                                          monkeypatch) -> None:
     model = _three_adapters(lambda: tiny_llama().to(base_dtype))
     for _, layer in adapter_layers(model):
         layer.deltas.to(adapter_dtype)
     names = ["a", "c", "__base__", "b"]
     batch = make_causal_lm_inputs(model, batch=len(names), seq=SEQ["gathered"])
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), _count_gathered(monkeypatch) as calls:
         assert_mixed_batch_equals_each_row_alone(model, batch, names, rtol=tol, atol=tol)
+    assert calls  # adapters in another dtype than the base still take the gathered batched matmul

@@ -153,17 +153,21 @@ def _gathered_low_rank(
 
     Against per-group gathers this runs two large, well-parallelised ops instead of four small ones per adapter, and
     moves ``r·(in + out)`` gathered weights per row instead of the row's activations: it pays once a row has at
-    least ``r`` tokens (the caller's rule). ``out`` must be contiguous and in the adapters' dtype.
+    least ``r`` tokens (the caller's rule). ``out`` must be contiguous; the adapters share one dtype. Adapters kept
+    in float32 beside a half-precision base compute in float32, as each row alone would, and their update is rounded
+    into ``out`` at the end.
     """
     batch, rank = out.shape[0], max(delta.r for delta, _ in groups)
     slots = row_slots(groups, batch, out.device)  # (B,)
     uncovered = sum(len(rows) for _, rows in groups) < batch
     a = _stack_by_rank([delta.lora_A.weight * delta.scaling for delta, _ in groups], 0, rank, uncovered)  # (G, r, in)
     b = _stack_by_rank([delta.lora_B.weight for delta, _ in groups], 1, rank, uncovered)  # (G, out, r)
-    x3 = x.reshape(batch, -1, x.shape[-1]).to(out.dtype)  # (B, L, in)
+    x3 = x.reshape(batch, -1, x.shape[-1]).to(a.dtype)  # (B, L, in)
     out3 = out.view(batch, -1, out.shape[-1])  # (B, L, out)
     xa = torch.bmm(x3, a[slots].transpose(1, 2))  # (B, L, r)
     b_rows = b[slots].transpose(1, 2)  # (B, r, out)
+    if not xa.dtype == b_rows.dtype == out.dtype:  # float32 adapters, half-precision base, or autocast: unfused
+        return accumulate(out, torch.bmm(xa, b_rows).view(out.shape), 1.0)
     if torch.is_grad_enabled():
         return torch.baddbmm(out3, xa, b_rows).view(out.shape)
     out3.baddbmm_(xa, b_rows)
@@ -396,11 +400,11 @@ class LoraLinear(LoraDelta):
     def lora_weight(self) -> torch.Tensor:
         return self.lora_B.weight @ self.lora_A.weight  # (out, r) @ (r, in)
 
-    def gatherable(self, dtype: torch.dtype) -> bool:
-        """Whether this delta's rows can join the gathered batched matmul of a mixed batch whose output is ``dtype``:
-        plain LoRA, no dropout mask to draw, weights already in that dtype."""
+    def gatherable(self) -> bool:
+        """Whether this delta's rows can join the gathered batched matmul of a mixed batch: plain LoRA, no dropout
+        mask to draw, both factors in one dtype."""
         return (self.lora_magnitude_vector is None and not self.dropout_active()
-                and self.lora_A.weight.dtype == self.lora_B.weight.dtype == dtype)
+                and self.lora_A.weight.dtype == self.lora_B.weight.dtype)
 
     @classmethod
     def batched_forward(
@@ -410,8 +414,13 @@ class LoraLinear(LoraDelta):
         least as many tokens as the largest rank; everything else as in :meth:`LoraDelta.batched_forward`."""
         gathered: list[tuple[Delta, torch.Tensor]] = []
         rest: list[tuple[Delta, torch.Tensor]] = []
+        dtype = None  # the gathered adapters' one dtype: that of the first gatherable delta
         for delta, rows in groups:
-            (gathered if delta.gatherable(out.dtype) else rest).append((delta, rows))
+            if delta.gatherable() and dtype in (None, delta.lora_A.weight.dtype):
+                dtype = delta.lora_A.weight.dtype
+                gathered.append((delta, rows))
+            else:
+                rest.append((delta, rows))
         tokens_per_row = math.prod(out.shape[1:-1])  # out: (B, ..., out)
         if not gathered or not out.is_contiguous() or tokens_per_row < max(delta.r for delta, _ in gathered):
             return super().batched_forward(groups, x, out, base_layer)
