@@ -500,3 +500,24 @@ def test_mixed_batch_in_mixed_precision_matches_rows_alone(base_dtype, adapter_d
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), _count_gathered(monkeypatch) as calls:
         assert_mixed_batch_equals_each_row_alone(model, batch, names, rtol=tol, atol=tol)
     assert calls  # adapters in another dtype than the base still take the gathered batched matmul
+
+
+def test_stacked_adapter_weights_kept_for_a_generate_follow_in_place_weight_changes(monkeypatch) -> None:
+    """Inside one ``batch_adapters`` block (one ``generate()``) the gathered path stacks each layer's adapter weights
+    once; changing a weight in place must still be seen by the next forward."""
+    model = _three_adapters(tiny_llama)
+    model.eval()
+    names = ["a", "b", "__base__", "a"]
+    inputs = make_causal_lm_inputs(model, batch=len(names), seq=SEQ["gathered"])
+    inputs.pop("labels")
+    base = model.get_base_model()
+    with torch.no_grad(), batch_adapters(names), _count_gathered(monkeypatch) as calls:
+        first = base(**inputs).logits
+        for _, layer in adapter_layers(model):
+            if "a" in layer.deltas:
+                layer.deltas["a"].lora_B.weight.mul_(3)
+        second = base(**inputs).logits
+    assert calls
+    expected = logits(model, inputs, adapter_names=names)  # a fresh plan
+    torch.testing.assert_close(second, expected)
+    assert not torch.allclose(first, second)

@@ -35,16 +35,16 @@ class RowPlan:
     def __init__(self, names: Sequence[str]) -> None:
         self.names = list(names)
         self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
-        self._memo: dict[tuple[int, ...], tuple[tuple[torch.Tensor, ...], Any]] = {}
+        self._memo: dict[tuple[Any, ...], tuple[tuple[Any, ...], Any]] = {}
 
-    def memo(self, rows: tuple[torch.Tensor, ...], make: Callable[[], T]) -> T:
-        """``make()``, computed once per plan for the same row-index tensors ``rows`` (those :meth:`groups` hands
-        out): what every adapted layer of a forward would otherwise derive again from the same grouping, such as the
-        group of each row."""
-        key = tuple(id(r) for r in rows)
+    def memo(self, owners: tuple[Any, ...], make: Callable[[], T], extra: tuple[Any, ...] = ()) -> T:
+        """``make()``, computed once per plan for the same ``owners`` (compared by identity: the row-index tensors
+        :meth:`groups` hands out, adapter weights) and the same hashable ``extra``: what every adapted layer, or every
+        step of a ``generate()``, would otherwise derive again, such as the group of each row."""
+        key = (*(id(o) for o in owners), *extra)
         hit = self._memo.get(key)
-        if hit is None or any(a is not b for a, b in zip(hit[0], rows, strict=True)):  # ids are reused after GC
-            hit = self._memo[key] = (rows, make())
+        if hit is None or any(a is not b for a, b in zip(hit[0], owners, strict=True)):  # ids are reused after GC
+            hit = self._memo[key] = (owners, make())
         return hit[1]
 
     def groups(self, batch_size: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:

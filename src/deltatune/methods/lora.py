@@ -33,7 +33,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
-from ..layers import Delta
+from ..layers import Delta, current_row_plan
 from ..registry import LayerMethod
 from .common import accumulate, adapter_dtype, channel_view, check_patterns, pattern_value, row_slots
 
@@ -152,16 +152,27 @@ def _gathered_low_rank(
     :func:`~deltatune.methods.common.accumulate`.
 
     Against per-group gathers this runs two large, well-parallelised ops instead of four small ones per adapter, and
-    moves ``r·(in + out)`` gathered weights per row instead of the row's activations: it pays once a row has at
-    least ``r`` tokens (the caller's rule). ``out`` must be contiguous; the adapters share one dtype. Adapters kept
+    moves ``r·(in + out)`` gathered weights per row instead of the row's activations: on a CPU it pays once a row
+    has at least ``r`` tokens, on an accelerator always (the caller's rule). ``out`` must be contiguous; the adapters share one dtype. Adapters kept
     in float32 beside a half-precision base compute in float32, as each row alone would, and their update is rounded
     into ``out`` at the end.
     """
     batch, rank = out.shape[0], max(delta.r for delta, _ in groups)
     slots = row_slots(groups, batch, out.device)  # (B,)
     uncovered = sum(len(rows) for _, rows in groups) < batch
-    a = _stack_by_rank([delta.lora_A.weight * delta.scaling for delta, _ in groups], 0, rank, uncovered)  # (G, r, in)
-    b = _stack_by_rank([delta.lora_B.weight for delta, _ in groups], 1, rank, uncovered)  # (G, out, r)
+
+    def stacks() -> tuple[torch.Tensor, torch.Tensor]:
+        a = _stack_by_rank([d.lora_A.weight * d.scaling for d, _ in groups], 0, rank, uncovered)  # (G, r, in)
+        b = _stack_by_rank([d.lora_B.weight for d, _ in groups], 1, rank, uncovered)  # (G, out, r)
+        return a, b
+
+    plan = current_row_plan()
+    if plan is None or torch.is_grad_enabled():
+        a, b = stacks()
+    else:  # inference: stacked once per plan (a whole generate()), while the weights stay as they are
+        weights = tuple(w for d, _ in groups for w in (d.lora_A.weight, d.lora_B.weight))
+        rows = tuple(r for _, r in groups)
+        a, b = plan.memo(weights + rows, stacks, (*(w._version for w in weights), *(d.scaling for d, _ in groups)))
     x3 = x.reshape(batch, -1, x.shape[-1]).to(a.dtype)  # (B, L, in)
     out3 = out.view(batch, -1, out.shape[-1])  # (B, L, out)
     xa = torch.bmm(x3, a[slots].transpose(1, 2))  # (B, L, r)
@@ -422,7 +433,10 @@ class LoraLinear(LoraDelta):
             else:
                 rest.append((delta, rows))
         tokens_per_row = math.prod(out.shape[1:-1])  # out: (B, ..., out)
-        if not gathered or not out.is_contiguous() or tokens_per_row < max(delta.r for delta, _ in gathered):
+        # On a CPU per-group gathers win for rows shorter than the rank (decoding); on an accelerator the gathered
+        # matmul's fixed handful of kernels beats launching four per adapter at any length.
+        short = out.device.type == "cpu" and tokens_per_row < max(delta.r for delta, _ in gathered or groups)
+        if not gathered or not out.is_contiguous() or short:
             return super().batched_forward(groups, x, out, base_layer)
         return super().batched_forward(rest, x, _gathered_low_rank(gathered, x, out), base_layer)
 
