@@ -357,16 +357,23 @@ MIXED = {
         lambda m, n, seq=None: {k: v for k, v in make_convnet_inputs(batch=n).items() if k != "labels"},
     ),
 }
-# Rows of at least the largest rank (4) take LoRA's gathered batched matmul; shorter rows (decoding) per-group gathers.
-SEQ = {"gathered": 6, "per-group": 3}
+# Rows of at least the largest rank (4) take LoRA's per-row gathered weights; shorter rows (decoding) are gathered
+# per adapter. Both run all adapters in two batched matmuls.
+SEQ = {"gathered": 6, "grouped": 3}
 
 
 @contextlib.contextmanager
-def _count_gathered(monkeypatch) -> Iterator[list[int]]:
-    """Counts the calls of the gathered batched matmul, so a test can tell which path it exercised."""
-    calls: list[int] = []
-    original = lora_method._gathered_low_rank
-    monkeypatch.setattr(lora_method, "_gathered_low_rank", lambda *a: calls.append(1) or original(*a))
+def _count_paths(monkeypatch) -> Iterator[dict[str, int]]:
+    """Counts the calls of each batched low-rank path, so a test can tell which one it exercised."""
+    calls = {"gathered": 0, "grouped": 0}
+    for path in calls:
+        original = getattr(lora_method, f"_{path}_low_rank")
+
+        def counted(*args, _path=path, _original=original):
+            calls[_path] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(lora_method, f"_{path}_low_rank", counted)
     yield calls
 
 
@@ -380,9 +387,12 @@ def test_mixed_batch_equals_each_row_alone_with_ranks_dora_base_and_repeats(fami
     model = make_model()
     names = ["b", "__base__", "a", "c", "b"]
     batch = make_inputs(model, 2 * len(names), SEQ[path])
-    with _count_gathered(monkeypatch) as calls:  # only the mixed pass can call it: the rows alone have no RowPlan
+    with _count_paths(monkeypatch) as calls:  # only the mixed pass can call them: the rows alone have no RowPlan
         assert_mixed_batch_equals_each_row_alone(model, batch, names, rel=1e-5)
-    assert bool(calls) == (path == "gathered" and family != "convnet")  # convnet: conv, embedding and 2-D linear
+    if family == "convnet":  # convs and the embedding take the per-group path; fc1's (B, in) rows are one token
+        assert calls == {"gathered": 0, "grouped": calls["grouped"]} and calls["grouped"] > 0
+    else:
+        assert {k for k, v in calls.items() if v} == {path}
 
 
 def _loss(out: Any) -> torch.Tensor:
@@ -406,9 +416,9 @@ def test_mixed_batch_gradients_equal_the_sum_over_rows_run_alone(path: str, monk
             p.requires_grad_(True)
         return torch.autograd.grad(_loss(model(**inputs, **kwargs)), params, allow_unused=True)
 
-    with _count_gathered(monkeypatch) as calls:
+    with _count_paths(monkeypatch) as calls:
         mixed = grads(batch, adapter_names=names)
-    assert bool(calls) == (path == "gathered")
+    assert {k for k, v in calls.items() if v} == {path}
     alone = [torch.zeros_like(p) for p in params]
     for i, name in enumerate(names):
         if name == "__base__":  # depends on no adapter parameter
@@ -422,16 +432,16 @@ def test_mixed_batch_gradients_equal_the_sum_over_rows_run_alone(path: str, monk
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_beam_search_generate_with_adapter_names_equals_each_row_alone(family: str, monkeypatch) -> None:
-    """The prompt (4 tokens a row) takes the gathered path, the decoding steps (1 token) the per-group one."""
+    """The prompt (4 tokens a row) takes the gathered path, the decoding steps (1 token) the grouped one."""
     make_model, make_inputs = MIXED[family]
     model = make_model().eval()  # no dropout while generating
     names = ["c", "__base__", "a", "b"]
     batch = make_inputs(model, len(names))
     ids, mask = batch["input_ids"][:, :4], batch["attention_mask"][:, :4]
     kwargs = {"max_new_tokens": 4, "do_sample": False, "num_beams": 3, "num_return_sequences": 2}
-    with _count_gathered(monkeypatch) as calls:  # only the mixed generate can call it: the rows alone have no RowPlan
+    with _count_paths(monkeypatch) as calls:  # only the mixed generate can call them: the rows alone have no RowPlan
         assert_mixed_generate_equals_each_row_alone(model, ids, mask, names, **kwargs)
-    assert calls
+    assert calls["gathered"] and calls["grouped"]
 
 
 def test_rows_are_grouped_once_per_batch_shape_not_once_per_layer(monkeypatch) -> None:
@@ -497,9 +507,9 @@ def test_mixed_batch_in_mixed_precision_matches_rows_alone(base_dtype, adapter_d
         layer.deltas.to(adapter_dtype)
     names = ["a", "c", "__base__", "b"]
     batch = make_causal_lm_inputs(model, batch=len(names), seq=SEQ["gathered"])
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), _count_gathered(monkeypatch) as calls:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), _count_paths(monkeypatch) as calls:
         assert_mixed_batch_equals_each_row_alone(model, batch, names, rtol=tol, atol=tol)
-    assert calls  # adapters in another dtype than the base still take the gathered batched matmul
+    assert calls["gathered"]  # adapters in another dtype than the base still take the gathered batched matmul
 
 
 def test_stacked_adapter_weights_kept_for_a_generate_follow_in_place_weight_changes(monkeypatch) -> None:
@@ -511,13 +521,13 @@ def test_stacked_adapter_weights_kept_for_a_generate_follow_in_place_weight_chan
     inputs = make_causal_lm_inputs(model, batch=len(names), seq=SEQ["gathered"])
     inputs.pop("labels")
     base = model.get_base_model()
-    with torch.no_grad(), batch_adapters(names), _count_gathered(monkeypatch) as calls:
+    with torch.no_grad(), batch_adapters(names), _count_paths(monkeypatch) as calls:
         first = base(**inputs).logits
         for _, layer in adapter_layers(model):
             if "a" in layer.deltas:
                 layer.deltas["a"].lora_B.weight.mul_(3)
         second = base(**inputs).logits
-    assert calls
+    assert calls["gathered"]
     expected = logits(model, inputs, adapter_names=names)  # a fresh plan
     torch.testing.assert_close(second, expected)
     assert not torch.allclose(first, second)
