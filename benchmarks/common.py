@@ -20,12 +20,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# Idle OpenMP threads sleep instead of spinning. On a machine shared with other processes, spinning threads waiting at a
-# barrier for a descheduled sibling turn each small parallel op into a scheduler time slice (measured here: a 64x64
-# matmul on 2 threads took 5-25 ms instead of 0.05 ms while one other process was busy), so timings would count
-# parallel regions rather than work. On an idle machine the policy makes no measurable difference. Must be set
-# before torch (libgomp) loads; an explicit OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How idle OpenMP threads wait, chosen by how busy the machine is when the run starts. Shared with other processes,
+# spinning threads waiting at a barrier for a descheduled sibling turn each small parallel op into a scheduler time
+# slice (measured here: a 64x64 matmul on 2 threads took 5-25 ms instead of 0.05 ms while one other process was
+# busy), so timings would count parallel regions rather than work: then idle threads sleep (PASSIVE). On an idle
+# machine sleeping costs every parallel region a wake-up instead (64x64 matmul: 80 us on 2 threads vs 7 us on 1),
+# which inflates whichever code runs more, smaller ops: there OpenMP's default (spinning) is kept. Must be set before
+# torch (libgomp) loads; an explicit OMP_WAIT_POLICY in the environment wins. The choice is printed with the results.
+def _other_load(seconds: float = 0.5) -> float:
+    """The fraction of CPU time other processes used over ``seconds`` (``/proc/stat``; the load average elsewhere)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except OSError:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+if "OMP_WAIT_POLICY" not in os.environ and _other_load() > 0.25:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -114,7 +133,7 @@ def contention_probe() -> str:
             x @ x
         per_op[n] = (time.perf_counter() - start) / 200 * 1e6
     torch.set_num_threads(threads)
-    policy = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+    policy = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset: spinning')}"
     if threads == 1:
         return f"64x64 matmul {per_op[1]:.1f} us on 1 thread ({policy})"
     return f"64x64 matmul {per_op[threads]:.1f} us on {threads} threads vs {per_op[1]:.1f} us on 1 ({policy})"
