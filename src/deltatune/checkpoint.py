@@ -233,7 +233,8 @@ def load_layer_adapter_state_dict(
         container = getattr(holder, _CONTAINERS[type(holder)])
         if adapter_name in container:
             prefix = f"{path}.{_CONTAINERS[type(holder)]}.{adapter_name}."
-            expected.update(prefix + n for n, _ in container[adapter_name].named_parameters())
+            constants = getattr(container[adapter_name], "constants", ())  # never saved (Delta.constants)
+            expected.update(prefix + n for n, _ in container[adapter_name].named_parameters() if n not in constants)
     missing = sorted(expected - set(mapping.values()))
     if missing:
         raise AdapterLoadError(

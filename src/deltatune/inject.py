@@ -115,7 +115,10 @@ def mark_trainable(model: nn.Module, trainable: Sequence[str], bias: str = "none
     for _, layer in adapter_layers(model):
         for name in trainable:
             if name in layer.deltas:
-                layer.deltas[name].requires_grad_(True)
+                delta = layer.deltas[name]
+                delta.requires_grad_(True)
+                for constant in delta.constants:
+                    getattr(delta, constant).requires_grad_(False)
         # "<method>_only" (lora_only, oft_only, ...): the biases of adapted layers, as peft reads any "_only" value
         if bias.endswith("_only") and getattr(layer.base_layer, "bias", None) is not None and layer.active_adapters:
             layer.base_layer.bias.requires_grad_(True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -103,6 +103,9 @@ class Delta(nn.Module):
     """
 
     transforms_input: bool = False
+    # Parameters that never train and are not saved: constants peft registers as frozen parameters (AdaLoRA's
+    # ``ranknum``), kept as parameters so that parameter counts agree with peft's.
+    constants: ClassVar[tuple[str, ...]] = ()
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input the base layer sees, for a delta with ``transforms_input``."""
@@ -150,9 +153,9 @@ class Delta(nn.Module):
         any, so a refusal leaves the model as it was."""
 
     def saved_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors an adapter file holds for this delta (keys relative to it): its ``state_dict()``, unless the
-        file format differs from the training-time tensors (AdaLoRA saves only the singular triplets it kept)."""
-        return self.state_dict()
+        """The tensors an adapter file holds for this delta (keys relative to it): its ``state_dict()`` without the
+        ``constants``, unless the file format differs further (AdaLoRA saves only the singular triplets it kept)."""
+        return {k: v for k, v in self.state_dict().items() if k not in self.constants}
 
 
 class _Wrapper(nn.Module):

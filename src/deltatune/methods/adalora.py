@@ -139,6 +139,8 @@ class AdaLoraDelta(LoraDelta):
     before it first prunes.
     """
 
+    constants = ("ranknum",)
+
     def __init__(self, held: torch.Tensor, alpha: float, dropout: float, in_features: int, out_features: int) -> None:
         init_r, r = len(held), int(held.sum())
         super().__init__(init_r, alpha, dropout, use_rslora=False)  # the rank-0 safe scaling is set below
@@ -148,6 +150,8 @@ class AdaLoraDelta(LoraDelta):
         self.lora_E = nn.Parameter(torch.empty(r, 1))  # λ: (r, 1)
         self.lora_B = nn.Parameter(torch.empty(out_features, r))  # P: (out, r)
         self._importance: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # peft's frozen record of the initial rank; the scaling above already holds it. Kept for equal counts.
+        self.ranknum = nn.Parameter(torch.full((1,), float(init_r)), requires_grad=False)
 
     def scaled_a(self) -> torch.Tensor:
         return self.lora_A * self.lora_E  # Λ Q: (r, in)
@@ -198,7 +202,7 @@ class AdaLoraDelta(LoraDelta):
     def saved_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the kept triplets, as peft saves them; the file's ``rank_pattern`` says which they were."""
         if self.kept is None or bool(self.kept.all()):
-            return self.state_dict()
+            return super().saved_state_dict()
         return {"lora_A": self.lora_A[self.kept], "lora_E": self.lora_E[self.kept], "lora_B": self.lora_B[:, self.kept]}
 
 
