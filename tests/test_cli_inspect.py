@@ -141,6 +141,18 @@ def test_prompt_learning_adapter(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "rank:" not in out
 
 
+def test_other_methods_show_their_non_default_settings_instead_of_a_lora_rank(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    from deltatune import AdaLoraConfig
+
+    get_peft_model(tiny_llama(), AdaLoraConfig(task_type="CAUSAL_LM", init_r=6, total_step=20)).save_pretrained(tmp_path)
+    code, out, _ = _run(capsys, str(tmp_path))
+    assert code == 0
+    assert "rank:" not in out  # AdaLoRA ignores r: a LoRA rank line would mislead
+    settings = next(line for line in out.splitlines() if line.startswith("settings:"))
+    assert "init_r=6" in settings and "total_step=20" in settings and "target_r" not in settings  # default
+
+
 def test_unsupported_method_is_reported_not_fatal(adapter: Path, capsys: pytest.CaptureFixture) -> None:
     data = json.loads((adapter / "adapter_config.json").read_text())
     data["peft_type"] = "SOMETHING_NEW"

@@ -62,9 +62,11 @@ def inspect_adapter(adapter: str, revision: str | None = None, subfolder: str | 
         "target_modules": data.get("target_modules"),
         "modules_to_save": data.get("modules_to_save"),
     }
+    lora = data.get("peft_type") == "LORA"
     for key in ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "num_virtual_tokens"):
-        if key in data:
+        if key in data and (lora or key == "num_virtual_tokens"):
             report[key] = data[key]
+    report["options"] = _other_options(data, shown=set(report) | _BOOKKEEPING)
     report["loadable"], report["load_problem"] = _loadable(data, config_path)
     report["weights"] = _weights(adapter, hub)
     if os.path.isdir(adapter):
@@ -73,6 +75,29 @@ def inspect_adapter(adapter: str, revision: str | None = None, subfolder: str | 
             name for name in os.listdir(root) if os.path.isfile(os.path.join(root, name, CONFIG_NAME))
         )
     return report
+
+
+# Config fields no report row is about: where the file came from and how peft tracks it.
+_BOOKKEEPING = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                "peft_version", "target_modules", "modules_to_save"}
+
+
+def _other_options(data: dict, shown: set[str]) -> dict[str, Any]:
+    """The method's remaining settings that differ from its config class's defaults (AdaLoRA's ``init_r`` and
+    ``target_r``, OFT's block size, ...); all of them when the method is unknown."""
+    from dataclasses import MISSING, fields
+
+    from ..registry import config_class
+
+    try:
+        defaults = {
+            f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            for f in fields(config_class(str(data.get("peft_type"))))
+            if f.default is not MISSING or f.default_factory is not MISSING
+        }
+    except DeltatuneError:
+        defaults = {}
+    return {k: v for k, v in sorted(data.items()) if k not in shown and (k not in defaults or defaults[k] != v)}
 
 
 def _loadable(data: dict, source: str) -> tuple[bool, str | None]:
@@ -159,6 +184,8 @@ def format_report(report: dict[str, Any]) -> str:
                 rows.append((key.replace("_", " "), json.dumps(report[key], sort_keys=True)))
     if "num_virtual_tokens" in report:
         rows.append(("virtual tokens", str(report["num_virtual_tokens"])))
+    if report["options"]:
+        rows.append(("settings", ", ".join(f"{k}={json.dumps(v)}" for k, v in report["options"].items())))
     weights = report["weights"]
     if weights["format"] == "safetensors":
         dtypes = ", ".join(f"{d}" if len(weights["dtypes"]) == 1 else f"{d}×{n}" for d, n in weights["dtypes"].items())
