@@ -1,9 +1,14 @@
 """Seeded mutation fuzzing of adapter loading.
 
-Each case starts from a valid saved adapter (LoRA in safetensors, DoRA + ``modules_to_save`` in safetensors, LoRA as a
-pickled ``.bin``), applies one to three random mutations to ``adapter_config.json`` or the weights file (truncation,
-bit flips, byte insertions and deletions, header-length and header-JSON edits, wrong dtypes, wrong shapes, missing
-keys, extra keys, NaNs, JSON junk and wrong JSON types, whole-file garbage) and loads it with
+Each case starts from a valid saved adapter: one of every method in ``deltatune.registry`` (LoRA in safetensors and as a
+pickled ``.bin``, DoRA + ``modules_to_save``, IA3, LoHa, LoKr, OFT, VeRA with saved projections, AdaLoRA fresh and
+pruned to a ``rank_pattern``, LN tuning, BitFit, bottleneck, prompt tuning, P-tuning, prefix tuning; all small, on
+``tiny_llama``, with non-zero weights). It applies one to three random mutations to ``adapter_config.json`` or the
+weights file (truncation, bit flips, byte insertions and deletions, header-length and header-JSON edits, wrong dtypes,
+wrong shapes, missing keys, extra keys, NaNs, JSON junk and wrong JSON types, whole-file garbage; config edits pick
+from the generic fields and from the seed's own config dataclass, with junk fitted to each field's annotation: sizes
+such as ``r``, ``oft_block_size``, ``init_r`` or ``bottleneck_size`` get zero, negative and huge numbers, dict fields
+such as ``rank_pattern`` get their values and keys edited) and loads it with
 ``PeftModel.from_pretrained`` onto one shared base model. Every case must end in exactly one of:
 
 * success with a consistent model: every tensor in the file is in the model (converted to its dtype), forward runs,
@@ -19,6 +24,7 @@ can be replayed with :func:`run_case`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -26,6 +32,7 @@ import random
 import shutil
 import signal
 import struct
+import typing
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,8 +42,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+import deltatune as dt
 from deltatune import DeltatuneError, LoraConfig, PeftModel, get_peft_model
+from deltatune.config import PeftType
 from deltatune.layers import AdapterLayer, ModulesToSaveWrapper
+from deltatune.registry import config_class, supported_types
 from tests.models import make_causal_lm_inputs, tiny_llama
 
 FAST_CASES = 1000  # default run: ~15 s on 2 busy cores, well under 60 s
@@ -53,17 +63,58 @@ Files = dict[str, bytes]
 
 # --- seeds ----------------------------------------------------------------------------------------------------------
 
+_ATTN = ["q_proj", "v_proj"]
+# AdaLoRA pruned by training: which of the init_r=4 triplets each layer kept (layer 1's q_proj lost them all).
+_PRUNED = {f"model.layers.{i}.self_attn.{m}.lora_E": mask for i, masks in enumerate(
+    [{"q_proj": [True, False, True, False], "v_proj": [False, False, False, True]},
+     {"q_proj": [False] * 4, "v_proj": [True, True, True, False]}]) for m, mask in masks.items()}
+_ADALORA = {"target_modules": _ATTN, "init_r": 4, "target_r": 2, "total_step": 10, "lora_alpha": 8,
+            "init_lora_weights": False}
+
+
+def seed_specs() -> dict[str, dt.PeftConfig]:
+    """One small config per seed adapter; every method the registry knows appears at least once."""
+    return {
+        "lora": LoraConfig(target_modules=_ATTN, r=4, lora_alpha=8, init_lora_weights=False),
+        "dora_mts": LoraConfig(target_modules=["k_proj", "down_proj"], r=2, use_dora=True, init_lora_weights=False,
+                               modules_to_save=["lm_head"], task_type="CAUSAL_LM"),
+        "ia3": dt.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                            init_ia3_weights=False),
+        "loha": dt.LoHaConfig(target_modules=_ATTN, r=2, alpha=4, init_weights=False, rank_pattern={"v_proj": 3},
+                              alpha_pattern={"v_proj": 2.0}),
+        "lokr": dt.LoKrConfig(target_modules=["q_proj", "down_proj"], r=1, alpha=2, decompose_both=True,
+                              init_weights=False),
+        "oft": dt.OFTConfig(target_modules=_ATTN, r=0, oft_block_size=8, init_weights=False),
+        "vera": dt.VeraConfig(target_modules=_ATTN, r=8, projection_prng_key=3, save_projection=True,
+                              init_weights=False),
+        "adalora": dt.AdaLoraConfig(**_ADALORA),
+        "adalora_pruned": dt.AdaLoraConfig(**_ADALORA, rank_pattern=_PRUNED),
+        "ln_tuning": dt.LNTuningConfig(target_modules=["input_layernorm", "norm"]),
+        "bitfit": dt.BitFitConfig(target_modules=["q_proj", "down_proj"]),
+        "bottleneck": dt.BottleneckConfig(target_modules=["o_proj", "down_proj"], bottleneck_size=4,
+                                          non_linearity="gelu", scaling=0.5),
+        "prompt_tuning": dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        "p_tuning": dt.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, encoder_hidden_size=16),
+        "prefix_tuning": dt.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
+    }
+
+
 def _seed_adapters(root: Path) -> dict[str, Files]:
     """Valid adapters to mutate, as {file name: bytes}."""
     seeds = {}
-    specs = {
-        "lora": LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False),
-        "dora_mts": LoraConfig(target_modules=["k_proj", "down_proj"], r=2, use_dora=True, init_lora_weights=False,
-                               modules_to_save=["lm_head"], task_type="CAUSAL_LM"),
-    }
+    specs = seed_specs()
+    missing = set(supported_types()) - {config.peft_type for config in specs.values()}
+    assert not missing, f"no fuzz seed for {sorted(missing)}"
     for name, config in specs.items():
         torch.manual_seed(0)
-        get_peft_model(tiny_llama(), config).save_pretrained(root / name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. AdaLoRA's note on rank_pattern keys
+            model = get_peft_model(tiny_llama(), config)
+        with torch.no_grad():  # non-zero values everywhere (BitFit, bottleneck and LN tuning start as identities)
+            for param_name, param in model.named_parameters():
+                if "default" in param_name and param.is_floating_point():
+                    param.add_(torch.randn_like(param) * 0.1)
+        model.save_pretrained(root / name)
         seeds[name] = {p.name: p.read_bytes() for p in (root / name).iterdir()}
     tensors = st_load(seeds["lora"][ST])
     buffer = io.BytesIO()
@@ -76,13 +127,15 @@ def _seed_adapters(root: Path) -> dict[str, Files]:
 
 JUNK_VALUES = [None, True, False, 0, -1, 1, 2, 3, 8, 64, 1.5, -0.5, float("nan"), "", "x", "q_proj", "all-linear", ".*",
                "((", "pissa", "olora", "gaussian", "pissa_niter_2", "CAUSAL_LM", "SEQ_CLS", "LORA", "PROMPT_TUNING",
+               "IA3", "LOHA", "LOKR", "OFT", "VERA", "ADALORA", "LN_TUNING", "BITFIT", "BOTTLENECK", "PREFIX_TUNING",
+               "P_TUNING",
                [], ["q_proj"], ["k_proj"], ["lm_head"], [0], [5], [1, "x"], {}, {"q_proj": 2}, {"(": 1}, {"a": "b"},
                [[[]]], 10**30]
 CONFIG_FIELDS = ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
                  "layers_to_transform", "layers_pattern", "modules_to_save", "bias", "use_rslora", "use_dora",
                  "init_lora_weights", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "base_model_name_or_path",
                  "revision", "inference_mode", "auto_mapping", "layer_replication", "loftq_config", "megatron_config",
-                 "totally_unknown_field"]
+                 "totally_unknown_field", "num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads"]
 DTYPES = [torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool, torch.float16, torch.bfloat16, torch.float64,
           torch.float8_e4m3fn]
 
@@ -157,7 +210,7 @@ def m_header_length(files: Files, rng: random.Random) -> str:
     (real,) = struct.unpack("<Q", files[ST][:8])
     value = rng.choice([0, 1, real - 1, real + 1, size - 8, size - 7, size, 2**31, 2**32 + real, 2**63, 2**64 - 1,
                         100 * 1024 * 1024 + 1, rng.randrange(2**64)])
-    files[ST] = struct.pack("<Q", value) + files[ST][8:]
+    files[ST] = struct.pack("<Q", value % 2**64) + files[ST][8:]  # a bit-flipped length may already be near 2**64
     return f"safetensors header length {real} -> {value}"
 
 
@@ -291,21 +344,97 @@ def m_tensors(files: Files, rng: random.Random) -> str:
     return f"tensors: {what} ({key})"
 
 
+def _method_fields(data: dict) -> list[str]:
+    """The init fields of the config class ``data["peft_type"]`` names (none when it names no known method)."""
+    try:
+        cls = config_class(data.get("peft_type"))
+    except Exception:
+        return []
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _field_hint(data: dict, field: str) -> object:
+    try:
+        return typing.get_type_hints(config_class(data.get("peft_type"))).get(field)
+    except Exception:
+        return None
+
+
+_INT_EDGES = [0, -1, -2, 1, 2, 3, 5, 7, 33, 1000, 2**31 - 1, 2**31, 2**53 + 1, 2**63, 10**30]
+_FLOAT_EDGES = [0.0, -0.0, -1.0, 0.999999, 1.0, 2.0, 1e-300, 1e308, float("nan"), float("inf"), -float("inf")]
+
+
+def _fitted_junk(value: object, hint: object, rng: random.Random) -> object:
+    """Junk shaped like the field: edge numbers for numbers, edited entries for dicts and lists, odd strings for
+    strings; or any generic junk value."""
+    if rng.random() < 0.3:
+        return rng.choice(JUNK_VALUES)
+    if isinstance(value, bool):
+        return rng.choice([not value, 0, 1, "true", None])
+    if isinstance(value, int):
+        return rng.choice([value + 1, value - 1, value * 2, -value, value + 2**31, *_INT_EDGES, float(value)])
+    if isinstance(value, float):
+        return rng.choice([value * 2, -value, value + 1, value * 1e300, *_FLOAT_EDGES,
+                           int(value) if math.isfinite(value) else 0])
+    if isinstance(value, str):
+        return rng.choice([value.upper(), value + "x", value[:-1], " " + value, "(", "a" * 5000, "", "none",
+                           "relu", "lycoris", "oft_only", "vera_only", "lora_only", "all", "zero", "TEXT", "LSTM"])
+    if isinstance(value, dict) and value:
+        key = rng.choice(sorted(value))
+        edited = dict(value)
+        choice = rng.randrange(5)
+        if choice == 0:
+            edited[key] = _fitted_junk(value[key], None, rng)
+        elif choice == 1:
+            edited[rng.choice(["junk", "(", "q_proj", "model.layers.0.mlp.up_proj.lora_E", key + "x", ""])] = \
+                value[key]
+        elif choice == 2:
+            del edited[key]
+        elif choice == 3:
+            edited[rng.choice(["q_proj", "v_proj", ".*", "layers.0.self_attn.q_proj"])] = rng.choice(
+                [0, -1, 1, 3, 2**31, 10**30, 1.5, True, None, [True], "x", [True] * 4, [False] * 4, [1, 0, 1, 0]])
+        else:
+            edited = {k + "x": v for k, v in value.items()}
+        return edited
+    if isinstance(value, list) and value:
+        edited = list(value)
+        choice = rng.randrange(4)
+        if choice == 0:
+            edited[rng.randrange(len(edited))] = _fitted_junk(edited[0], None, rng)
+        elif choice == 1:
+            edited.append(rng.choice([*edited, "o_proj", "lm_head", "embed_tokens", "norm", 0, True, None]))
+        elif choice == 2:
+            del edited[rng.randrange(len(edited))]
+        else:
+            edited = edited[::-1] * rng.choice([1, 2])
+        return edited
+    if value is None and hint is not None:  # an unset optional field: give it a value of each JSON type
+        return rng.choice([0, -1, 1, 2, 8, 10**30, 0.5, float("nan"), "x", "q_proj", ".*", ["q_proj"], [0],
+                           {"q_proj": 1}, True])
+    return rng.choice(JUNK_VALUES)
+
+
 def m_config_field(files: Files, rng: random.Random) -> str:
+    """Edit one field of ``adapter_config.json``: half the time a field of the seed's own config class (so every
+    method's fields are hit), else a generic or peft-only one."""
     try:
         data = json.loads(files[CONFIG])
     except Exception:
         return m_bitflip(files, rng)
     if not isinstance(data, dict):
         return m_truncate(files, rng)
-    field = rng.choice(CONFIG_FIELDS)
-    choice = rng.randrange(4)
+    own = [f for f in _method_fields(data) if f != "peft_type"]
+    field = rng.choice(own if own and rng.random() < 0.6 else CONFIG_FIELDS)
+    choice = rng.randrange(5)
     if choice == 0 and field in data:
         del data[field]
         what = f"delete {field}"
     elif choice == 1 and isinstance(data.get(field), int) and not isinstance(data.get(field), bool):
         data[field] = rng.choice([data[field] + 1, data[field] - 1, data[field] * 2, 0])
         what = f"{field} -> {data[field]}"
+    elif choice in (2, 3):
+        data[field] = _fitted_junk(data.get(field), _field_hint(data, field), rng)
+        what = f"{field} -> {data[field]!r}"[:300]
     else:
         data[field] = rng.choice(JUNK_VALUES)
         what = f"{field} -> {data[field]!r}"
@@ -434,9 +563,17 @@ class Harness:
                 torch.isnan(saved[key]).any() and torch.isnan(value.float()).any()
             ):
                 return f"tensor {key} in the model differs from the file"
+        inputs = self.inputs
+        if config.is_prompt_learning and not type(model).prompt_task.token_labels:
+            # A wrapper without a token-label task (no task_type) cannot line per-token labels up with the virtual
+            # tokens it prepends; a caller would not pass them there.
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
         with torch.no_grad():
-            logits = model(**self.inputs).logits
-        if tuple(logits.shape) != (*self.inputs["input_ids"].shape, 128):
+            logits = model(**inputs).logits
+        batch, length = self.inputs["input_ids"].shape
+        if config.is_prompt_learning and config.peft_type != PeftType.PREFIX_TUNING:
+            length += config.num_virtual_tokens  # virtual tokens are prepended to the output as well
+        if tuple(logits.shape) != (batch, length, 128):
             return f"forward gave shape {tuple(logits.shape)}"
         model.unload()
         init = getattr(config, "init_lora_weights", None)

@@ -395,3 +395,91 @@ def test_configs_written_by_peft_pass_the_type_check(tmp_path: Path) -> None:
             peft.get_peft_model(tiny_llama(), config).save_pretrained(tmp_path / str(i))
             loaded = PeftConfig.from_pretrained(str(tmp_path / str(i)))
         assert loaded.peft_type.value == config.peft_type.value
+
+
+# --- method-specific config fields (found by tests/test_fuzz_loading.py) -------------------------------------------
+
+def _save_method(tmp: Path, config) -> Path:
+    torch.manual_seed(0)
+    get_peft_model(tiny_llama(), config).save_pretrained(tmp / "adapter")
+    return tmp / "adapter"
+
+
+@pytest.mark.parametrize("key", [10**30, -(10**30), 2**64])
+def test_vera_prng_key_outside_the_seed_range_is_a_config_error(tmp_path: Path, key: int) -> None:
+    """torch.Generator.manual_seed raised a bare ValueError ("Overflow when unpacking long long") for such keys."""
+    from deltatune import VeraConfig
+
+    _write_config(_save_method(tmp_path, VeraConfig(target_modules=TARGETS, r=8, init_weights=False)),
+                  projection_prng_key=key)
+    _refused(tmp_path, ConfigError, r"projection_prng_key must be an integer in \[-2\*\*63, 2\*\*64\)")
+
+
+@pytest.mark.parametrize("terms", [1025, 10**9, 10**30])
+def test_oft_neumann_terms_are_bounded(tmp_path: Path, terms: int) -> None:
+    """A huge num_cayley_neumann_terms loaded fine and then made every forward loop (practically) forever."""
+    from deltatune import OFTConfig
+
+    _write_config(_save_method(tmp_path, OFTConfig(target_modules=TARGETS, r=0, oft_block_size=8, init_weights=False)),
+                  num_cayley_neumann_terms=terms)
+    _refused(tmp_path, ConfigError, r"num_cayley_neumann_terms must be an integer in \[2, 1024\]")
+
+
+@pytest.mark.parametrize(
+    ("method", "changes", "match"),
+    [
+        ("lora", {"lora_alpha": 1e308}, "lora_alpha must be a finite number"),
+        ("lora", {"lora_alpha": 1e39, "use_rslora": True}, "lora_alpha must be a finite number"),
+        ("lora", {"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+        ("lora", {"alpha_pattern": {"q_proj": 1e300}}, r"alpha_pattern\['q_proj'\] must be a finite number"),
+        ("bottleneck", {"scaling": 1e308}, "scaling must be a finite number"),
+    ],
+)
+def test_scales_beyond_float32_are_config_errors(tmp_path: Path, method: str, changes: dict, match: str) -> None:
+    """torch refuses to apply a factor beyond float32's range to a float32 tensor (``RuntimeError: value cannot be
+    converted to type float without overflow``, in the forward after a successful load)."""
+    from deltatune import BottleneckConfig
+
+    if method == "lora":
+        _save(tmp_path)
+    else:
+        _save_method(tmp_path, BottleneckConfig(target_modules=["o_proj"], bottleneck_size=4))
+    _write_config(tmp_path / "adapter", **changes)
+    _refused(tmp_path, ConfigError, match)
+
+
+def test_prompt_table_larger_than_the_file_is_refused_before_allocation(tmp_path: Path) -> None:
+    """token_dim=2**31 made loading allocate a 24 GiB prompt table (RuntimeError from the allocator)."""
+    from deltatune import PromptTuningConfig
+
+    _write_config(_save_method(tmp_path, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+                  token_dim=2**31)
+    message = _refused(tmp_path, AdapterLoadError, "describes an adapter of .* parameters but .* holds only")
+    assert "adapter_model.safetensors" in message and "adapter_config.json" in message
+
+
+def test_prompt_token_dim_must_match_the_word_embeddings(tmp_path: Path) -> None:
+    """A table as wide as its config says but not as wide as the model's embeddings loaded, then failed in forward."""
+    from deltatune import PromptTuningConfig
+
+    adapter = _save_method(tmp_path, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    _write_config(adapter, token_dim=64)
+    save_file({"prompt_embeddings": torch.randn(3, 64)}, str(adapter / "adapter_model.safetensors"))
+    _refused(tmp_path, ConfigError, "token_dim=64 differs from the width 32 of .*word embeddings")
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"encoder_hidden_size": 10**12}, ConfigError, "encoder_hidden_size must be a positive integer of at most"),
+        ({"encoder_num_layers": 10**9}, ConfigError, "encoder_num_layers must be a positive integer of at most"),
+        ({"encoder_hidden_size": 2**20}, AdapterLoadError, "encoder it describes has .* more than the base model"),
+    ],
+)
+def test_trainable_p_tuning_encoder_size_is_bounded(tmp_path: Path, changes: dict, error: type, match: str) -> None:
+    """A trainable load builds the encoder first: encoder_hidden_size=10**12 failed in the allocator."""
+    from deltatune import PromptEncoderConfig
+
+    config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, encoder_hidden_size=16)
+    _write_config(_save_method(tmp_path, config), **changes)
+    _refused(tmp_path, error, match, is_trainable=True)

@@ -295,7 +295,8 @@ def test_mixed_adapter_batch_equals_each_row_alone_on_conv_embedding_and_linear(
         (dict(bias="lora_only"), r"bias must be 'none', 'all' or 'oft_only'"),
         (dict(init_weights="gaussian"), r"init_weights must be True \(identity\) or False"),
         (dict(coft=True, eps=0.0), r"eps must be positive with coft=True"),
-        (dict(num_cayley_neumann_terms=1), r"num_cayley_neumann_terms must be an integer >= 2"),
+        (dict(num_cayley_neumann_terms=1), r"num_cayley_neumann_terms must be an integer in \[2, 1024\]"),
+        (dict(num_cayley_neumann_terms=10**9), r"num_cayley_neumann_terms must be an integer in \[2, 1024\]"),
     ],
 )
 def test_config_errors_say_what_to_change(kwargs, message) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
@@ -537,14 +538,57 @@ def _check_planned_size(
     gigabytes before the shape check could object. The adapter is built once on the meta device, which costs no
     memory; a valid file always holds at least every parameter the adapter has. Small differences and anything the
     dry run cannot do are left to the real construction and the key-by-key checks, whose messages are more precise.
+    A prompt adapter's planned size is its saved table (``num_virtual_tokens × token_dim × ...``).
     """
+    method = get_method(config.peft_type)
+    if not isinstance(method, LayerMethod):  # a prompt method: the saved table is what loading allocates
+        try:
+            planned_config = copy.deepcopy(config)
+            prompt.fill_dimensions(planned_config, model, method.kind)
+            planned: int | None = math.prod(prompt.table_shape(planned_config, method.kind))
+        except Exception:  # dimensions it cannot read: building the encoder reports them
+            return
+        _check_prompt_encoder_size(model, planned_config, method, config_source)
+    else:
+        planned = _planned_layer_size(model, config, method)
+        if planned is None:
+            return
+    available = sum(t.numel() for t in tensors.values())
+    if planned > max(2 * available, available + 2**20):
+        raise AdapterLoadError(
+            f"{config_source} describes an adapter of {planned:,} parameters but {source} holds only {available:,} "
+            f"values; the config does not belong to these weights (check r, rank_pattern and target_modules, or "
+            f"num_virtual_tokens and token_dim). Nothing was allocated."
+        )
+
+
+def _check_prompt_encoder_size(model: nn.Module, config: PeftConfig, method: PromptMethod, config_source: str) -> None:
+    """A trainable load builds the method's encoder (P-tuning's MLP or LSTM, prefix tuning's projection) before the
+    saved table replaces it; refuse, from a dry run on the meta device, an encoder larger than the base model itself
+    (``encoder_hidden_size`` from a corrupt file) before it is allocated."""
+    if config.inference_mode or getattr(config, "encoder_hidden_size", None) is None:
+        return  # a plain table (inference, prompt tuning), checked above against the file
+    try:
+        with torch.device("meta"):
+            encoder = method.make_encoder(config, None)
+        size = sum(p.numel() for p in encoder.parameters())
+    except Exception:  # anything the dry run cannot do: the real construction reports it
+        return
+    base = sum(p.numel() for p in model.parameters())
+    if size > max(base, 2**20):
+        raise AdapterLoadError(
+            f"{config_source}: the trainable {config.peft_type.value} encoder it describes has {size:,} parameters, "
+            f"more than the base model's {base:,}; check encoder_hidden_size and encoder_num_layers. Nothing was "
+            f"allocated."
+        )
+
+
+def _planned_layer_size(model: nn.Module, config: PeftConfig, method) -> int | None:
+    """Parameters a layer method's adapter would have on ``model`` (from a dry run on the meta device), or ``None``
+    when the dry run cannot tell."""
     from .layers import AdapterLayer
-    from .registry import LayerMethod
     from .targeting import find_targets
 
-    method = get_method(config.peft_type)
-    if not isinstance(method, LayerMethod):
-        return
     planned = 0
     try:
         bases = {}
@@ -552,7 +596,7 @@ def _check_planned_size(
             module = model.get_submodule(name)
             base = module.base_layer if isinstance(module, AdapterLayer) else module
             if not isinstance(base, method.layer_types):
-                return
+                return None
             bases[name] = _meta_copy(base)
         with torch.device("meta"):
             shared = () if method.make_shared is None else (method.make_shared(config, bases, {}),)
@@ -560,14 +604,8 @@ def _check_planned_size(
                 planned += sum(p.numel() for p in method.make_delta(config, base, name, *shared).parameters())
         planned += sum(t.numel() for holder in shared for t in holder.state_dict().values())  # saved once
     except Exception:  # bad targets, an op without a meta kernel...: the real construction reports it
-        return
-    available = sum(t.numel() for t in tensors.values())
-    if planned > max(2 * available, available + 2**20):
-        raise AdapterLoadError(
-            f"{config_source} describes an adapter of {planned:,} parameters but {source} holds only {available:,} "
-            f"values; the config does not belong to these weights (check r, rank_pattern and target_modules). "
-            f"Nothing was allocated."
-        )
+        return None
+    return planned
 
 
 @contextlib.contextmanager

@@ -134,6 +134,18 @@ def saved_table(encoder: nn.Module) -> torch.Tensor:
     return prompt_table(encoder).detach()
 
 
+# Bounds on a reparameterisation encoder's size fields, far above any real model's hidden size / depth: they stop a
+# config file from asking for an encoder that cannot even be sized (``encoder_hidden_size ** 2`` past 2**63).
+MAX_ENCODER_HIDDEN_SIZE = 2**20
+MAX_ENCODER_LAYERS = 1024
+
+
+def check_encoder_size(name: str, value: object, limit: int) -> None:
+    """Refuse an encoder size field that is not ``None`` or an integer in ``[1, limit]``."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit):
+        raise ConfigError(f"{name} must be a positive integer of at most {limit} (or None), got {value!r}")
+
+
 def table_shape(config: PromptLearningConfig, kind: str) -> tuple[int, int]:
     """``(rows, width)`` of the saved ``prompt_embeddings`` for a method of ``kind``."""
     if kind == PREFIX:
@@ -281,6 +293,13 @@ def make_prompt_encoder(model: nn.Module, config: PromptLearningConfig, method) 
     fill_dimensions(config, model, method.kind)
     if method.kind == PREFIX:
         _check_prefix_shape(config, model)
+    else:
+        width = getattr(getattr(input_embeddings(model), "weight", None), "shape", (None,))[-1]
+        if isinstance(width, int) and config.token_dim != width:
+            raise ConfigError(
+                f"token_dim={config.token_dim} differs from the width {width} of {name}'s word embeddings, which the "
+                f"virtual tokens are prepended to; set token_dim={width} (or leave it unset)"
+            )
     limit = _max_positions(model)
     if limit is not None and config.num_virtual_tokens >= limit:
         raise ConfigError(

@@ -19,7 +19,6 @@ and changes nothing; ``unload()`` removes it. Layer types: ``nn.Linear`` and tra
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +29,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import AdapterStateError, ConfigError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import accumulate, adapter_dtype, check_size
+from .common import accumulate, adapter_dtype, check_scale, check_size
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -74,10 +73,7 @@ class BottleneckConfig(LayerConfig):
             raise ConfigError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
         if not 0.0 <= self.adapter_dropout < 1.0:
             raise ConfigError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not math.isfinite(
-            self.scaling
-        ):
-            raise ConfigError(f"scaling must be a finite number, got {self.scaling!r}")
+        check_scale("scaling", self.scaling)
 
 
 class BottleneckDelta(Delta):

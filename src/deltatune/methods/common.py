@@ -24,11 +24,25 @@ def check_size(where: str, value: Any, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{where} must be a {kind} integer below 2**31, got {value!r}")
 
 
+def check_scale(where: str, value: Any) -> None:
+    """Refuse a scale factor (``lora_alpha``, ``scaling``) that is not a finite number within float32's range: torch
+    cannot apply a larger factor to a float32 tensor (``add(..., alpha=1e308)`` raises), and a NaN or infinite one
+    only turns every output into NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= _FLOAT32_MAX:
+        raise ConfigError(f"{where} must be a finite number of magnitude at most {_FLOAT32_MAX:.4g}, got {value!r}")
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def check_patterns(rank: Any, rank_pattern: dict[str, Any], alpha_pattern: dict[str, Any]) -> None:
-    """``r`` and every ``rank_pattern`` value are sizes; every pattern key is a regex :func:`pattern_value` can use."""
+    """``r`` and every ``rank_pattern`` value are sizes, every ``alpha_pattern`` value a scale (:func:`check_scale`);
+    every pattern key is a regex :func:`pattern_value` can use."""
     check_size("r", rank)
     for key, value in rank_pattern.items():
         check_size(f"rank_pattern[{key!r}]", value)
+    for key, value in alpha_pattern.items():
+        check_scale(f"alpha_pattern[{key!r}]", value)
     for name, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for key in patterns:
             validate_regex(f"{name} key {key!r}", rf"(.*\.)?({key})$")  # the form pattern_value matches with

@@ -35,7 +35,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..layers import Delta, current_row_plan
 from ..registry import LayerMethod
-from .common import accumulate, adapter_dtype, channel_view, check_patterns, pattern_value, row_slots
+from .common import accumulate, adapter_dtype, channel_view, check_patterns, check_scale, pattern_value, row_slots
 
 _INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora")
 # Subspace iterations of fast PiSSA; a handful is the practice (peft's docs use 4-16). The bound stops a config file
@@ -91,6 +91,7 @@ class LoraConfig(LayerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_patterns(self.r, self.rank_pattern, self.alpha_pattern)
+        check_scale("lora_alpha", self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):

@@ -39,6 +39,10 @@ from ..layers import Delta
 from ..registry import LayerMethod
 from .common import adapter_dtype, check_size
 
+# Terms of the truncated Cayley-Neumann series; each is one batched matmul per forward. The bound stops a config file
+# from making every forward run for hours (peft's default is 5).
+_MAX_NEUMANN_TERMS = 1024
+
 
 @dataclass
 class OFTConfig(LayerConfig):
@@ -96,11 +100,13 @@ class OFTConfig(LayerConfig):
         if self.coft and not self.eps > 0:
             raise ConfigError(f"eps must be positive with coft=True (it is the allowed size of Q), got {self.eps!r}")
         if self.use_cayley_neumann and not (
-            isinstance(self.num_cayley_neumann_terms, int) and self.num_cayley_neumann_terms >= 2
+            isinstance(self.num_cayley_neumann_terms, int)
+            and 2 <= self.num_cayley_neumann_terms <= _MAX_NEUMANN_TERMS
         ):
             raise ConfigError(
-                f"num_cayley_neumann_terms must be an integer >= 2 (with fewer the rotation is always the identity), "
-                f"got {self.num_cayley_neumann_terms!r}"
+                f"num_cayley_neumann_terms must be an integer in [2, {_MAX_NEUMANN_TERMS}] (with fewer the rotation is "
+                f"always the identity; each term costs a matrix product per forward, peft's default is 5), got "
+                f"{self.num_cayley_neumann_terms!r}"
             )
 
 

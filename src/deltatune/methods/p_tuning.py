@@ -19,7 +19,14 @@ from torch import nn
 
 from ..config import PeftType
 from ..errors import ConfigError
-from ..prompt import EMBEDDINGS, PromptLearningConfig, table_shape
+from ..prompt import (
+    EMBEDDINGS,
+    MAX_ENCODER_HIDDEN_SIZE,
+    MAX_ENCODER_LAYERS,
+    PromptLearningConfig,
+    check_encoder_size,
+    table_shape,
+)
 from ..registry import PromptMethod
 
 
@@ -60,10 +67,10 @@ class PromptEncoderConfig(PromptLearningConfig):
             raise ConfigError(
                 f"encoder_reparameterization_type={self.encoder_reparameterization_type!r}; use 'MLP' or 'LSTM'"
             ) from None
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
-            raise ConfigError(f"encoder_hidden_size must be positive, got {self.encoder_hidden_size!r}")
-        if self.encoder_num_layers <= 0:
-            raise ConfigError(f"encoder_num_layers must be positive, got {self.encoder_num_layers!r}")
+        check_encoder_size("encoder_hidden_size", self.encoder_hidden_size, MAX_ENCODER_HIDDEN_SIZE)
+        if self.encoder_num_layers is None:
+            raise ConfigError("encoder_num_layers must be a positive integer, got None")
+        check_encoder_size("encoder_num_layers", self.encoder_num_layers, MAX_ENCODER_LAYERS)
         if not 0.0 <= self.encoder_dropout < 1.0:
             raise ConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
 

@@ -19,7 +19,14 @@ from torch import nn
 
 from ..config import PeftType
 from ..errors import ConfigError
-from ..prompt import PREFIX, PromptLearningConfig, PromptTable, table_shape
+from ..prompt import (
+    MAX_ENCODER_HIDDEN_SIZE,
+    PREFIX,
+    PromptLearningConfig,
+    PromptTable,
+    check_encoder_size,
+    table_shape,
+)
 from ..registry import PromptMethod
 
 
@@ -42,8 +49,7 @@ class PrefixTuningConfig(PromptLearningConfig):
         super().__post_init__()
         if self.init_weights not in (None, "zero"):
             raise ConfigError(f"init_weights must be None or 'zero', got {self.init_weights!r}")
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
-            raise ConfigError(f"encoder_hidden_size must be positive, got {self.encoder_hidden_size!r}")
+        check_encoder_size("encoder_hidden_size", self.encoder_hidden_size, MAX_ENCODER_HIDDEN_SIZE)
 
 
 class PrefixEncoder(nn.Module):

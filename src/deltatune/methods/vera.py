@@ -69,8 +69,11 @@ class VeraConfig(LayerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_size("r", self.r)
-        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
-            raise ConfigError(f"projection_prng_key must be an integer, got {self.projection_prng_key!r}")
+        key = self.projection_prng_key
+        if not isinstance(key, int) or isinstance(key, bool) or not -(2**63) <= key < 2**64:
+            raise ConfigError(
+                f"projection_prng_key must be an integer in [-2**63, 2**64) (a torch generator seed), got {key!r}"
+            )
         if not 0.0 <= self.vera_dropout < 1.0:
             raise ConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
         if self.bias not in ("none", "all", "vera_only"):
