@@ -584,3 +584,17 @@ def test_other_misuse_is_refused(tmp_path):
     other.save_pretrained(tmp_path / "longer")
     with pytest.raises(AdapterLoadError, match="shape mismatch for 'prompt_embeddings'"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path / "longer", config=model.peft_config["default"])
+
+
+def test_generic_wrapper_pads_per_token_labels_like_the_causal_lm_wrapper() -> None:
+    """Without a task_type the generic PeftModel still feeds the virtual tokens; labels shaped like the input get
+    -100 over them, as the causal-LM wrapper does, instead of a length mismatch inside the model."""
+    config = dict(num_virtual_tokens=3, prompt_tuning_init="RANDOM")
+    torch.manual_seed(0)
+    generic = get_peft_model(tiny_llama(), PromptTuningConfig(**config))
+    torch.manual_seed(0)
+    causal = get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", **config))
+    assert type(generic) is PeftModel
+    batch = make_causal_lm_inputs(generic)
+    with torch.no_grad():
+        torch.testing.assert_close(generic(**batch).loss, causal(**batch).loss)

@@ -453,8 +453,10 @@ def _prepend_virtual_tokens(
     batch, length = embeds.shape[:2]
     _check_length(model, config, T + length, f"an input of {length} tokens")
     kwargs["inputs_embeds"] = torch.cat([_virtual_embeddings(encoder, config, batch, embeds), embeds], dim=1)
-    if task.token_labels and kwargs.get("labels") is not None and not _is_encoder_decoder(model):
-        labels = kwargs["labels"]
+    labels = kwargs.get("labels")
+    # Per-token labels: the task says so, or (the generic wrapper, no task_type) they are shaped like the input.
+    per_token = task.token_labels or (labels is not None and tuple(labels.shape[:2]) == (batch, length))
+    if per_token and labels is not None and not _is_encoder_decoder(model):
         kwargs["labels"] = torch.cat([labels.new_full((batch, T), -100), labels], dim=1)
     for key in task.span_keys:
         if kwargs.get(key) is not None:
