@@ -21,8 +21,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
+from deltatune import batching
 from deltatune.layers import AdapterLayer, Delta, RowPlan, adapter_layers, batch_adapters
-from deltatune.methods import lora as lora_method
 from tests.adapter_utils import (
     assert_close_scaled,
     assert_mixed_batch_equals_each_row_alone,
@@ -367,13 +367,13 @@ def _count_paths(monkeypatch) -> Iterator[dict[str, int]]:
     """Counts the calls of each batched low-rank path, so a test can tell which one it exercised."""
     calls = {"gathered": 0, "grouped": 0}
     for path in calls:
-        original = getattr(lora_method, f"_{path}_low_rank")
+        original = getattr(batching, f"_{path}_low_rank")
 
         def counted(*args, _path=path, _original=original):
             calls[_path] += 1
             return _original(*args)
 
-        monkeypatch.setattr(lora_method, f"_{path}_low_rank", counted)
+        monkeypatch.setattr(batching, f"_{path}_low_rank", counted)
     yield calls
 
 

@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..batching import LowRank, add_low_rank_rows
 from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
-from ..layers import Delta, current_row_plan
+from ..layers import Delta
 from ..registry import LayerMethod
-from .common import accumulate, adapter_dtype, channel_view, check_patterns, check_scale, pattern_value, row_slots
+from .common import accumulate, adapter_dtype, channel_view, check_patterns, check_scale, pattern_value
 
 _INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora")
 # Subspace iterations of fast PiSSA; a handful is the practice (peft's docs use 4-16). The bound stops a config file
@@ -131,107 +132,6 @@ def _index_accumulate(out: torch.Tensor, rows: torch.Tensor, update: torch.Tenso
     if torch.is_grad_enabled():
         return out.index_add(0, rows, update, alpha=alpha)
     return out.index_add_(0, rows, update, alpha=alpha)
-
-
-def _stack_by_rank(weights: list[torch.Tensor], rank_dim: int, rank: int, zero_entry: bool) -> torch.Tensor:
-    """Per-adapter weights stacked on a new first dim, each zero-padded at the end of ``rank_dim`` (0 for A's
-    ``(r, in)``, 1 for B's ``(out, r)``) up to ``rank``; with ``zero_entry`` an all-zero weight is appended last."""
-    padded = [w if w.shape[rank_dim] == rank else F.pad(w, (0, 0, 0, rank - w.shape[0]) if rank_dim == 0
-                                                        else (0, rank - w.shape[1]))
-              for w in weights]
-    if zero_entry:
-        padded.append(torch.zeros_like(padded[0]))
-    return torch.stack(padded)
-
-
-def _stacked(groups: Sequence[tuple[LoraLinear, torch.Tensor]], rank: int,
-             zero_entry: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The groups' ``scaling · A`` as ``(G, r, in)`` and ``B`` as ``(G, out, r)``, zero-padded to ``rank`` (see
-    :func:`_stack_by_rank`). In inference they are built once per :class:`~deltatune.layers.RowPlan`, i.e. once per
-    ``generate()`` rather than at every step, and rebuilt if a weight changes in place."""
-
-    def stacks() -> tuple[torch.Tensor, torch.Tensor]:
-        a = _stack_by_rank([d.lora_A.weight * d.scaling for d, _ in groups], 0, rank, zero_entry)
-        return a, _stack_by_rank([d.lora_B.weight for d, _ in groups], 1, rank, zero_entry)
-
-    plan = current_row_plan()
-    if plan is None or torch.is_grad_enabled():
-        return stacks()
-    weights = tuple(w for d, _ in groups for w in (d.lora_A.weight, d.lora_B.weight))
-    rows = tuple(r for _, r in groups)
-    versions = (*(w._version for w in weights), *(d.scaling for d, _ in groups), zero_entry)
-    return plan.memo(weights + rows, stacks, versions)
-
-
-def _gathered_low_rank(
-    groups: Sequence[tuple[LoraLinear, torch.Tensor]], x: torch.Tensor, out: torch.Tensor
-) -> torch.Tensor:
-    """``out`` plus every row's own ``scaling · B A x`` in two batched matmuls over the batch rows (the gathered
-    matmul of Punica / S-LoRA): each row gathers its adapter's A and B (zero-padded to the largest rank; rows in no
-    group get zeros) and ``baddbmm`` adds the update straight into that row's output, in place under the rule of
-    :func:`~deltatune.methods.common.accumulate`.
-
-    It moves ``r·(in + out)`` gathered weights per row and pays when rows are long (prefill); for short rows
-    (decoding) :func:`_grouped_low_rank` moves the activations instead. ``out`` must be contiguous; the adapters share
-    one dtype. Adapters kept in float32 beside a half-precision base compute in float32, as each row alone would, and
-    their update is rounded into ``out`` at the end.
-    """
-    batch, rank = out.shape[0], max(delta.r for delta, _ in groups)
-    slots = row_slots(groups, batch, out.device)  # (B,)
-    a, b = _stacked(groups, rank, sum(len(rows) for _, rows in groups) < batch)  # (G[+1], r, in), (G[+1], out, r)
-    x3 = x.reshape(batch, -1, x.shape[-1]).to(a.dtype)  # (B, L, in)
-    out3 = out.view(batch, -1, out.shape[-1])  # (B, L, out)
-    xa = torch.bmm(x3, a[slots].transpose(1, 2))  # (B, L, r)
-    b_rows = b[slots].transpose(1, 2)  # (B, r, out)
-    if not xa.dtype == b_rows.dtype == out.dtype:  # float32 adapters, half-precision base, or autocast: unfused
-        return accumulate(out, torch.bmm(xa, b_rows).view(out.shape), 1.0)
-    if torch.is_grad_enabled():
-        return torch.baddbmm(out3, xa, b_rows).view(out.shape)
-    out3.baddbmm_(xa, b_rows)
-    return out
-
-
-def _group_layout(groups: Sequence[tuple[LoraLinear, torch.Tensor]], batch: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For :func:`_grouped_low_rank`: ``(G, m)`` row indices of each group padded to the largest group ``m`` with
-    ``batch`` (an all-zero row appended to the input), the positions in ``G·m`` that are real rows, and those rows."""
-    rows = tuple(r for _, r in groups)
-
-    def make() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        m = max(len(r) for r in rows)
-        index = torch.full((len(rows), m), batch, dtype=torch.long, device=device)
-        for g, r in enumerate(rows):
-            index[g, : len(r)] = r
-        valid = (index.view(-1) < batch).nonzero().view(-1)
-        return index, valid, index.view(-1)[valid]
-
-    plan = current_row_plan()
-    return make() if plan is None else plan.memo(rows, make, ("layout",))
-
-
-def _grouped_low_rank(
-    groups: Sequence[tuple[LoraLinear, torch.Tensor]], x: torch.Tensor, out: torch.Tensor
-) -> torch.Tensor:
-    """``out`` plus every row's own ``scaling · B A x`` for short rows (decoding): the rows of each adapter are
-    gathered into one slice of a ``(G, m·L, in)`` batch (groups padded to the largest with zero rows), two batched
-    matmuls against the stacked ``(G, r, in)`` / ``(G, out, r)`` weights give every group's update, and one indexed
-    add puts them into their rows. A fixed handful of ops per layer whatever the number of adapters, and only the
-    rows' activations move, not per-row copies of the weights."""
-    batch, rank = out.shape[0], max(delta.r for delta, _ in groups)
-    index, valid, targets = _group_layout(groups, batch, out.device)
-    a, b = _stacked(groups, rank, False)  # (G, r, in), (G, out, r)
-    x3 = x.reshape(batch, -1, x.shape[-1]).to(a.dtype)  # (B, L, in)
-    padded = torch.cat([x3, x3.new_zeros(1, *x3.shape[1:])])  # (B + 1, L, in)
-    groups_x = padded[index].flatten(1, 2)  # (G, m·L, in)
-    update = torch.bmm(torch.bmm(groups_x, a.transpose(1, 2)), b.transpose(1, 2))  # (G, m·L, out)
-    update = update.view(-1, x3.shape[1], update.shape[-1]).index_select(0, valid)  # (n, L, out)
-    out3 = out.view(batch, -1, out.shape[-1])  # (B, L, out)
-    if update.dtype != out.dtype:
-        update = update.to(out.dtype)
-    if torch.is_grad_enabled():
-        return out3.index_add(0, targets, update).view(out.shape)
-    out3.index_add_(0, targets, update)
-    return out
 
 
 class _DoraRescale(torch.autograd.Function):
@@ -470,9 +370,8 @@ class LoraLinear(LoraDelta):
     def batched_forward(
         cls, groups: Sequence[tuple[Delta, torch.Tensor]], x: torch.Tensor, out: torch.Tensor, base_layer: nn.Module
     ) -> torch.Tensor:
-        """Gatherable groups go through two batched matmuls for all adapters at once: per-row gathered weights when
-        rows have at least as many tokens as the largest rank (:func:`_gathered_low_rank`), per-adapter gathered
-        rows otherwise (:func:`_grouped_low_rank`); everything else as in :meth:`LoraDelta.batched_forward`."""
+        """Gatherable groups go through two batched matmuls for all adapters at once
+        (:func:`deltatune.batching.add_low_rank_rows`); everything else as in :meth:`LoraDelta.batched_forward`."""
         gathered: list[tuple[Delta, torch.Tensor]] = []
         rest: list[tuple[Delta, torch.Tensor]] = []
         dtype = None  # the gathered adapters' one dtype: that of the first gatherable delta
@@ -484,9 +383,8 @@ class LoraLinear(LoraDelta):
                 rest.append((delta, rows))
         if not gathered or not out.is_contiguous():
             return super().batched_forward(groups, x, out, base_layer)
-        tokens_per_row = math.prod(out.shape[1:-1])  # out: (B, ..., out)
-        low_rank = _gathered_low_rank if tokens_per_row >= max(d.r for d, _ in gathered) else _grouped_low_rank
-        return super().batched_forward(rest, x, low_rank(gathered, x, out), base_layer)
+        updates = [(LowRank(d.lora_A.weight, d.lora_B.weight, d.scaling), rows) for d, rows in gathered]
+        return super().batched_forward(rest, x, add_low_rank_rows(updates, x, out), base_layer)
 
     def add_lora_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return torch.addmm(weight, self.lora_B.weight, self.lora_A.weight, alpha=self.scaling)  # (out, in)
