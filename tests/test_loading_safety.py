@@ -425,6 +425,17 @@ def test_oft_neumann_terms_are_bounded(tmp_path: Path, terms: int) -> None:
     _refused(tmp_path, ConfigError, r"num_cayley_neumann_terms must be an integer in \[2, 1024\]")
 
 
+@pytest.mark.parametrize("init_r", [2**20, 2**31 - 1])
+def test_adalora_absurd_init_r_is_refused_before_any_allocation(tmp_path: Path, init_r: int) -> None:
+    """A fresh AdaLoRA delta used to build an init_r-long mask on the CPU first (2 GB for 2**31), so the dry run on
+    the meta device could not size it and the real build ran for minutes."""
+    from deltatune import AdaLoraConfig
+
+    _write_config(_save_method(tmp_path, AdaLoraConfig(target_modules=TARGETS, init_r=4, total_step=5)),
+                  init_r=init_r)
+    _refused(tmp_path, AdapterLoadError, "describes an adapter of .* parameters .* Nothing was allocated")
+
+
 @pytest.mark.parametrize(
     ("method", "changes", "match"),
     [

@@ -134,17 +134,19 @@ def budget_schedule(step: int, config: AdaLoraConfig, init_budget: int, target_b
 class AdaLoraDelta(LoraDelta):
     """``scaling · P Λ Q`` with the importance statistics of its own triplets (§3.2) kept alongside.
 
-    ``held`` (``(init_r,)`` bool) says which of the initial triplets this delta's rows are (all of them unless it
+    ``held`` (``init_r`` booleans, ``None`` for all) says which of the initial triplets this delta's rows are (all of
+    them unless it
     was built from a saved ``rank_pattern``); ``kept`` (``(r,)`` bool) which rows the allocator keeps, ``None``
     before it first prunes.
     """
 
     constants = ("ranknum",)
 
-    def __init__(self, held: torch.Tensor, alpha: float, dropout: float, in_features: int, out_features: int) -> None:
-        init_r, r = len(held), int(held.sum())
+    def __init__(self, init_r: int, held: list[bool] | None, alpha: float, dropout: float, in_features: int,
+                 out_features: int) -> None:
+        r = init_r if held is None else sum(held)  # no O(init_r) work for a fresh adapter (a corrupt init_r)
         super().__init__(init_r, alpha, dropout, use_rslora=False)  # the rank-0 safe scaling is set below
-        self.r, self.held, self.kept = r, held, None
+        self.init_r, self.r, self.held, self.kept = init_r, r, held, None
         self.scaling = (alpha if alpha > 0 else r) / (init_r + 1e-5)  # peft: α / (ranknum + 1e-5); α = 0 means r
         self.lora_A = nn.Parameter(torch.empty(r, in_features))  # Q: (r, in)
         self.lora_E = nn.Parameter(torch.empty(r, 1))  # λ: (r, 1)
@@ -194,9 +196,10 @@ class AdaLoraDelta(LoraDelta):
 
     def pattern(self) -> list[bool]:
         """This delta's entry of ``rank_pattern``: which of the ``init_r`` initial triplets survive."""
-        pattern = self.held.clone()
+        held = [True] * self.init_r if self.held is None else self.held
+        pattern = torch.tensor(held, dtype=torch.bool, device="cpu")
         if self.kept is not None:
-            pattern[self.held] = self.kept.cpu()
+            pattern[pattern.clone()] = self.kept.cpu()
         return pattern.tolist()
 
     def saved_state_dict(self) -> dict[str, torch.Tensor]:
@@ -226,8 +229,9 @@ class AdaLoraConv2d(AdaLoraDelta):
 
     channel_dim = 1
 
-    def __init__(self, held: torch.Tensor, alpha: float, dropout: float, base_layer: nn.Conv2d) -> None:
-        super().__init__(held, alpha, dropout, base_layer.weight[0].numel(), base_layer.out_channels)
+    def __init__(self, init_r: int, held: list[bool] | None, alpha: float, dropout: float,
+                 base_layer: nn.Conv2d) -> None:
+        super().__init__(init_r, held, alpha, dropout, base_layer.weight[0].numel(), base_layer.out_channels)
         self.kernel_shape = tuple(base_layer.weight.shape)
         self._conv = dict(stride=base_layer.stride, padding=base_layer.padding, dilation=base_layer.dilation)
 
@@ -248,14 +252,14 @@ def make_delta(config: AdaLoraConfig, base_layer: nn.Module, name: str) -> AdaLo
     ``init_r``."""
     check_target(config, base_layer, name)
     mask = (config.rank_pattern or {}).get(f"{name}.lora_E")
-    held = torch.ones(config.init_r, dtype=torch.bool) if mask is None else torch.tensor(mask, device="cpu")
+    held = None if mask is None else [bool(v) for v in mask]
     if isinstance(base_layer, nn.Conv2d):
-        delta = AdaLoraConv2d(held, config.lora_alpha, config.lora_dropout, base_layer)
+        delta = AdaLoraConv2d(config.init_r, held, config.lora_alpha, config.lora_dropout, base_layer)
     else:
         if isinstance(base_layer, Conv1D):
             config.fan_in_fan_out = True  # recorded as peft records it
         out_features, in_features = AdaLoraLinear.canonical(base_layer.weight, base_layer).shape
-        delta = AdaLoraLinear(held, config.lora_alpha, config.lora_dropout, in_features, out_features)
+        delta = AdaLoraLinear(config.init_r, held, config.lora_alpha, config.lora_dropout, in_features, out_features)
     std = 0.02 if config.init_lora_weights else 1.0  # peft: λ = 0 and small P, Q; or all N(0, 1) (a non-zero delta)
     for param in (delta.lora_A, delta.lora_E, delta.lora_B):
         nn.init.normal_(param, std=std)
