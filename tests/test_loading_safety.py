@@ -444,17 +444,26 @@ def test_adalora_absurd_init_r_is_refused_before_any_allocation(tmp_path: Path, 
         ("lora", {"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
         ("lora", {"alpha_pattern": {"q_proj": 1e300}}, r"alpha_pattern\['q_proj'\] must be a finite number"),
         ("bottleneck", {"scaling": 1e308}, "scaling must be a finite number"),
+        ("lokr", {"alpha": 1e308}, "alpha must be a finite number"),
+        ("adalora", {"orth_reg_weight": float("nan")}, "orth_reg_weight must be a finite number"),
+        ("vera", {"d_initial": float("inf")}, "d_initial must be a finite number"),
     ],
 )
 def test_scales_beyond_float32_are_config_errors(tmp_path: Path, method: str, changes: dict, match: str) -> None:
     """torch refuses to apply a factor beyond float32's range to a float32 tensor (``RuntimeError: value cannot be
     converted to type float without overflow``, in the forward after a successful load)."""
-    from deltatune import BottleneckConfig
+    import deltatune as dt
 
+    configs = {
+        "bottleneck": lambda: dt.BottleneckConfig(target_modules=["o_proj"], bottleneck_size=4),
+        "lokr": lambda: dt.LoKrConfig(target_modules=TARGETS, r=2),
+        "adalora": lambda: dt.AdaLoraConfig(target_modules=TARGETS, init_r=4, total_step=5),
+        "vera": lambda: dt.VeraConfig(target_modules=TARGETS, r=8),
+    }
     if method == "lora":
         _save(tmp_path)
     else:
-        _save_method(tmp_path, BottleneckConfig(target_modules=["o_proj"], bottleneck_size=4))
+        _save_method(tmp_path, configs[method]())
     _write_config(tmp_path / "adapter", **changes)
     _refused(tmp_path, ConfigError, match)
 

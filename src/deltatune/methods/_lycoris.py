@@ -25,7 +25,7 @@ from torch import nn
 from ..config import LayerConfig
 from ..errors import ConfigError
 from ..layers import Delta
-from .common import accumulate, adapter_dtype, check_patterns, pattern_value
+from .common import accumulate, adapter_dtype, check_patterns, check_scale, pattern_value
 
 #: The base layer types peft supports for LoHa and LoKr (not transformers' ``Conv1D``, not ``Conv3d``/embeddings).
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -64,6 +64,7 @@ class LycorisConfig(LayerConfig):
         if not isinstance(self.init_weights, (bool, str)) or self.init_weights not in self._init_choices:
             raise ConfigError(f"init_weights must be one of {list(self._init_choices)}, got {self.init_weights!r}")
         check_patterns(self.r, self.rank_pattern, self.alpha_pattern)
+        check_scale("alpha", self.alpha)
         if not 0.0 <= self.rank_dropout < 1.0:
             raise ConfigError(f"rank_dropout must be in [0, 1), got {self.rank_dropout!r}")
         if not 0.0 <= self.module_dropout <= 1.0:

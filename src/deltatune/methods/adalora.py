@@ -38,7 +38,7 @@ from ..errors import AdapterStateError, ConfigError, TargetError
 from ..layers import adapter_layers
 from ..registry import LayerMethod
 from ..targeting import DEFAULT_ATTENTION_TARGETS
-from .common import adapter_dtype
+from .common import adapter_dtype, check_scale
 from .lora import LoraConfig, LoraDelta, LoraLinear, _add_low_rank
 
 # peft's AdaLoRA defaults where they differ from LoRA's (whole attention and feed-forward blocks).
@@ -108,6 +108,7 @@ class AdaLoraConfig(LoraConfig):
         if self.init_r <= 0 or self.target_r < 0 or self.deltaT <= 0:
             raise ConfigError(f"need init_r > 0, target_r >= 0, deltaT > 0; got {self.init_r}, {self.target_r}, "
                               f"{self.deltaT}")
+        check_scale("orth_reg_weight", self.orth_reg_weight)  # NaN would make every training loss NaN
         if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1) or self.orth_reg_weight < 0:
             raise ConfigError(f"need 0 < beta1, beta2 < 1 and orth_reg_weight >= 0; got {self.beta1}, {self.beta2}, "
                               f"{self.orth_reg_weight}")

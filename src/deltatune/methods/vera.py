@@ -33,7 +33,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import accumulate, adapter_dtype, check_size
+from .common import accumulate, adapter_dtype, check_scale, check_size
 
 
 @dataclass
@@ -69,6 +69,7 @@ class VeraConfig(LayerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_size("r", self.r)
+        check_scale("d_initial", self.d_initial)
         key = self.projection_prng_key
         if not isinstance(key, int) or isinstance(key, bool) or not -(2**63) <= key < 2**64:
             raise ConfigError(
