@@ -217,3 +217,13 @@ def test_seq_cls_on_a_decoder_uses_the_tokenizer_pad_id(files, tmp_path):
     assert "eval_accuracy" in result.after
     saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert any(k.startswith("base_model.model.score.") for k in saved)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_virtual_token_methods_train_their_labels_not_the_virtual_positions(files, tmp_path, method):
+    # The virtual tokens add positions in front of the logits; the loss must line up with the real tokens.
+    result = train(opts(files, tmp_path, method=method, r=None, target=None, epochs=2, lr=5e-2,
+                        method_options={"num_virtual_tokens": 4}))
+    assert result.after["eval_loss"] < result.before["eval_loss"]
+    saved = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+    assert saved["peft_type"] == method.upper() and saved["num_virtual_tokens"] == 4

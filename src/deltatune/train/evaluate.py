@@ -35,13 +35,19 @@ def loss_sum(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 def forward_logits(model, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits for a collated batch (seq2seq gets its labels to build decoder inputs)."""
+    """The model's logits for a collated batch, one position per input token (seq2seq gets its labels to build
+    decoder inputs). Prompt tuning and P-tuning put virtual tokens in front of the input; their positions carry no
+    label and are dropped here."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if task == "seq2seq":
         inputs["labels"] = batch["labels"]
     elif task == "causal-lm":
         inputs["use_cache"] = False
-    return model(**inputs).logits
+    logits = model(**inputs).logits
+    length = batch["input_ids"].shape[1]
+    if task in ("causal-lm", "token-cls") and logits.shape[1] > length:
+        logits = logits[:, -length:]  # (B, S, ...)
+    return logits
 
 
 def normalize_answer(text: str) -> str:
