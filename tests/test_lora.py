@@ -3,17 +3,26 @@ formulas, the init schemes, rank/alpha patterns, and the config's checks."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
 from deltatune.layers import AdapterLayer, adapter_layers
-from tests.adapter_utils import assert_close_scaled, assert_same_state, logits, snapshot
+from tests.adapter_utils import (
+    assert_close_scaled,
+    assert_mixed_batch_equals_each_row_alone,
+    assert_same_state,
+    logits,
+    snapshot,
+)
+from tests.interop_cases.lora import attention_inputs, attention_net, grouped_convnet, grouped_convnet_inputs
 from tests.models import (
     CONVNET_SEQ_LEN,
     VOCAB_SIZE,
@@ -189,11 +198,186 @@ def test_dora_on_an_embedding_is_refused_and_the_model_left_untouched() -> None:
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
 
 
-def test_grouped_convolutions_are_refused() -> None:
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(dt.TargetError, match="groups=2"):
-        dt.get_peft_model(model, dt.LoraConfig(target_modules=["0"]))
-    assert isinstance(model[0], nn.Conv2d)
+# --- grouped convolutions: B is grouped (peft's layout), the update is not, so it never merges -----------------------
+
+@pytest.mark.parametrize("target", ["conv2d", "conv1d"])
+def test_grouped_conv_update_is_a_full_conv_then_a_grouped_pointwise_conv(target: str) -> None:
+    model = dt.get_peft_model(grouped_convnet(), dt.LoraConfig(target_modules=[target], init_lora_weights=False, r=4))
+    layer = _layer(model, target)
+    base, delta = layer.base_layer, layer.deltas["default"]
+    conv = F.conv2d if target == "conv2d" else F.conv1d
+    assert delta.lora_B.weight.shape == (base.out_channels, 4 // base.groups, *[1] * (base.weight.ndim - 2))
+    x = torch.randn(2, base.in_channels, *[6] * (base.weight.ndim - 2))
+    a = conv(x, delta.lora_A.weight, padding=base.padding)  # (B, r, ...): A sees every input channel
+    expected = base(x) + delta.scaling * conv(a, delta.lora_B.weight, groups=base.groups)
+    with torch.no_grad():
+        _close(layer(x), expected)
+    assert (expected - base(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(r=3), "groups=2 needs a rank divisible by 2.*r=3"),
+     (dict(r=4, rank_pattern={"conv1d": 2}), "conv1d.*groups=4 needs a rank divisible by 4.*r=2"),
+     (dict(r=4, use_dora=True), "DoRA is not supported on grouped convolutions")],
+    ids=["rank", "rank-pattern", "dora"],
+)
+def test_grouped_conv_configs_peft_cannot_run_are_refused_before_any_change(kwargs, message) -> None:
+    model = grouped_convnet()
+    before = snapshot(model)
+    with pytest.raises(dt.TargetError, match=message):
+        dt.get_peft_model(model, dt.LoraConfig(target_modules=["head", "conv2d", "conv1d"], **kwargs))
+    assert_same_state(before, model)
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("merge", ["merge_adapter", "merge_and_unload"])
+def test_merging_a_grouped_conv_adapter_is_refused_and_the_model_left_unchanged(merge: str) -> None:
+    config = dt.LoraConfig(target_modules=["head", "conv2d"], init_lora_weights=False, r=2)
+    model = dt.get_peft_model(grouped_convnet(), config)
+    before, inputs = snapshot(model), grouped_convnet_inputs(model)
+    expected = logits(model, inputs)
+    with pytest.raises(dt.AdapterStateError, match="into conv2d: .*grouped convolution \\(groups=2\\)"):
+        getattr(model, merge)()
+    assert_same_state(before, model)  # "head", merged first in a naive loop, is untouched too
+    assert not any(layer.merged_adapters for _, layer in _layers(model))
+    _close(logits(model, inputs), expected)
+
+
+def test_grouped_conv_adapters_mix_in_one_batch() -> None:
+    config = dt.LoraConfig(target_modules=["conv2d", "conv1d"], init_lora_weights=False, r=4)
+    model = dt.get_peft_model(grouped_convnet(), config)
+    model.add_adapter("other", dt.LoraConfig(target_modules=["conv2d"], init_lora_weights=False, r=2))
+    mixed = assert_mixed_batch_equals_each_row_alone(model, grouped_convnet_inputs(model, 3),
+                                                     ["default", "other", "__base__"])
+    assert (mixed[0] - mixed[1]).abs().max() > 1e-3
+
+
+# --- nn.MultiheadAttention: the in-projection and out_proj both get an update ----------------------------------------
+
+def _reference_attention(model: nn.Module, adapters: list[str]) -> nn.Module:
+    """A plain copy of the model's base with both attention weights set to ``W + scaling · B A`` of ``adapters``."""
+    reference = attention_net(model.get_base_model().attn.batch_first)
+    layer = _layer(model, "attn")
+    with torch.no_grad():
+        for name in adapters:
+            delta = layer.deltas[name]
+            reference.attn.in_proj_weight += delta.scaling * delta.lora_B.weight @ delta.lora_A.weight  # (3E, E)
+            out = layer.base_layer.out_proj.deltas[name]
+            reference.attn.out_proj.weight += out.scaling * out.lora_B.weight @ out.lora_A.weight  # (E, E)
+    return reference
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_attention_output_is_attention_with_both_weights_updated(batch_first: bool) -> None:
+    config = dt.LoraConfig(target_modules=["attn"], init_lora_weights=False, r=4, lora_alpha=6)
+    model = dt.get_peft_model(attention_net(batch_first), config)
+    model.add_adapter("second", dt.LoraConfig(target_modules=["attn"], init_lora_weights=False, r=2))
+    model.set_adapter(["default", "second"])
+    inputs = attention_inputs(model)
+    expected = _reference_attention(model, ["default", "second"])(**inputs).detach()
+    _close(logits(model, inputs), expected)
+    assert (expected - attention_net(batch_first)(**inputs)).abs().max() > 1e-2
+    delta = _layer(model, "attn").deltas["default"]
+    assert (delta.lora_A.weight.shape, delta.lora_B.weight.shape) == ((4, 8), (24, 4))  # peft's in-projection layout
+
+
+def test_attention_merge_equals_unmerged_and_unmerge_disable_and_unload_restore_the_base() -> None:
+    model = dt.get_peft_model(attention_net(), dt.LoraConfig(target_modules=["attn"], init_lora_weights=False))
+    inputs = attention_inputs(model)
+    base_out, unmerged = attention_net()(**inputs).detach(), logits(model, inputs)
+    base = attention_net().state_dict()
+    model.merge_adapter()
+    _close(logits(model, inputs), unmerged)
+    with model.disable_adapter():  # unmerges both weights, the out_proj one too although out_proj never runs
+        _close(logits(model, inputs), base_out)
+    _close(logits(model, inputs), unmerged)
+    model.unmerge_adapter()
+    attn = model.get_base_model().attn.base_layer
+    _close(attn.in_proj_weight, base["attn.in_proj_weight"])
+    _close(attn.out_proj.weight, base["attn.out_proj.weight"])
+    merged = dt.get_peft_model(attention_net(), dt.LoraConfig(target_modules=["attn"], init_lora_weights=False))
+    merged.load_state_dict(model.state_dict())
+    plain = merged.merge_and_unload()
+    assert type(plain.attn) is nn.MultiheadAttention and type(plain.attn.out_proj) is not AdapterLayer
+    _close(plain(**inputs).detach(), unmerged)
+    restored = model.unload()
+    assert not any(isinstance(m, AdapterLayer) for m in restored.modules())
+    assert list(restored.state_dict()) == list(base)  # the base model's own layout, up to unmerge rounding
+    _close(restored(**inputs).detach(), base_out)
+
+
+def test_attention_gradients_reach_the_four_factors_only() -> None:
+    model = dt.get_peft_model(attention_net(), dt.LoraConfig(target_modules=["attn"], init_lora_weights=False))
+    model(**attention_inputs(model)).square().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert sorted(n.removeprefix("base_model.model.attn.") for n in grads) == [
+        "base_layer.out_proj.deltas.default.lora_A.weight", "base_layer.out_proj.deltas.default.lora_B.weight",
+        "deltas.default.lora_A.weight", "deltas.default.lora_B.weight",
+    ]
+    assert all(g.abs().max() > 0 for g in grads.values())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 8 * (8 + 8) + 8 * (8 + 24)  # r = 8: out_proj, in-projection
+
+
+def test_attention_adapter_deletes_cleanly_and_refuses_mixed_batches() -> None:
+    model = dt.get_peft_model(attention_net(), dt.LoraConfig(target_modules=["attn"], init_lora_weights=False))
+    model.add_adapter("other", dt.LoraConfig(target_modules=["attn"], init_lora_weights=False))
+    inputs = attention_inputs(model)
+    with pytest.raises(dt.AdapterStateError, match="mixed-adapter batches.*MultiheadAttention"):
+        logits(model, inputs, adapter_names=["default", "other"])
+    model.set_adapter("other")
+    model.delete_adapter("default")  # both parts go: the in-projection's and the one around out_proj
+    assert list(_layer(model, "attn").deltas) == list(_layer(model, "attn").base_layer.out_proj.deltas) == ["other"]
+    _close(logits(model, inputs), _reference_attention(model, ["other"])(**inputs).detach())
+
+
+@pytest.mark.parametrize(
+    "attn, kwargs, message",
+    [(nn.MultiheadAttention(8, 2, kdim=4, vdim=4), {}, "separate q/k/v weights"),
+     (nn.MultiheadAttention(8, 2), dict(use_dora=True), "DoRA is not supported on nn.MultiheadAttention"),
+     (nn.MultiheadAttention(8, 2), dict(init_lora_weights="pissa"), "supports Linear and Conv1D layers only")],
+    ids=["kdim", "dora", "pissa"],
+)
+def test_attention_configs_peft_cannot_run_are_refused_before_any_change(attn, kwargs, message) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), attn)
+    before = snapshot(model)
+    with pytest.raises(dt.TargetError, match=message):
+        dt.get_peft_model(model, dt.LoraConfig(target_modules=["0", "1"], **kwargs))
+    assert_same_state(before, model)
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+
+
+def _halve_peft_out_proj_b(model: nn.Module) -> None:
+    """peft 0.21.2 adds the out_proj update twice in MultiheadAttention's forward (and merge): it writes
+    ``W + ΔW`` into out_proj and then merges out_proj's LoRA on top (huggingface/peft#3774). Halving peft's
+    out_proj ``B`` makes its forward compute the intended ``W + ΔW`` of the unhalved factors."""
+    with torch.no_grad():
+        model.base_model.model.attn.base_layer.out_proj.lora_B["default"].weight.mul_(0.5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_attention_adapters_interchange_with_peft(batch_first: bool, tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    factory = functools.partial(attention_net, batch_first)
+    config = dict(target_modules=["attn"], r=4, lora_alpha=8, init_lora_weights=False)
+    ours = dt.get_peft_model(factory(), dt.LoraConfig(**config))
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.get_peft_model(factory(), peft.LoraConfig(**config))
+    theirs.save_pretrained(tmp_path / "theirs")
+    our_file, their_file = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "theirs"))
+    assert {k: v.shape for k, v in our_file.items()} == {k: v.shape for k, v in their_file.items()}
+    inputs = attention_inputs(ours)
+
+    loaded = peft.PeftModel.from_pretrained(factory(), tmp_path / "ours")  # deltatune -> peft
+    _halve_peft_out_proj_b(loaded)
+    _close(logits(loaded, inputs), logits(ours, inputs))
+    mine = dt.PeftModel.from_pretrained(factory(), tmp_path / "theirs")  # peft -> deltatune
+    expected = logits(theirs, inputs)
+    with pytest.raises(AssertionError):  # the double update is real: unhalved outputs differ
+        _close(logits(mine, inputs), expected)
+    _halve_peft_out_proj_b(theirs)
+    _close(logits(mine, inputs), logits(theirs, inputs))
+    assert (expected - factory()(**inputs)).abs().max() > 1e-2
 
 
 # --- init schemes ------------------------------------------------------------------------------------------------

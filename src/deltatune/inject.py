@@ -82,8 +82,9 @@ def add_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: st
 
 
 def remove_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Delete adapter ``adapter_name`` everywhere; wrappers left with no adapter are replaced by their module."""
-    for name, layer in list(adapter_layers(model)):
+    """Delete adapter ``adapter_name`` everywhere; wrappers left with no adapter are replaced by their module (inner
+    ones first: an adapter layer can sit inside another's base layer, see ``Delta.attach``)."""
+    for name, layer in reversed(list(adapter_layers(model))):
         if adapter_name in layer.deltas:
             layer.remove_delta(adapter_name)
             if not layer.deltas:
@@ -177,7 +178,7 @@ def unload(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
     Adapter layers give back their base layer as it is now (merged or not). ``modules_to_save`` wrappers give back
     the active adapter's trained copy with ``keep_trained_copies`` (merge_and_unload), else the original module.
     """
-    for name, layer in list(adapter_layers(model)):
+    for name, layer in reversed(list(adapter_layers(model))):  # inner ones first, while their paths still resolve
         _set_child(model, name, layer.base_layer)
     for name, wrapper in list(save_wrappers(model)):
         keep = wrapper.modules_to_save[wrapper.active_adapter] if keep_trained_copies and wrapper.active_adapter else None

@@ -103,6 +103,12 @@ class Delta(nn.Module):
     """
 
     transforms_input: bool = False
+    # The base-layer parameter that merging folds this delta into (MultiheadAttention's is ``in_proj_weight``).
+    weight_name: ClassVar[str] = "weight"
+    # Set by a delta whose effect cannot be added to the base output because the base layer reads its weights itself
+    # (MultiheadAttention uses ``in_proj_weight`` and ``out_proj.weight`` directly): the layer then runs the base
+    # layer on the weights :meth:`patch_weights` gives (``torch.func.functional_call``) and never calls ``forward``.
+    patches_weights: ClassVar[bool] = False
     # Parameters that never train and are not saved: constants peft registers as frozen parameters (AdaLoRA's
     # ``ranknum``), kept as parameters so that parameter counts agree with peft's.
     constants: ClassVar[tuple[str, ...]] = ()
@@ -113,6 +119,16 @@ class Delta(nn.Module):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError
+
+    def patch_weights(self, weights: dict[str, torch.Tensor], base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """For a delta with ``patches_weights``: ``weights`` (parameter name inside ``base_layer`` -> the tensor the
+        forward uses instead; a name absent means the parameter itself) with this delta merged in, differentiably."""
+        raise NotImplementedError
+
+    def attach(self, layer: AdapterLayer, name: str) -> None:
+        """Called when this delta joins ``layer`` as adapter ``name``. A delta that also adapts a submodule of the
+        base layer installs that part here, in an adapter layer of its own (LoRA on MultiheadAttention puts the
+        ``out_proj`` update where peft's saved keys have it: ``<path>.base_layer.out_proj.lora_A.weight``)."""
 
     @classmethod
     def batched_forward(
@@ -194,6 +210,7 @@ class AdapterLayer(_Wrapper):
 
     def add_delta(self, name: str, delta: Delta) -> None:
         self.deltas[name] = delta
+        delta.attach(self, name)
 
     def remove_delta(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -206,8 +223,11 @@ class AdapterLayer(_Wrapper):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:
-            if self.merged_adapters:
-                self.unmerge()
+            # adapter layers inside the base layer whose forward it never calls (MultiheadAttention's out_proj, see
+            # Delta.attach) cannot undo their merge themselves
+            for layer in (self, *(m for m in self.base_layer.modules() if isinstance(m, AdapterLayer))):
+                if layer.merged_adapters:
+                    layer.unmerge()
             return self.base_layer(x, *args, **kwargs)
         plan = _batch_adapters.get()
         if plan is not None:
@@ -217,9 +237,17 @@ class AdapterLayer(_Wrapper):
         for delta in deltas:
             if delta.transforms_input:
                 base_in = delta.transform_input(base_in)
-        out = self.base_layer(base_in, *args, **kwargs)
+        weights: dict[str, torch.Tensor] = {}
         for delta in deltas:
-            out = delta(x, out, self.base_layer)
+            if delta.patches_weights:
+                weights = delta.patch_weights(weights, self.base_layer)
+        if weights:
+            out = torch.func.functional_call(self.base_layer, weights, (base_in, *args), kwargs)
+        else:
+            out = self.base_layer(base_in, *args, **kwargs)
+        for delta in deltas:
+            if not delta.patches_weights:
+                out = delta(x, out, self.base_layer)
         return out
 
     def _mixed_forward(self, plan: RowPlan, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -257,12 +285,14 @@ class AdapterLayer(_Wrapper):
     def check_merge(self, names: Sequence[str]) -> None:
         """Raise :class:`AdapterStateError` if merging ``names`` would put NaN/inf into the base weight or bias; the
         merged tensors are computed aside and the layer is not changed."""
-        weight, bias = self.base_layer.weight.data, self._bias()
+        merged: dict[str, torch.Tensor] = {}  # weight name -> its value after the merges so far
+        bias = self._bias()
         for name in names:
             if name in self.merged_adapters or name not in self.deltas:
                 continue
             delta = self.deltas[name]
-            weight = delta.merge_weight(weight.clone(), self.base_layer)
+            weight = merged.get(delta.weight_name, getattr(self.base_layer, delta.weight_name).data)
+            weight = merged[delta.weight_name] = delta.merge_weight(weight.clone(), self.base_layer)
             bias = None if bias is None else delta.merge_bias(bias.data.clone(), self.base_layer)
             if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
                 raise AdapterStateError(
@@ -274,11 +304,12 @@ class AdapterLayer(_Wrapper):
         """Fold the named deltas into the base weight (and bias); ``safe_merge`` runs :meth:`check_merge` first."""
         if safe_merge:
             self.check_merge(names)
-        weight, bias = self.base_layer.weight, self._bias()
+        bias = self._bias()
         for name in names:
             if name in self.merged_adapters or name not in self.deltas:
                 continue
             delta = self.deltas[name]
+            weight = getattr(self.base_layer, delta.weight_name)
             weight.data.copy_(delta.merge_weight(weight.data.clone(), self.base_layer))
             if bias is not None:
                 bias.data.copy_(delta.merge_bias(bias.data.clone(), self.base_layer))
@@ -287,9 +318,10 @@ class AdapterLayer(_Wrapper):
     @torch.no_grad()
     def unmerge(self, keep: int = 0) -> None:
         """Undo merges, last merged first, until ``keep`` remain merged."""
-        weight, bias = self.base_layer.weight, self._bias()
+        bias = self._bias()
         while len(self.merged_adapters) > keep:
             delta = self.deltas[self.merged_adapters.pop()]
+            weight = getattr(self.base_layer, delta.weight_name)
             weight.data.copy_(delta.unmerge_weight(weight.data, self.base_layer))
             if bias is not None:
                 bias.data.copy_(delta.unmerge_bias(bias.data, self.base_layer))

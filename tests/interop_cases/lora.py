@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from tests.interop_cases import InteropCase, convnet_inputs
 from tests.models import (
     make_causal_lm_inputs,
@@ -14,6 +17,58 @@ from tests.models import (
     tiny_t5,
 )
 
+
+class GroupedConvNet(nn.Module):
+    """``x (B, 4, 6, 6)`` -> grouped ``conv2d`` (groups=2) -> ReLU -> grouped ``conv1d`` over the flattened pixels
+    (groups=4) -> mean -> ``head`` -> ``(B, 3)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2d = nn.Conv2d(4, 8, kernel_size=3, padding=1, groups=2)
+        self.conv1d = nn.Conv1d(8, 8, kernel_size=3, padding=1, groups=4)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.conv2d(x)).flatten(2)  # (B, 8, 36)
+        return self.head(self.conv1d(hidden).mean(dim=2))
+
+
+class AttentionNet(nn.Module):
+    """``x (B, L, 8)`` -> ``nn.MultiheadAttention`` self-attention (``batch_first`` as given; the default layout is
+    fed ``(L, B, 8)``) -> ``head`` -> ``(B, L, 3)``."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, num_heads=2, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.attn.batch_first:
+            x = x.transpose(0, 1)
+        out, _ = self.attn(x, x, x)
+        return self.head(out if self.attn.batch_first else out.transpose(0, 1))
+
+
+def grouped_convnet() -> GroupedConvNet:
+    torch.manual_seed(0)
+    return GroupedConvNet()
+
+
+def attention_net(batch_first: bool = True) -> AttentionNet:
+    torch.manual_seed(0)
+    return AttentionNet(batch_first)
+
+
+def grouped_convnet_inputs(model: nn.Module, batch: int = 2) -> dict[str, torch.Tensor]:
+    return {"x": torch.randn(batch, 4, 6, 6, generator=torch.Generator().manual_seed(0))}
+
+
+def attention_inputs(model: nn.Module, batch: int = 2) -> dict[str, torch.Tensor]:
+    return {"x": torch.randn(batch, 5, 8, generator=torch.Generator().manual_seed(0))}
+
+
+# LoRA on nn.MultiheadAttention is exchanged with peft in tests/test_lora.py instead: peft 0.21.2 adds the out_proj
+# update twice in its forward (huggingface/peft#3774), so outputs agree only once that is accounted for.
 CASES = [
     InteropCase("llama", "LoraConfig", tiny_llama, make_causal_lm_inputs, dict(task_type="CAUSAL_LM")),
     InteropCase(
@@ -116,5 +171,20 @@ CASES = [
         lambda: tiny_bert("seq_cls"),
         make_seq_cls_inputs,
         dict(task_type="SEQ_CLS", bias="lora_only"),
+    ),
+    # peft's rule: the rank must divide by groups (here 2 and 4)
+    InteropCase(
+        "grouped-conv",
+        "LoraConfig",
+        grouped_convnet,
+        grouped_convnet_inputs,
+        dict(target_modules=["conv2d", "conv1d", "head"], r=4),
+    ),
+    InteropCase(
+        "grouped-conv-rank-pattern",
+        "LoraConfig",
+        grouped_convnet,
+        grouped_convnet_inputs,
+        dict(target_modules=["conv2d", "conv1d"], r=2, rank_pattern={"conv1d": 8}, use_rslora=True),
     ),
 ]

@@ -13,7 +13,8 @@ Variants, each a small piece on top of the same delta:
   triplets of W₀; W₀ keeps the residual), ``"olora"`` (Büyükakyüz, 2024: A, B from a QR decomposition of W₀).
 
 Layer types: ``nn.Linear``, transformers ``Conv1D`` (weight stored ``(in, out)``, i.e. fan_in_fan_out),
-``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` and ``nn.Embedding``. Parameter names follow peft (``lora_A.weight``,
+``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (grouped ones too, unmerged only), ``nn.Embedding`` and
+``nn.MultiheadAttention`` (its in-projection and ``out_proj``). Parameter names follow peft (``lora_A.weight``,
 ``lora_B.weight``, ``lora_embedding_A``, ``lora_embedding_B``, ``lora_magnitude_vector``) so saved keys match.
 """
 
@@ -33,8 +34,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ..batching import LowRank, add_low_rank_rows
 from ..config import LayerConfig, PeftType
-from ..errors import ConfigError, TargetError
-from ..layers import Delta
+from ..errors import AdapterStateError, ConfigError, TargetError
+from ..layers import AdapterLayer, Delta
 from ..registry import LayerMethod
 from .common import accumulate, adapter_dtype, channel_view, check_patterns, check_scale, pattern_value
 
@@ -343,7 +344,7 @@ class LoraLinear(LoraDelta):
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
         super().__init__(r, alpha, dropout, use_rslora)
-        out_features, in_features = self.canonical(base_layer.weight, base_layer).shape
+        out_features, in_features = self.canonical(getattr(base_layer, self.weight_name), base_layer).shape
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
 
@@ -394,7 +395,12 @@ class LoraLinear(LoraDelta):
 
 
 class LoraConv(LoraDelta):
-    """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base kernel, stride and padding; B a 1×…×1 conv."""
+    """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base kernel, stride and padding; B a 1×…×1 conv.
+
+    On a grouped convolution (``groups = g``) B is grouped too, as in peft: output group ``j`` reads only channels
+    ``j·r/g … (j+1)·r/g - 1`` of A's output (``r`` must divide by ``g``). A stays a full convolution, so the update
+    mixes input groups, which a grouped weight cannot hold: such an adapter works unmerged only.
+    """
 
     channel_dim = 1
 
@@ -405,7 +411,14 @@ class LoraConv(LoraDelta):
             base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride, base_layer.padding,
             base_layer.dilation, bias=False,
         )
-        self.lora_B = conv(r, base_layer.out_channels, 1, 1, bias=False)
+        self.lora_B = conv(r, base_layer.out_channels, 1, 1, groups=base_layer.groups, bias=False)  # (out, r/g, 1…)
+
+    def check_mergeable(self, base_layer: nn.Module) -> None:
+        if base_layer.groups > 1:
+            raise AdapterStateError(
+                f"LoRA on a grouped convolution (groups={base_layer.groups}) changes the layer across groups, which "
+                f"its grouped weight cannot hold (peft does not merge it either); keep the adapter unmerged"
+            )
 
     def stored_magnitude(self, m: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return self._channel_view(m, base_layer.weight.ndim)  # peft's conv layout: (1, out, 1, ...)
@@ -419,6 +432,58 @@ class LoraConv(LoraDelta):
 
     def base_no_bias(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return base_layer._conv_forward(x, base_layer.weight.to(x.dtype), None)
+
+
+class LoraMultiheadAttention(LoraLinear):
+    """LoRA on ``nn.MultiheadAttention``: one low-rank update of the packed q/k/v in-projection ``(3·E, E)`` here
+    and one of ``out_proj``, as peft lays them out (``lora_A`` ``(r, E)``, ``lora_B`` ``(3·E, r)``; the ``out_proj``
+    update is a :class:`LoraLinear` in an adapter layer around ``out_proj``, see :meth:`attach`).
+
+    The module reads both weights directly instead of calling a layer, so the update cannot be added to its output:
+    the forward runs the base module on ``W + scaling · B A`` for both weights (``patches_weights``), which is also
+    what merging stores. Hence, as in peft, ``lora_dropout`` has no effect here. Mixed-adapter batches are not
+    supported (nor are they in peft).
+    """
+
+    weight_name = "in_proj_weight"
+    patches_weights = True
+
+    def __init__(self, base_layer: nn.MultiheadAttention, out_proj: LoraLinear, r: int, alpha: float, dropout: float,
+                 use_rslora: bool) -> None:
+        super().__init__(base_layer, r, alpha, dropout, use_rslora)
+        # Held, not registered: its parameters live (and are saved) in the adapter layer around out_proj.
+        object.__setattr__(self, "out_proj", out_proj)
+
+    def attach(self, layer: AdapterLayer, name: str) -> None:
+        mha = layer.base_layer
+        if not isinstance(mha.out_proj, AdapterLayer):
+            mha.out_proj = AdapterLayer(mha.out_proj)  # the module still reads out_proj.weight through the wrapper
+        mha.out_proj.add_delta(name, self.out_proj)
+
+    def patch_weights(self, weights: dict[str, torch.Tensor], base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        out_layer = base_layer.out_proj
+        if any(out_layer.deltas[n] is self.out_proj for n in out_layer.merged_adapters):
+            raise AdapterStateError(
+                "this adapter is merged into out_proj of a MultiheadAttention but not into its in-projection; merge "
+                "and unmerge through the model (merge_adapter / unmerge_adapter) so both move together"
+            )
+        out_key = "out_proj.base_layer.weight"
+        in_weight = weights.get(self.weight_name, base_layer.in_proj_weight)  # (3E, E)
+        out_weight = weights.get(out_key, out_layer.base_layer.weight)  # (E, E)
+        return {
+            **weights,
+            self.weight_name: self.merge_weight(in_weight, base_layer),
+            out_key: self.out_proj.merge_weight(out_weight, out_layer.base_layer),
+        }
+
+    @classmethod
+    def batched_forward(
+        cls, groups: Sequence[tuple[Delta, torch.Tensor]], x: torch.Tensor, out: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
+        raise AdapterStateError(
+            "adapter_names (mixed-adapter batches) is not supported for LoRA on nn.MultiheadAttention (nor in peft); "
+            "run one adapter per batch"
+        )
 
 
 class LoraEmbedding(LoraDelta):
@@ -507,7 +572,12 @@ _LAYER_CLASSES: tuple[tuple[tuple[type[nn.Module], ...], type[LoraDelta]], ...] 
     ((nn.Linear, Conv1D), LoraLinear),
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d), LoraConv),
     ((nn.Embedding,), LoraEmbedding),
+    ((nn.MultiheadAttention,), LoraMultiheadAttention),
 )
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdapterLayer) else module
 
 
 def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
@@ -515,11 +585,30 @@ def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
     before the first :func:`make_delta`, because PiSSA / OLoRA initialisation rewrites the base weight.
 
     Raises:
-        TargetError: a grouped convolution, DoRA on an embedding, or PiSSA / OLoRA on a layer other than Linear/Conv1D.
+        TargetError: a grouped convolution whose groups do not divide the rank or with DoRA, DoRA on an embedding or
+            MultiheadAttention, a MultiheadAttention with separate q/k/v weights or a non-Linear ``out_proj``, or
+            PiSSA / OLoRA on a layer other than Linear/Conv1D.
     """
     scheme = config.init_lora_weights
-    if isinstance(base_layer, nn.modules.conv._ConvNd) and base_layer.groups != 1:
-        raise TargetError(f"{name}: LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
+    if isinstance(base_layer, nn.modules.conv._ConvNd) and base_layer.groups > 1:
+        groups, r = base_layer.groups, pattern_value(config.rank_pattern, name, config.r)
+        if r % groups:
+            raise TargetError(
+                f"{name}: LoRA on a convolution with groups={groups} needs a rank divisible by {groups} (peft's rule), "
+                f"got r={r}; choose another r (or a rank_pattern entry for this layer) or leave it out of target_modules"
+            )
+        if config.use_dora:  # the update is not a grouped weight, so ‖W₀ + ΔW‖ has no per-channel meaning here
+            raise TargetError(f"{name}: DoRA is not supported on grouped convolutions (groups={groups})")
+    if isinstance(base_layer, nn.MultiheadAttention):
+        if not base_layer._qkv_same_embed_dim:
+            raise TargetError(
+                f"{name}: LoRA on nn.MultiheadAttention needs one packed in_proj_weight (kdim = vdim = embed_dim); "
+                f"this one has separate q/k/v weights, which peft does not support either"
+            )
+        if not isinstance(_unwrapped(base_layer.out_proj), nn.Linear):
+            raise TargetError(f"{name}: LoRA on nn.MultiheadAttention needs its out_proj to be an nn.Linear")
+        if config.use_dora:
+            raise TargetError(f"{name}: DoRA is not supported on nn.MultiheadAttention (nor in peft)")
     if config.use_dora and isinstance(base_layer, nn.Embedding):
         raise TargetError(f"{name}: DoRA supports Linear, Conv1D and Conv layers, not Embedding")
     if isinstance(scheme, str) and scheme != "gaussian" and not isinstance(base_layer, (nn.Linear, Conv1D)):
@@ -534,10 +623,19 @@ def make_delta(config: LoraConfig, base_layer: nn.Module, name: str) -> LoraDelt
     cls = next(c for types, c in _LAYER_CLASSES if isinstance(base_layer, types))
     r = pattern_value(config.rank_pattern, name, config.r)
     alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-    weight = base_layer.weight
+    parts = ()
+    if cls is LoraMultiheadAttention:  # out_proj takes the attention module's rank and alpha, as in peft
+        parts = (_build(LoraLinear, config, _unwrapped(base_layer.out_proj), r, alpha),)
+    return _build(cls, config, base_layer, r, alpha, *parts)
+
+
+def _build(cls: type[LoraDelta], config: LoraConfig, base_layer: nn.Module, r: int, alpha: float,
+           *parts: LoraDelta) -> LoraDelta:
+    """A ``cls`` delta for ``base_layer``, initialised; ``parts`` go to its constructor before ``r``."""
+    weight = getattr(base_layer, cls.weight_name)
     dtype = adapter_dtype(weight.dtype)
     with torch.device("meta"):  # no default init on the CPU: the factors are allocated where the base is, then set
-        delta = cls(base_layer, r, alpha, config.lora_dropout, config.use_rslora)
+        delta = cls(base_layer, *parts, r, alpha, config.lora_dropout, config.use_rslora)
     delta.to_empty(device=weight.device).to(dtype)
     scheme = config.init_lora_weights
     if isinstance(scheme, str) and scheme not in ("gaussian",):
