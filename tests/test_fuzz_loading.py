@@ -301,7 +301,7 @@ def m_tensors(files: Files, rng: random.Random) -> str:
         what = f"dtype {dtype}"
     elif choice == 1:
         shapes = [t.T if t.ndim == 2 else t[None], t[None], t.flatten(), t[:-1] if t.ndim and len(t) > 1 else t[None],
-                  torch.cat([t, t]) if t.ndim else t[None], t.sum()]
+                  torch.cat([t, t]) if t.ndim else t[None], t.float().sum().to(t.dtype)]  # float8 has no sum
         tensors[key] = rng.choice(shapes).clone()
         what = f"shape {tuple(t.shape)} -> {tuple(tensors[key].shape)}"
     elif choice == 2:
