@@ -13,6 +13,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+import deltatune as dt
 from deltatune import (
     AdapterLayer,
     AutoPeftModelForCausalLM,
@@ -175,3 +176,34 @@ def test_prompt_tuning_on_remote_code_model(remote_dir: Path, tmp_path: Path) ->
     assert out.shape[-1] == 8 and torch.equal(out, again)
     auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "prompt"), trust_remote_code=True)
     torch.testing.assert_close(_logits(auto, batch), trained, rtol=0, atol=0)
+
+
+_LAYER_METHODS = {
+    "dora": lambda: LoraConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES), use_dora=True),
+    "ia3": lambda: dt.IA3Config(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES), feedforward_modules=["w2"]),
+    "loha": lambda: dt.LoHaConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES), r=4),
+    "lokr": lambda: dt.LoKrConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES), r=4),
+    "oft": lambda: dt.OFTConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES), r=0, oft_block_size=4),
+    "vera": lambda: dt.VeraConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES), r=8),
+    "adalora": lambda: dt.AdaLoraConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES), total_step=10),
+    "ln_tuning": lambda: dt.LNTuningConfig(task_type="CAUSAL_LM", target_modules=["attention_norm", "ffn_norm"]),
+    "bitfit": lambda: dt.BitFitConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES)),
+    "bottleneck": lambda: dt.BottleneckConfig(task_type="CAUSAL_LM", target_modules=["wo", "w2"]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(_LAYER_METHODS))
+def test_every_layer_method_on_remote_code_model(remote_dir: Path, tmp_path: Path, method: str) -> None:
+    """The model's own classes come from its directory; every layer method adapts them by name alone."""
+    from tests.matrix_cases import perturb_adapter
+
+    base_logits = _logits(_base(remote_dir), batch := make_causal_lm_inputs(_base(remote_dir), batch=2, seq=8))
+    model = get_peft_model(_base(remote_dir), _LAYER_METHODS[method]())
+    torch.testing.assert_close(_logits(model, batch), base_logits, rtol=0, atol=0)  # a fresh adapter changes nothing
+    perturb_adapter(model)
+    adapted = _logits(model, batch)
+    assert (adapted - base_logits).abs().max() > 1e-4
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(PeftModel.from_pretrained(_base(remote_dir), tmp_path), batch), adapted)
+    if method not in ("bitfit", "bottleneck"):  # no bias to merge into / nonlinear
+        torch.testing.assert_close(_logits(model.merge_and_unload(), batch), adapted, rtol=1e-4, atol=1e-5)
