@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -207,9 +208,46 @@ def test_adalora_run_allocates_its_budget_and_peft_loads_the_result(files, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
 
-    options.resume = True
-    with pytest.raises(TrainError, match="AdaLoRA run cannot be resumed"):
-        train(options)
+
+
+def test_adalora_run_interrupted_after_pruning_resumes_exactly(files, tmp_path, monkeypatch):
+    from deltatune.train import loop
+
+    def options(name: str) -> TrainOptions:
+        return opts(files, tmp_path, method="adalora", r=None, target="q_proj,v_proj", epochs=2, save_steps=4,
+                    eval_split=0, lora_dropout=0.1, out=str(tmp_path / name),
+                    method_options={"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1})
+
+    train(options("ref"))
+    real = loop.save_checkpoint
+
+    def then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt  # as if killed right after the checkpoint of step 4 (of 8)
+
+    monkeypatch.setattr(loop, "save_checkpoint", then_interrupt)
+    with pytest.raises(TrainError, match="interrupted at step 4"):
+        train(options("run"))
+    monkeypatch.undo()
+    ckpt = tmp_path / "run/checkpoints/step-000004"
+    pattern = json.loads((ckpt / "adapter_config.json").read_text())["rank_pattern"]
+    assert 0 < sum(map(sum, pattern.values())) < 4 * 4  # the allocator had pruned before the interruption
+    extra = load_file(ckpt / "train_state.safetensors")
+    assert any(k.endswith(".importance.lora_E.smooth") for k in extra) and any(k.endswith(".kept") for k in extra)
+    assert extra["base_model.model.model.layers.0.self_attn.q_proj.lora_A"].shape[0] == 4  # full, not pruned
+
+    # A checkpoint without the training state (an older deltatune) is refused, saying why.
+    shutil.copytree(tmp_path / "run", tmp_path / "old")
+    os.unlink(tmp_path / "old/checkpoints/step-000004/train_state.safetensors")
+    with pytest.raises(TrainError, match="holds no train_state.safetensors, which this ADALORA adapter needs"):
+        train(TrainOptions.from_dict({**options("old").to_dict(), "resume": str(tmp_path / "old")}))
+
+    train(TrainOptions.from_dict({**options("run").to_dict(), "resume": str(tmp_path / "run")}))
+    assert read_losses(tmp_path / "run") == read_losses(tmp_path / "ref")  # every step's loss, lr and grad norm
+    configs = [json.loads((tmp_path / d / "adapter/adapter_config.json").read_text()) for d in ("ref", "run")]
+    assert configs[0]["rank_pattern"] == configs[1]["rank_pattern"]
+    a, b = (load_file(tmp_path / d / "adapter/adapter_model.safetensors") for d in ("ref", "run"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_seq_cls_on_a_decoder_uses_the_tokenizer_pad_id(files, tmp_path):

@@ -22,22 +22,29 @@ from deltatune.train.state import (
 )
 
 
-def _save(directory, step, keep=2):
+def _save(directory, step, keep=2, train_state=None):
     return save_checkpoint(
         str(directory), TrainerState(step=step, tokens=10 * step), '{"peft_type": "LORA"}\n',
         {"base_model.model.x.lora_A.weight": torch.full((2, 2), float(step))},
         {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}, {"last_epoch": step}, [capture_rng()], keep,
+        train_state,
     )
 
 
 def test_checkpoint_round_trip_and_pruning(tmp_path):
+    kept = torch.tensor([True, False, True])
     for step in (5, 10, 15):
-        _save(tmp_path, step)
+        _save(tmp_path, step, train_state={"base_model.model.x.kept": kept} if step == 15 else None)
+    assert not (tmp_path / "checkpoints" / "step-000010" / "train_state.safetensors").exists()  # none: no file
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["LATEST", "step-000010", "step-000015"]
     ckpt = load_checkpoint(latest_checkpoint(str(tmp_path)))
     assert ckpt["state"].step == 15 and ckpt["state"].tokens == 150
     assert torch.equal(ckpt["adapter"]["base_model.model.x.lora_A.weight"], torch.full((2, 2), 15.0))
     assert ckpt["scheduler"] == {"last_epoch": 15} and len(ckpt["rng"]) == 1
+    assert ckpt["config"] == {"peft_type": "LORA"}
+    assert ckpt["train_state"].keys() == {"base_model.model.x.kept"}
+    assert torch.equal(ckpt["train_state"]["base_model.model.x.kept"], kept)
+    assert load_checkpoint(str(tmp_path / "checkpoints" / "step-000010"))["train_state"] == {}
 
 
 def test_leftovers_of_a_killed_write_are_removed(tmp_path):

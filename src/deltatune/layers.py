@@ -173,6 +173,16 @@ class Delta(nn.Module):
         ``constants``, unless the file format differs further (AdaLoRA saves only the singular triplets it kept)."""
         return {k: v for k, v in self.state_dict().items() if k not in self.constants}
 
+    def train_state(self) -> dict[str, torch.Tensor]:
+        """What a training checkpoint holds for this delta besides the adapter file, so that a resumed run continues
+        exactly (keys relative to the delta): nothing by default. A key that names a parameter holds it in full and
+        replaces the file's tensor on resume (AdaLoRA's file keeps only the kept triplets, its optimizer state all of
+        them); other keys are state kept outside the parameters (AdaLoRA's importance scores and allocation)."""
+        return {}
+
+    def load_train_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`train_state` returned; called after the parameters were loaded."""
+
 
 class _Wrapper(nn.Module):
     """Attribute fallback shared by both wrappers: code that reads ``layer.weight`` or ``layer.in_features`` on a

@@ -20,7 +20,9 @@ divides by ``ranknum + 1e-5``. Training calls ``model.base_model.update_and_allo
 
 The allocation is stored as ``rank_pattern``, ``{"<module path>.lora_E": [kept?] * init_r}``, in the config; a saved
 file holds only the kept triplets (so a pruned layer's tensors are smaller, down to rank 0), and loading builds each
-layer at its kept rank. Layer types: ``nn.Linear``, transformers ``Conv1D`` and ``nn.Conv2d``, as in peft.
+layer at its kept rank. A training checkpoint also holds the full factors and the allocator's state
+(:meth:`AdaLoraDelta.train_state`), so a resumed run continues exactly. Layer types: ``nn.Linear``, transformers
+``Conv1D`` and ``nn.Conv2d``, as in peft.
 """
 
 from __future__ import annotations
@@ -208,6 +210,23 @@ class AdaLoraDelta(LoraDelta):
         if self.kept is None or bool(self.kept.all()):
             return super().saved_state_dict()
         return {"lora_A": self.lora_A[self.kept], "lora_E": self.lora_E[self.kept], "lora_B": self.lora_B[:, self.kept]}
+
+    def train_state(self) -> dict[str, torch.Tensor]:
+        """The full factors (pruned triplets keep training until the final allocation), ``kept`` and the EMAs."""
+        state = {name: getattr(self, name) for name in _FACTORS}
+        if self.kept is not None:
+            state["kept"] = self.kept
+        for name, (smooth, uncertainty) in self._importance.items():
+            state[f"importance.{name}.smooth"], state[f"importance.{name}.uncertainty"] = smooth, uncertainty
+        return state
+
+    def load_train_state(self, state: dict[str, torch.Tensor]) -> None:
+        device = self.lora_E.device
+        self.kept = state["kept"].to(device=device, dtype=torch.bool) if "kept" in state else None
+        self._importance = {
+            name: (state[f"importance.{name}.smooth"].to(device), state[f"importance.{name}.uncertainty"].to(device))
+            for name in _FACTORS if f"importance.{name}.smooth" in state
+        }
 
 
 class AdaLoraLinear(AdaLoraDelta):

@@ -7,8 +7,9 @@ What makes a run reproducible and resumable exactly:
   way over processes and micro-steps. The loss of each micro-batch is its *summed* token loss divided by the global
   batch's target-token count (times the process count, which DDP's gradient averaging divides out again), so the
   gradient is the same whatever the split: 1 process x 8, 2 processes x 4 or 1 process x 4 x 2 accumulation steps.
-* A checkpoint holds adapter, optimizer, scheduler, every process's RNG state and the trainer state, so the steps
-  after ``--resume`` compute exactly what the uninterrupted run computed.
+* A checkpoint holds adapter, optimizer, scheduler, every process's RNG state, the trainer state and the adapter's
+  training state (``Delta.train_state``: AdaLoRA's full factors and allocator), so the steps after ``--resume``
+  compute exactly what the uninterrupted run computed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Any
 import torch
 
 from .. import get_peft_model
-from ..config import PeftType
 from ..errors import DeltatuneError
 from . import data as D
 from .evaluate import MAX_CHOICES, evaluate, forward_logits, loss_sum
@@ -35,11 +35,13 @@ from .models import build_peft_config, infer_task, load_model, load_tokenizer
 from .options import TrainError, TrainOptions
 from .state import (
     TrainerState,
+    adapter_train_state,
     capture_rng,
     check_run_dir,
     clear_run_dir,
     latest_checkpoint,
     load_checkpoint,
+    restore_adapter,
     restore_rng,
     save_checkpoint,
     write_failure,
@@ -180,11 +182,6 @@ def train(options: TrainOptions) -> RunResult:
     base = load_model(model_dir, task, labels, tokenizer.pad_token_id)
     set_seed(options.seed)
     peft_config = build_peft_config(options, task, total_steps)
-    if resume_from is not None and peft_config.peft_type == PeftType.ADALORA:
-        raise TrainError(
-            f"{out}: an AdaLoRA run cannot be resumed (its importance scores and rank allocation are not "
-            f"checkpointed yet); start it again in a new --out directory"
-        )
     try:
         model = get_peft_model(base, peft_config)
     except DeltatuneError as exc:
@@ -219,7 +216,7 @@ def train(options: TrainOptions) -> RunResult:
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
         state = ckpt["state"]
-        model.load_adapter_state_dict(ckpt["adapter"], "default", resume_from)
+        restore_adapter(model, "default", ckpt, resume_from)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         rng = ckpt["rng"]
@@ -309,7 +306,7 @@ def train(options: TrainOptions) -> RunResult:
             save_checkpoint(
                 out, state, unwrapped.peft_config["default"].to_json_string(),
                 unwrapped.adapter_state_dict("default"), optimizer.state_dict(), scheduler.state_dict(),
-                rng_states, options.save_total_limit,
+                rng_states, options.save_total_limit, adapter_train_state(unwrapped, "default"),
             )
         accelerator.wait_for_everyone()
 

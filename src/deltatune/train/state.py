@@ -5,7 +5,8 @@ Layout of a run directory::
     run.json                  the options (what this run computes) — how a later command recognises the run
     metrics.jsonl             one JSON object per logged step / evaluation
     checkpoints/LATEST        name of the newest complete checkpoint (written last, atomically)
-    checkpoints/step-000040/  adapter (peft format) + optimizer + scheduler + RNG states + trainer state
+    checkpoints/step-000040/  adapter (peft format) + optimizer + scheduler + RNG states + trainer state, and the
+                              adapter's training state where a method has one (train_state.safetensors)
     adapter/                  the final adapter (peft format: PeftModel.from_pretrained loads it)
     best/                     the adapter with the best eval loss (when evaluating during training)
     loss.png, summary.json    written at the end
@@ -30,11 +31,14 @@ import torch
 
 from ..checkpoint import SAFETENSORS_NAME, atomic_write_files
 from ..config import CONFIG_NAME
+from ..layers import Delta, adapter_layers
 from .options import TrainError, TrainOptions
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
+TRAIN_STATE_NAME = "train_state.safetensors"
+_LAYER_PREFIX = "base_model.model."  # how adapter files key layer adapters
 
 
 @dataclass
@@ -186,6 +190,10 @@ def _torch_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
 def save_checkpoint(
     directory: str,
     state: TrainerState,
@@ -195,8 +203,11 @@ def save_checkpoint(
     scheduler_state: dict[str, Any],
     rng_states: list[dict[str, Any]],
     keep: int,
+    train_state: dict[str, torch.Tensor] | None = None,
 ) -> str:
     """Write checkpoint ``step-<state.step>`` and point ``LATEST`` at it; then delete all but the newest ``keep``.
+
+    ``train_state`` (from :func:`adapter_train_state`) is written only when a method has any.
 
     Raises:
         TrainError: the write failed (disk full, permissions); the previous checkpoint is untouched and named.
@@ -209,9 +220,11 @@ def save_checkpoint(
     previous = latest_checkpoint(directory)
     try:
         os.makedirs(path, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors.items()}
+        extra = {os.path.join(path, TRAIN_STATE_NAME): save(_cpu(train_state), metadata={"format": "pt"})} \
+            if train_state else {}
         atomic_write_files({
-            os.path.join(path, SAFETENSORS_NAME): save(tensors, metadata={"format": "pt"}),
+            **extra,
+            os.path.join(path, SAFETENSORS_NAME): save(_cpu(adapter_tensors), metadata={"format": "pt"}),
             os.path.join(path, CONFIG_NAME): adapter_config_json.encode(),
             os.path.join(path, "optimizer.pt"): _torch_bytes(optimizer_state),
             os.path.join(path, "scheduler.pt"): _torch_bytes(scheduler_state),
@@ -254,11 +267,14 @@ def prune_checkpoints(directory: str, keep: int) -> None:
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """Read everything :func:`save_checkpoint` wrote (tensors on CPU)."""
+    """Read everything :func:`save_checkpoint` wrote (tensors on CPU; ``train_state`` empty when there was none)."""
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as fh:
         state = TrainerState(**json.load(fh))
+    with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as fh:
+        config = json.load(fh)
+    extra = os.path.join(path, TRAIN_STATE_NAME)
 
     def load(name: str) -> Any:
         return torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
@@ -266,7 +282,58 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return {
         "state": state,
         "adapter": load_file(os.path.join(path, SAFETENSORS_NAME)),
+        "config": config,
+        "train_state": load_file(extra) if os.path.isfile(extra) else {},
         "optimizer": load("optimizer.pt"),
         "scheduler": load("scheduler.pt"),
         "rng": load("rng_state.pt"),
     }
+
+
+# --- the adapter's training state ------------------------------------------------------------------------------------
+
+def _deltas(model: Any, adapter_name: str) -> dict[str, Delta]:
+    """Adapter ``adapter_name``'s deltas by the prefix of their keys in the adapter file."""
+    return {f"{_LAYER_PREFIX}{path}": layer.deltas[adapter_name]
+            for path, layer in adapter_layers(model.get_base_model()) if adapter_name in layer.deltas}
+
+
+def adapter_train_state(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Every delta's :meth:`~deltatune.layers.Delta.train_state`, keyed like the adapter file."""
+    return {f"{prefix}.{key}": value.detach() for prefix, delta in _deltas(model, adapter_name).items()
+            for key, value in delta.train_state().items()}
+
+
+def restore_adapter(model: Any, adapter_name: str, checkpoint: dict[str, Any], source: str) -> None:
+    """Put a checkpoint's adapter into ``model`` as it was in training: the adapter file with the training state's
+    full tensors in place of the file's, the config fields training wrote (AdaLoRA's ``rank_pattern``), then each
+    delta's remaining training state.
+
+    Raises:
+        TrainError: the adapter needs a training state the checkpoint lacks (written by an older deltatune).
+    """
+    extra = checkpoint["train_state"]
+    if not extra and adapter_train_state(model, adapter_name):
+        raise TrainError(
+            f"{source} holds no {TRAIN_STATE_NAME}, which this {model.peft_config[adapter_name].peft_type.value} "
+            f"adapter needs to resume exactly (the checkpoint is from an older deltatune); start the run again "
+            f"with --overwrite or in a new --out directory"
+        )
+    adapter = checkpoint["adapter"]
+    model.load_adapter_state_dict({**adapter, **{k: v for k, v in extra.items() if k in adapter}}, adapter_name,
+                                  source)
+    config = model.peft_config[adapter_name]
+    fresh = json.loads(config.to_json_string())  # as JSON, like the checkpoint's
+    for key, value in checkpoint["config"].items():
+        if key in fresh and fresh[key] != value:
+            setattr(config, key, value)
+    deltas = _deltas(model, adapter_name)
+    states: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in deltas}
+    for key, value in extra.items():
+        owner = max((p for p in deltas if key.startswith(p + ".")), key=len, default=None)  # innermost (nested)
+        if owner is None:
+            raise TrainError(f"{source}: {TRAIN_STATE_NAME} holds {key!r}, which no adapter layer of this run has; "
+                             f"the checkpoint does not belong to this run")
+        states[owner][key[len(owner) + 1:]] = value
+    for prefix, delta in deltas.items():
+        delta.load_train_state(states[prefix])
