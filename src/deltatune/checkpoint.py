@@ -76,6 +76,11 @@ def adapter_directory(save_directory: str | os.PathLike, adapter_name: str) -> s
     return path
 
 
+# Where a PeftModel's layer adapters sit in its state dict and in adapter files: under the wrapper's ``base_model``
+# holder, whose ``model`` is the adapted model (peft's layout).
+LAYER_KEY_PREFIX = "base_model.model."
+
+
 def atomic_write_files(files: Mapping[str, bytes]) -> None:
     """Write several files so that each is either fully the old or fully the new content.
 

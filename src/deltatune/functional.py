@@ -20,7 +20,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .checkpoint import _holders, layer_adapter_state_dict, load_layer_adapter_state_dict, to_model_keys
+from .checkpoint import (
+    LAYER_KEY_PREFIX,
+    _holders,
+    layer_adapter_state_dict,
+    load_layer_adapter_state_dict,
+    to_model_keys,
+)
 from .config import PeftConfig
 from .errors import AdapterStateError, ConfigError
 from .inject import add_layer_adapter, add_modules_to_save, mark_trainable, set_active
@@ -70,7 +76,7 @@ def _root_and_prefix(model: nn.Module) -> tuple[nn.Module, str]:
     from .model import PeftModel
 
     if isinstance(model, PeftModel):
-        return model.get_base_model(), "base_model.model."
+        return model.get_base_model(), LAYER_KEY_PREFIX
     return model, ""
 
 
@@ -102,12 +108,11 @@ def get_peft_model_state_dict(
         return saved
     live = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
     names = to_model_keys(live, _holders(root), adapter_name)
-    outer = "base_model.model." if prefix else ""
-    missing = [names[k] for k in live if outer + names[k] not in state_dict]
+    missing = [names[k] for k in live if prefix + names[k] not in state_dict]
     if missing:
         raise AdapterStateError(f"state_dict lacks {len(missing)} tensor(s) of adapter {adapter_name!r}, first "
-                                f"{outer + missing[0]!r}")
-    return {**saved, **{prefix + k: state_dict[outer + names[k]] for k in live}}
+                                f"{prefix + missing[0]!r}")
+    return {**saved, **{prefix + k: state_dict[prefix + names[k]] for k in live}}
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import functional, inject, prompt
 from .checkpoint import (
+    LAYER_KEY_PREFIX,
     adapter_directory,
     layer_adapter_state_dict,
     load_layer_adapter_state_dict,
@@ -393,7 +394,7 @@ class PeftModel(nn.Module):
         state = layer_adapter_state_dict(
             self.get_base_model(), adapter_name, getattr(config, "bias", "none"), bool(save_embedding_layers)
         )
-        out = {f"base_model.model.{k}": v for k, v in state.items()}
+        out = {LAYER_KEY_PREFIX + k: v for k, v in state.items()}
         shared = self.base_model.shared_state
         if adapter_name in shared:  # tensors all the adapter's layers share, saved once under ``base_model.<name>``
             out.update({f"base_model.{k}": v.detach() for k, v in shared[adapter_name].state_dict().items()})
@@ -402,7 +403,7 @@ class PeftModel(nn.Module):
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
         if adapter_name in self.prompt_encoder:
             return self._load_prompt_state_dict(state_dict, adapter_name, source)
-        prefix = "base_model.model."
+        prefix = LAYER_KEY_PREFIX
         holder = self.base_model.shared_state[adapter_name] if adapter_name in self.base_model.shared_state else None
         shared = {  # the adapter's shared state, saved as ``base_model.<name>``
             k[len("base_model."):]: v for k, v in state_dict.items()

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import SAFETENSORS_NAME, atomic_write_files
+from ..checkpoint import LAYER_KEY_PREFIX, SAFETENSORS_NAME, atomic_write_files
 from ..config import CONFIG_NAME
 from ..layers import Delta, adapter_layers
 from .options import TrainError, TrainOptions
@@ -38,7 +38,6 @@ RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
 TRAIN_STATE_NAME = "train_state.safetensors"
-_LAYER_PREFIX = "base_model.model."  # how adapter files key layer adapters
 
 
 @dataclass
@@ -294,7 +293,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 
 def _deltas(model: Any, adapter_name: str) -> dict[str, Delta]:
     """Adapter ``adapter_name``'s deltas by the prefix of their keys in the adapter file."""
-    return {f"{_LAYER_PREFIX}{path}": layer.deltas[adapter_name]
+    return {f"{LAYER_KEY_PREFIX}{path}": layer.deltas[adapter_name]
             for path, layer in adapter_layers(model.get_base_model()) if adapter_name in layer.deltas}
 
 
