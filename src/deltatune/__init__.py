@@ -10,7 +10,7 @@ from .auto import (
     AutoPeftModelForTokenClassification,
 )
 from .checkpoint import atomic_write_files
-from .config import LayerConfig, PeftConfig, PeftType, TaskType
+from .config import LayerConfig, PeftConfig, PeftType, PromptLearningConfig, TaskType
 from .errors import AdapterLoadError, AdapterStateError, ConfigError, DeltatuneError, RemoteCodeError, TargetError
 from .functional import (
     get_layer_status,
@@ -43,7 +43,6 @@ from .model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
-from .prompt import PromptLearningConfig
 
 __version__ = "0.1.0"
 

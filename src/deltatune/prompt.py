@@ -40,52 +40,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import PeftConfig, TaskType
+from .config import PromptLearningConfig, TaskType
 from .errors import AdapterLoadError, AdapterStateError, ConfigError
 
 EMBEDDINGS = "embeddings"  # PromptMethod.kind: virtual tokens prepended to inputs_embeds
 PREFIX = "prefix"  # PromptMethod.kind: per-layer key/value prefix in the KV cache
 
+__all__ = ["PromptLearningConfig"]  # re-exported: it lives in config.py beside the other configs
+
 PROMPT_KEY = "prompt_embeddings"  # the one tensor peft saves for every prompt method
-
-
-@dataclass
-class PromptLearningConfig(PeftConfig):
-    """Fields every prompt method shares. Dimensions left ``None`` are read from the base model's config when the
-    adapter is added (and then saved, so a file always carries them).
-
-    Attributes:
-        num_virtual_tokens: Number of virtual tokens ``T`` (for prefix tuning: prefix length per layer).
-        token_dim: Width of one virtual token: the model's hidden size. For prefix tuning, the key (or value) width
-            of one layer, ``head_dim × num_key_value_heads`` (smaller than the hidden size with grouped-query
-            attention).
-        num_transformer_submodules: ``2`` for encoder-decoder models (task ``SEQ_2_SEQ_LM``), else ``1``. Prompt
-            tuning and P-tuning keep ``T × num_transformer_submodules`` rows and feed the first ``T`` to the encoder.
-        num_attention_heads: Attention heads; for prefix tuning the number of key/value heads.
-        num_layers: Transformer layers (prefix tuning: the layers that receive a prefix).
-    """
-
-    num_virtual_tokens: int | None = None
-    token_dim: int | None = None
-    num_transformer_submodules: int | None = None
-    num_attention_heads: int | None = None
-    num_layers: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) \
-                or self.num_virtual_tokens <= 0:
-            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
-        for name in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
-        if self.num_transformer_submodules not in (None, 1, 2):
-            raise ConfigError(f"num_transformer_submodules must be 1 or 2, got {self.num_transformer_submodules!r}")
-
-    @property
-    def is_prompt_learning(self) -> bool:
-        return True
 
 
 @dataclass(frozen=True)
