@@ -333,7 +333,7 @@ class PeftModel(nn.Module):
             return self.get_base_model().generate(*args, **kwargs)
 
     def _prompt_call(self, adapter_names: Sequence[str] | None) -> tuple | None:
-        """``(config, encoder, kind)`` of the active prompt adapter, or ``None`` when a layer adapter (or none, or
+        """``(config, encoder, strategy)`` of the active prompt adapter, or ``None`` when a layer adapter (or none, or
         ``disable_adapter()``) is in effect."""
         name = self._active[0] if self._active else None
         if name not in self.prompt_encoder or self._prompt_disabled:
@@ -341,7 +341,7 @@ class PeftModel(nn.Module):
         if adapter_names is not None:
             raise AdapterStateError("adapter_names (one adapter per row) is not supported with a prompt adapter")
         config = self.peft_config[name]
-        return config, self.prompt_encoder[name], get_method(config.peft_type).kind
+        return config, self.prompt_encoder[name], get_method(config.peft_type).strategy
 
     def _check_row_adapters(self, adapter_names: Sequence[str] | None) -> None:
         if adapter_names is None:
@@ -545,8 +545,8 @@ def _check_planned_size(
     if not isinstance(method, LayerMethod):  # a prompt method: the saved table is what loading allocates
         try:
             planned_config = copy.deepcopy(config)
-            prompt.fill_dimensions(planned_config, model, method.kind)
-            planned: int | None = math.prod(prompt.table_shape(planned_config, method.kind))
+            prompt.fill_dimensions(planned_config, model, method.strategy)
+            planned: int | None = math.prod(method.strategy.table_shape(planned_config))
         except Exception:  # dimensions it cannot read: building the encoder reports them
             return
         _check_prompt_encoder_size(model, planned_config, method, config_source)

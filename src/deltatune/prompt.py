@@ -1,19 +1,21 @@
 """Everything the prompt methods (prompt tuning, P-tuning, prefix tuning) share, written once.
 
-A prompt method never touches the model's layers. Its *encoder* produces a table of virtual tokens and this module
-feeds that table to the unchanged model in one of two ways (the method's :attr:`PromptMethod.kind`):
+A prompt method never touches the model's layers. Its *encoder* produces a table of virtual tokens and a
+:class:`PromptStrategy` (the method's :attr:`PromptMethod.strategy`) feeds that table to the unchanged model:
 
-* ``"embeddings"`` (prompt tuning, P-tuning): ``T`` virtual-token embeddings are prepended to ``inputs_embeds`` (the
-  encoder's input for encoder-decoder models). The attention mask, per-token labels (``-100`` over virtual tokens),
-  ``token_type_ids``, explicit ``position_ids`` and span labels are extended to match.
-* ``"prefix"`` (prefix tuning): the table holds one key and one value of ``T`` positions for every layer; it is handed
-  to the model as a transformers ``Cache`` that already contains ``T`` tokens (``DynamicCache``; an
+* :data:`EMBEDDING_PROMPT` (prompt tuning, P-tuning): ``T`` virtual-token embeddings are prepended to
+  ``inputs_embeds`` (the encoder's input for encoder-decoder models). The attention mask, per-token labels (``-100``
+  over virtual tokens), ``token_type_ids``, explicit ``position_ids`` and span labels are extended to match.
+* :data:`PREFIX` (prefix tuning): the table holds one key and one value of ``T`` positions for every layer; it is
+  handed to the model as a transformers ``Cache`` that already contains ``T`` tokens (``DynamicCache``; an
   ``EncoderDecoderCache`` whose self-attention part holds the prefix for encoder-decoder models). The model's own
   attention concatenates it with the real keys/values, so GQA, rotary positions and relative position biases are the
   model's business. Only the attention mask (and explicit position ids) are extended.
 
-The model's own heads and losses do the rest, so there is no per-task forward: what differs by task is data
-(:class:`PromptTask`, a class attribute of each task wrapper).
+Both line the inputs indexed by token position up with the ``T`` prompt positions through one helper,
+:func:`prepend_positions`, in forward and in ``generate()`` alike. The model's own heads and losses do the rest, so
+there is no per-task forward: what differs by task is data (:class:`PromptTask`, a class attribute of each task
+wrapper).
 
 Generation goes through the model's own ``generate()`` with the KV cache on. Virtual-token embeddings travel as
 ``inputs_embeds`` next to ``input_ids``; a prefix is written into ``generate()``'s own (empty) cache by a forward
@@ -23,9 +25,6 @@ the tests check: tokens from cached generation equal tokens from re-running the 
 Never dropped silently: after every forward that received a prefix, the cache must have grown past the prefix; a
 model that ignored it raises :class:`AdapterStateError` instead of quietly computing the base model. Nothing is kept
 between calls: each forward builds a fresh cache and the generation hooks are removed when ``generate()`` returns.
-
-The transformers forward argument is ``cache`` from 5.24 on and ``past_key_values`` before; the name is read from
-the forward signature (or, for task heads that forward ``**kwargs``, from their backbone's).
 """
 
 from __future__ import annotations
@@ -35,25 +34,27 @@ import inspect
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .config import PromptLearningConfig, TaskType
+from .config import PromptLearningConfig, TaskType  # PromptLearningConfig also importable from here, as before
 from .errors import AdapterLoadError, AdapterStateError, ConfigError
 
-EMBEDDINGS = "embeddings"  # PromptMethod.kind: virtual tokens prepended to inputs_embeds
-PREFIX = "prefix"  # PromptMethod.kind: per-layer key/value prefix in the KV cache
+if TYPE_CHECKING:
+    from .registry import PromptMethod
 
-__all__ = ["PromptLearningConfig"]  # re-exported: it lives in config.py beside the other configs
+# The forward argument that takes a KV cache: transformers 5.24 renamed ``past_key_values`` to ``cache``. A model's
+# own name is read from its forward signature (:func:`cache_argument`); callers may pass either.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
 
 PROMPT_KEY = "prompt_embeddings"  # the one tensor peft saves for every prompt method
 
 
 @dataclass(frozen=True)
 class PromptTask:
-    """What a task wrapper's inputs need when virtual tokens are prepended (only for ``"embeddings"`` methods, whose
+    """What a task wrapper's inputs need when virtual tokens are prepended (only for the embedding prompt, whose
     outputs then have ``T`` extra leading positions; a prefix adds no positions to the output).
 
     Attributes:
@@ -109,14 +110,7 @@ def check_encoder_size(name: str, value: object, limit: int) -> None:
         raise ConfigError(f"{name} must be a positive integer of at most {limit} (or None), got {value!r}")
 
 
-def table_shape(config: PromptLearningConfig, kind: str) -> tuple[int, int]:
-    """``(rows, width)`` of the saved ``prompt_embeddings`` for a method of ``kind``."""
-    if kind == PREFIX:
-        return config.num_virtual_tokens, config.num_layers * 2 * config.token_dim
-    return config.num_virtual_tokens * config.num_transformer_submodules, config.token_dim
-
-
-# --- adding an adapter: checks, dimensions, encoder ------------------------------------------------------------------
+# --- what the base model offers ---------------------------------------------------------------------------------------
 
 def _model_config(model: nn.Module):
     config = getattr(model, "config", None)
@@ -139,142 +133,14 @@ def _signature(fn) -> tuple[frozenset[str], bool]:
 
 
 def cache_argument(model: nn.Module) -> str | None:
-    """The forward argument that takes a KV cache: ``"cache"`` (transformers ≥ 5.24) or ``"past_key_values"``;
-    for a task head without one that forwards ``**kwargs`` to its backbone (``BertForSequenceClassification``), the
-    backbone's name. ``None`` when the model cannot take a cache."""
+    """The forward argument of :data:`CACHE_ARGUMENTS` that takes a KV cache; for a task head without one that
+    forwards ``**kwargs`` to its backbone (``BertForSequenceClassification``), the backbone's name. ``None`` when
+    the model cannot take a cache."""
     names, var_kw = _signature(model.forward)
-    for name in ("cache", "past_key_values"):
-        if name in names:
-            return name
     backbone = getattr(model, "base_model", None)
-    if var_kw and isinstance(backbone, nn.Module) and backbone is not model:
-        backbone_names, _ = _signature(backbone.forward)
-        for name in ("cache", "past_key_values"):
-            if name in backbone_names:
-                return name
-    return None
-
-
-def fill_dimensions(config: PromptLearningConfig, model: nn.Module, kind: str) -> None:
-    """Fill the config's ``None`` dimensions from the model's config, as peft does (so files agree), in place.
-
-    For a prefix on a model with ``num_key_value_heads`` (grouped-query attention) the prefix has the key/value
-    shape: ``token_dim = head_dim × num_key_value_heads`` and ``num_attention_heads = num_key_value_heads``.
-    """
-    mc = _model_config(model)
-    needed = {
-        "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
-        "token_dim": ("hidden_size", "n_embd", "d_model"),
-        "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
-    }
-    filled = {}
-    for field_name, names in needed.items():
-        if getattr(config, field_name) is None:
-            value = _first(mc, *names)
-            if value is None:
-                raise ConfigError(
-                    f"cannot read {field_name} from {type(model).__name__}'s config; set {field_name} in the "
-                    f"{type(config).__name__}"
-                )
-            setattr(config, field_name, value)
-            filled[field_name] = value
-    model_dict = mc.to_dict() if hasattr(mc, "to_dict") else {}
-    if kind == PREFIX and "num_key_value_heads" in model_dict and {"token_dim", "num_attention_heads"} <= set(filled):
-        kv_heads = model_dict["num_key_value_heads"]
-        head_dim = model_dict.get("head_dim") or config.token_dim // config.num_attention_heads
-        config.token_dim = head_dim * kv_heads
-        config.num_attention_heads = kv_heads
-    if config.num_transformer_submodules is None:
-        config.num_transformer_submodules = 2 if config.task_type == TaskType.SEQ_2_SEQ_LM else 1
-    if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
-        config.encoder_hidden_size = config.token_dim
-
-
-def _check_prefix_shape(config: PromptLearningConfig, model: nn.Module) -> None:
-    """Refuse a prefix whose per-layer key/value shape or layer count does not fit the model's attention, before
-    any forward turns it into a shape error deep inside attention."""
-    mc = _model_config(model)
-    if mc is None:
-        return
-    if config.token_dim % config.num_attention_heads:
-        raise ConfigError(
-            f"token_dim={config.token_dim} is not divisible by num_attention_heads={config.num_attention_heads}"
-        )
-    q_heads = _first(mc, "num_attention_heads", "n_head", "num_heads")
-    hidden = _first(mc, "hidden_size", "n_embd", "d_model")
-    kv_heads = _first(mc, "num_key_value_heads") or q_heads
-    head_dim = _first(mc, "head_dim", "d_kv") or (hidden // q_heads if hidden and q_heads else None)
-    want = (config.num_attention_heads, config.token_dim // config.num_attention_heads)
-    if kv_heads and head_dim and want != (kv_heads, head_dim):
-        raise ConfigError(
-            f"the prefix has {want[0]} heads of width {want[1]} per layer but {type(model).__name__} attends with "
-            f"{kv_heads} key/value heads of width {head_dim}; set num_attention_heads={kv_heads} and "
-            f"token_dim={kv_heads * head_dim} in the PrefixTuningConfig"
-        )
-    layers = _first(mc, "num_decoder_layers") if getattr(mc, "is_encoder_decoder", False) else None
-    layers = layers or _first(mc, "num_hidden_layers", "num_layers", "n_layer")
-    if layers and layers != config.num_layers:
-        raise ConfigError(
-            f"the prefix covers num_layers={config.num_layers} layers but {type(model).__name__} has {layers} "
-            f"attention layers that read the cache; set num_layers={layers}"
-        )
-
-
-def make_prompt_encoder(model: nn.Module, config: PromptLearningConfig, method) -> nn.Module:
-    """Check that ``model`` can take the method's prompt, fill the config's dimensions and build the encoder.
-
-    A config in inference mode (a saved adapter being loaded) gets a plain :class:`PromptTable` of the saved shape:
-    peft's files hold the encoder's output, not its parameters.
-
-    Raises:
-        ConfigError: the model's forward cannot take ``inputs_embeds`` (embeddings) or a KV cache (prefix), the
-            dimensions cannot be read or do not fit, or gradient checkpointing is on for prefix tuning.
-    """
-    if not isinstance(config, PromptLearningConfig):
-        raise ConfigError(f"{type(config).__name__} is not a prompt-learning config")
-    name = type(model).__name__
-    if method.kind == PREFIX:
-        if cache_argument(model) is None:
-            raise ConfigError(
-                f"{name}.forward takes no KV cache ('cache' or 'past_key_values'), so prefix tuning cannot feed it "
-                f"a prefix; use prompt tuning or P-tuning for this model"
-            )
-        if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-            raise ConfigError(
-                "prefix tuning does not work with gradient checkpointing (recomputation would write the prefix "
-                "into the cache twice); disable gradient checkpointing on the base model first"
-            )
-    else:
-        names, _ = _signature(model.forward)
-        if "inputs_embeds" not in names:
-            raise ConfigError(
-                f"{name}.forward takes no 'inputs_embeds', so {config.peft_type.value} cannot prepend virtual "
-                f"tokens; use a model whose forward accepts inputs_embeds"
-            )
-        if input_embeddings(model) is None:
-            raise ConfigError(f"{name} has no get_input_embeddings(); {config.peft_type.value} needs the word embeddings")
-    fill_dimensions(config, model, method.kind)
-    if method.kind == PREFIX:
-        _check_prefix_shape(config, model)
-    else:
-        width = getattr(getattr(input_embeddings(model), "weight", None), "shape", (None,))[-1]
-        if isinstance(width, int) and config.token_dim != width:
-            raise ConfigError(
-                f"token_dim={config.token_dim} differs from the width {width} of {name}'s word embeddings, which the "
-                f"virtual tokens are prepended to; set token_dim={width} (or leave it unset)"
-            )
-    limit = _max_positions(model)
-    if limit is not None and config.num_virtual_tokens >= limit:
-        raise ConfigError(
-            f"num_virtual_tokens={config.num_virtual_tokens} leaves no room for input in {name}, which has "
-            f"{limit} positions"
-        )
-    if config.inference_mode:
-        encoder = PromptTable(*table_shape(config, method.kind))
-    else:
-        encoder = method.make_encoder(config, input_embeddings(model))
-    reference = next(iter(model.parameters()), None)
-    return encoder.to(reference.device) if reference is not None else encoder
+    if not names & set(CACHE_ARGUMENTS) and var_kw and isinstance(backbone, nn.Module) and backbone is not model:
+        names, _ = _signature(backbone.forward)
+    return next((name for name in CACHE_ARGUMENTS if name in names), None)
 
 
 def input_embeddings(model: nn.Module) -> nn.Module | None:
@@ -292,39 +158,11 @@ def _max_positions(model: nn.Module) -> int | None:
     return value if isinstance(value, int) else None
 
 
-# --- files ----------------------------------------------------------------------------------------------------------
-
-def load_prompt_embeddings(encoder: nn.Module, table: torch.Tensor, source: str) -> nn.Module:
-    """Put a saved ``prompt_embeddings`` table into ``encoder``; returns the encoder to keep.
-
-    A :class:`PromptTable` takes the values directly. A reparameterised encoder (P-tuning's MLP/LSTM, prefix
-    projection) cannot be inverted from its output, so it is replaced by a trainable table holding that output:
-    the outputs are exactly the saved adapter's and training continues on the table (peft refuses
-    ``is_trainable=True`` for prompt adapters).
-
-    Raises:
-        AdapterLoadError: the table's shape differs from the adapter's (different model or config).
-    """
-    want = tuple(encoder.embedding.weight.shape) if isinstance(encoder, PromptTable) else tuple(prompt_table(encoder).shape)
-    if tuple(table.shape) != want:
-        raise AdapterLoadError(
-            f"{source}: shape mismatch for {PROMPT_KEY!r}: saved {list(table.shape)}, adapter has {list(want)}. "
-            f"The adapter was saved for another base model or with another num_virtual_tokens/token_dim/num_layers."
-        )
-    if not isinstance(encoder, PromptTable):
-        warnings.warn(
-            f"{source}: a saved {type(encoder).__name__} holds only its output; continuing training on that output "
-            f"as a plain table (the reparameterisation network is not part of peft's file format)",
-            stacklevel=3,
-        )
-        weight = encoder.embedding.weight
-        encoder = PromptTable(*want).to(device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        encoder.embedding.weight.copy_(table.to(encoder.embedding.weight))
-    return encoder
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
-# --- feeding the model ----------------------------------------------------------------------------------------------
+# --- lining inputs up with the prompt ---------------------------------------------------------------------------------
 
 def _bind(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Positional forward arguments as keywords (by the model's forward signature)."""
@@ -342,8 +180,9 @@ def _bind(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, An
 
 
 def _pop_cache(kwargs: dict[str, Any]):
+    """The cache passed under either name of :data:`CACHE_ARGUMENTS` (removed from ``kwargs``), or ``None``."""
     cache = None
-    for name in ("cache", "past_key_values"):
+    for name in CACHE_ARGUMENTS:
         value = kwargs.pop(name, None)
         if value is not None:
             cache = value
@@ -352,10 +191,6 @@ def _pop_cache(kwargs: dict[str, Any]):
 
 def _cache_length(cache) -> int:
     return cache.get_seq_length() if cache is not None else 0
-
-
-def _is_encoder_decoder(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def _extend_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -393,45 +228,274 @@ def _batch_and_length(kwargs: dict[str, Any], *keys: str) -> tuple[int, int]:
     return source.shape[0], source.shape[1] if source.dim() > 1 else 1
 
 
-def _virtual_embeddings(encoder: nn.Module, config: PromptLearningConfig, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """The first ``T`` virtual-token embeddings for a batch, in the dtype of ``like``: ``(B, T, token_dim)``.
-
-    Encoder-decoder configs keep ``2T`` rows (``num_transformer_submodules=2``); as in peft, only the first ``T``
-    are fed (to the encoder), the others are saved but unused."""
-    table = prompt_table(encoder)[: config.num_virtual_tokens].to(dtype=like.dtype, device=like.device)
-    return table.unsqueeze(0).expand(batch, -1, -1)
-
-
-def _prepend_virtual_tokens(
-    model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, kwargs: dict[str, Any], task: PromptTask
+def prepend_positions(
+    kwargs: dict[str, Any], n: int, *, in_input: bool, mask_key: str = "attention_mask",
+    position_key: str | None = "position_ids", token_labels: bool = False, span_keys: tuple[str, ...] = (),
 ) -> None:
-    """Turn ``input_ids``/``inputs_embeds`` into ``inputs_embeds`` with the virtual tokens in front, and extend the
-    inputs that are indexed by token position. In place."""
-    T = config.num_virtual_tokens
-    ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
-    if embeds is None:
-        if ids is None:
-            raise ConfigError("pass input_ids or inputs_embeds")
-        embeds = input_embeddings(model)(ids)  # (B, S, d)
-    batch, length = embeds.shape[:2]
-    _check_length(model, config, T + length, f"an input of {length} tokens")
-    kwargs["inputs_embeds"] = torch.cat([_virtual_embeddings(encoder, config, batch, embeds), embeds], dim=1)
-    labels = kwargs.get("labels")
-    # Per-token labels: the task says so, or (the generic wrapper, no task_type) they are shaped like the input.
-    per_token = task.token_labels or (labels is not None and tuple(labels.shape[:2]) == (batch, length))
-    if per_token and labels is not None and not _is_encoder_decoder(model):
-        kwargs["labels"] = torch.cat([labels.new_full((batch, T), -100), labels], dim=1)
-    for key in task.span_keys:
-        if kwargs.get(key) is not None:
-            kwargs[key] = kwargs[key] + T
+    """Line the inputs indexed by token position up with ``n`` prompt positions in front of the sequence, in place.
+
+    The attention mask ``(B, S)`` gets ``n`` ones in front: the model attends to the whole prompt.
+
+    Args:
+        kwargs: The forward (or ``generate()``) keyword arguments.
+        n: Number of prompt positions ``T``.
+        in_input: The ``n`` positions are part of this call's input (virtual tokens at the front of
+            ``inputs_embeds``): ``token_type_ids`` get ``n`` zeros and ``position_ids`` the ids ``0..n-1`` in front,
+            per-token ``labels`` get ``-100``, ``span_keys`` shift by ``n``. Otherwise they are already in the KV
+            cache (a prefix, or the virtual tokens of an earlier call): only the positions shift by ``n``.
+        mask_key: The mask of the sequence the prompt precedes (``decoder_attention_mask`` for a prefix on an
+            encoder-decoder model).
+        position_key: Its explicit position ids, or ``None`` when the prompt does not move them.
+        token_labels: ``labels`` has one entry per input token.
+        span_keys: Inputs holding token indices into the sequence.
+    """
+    mask = _extend_mask(kwargs.pop(mask_key, None), n)
+    if mask is not None:
+        kwargs[mask_key] = mask
+    positions = kwargs.get(position_key) if position_key is not None else None
+    if positions is not None:
+        positions = positions + n
+        if in_input:
+            virtual = torch.arange(n, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], n)
+            positions = torch.cat([virtual, positions], dim=1)  # (B, n + S)
+        kwargs[position_key] = positions
+    if not in_input:
+        return
     if kwargs.get("token_type_ids") is not None:
         types_ = kwargs["token_type_ids"]
-        kwargs["token_type_ids"] = torch.cat([types_.new_zeros(batch, T), types_], dim=1)
-    if kwargs.get("position_ids") is not None:
-        positions = kwargs["position_ids"]
-        virtual = torch.arange(T, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], T)
-        kwargs["position_ids"] = torch.cat([virtual, positions + T], dim=1)
+        kwargs["token_type_ids"] = torch.cat([types_.new_zeros(types_.shape[0], n), types_], dim=1)
+    if token_labels and kwargs.get("labels") is not None:
+        labels = kwargs["labels"]
+        kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], n), -100), labels], dim=1)
+    for key in span_keys:
+        if kwargs.get(key) is not None:
+            kwargs[key] = kwargs[key] + n
 
+
+def _run(model: nn.Module, kwargs: dict[str, Any], cache, task: PromptTask):
+    """``model(**kwargs)`` with ``cache`` under the model's own argument name and, if the task asks, positions
+    derived from the (already extended) attention mask."""
+    if task.positions_from_mask and not _is_encoder_decoder(model) and kwargs.get("position_ids") is None \
+            and kwargs.get("attention_mask") is not None and "position_ids" in _signature(model.forward)[0]:
+        _, length = _batch_and_length(kwargs, "input_ids", "inputs_embeds")
+        kwargs["position_ids"] = _positions_from_mask(kwargs["attention_mask"], length)
+    if cache is not None:
+        cache_name = cache_argument(model)
+        if cache_name is None:
+            raise ConfigError(f"{type(model).__name__}.forward takes no KV cache")
+        kwargs[cache_name] = cache
+    return model(**kwargs)
+
+
+# --- the two strategies -----------------------------------------------------------------------------------------------
+
+class PromptStrategy:
+    """How a prompt method's table reaches the model; one instance per way (:data:`EMBEDDING_PROMPT`,
+    :data:`PREFIX`), named by each method's :attr:`PromptMethod.strategy`."""
+
+    def table_shape(self, config: PromptLearningConfig) -> tuple[int, int]:
+        """``(rows, width)`` of the saved ``prompt_embeddings``."""
+        raise NotImplementedError
+
+    def check_model(self, model: nn.Module, config: PromptLearningConfig) -> None:
+        """Refuse a model whose forward cannot take this prompt (before any dimension is read)."""
+        raise NotImplementedError
+
+    def fit_dimensions(self, config: PromptLearningConfig, model_config: dict[str, Any], filled: set[str]) -> None:
+        """Adjust the dimensions just read from the model (``filled``), in place. Nothing by default."""
+
+    def check_dimensions(self, config: PromptLearningConfig, model: nn.Module) -> None:
+        """Refuse filled-in dimensions that do not fit the model."""
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, task: PromptTask,
+                kwargs: dict[str, Any]):
+        """Run ``model`` on ``kwargs`` (keywords only) with the prompt fed in."""
+        raise NotImplementedError
+
+    def generate(self, model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, kwargs: dict[str, Any]):
+        """``model.generate(**kwargs)`` with the prompt fed in; ``kwargs`` has an ``attention_mask``."""
+        raise NotImplementedError
+
+
+class EmbeddingPrompt(PromptStrategy):
+    """Virtual tokens prepended to ``inputs_embeds`` (Lester et al., 2021, §2: ``[P; X_e]``)."""
+
+    def __repr__(self) -> str:
+        return "EMBEDDING_PROMPT"
+
+    def table_shape(self, config: PromptLearningConfig) -> tuple[int, int]:
+        return config.num_virtual_tokens * config.num_transformer_submodules, config.token_dim
+
+    def check_model(self, model: nn.Module, config: PromptLearningConfig) -> None:
+        name = type(model).__name__
+        if "inputs_embeds" not in _signature(model.forward)[0]:
+            raise ConfigError(
+                f"{name}.forward takes no 'inputs_embeds', so {config.peft_type.value} cannot prepend virtual "
+                f"tokens; use a model whose forward accepts inputs_embeds"
+            )
+        if input_embeddings(model) is None:
+            raise ConfigError(
+                f"{name} has no get_input_embeddings(); {config.peft_type.value} needs the word embeddings"
+            )
+
+    def check_dimensions(self, config: PromptLearningConfig, model: nn.Module) -> None:
+        width = getattr(getattr(input_embeddings(model), "weight", None), "shape", (None,))[-1]
+        if isinstance(width, int) and config.token_dim != width:
+            raise ConfigError(
+                f"token_dim={config.token_dim} differs from the width {width} of {type(model).__name__}'s word "
+                f"embeddings, which the virtual tokens are prepended to; set token_dim={width} (or leave it unset)"
+            )
+
+    @staticmethod
+    def _prompted(model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, ids: torch.Tensor | None,
+                  embeds: torch.Tensor | None) -> torch.Tensor:
+        """``[P; X_e]``: the first ``T`` virtual-token embeddings in front of the embedded input, ``(B, T + S, d)``.
+
+        Encoder-decoder configs keep ``2T`` rows (``num_transformer_submodules=2``); as in peft, only the first
+        ``T`` are fed (to the encoder), the others are saved but unused."""
+        if embeds is None:
+            if ids is None:
+                raise ConfigError("pass input_ids or inputs_embeds")
+            embeds = input_embeddings(model)(ids)  # (B, S, d)
+        table = prompt_table(encoder)[: config.num_virtual_tokens].to(dtype=embeds.dtype, device=embeds.device)
+        return torch.cat([table.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds], dim=1)
+
+    def forward(self, model, config, encoder, task, kwargs):
+        """A call that passes a non-empty cache (decoder-only) or ``encoder_outputs`` (encoder-decoder) continues
+        from an earlier call whose virtual tokens are already in it."""
+        cache = _pop_cache(kwargs)
+        encoder_decoder = _is_encoder_decoder(model)
+        fed = kwargs.get("encoder_outputs") is not None if encoder_decoder else _cache_length(cache) > 0
+        if fed:
+            prepend_positions(kwargs, config.num_virtual_tokens, in_input=False)
+            return _run(model, kwargs, cache, task)
+        ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
+        kwargs["inputs_embeds"] = self._prompted(model, config, encoder, ids, embeds)
+        batch, total = kwargs["inputs_embeds"].shape[:2]
+        length = total - config.num_virtual_tokens
+        _check_length(model, config, total, f"an input of {length} tokens")
+        labels = kwargs.get("labels")
+        # Per-token labels: the task says so, or (the generic wrapper, no task_type) they are shaped like the input.
+        # An encoder-decoder model's labels are the decoder's, which has no virtual tokens.
+        per_token = task.token_labels or (labels is not None and tuple(labels.shape[:2]) == (batch, length))
+        prepend_positions(kwargs, config.num_virtual_tokens, in_input=True,
+                          token_labels=per_token and not encoder_decoder, span_keys=task.span_keys)
+        return _run(model, kwargs, cache, task)
+
+    def generate(self, model, config, encoder, kwargs):
+        """Decoder-only ``generate()`` takes ``input_ids`` beside the prompted ``inputs_embeds`` (and returns the ids
+        followed by the new tokens); encoder-decoder ``generate()`` takes one of the two."""
+        ids = kwargs.pop("input_ids", None) if _is_encoder_decoder(model) else kwargs.get("input_ids")
+        kwargs["inputs_embeds"] = self._prompted(model, config, encoder, ids, kwargs.pop("inputs_embeds", None))
+        prepend_positions(kwargs, config.num_virtual_tokens, in_input=True)
+        return model.generate(**kwargs)
+
+
+class Prefix(PromptStrategy):
+    """A per-layer key/value prefix handed to the model as a transformers ``Cache`` (Li & Liang, 2021, §4.2)."""
+
+    def __repr__(self) -> str:
+        return "PREFIX"
+
+    def table_shape(self, config: PromptLearningConfig) -> tuple[int, int]:
+        return config.num_virtual_tokens, config.num_layers * 2 * config.token_dim
+
+    def check_model(self, model: nn.Module, config: PromptLearningConfig) -> None:
+        if cache_argument(model) is None:
+            raise ConfigError(
+                f"{type(model).__name__}.forward takes no KV cache ('cache' or 'past_key_values'), so prefix tuning "
+                f"cannot feed it a prefix; use prompt tuning or P-tuning for this model"
+            )
+        if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+            raise ConfigError(
+                "prefix tuning does not work with gradient checkpointing (recomputation would write the prefix "
+                "into the cache twice); disable gradient checkpointing on the base model first"
+            )
+
+    def fit_dimensions(self, config: PromptLearningConfig, model_config: dict[str, Any], filled: set[str]) -> None:
+        """With ``num_key_value_heads`` (grouped-query attention) the prefix has the key/value shape:
+        ``token_dim = head_dim × num_key_value_heads`` and ``num_attention_heads = num_key_value_heads``."""
+        if "num_key_value_heads" in model_config and {"token_dim", "num_attention_heads"} <= filled:
+            kv_heads = model_config["num_key_value_heads"]
+            head_dim = model_config.get("head_dim") or config.token_dim // config.num_attention_heads
+            config.token_dim = head_dim * kv_heads
+            config.num_attention_heads = kv_heads
+
+    def check_dimensions(self, config: PromptLearningConfig, model: nn.Module) -> None:
+        """Refuse a prefix whose per-layer key/value shape or layer count does not fit the model's attention, before
+        any forward turns it into a shape error deep inside attention."""
+        mc = _model_config(model)
+        if mc is None:
+            return
+        if config.token_dim % config.num_attention_heads:
+            raise ConfigError(
+                f"token_dim={config.token_dim} is not divisible by num_attention_heads={config.num_attention_heads}"
+            )
+        q_heads = _first(mc, "num_attention_heads", "n_head", "num_heads")
+        hidden = _first(mc, "hidden_size", "n_embd", "d_model")
+        kv_heads = _first(mc, "num_key_value_heads") or q_heads
+        head_dim = _first(mc, "head_dim", "d_kv") or (hidden // q_heads if hidden and q_heads else None)
+        want = (config.num_attention_heads, config.token_dim // config.num_attention_heads)
+        if kv_heads and head_dim and want != (kv_heads, head_dim):
+            raise ConfigError(
+                f"the prefix has {want[0]} heads of width {want[1]} per layer but {type(model).__name__} attends "
+                f"with {kv_heads} key/value heads of width {head_dim}; set num_attention_heads={kv_heads} and "
+                f"token_dim={kv_heads * head_dim} in the PrefixTuningConfig"
+            )
+        layers = _first(mc, "num_decoder_layers") if getattr(mc, "is_encoder_decoder", False) else None
+        layers = layers or _first(mc, "num_hidden_layers", "num_layers", "n_layer")
+        if layers and layers != config.num_layers:
+            raise ConfigError(
+                f"the prefix covers num_layers={config.num_layers} layers but {type(model).__name__} has {layers} "
+                f"attention layers that read the cache; set num_layers={layers}"
+            )
+
+    @staticmethod
+    def _line_up(kwargs: dict[str, Any], config: PromptLearningConfig, encoder_decoder: bool) -> None:
+        """The prefix is in the cache ahead of the decoder's self-attention: an encoder-decoder model's decoder mask
+        covers it and the encoder's inputs stay as they are."""
+        if encoder_decoder:
+            prepend_positions(kwargs, config.num_virtual_tokens, in_input=False, mask_key="decoder_attention_mask",
+                              position_key=None)
+        else:
+            prepend_positions(kwargs, config.num_virtual_tokens, in_input=False)
+
+    def forward(self, model, config, encoder, task, kwargs):
+        """A call that passes a non-empty cache continues from an earlier call whose prefix is already in it."""
+        cache = _pop_cache(kwargs)
+        encoder_decoder = _is_encoder_decoder(model)
+        fresh = _cache_length(cache) == 0
+        if fresh:
+            batch, length = _batch_and_length(kwargs, "input_ids", "inputs_embeds", "decoder_input_ids",
+                                              "decoder_inputs_embeds", "labels")
+            if not encoder_decoder:
+                _check_length(model, config, config.num_virtual_tokens + length, f"an input of {length} tokens")
+            cache = cache if cache is not None else new_cache(model)
+            write_prefix(cache, model, config, encoder, batch)
+        self._line_up(kwargs, config, encoder_decoder)
+        output = _run(model, kwargs, cache, task)
+        if fresh:
+            _check_consumed(cache, model, config)
+        return output
+
+    def generate(self, model, config, encoder, kwargs):
+        """``input_ids`` stay the real tokens; the mask covers prefix + input, so ``generate()`` treats the ids as
+        new tokens after the ``T`` cached ones and counts positions from ``T``. The encoder has no prefix."""
+        if kwargs.get("prefill_chunk_size") is not None:
+            raise ConfigError("prefill_chunk_size is not supported with prefix tuning (the prefix is the first chunk)")
+        if cache_argument(model) is None:
+            raise ConfigError(f"{type(model).__name__}.forward takes no KV cache")
+        self._line_up(kwargs, config, _is_encoder_decoder(model))
+        with _prefix_hooks(model, config, encoder):
+            return model.generate(**kwargs)
+
+
+EMBEDDING_PROMPT = EmbeddingPrompt()
+PREFIX = Prefix()
+
+
+# --- the prefix as a cache ------------------------------------------------------------------------------------------
 
 def split_prefix(table: torch.Tensor, config: PromptLearningConfig, encoder_decoder: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer ``(key, value)`` of shape ``(heads, T, head_dim)`` from the flat prefix table ``(T, L·2·token_dim)``.
@@ -481,57 +545,6 @@ def _check_consumed(cache, model: nn.Module, config: PromptLearningConfig) -> No
         )
 
 
-def prompt_forward(
-    model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, kind: str, task: PromptTask,
-    args: tuple, kwargs: dict[str, Any],
-):
-    """Run ``model`` (the base transformers model) with the prompt fed in; returns the model's own output.
-
-    A call that passes a non-empty cache (or ``encoder_outputs``) continues from an earlier call whose prompt is
-    already in it: only the attention mask and positions are extended.
-    """
-    kwargs = _bind(model, args, kwargs)
-    T = config.num_virtual_tokens
-    encoder_decoder = _is_encoder_decoder(model)
-    cache = _pop_cache(kwargs)
-    cache_name = cache_argument(model)
-    continuing = _cache_length(cache) > 0
-    if kind == EMBEDDINGS:
-        fed = kwargs.get("encoder_outputs") is not None if encoder_decoder else continuing
-        if not fed:
-            _prepend_virtual_tokens(model, config, encoder, kwargs, task)
-        mask_key, fresh = "attention_mask", False
-    else:
-        fresh = not continuing
-        if fresh:
-            batch, length = _batch_and_length(kwargs, "input_ids", "inputs_embeds", "decoder_input_ids",
-                                              "decoder_inputs_embeds", "labels")
-            if not encoder_decoder:
-                _check_length(model, config, T + length, f"an input of {length} tokens")
-            cache = cache if cache is not None else new_cache(model)
-            write_prefix(cache, model, config, encoder, batch)
-        if kwargs.get("position_ids") is not None and not encoder_decoder:
-            kwargs["position_ids"] = kwargs["position_ids"] + T
-        mask_key = "decoder_attention_mask" if encoder_decoder else "attention_mask"
-    kwargs[mask_key] = _extend_mask(kwargs.get(mask_key), T)
-    if kwargs[mask_key] is None:
-        del kwargs[mask_key]
-    if task.positions_from_mask and not encoder_decoder and kwargs.get("position_ids") is None \
-            and kwargs.get("attention_mask") is not None and "position_ids" in _signature(model.forward)[0]:
-        _, length = _batch_and_length(kwargs, "input_ids", "inputs_embeds")
-        kwargs["position_ids"] = _positions_from_mask(kwargs["attention_mask"], length)
-    if cache is not None:
-        if cache_name is None:
-            raise ConfigError(f"{type(model).__name__}.forward takes no KV cache")
-        kwargs[cache_name] = cache
-    output = model(**kwargs)
-    if kind == PREFIX and fresh:
-        _check_consumed(cache, model, config)
-    return output
-
-
-# --- generation -----------------------------------------------------------------------------------------------------
-
 @contextlib.contextmanager
 def _prefix_hooks(model: nn.Module, config: PromptLearningConfig, encoder: nn.Module) -> Iterator[None]:
     """While generating: write the prefix into ``generate()``'s empty cache at the first forward (sized to that
@@ -578,8 +591,110 @@ def _prefix_hooks(model: nn.Module, config: PromptLearningConfig, encoder: nn.Mo
             handle.remove()
 
 
+# --- adding an adapter: checks, dimensions, encoder ------------------------------------------------------------------
+
+def fill_dimensions(config: PromptLearningConfig, model: nn.Module, strategy: PromptStrategy) -> None:
+    """Fill the config's ``None`` dimensions from the model's config, as peft does (so files agree), in place."""
+    mc = _model_config(model)
+    needed = {
+        "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+        "token_dim": ("hidden_size", "n_embd", "d_model"),
+        "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+    }
+    filled = set()
+    for field_name, names in needed.items():
+        if getattr(config, field_name) is None:
+            value = _first(mc, *names)
+            if value is None:
+                raise ConfigError(
+                    f"cannot read {field_name} from {type(model).__name__}'s config; set {field_name} in the "
+                    f"{type(config).__name__}"
+                )
+            setattr(config, field_name, value)
+            filled.add(field_name)
+    strategy.fit_dimensions(config, mc.to_dict() if hasattr(mc, "to_dict") else {}, filled)
+    if config.num_transformer_submodules is None:
+        config.num_transformer_submodules = 2 if config.task_type == TaskType.SEQ_2_SEQ_LM else 1
+    if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
+        config.encoder_hidden_size = config.token_dim
+
+
+def make_prompt_encoder(model: nn.Module, config: PromptLearningConfig, method: PromptMethod) -> nn.Module:
+    """Check that ``model`` can take the method's prompt, fill the config's dimensions and build the encoder.
+
+    A config in inference mode (a saved adapter being loaded) gets a plain :class:`PromptTable` of the saved shape:
+    peft's files hold the encoder's output, not its parameters.
+
+    Raises:
+        ConfigError: the model's forward cannot take ``inputs_embeds`` (embedding prompt) or a KV cache (prefix),
+            the dimensions cannot be read or do not fit, or gradient checkpointing is on for prefix tuning.
+    """
+    if not isinstance(config, PromptLearningConfig):
+        raise ConfigError(f"{type(config).__name__} is not a prompt-learning config")
+    strategy = method.strategy
+    strategy.check_model(model, config)
+    fill_dimensions(config, model, strategy)
+    strategy.check_dimensions(config, model)
+    limit = _max_positions(model)
+    if limit is not None and config.num_virtual_tokens >= limit:
+        raise ConfigError(
+            f"num_virtual_tokens={config.num_virtual_tokens} leaves no room for input in {type(model).__name__}, "
+            f"which has {limit} positions"
+        )
+    if config.inference_mode:
+        encoder = PromptTable(*strategy.table_shape(config))
+    else:
+        encoder = method.make_encoder(config, input_embeddings(model))
+    reference = next(iter(model.parameters()), None)
+    return encoder.to(reference.device) if reference is not None else encoder
+
+
+# --- files ----------------------------------------------------------------------------------------------------------
+
+def load_prompt_embeddings(encoder: nn.Module, table: torch.Tensor, source: str) -> nn.Module:
+    """Put a saved ``prompt_embeddings`` table into ``encoder``; returns the encoder to keep.
+
+    A :class:`PromptTable` takes the values directly. A reparameterised encoder (P-tuning's MLP/LSTM, prefix
+    projection) cannot be inverted from its output, so it is replaced by a trainable table holding that output:
+    the outputs are exactly the saved adapter's and training continues on the table (peft refuses
+    ``is_trainable=True`` for prompt adapters).
+
+    Raises:
+        AdapterLoadError: the table's shape differs from the adapter's (different model or config).
+    """
+    current = encoder.embedding.weight if isinstance(encoder, PromptTable) else prompt_table(encoder)
+    want = tuple(current.shape)
+    if tuple(table.shape) != want:
+        raise AdapterLoadError(
+            f"{source}: shape mismatch for {PROMPT_KEY!r}: saved {list(table.shape)}, adapter has {list(want)}. "
+            f"The adapter was saved for another base model or with another num_virtual_tokens/token_dim/num_layers."
+        )
+    if not isinstance(encoder, PromptTable):
+        warnings.warn(
+            f"{source}: a saved {type(encoder).__name__} holds only its output; continuing training on that output "
+            f"as a plain table (the reparameterisation network is not part of peft's file format)",
+            stacklevel=3,
+        )
+        weight = encoder.embedding.weight
+        encoder = PromptTable(*want).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(table.to(encoder.embedding.weight))
+    return encoder
+
+
+# --- running: what PeftModel.forward / generate call ---------------------------------------------------------------
+
+def prompt_forward(
+    model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, strategy: PromptStrategy, task: PromptTask,
+    args: tuple, kwargs: dict[str, Any],
+):
+    """Run ``model`` (the base transformers model) with the prompt fed in; returns the model's own output."""
+    return strategy.forward(model, config, encoder, task, _bind(model, args, kwargs))
+
+
 def prompt_generate(
-    model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, kind: str, args: tuple, kwargs: dict[str, Any]
+    model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, strategy: PromptStrategy, args: tuple,
+    kwargs: dict[str, Any],
 ):
     """``model.generate()`` with the prompt fed in and the KV cache on (unless the caller turns it off).
 
@@ -593,53 +708,18 @@ def prompt_generate(
         kwargs["input_ids"] = args[0]
     if "inputs" in kwargs:
         kwargs["input_ids"] = kwargs.pop("inputs")
-    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+    if any(kwargs.get(name) is not None for name in CACHE_ARGUMENTS):
         raise ConfigError(
             "generate() with a prompt adapter builds its own cache (the prompt must be in it); do not pass cache / "
             "past_key_values"
         )
-    T = config.num_virtual_tokens
-    encoder_decoder = _is_encoder_decoder(model)
     batch, length = _batch_and_length(kwargs, "input_ids", "inputs_embeds")
-    if not encoder_decoder:
+    if not _is_encoder_decoder(model):
         new = kwargs.get("max_new_tokens")
+        T = config.num_virtual_tokens
         total = T + length + new if new is not None else T + max(length, kwargs.get("max_length") or 0)
         _check_length(model, config, total, f"an input of {length} tokens and the tokens to generate")
-    if kind == PREFIX and kwargs.get("prefill_chunk_size") is not None:
-        raise ConfigError("prefill_chunk_size is not supported with prefix tuning (the prefix is the first chunk)")
-    if kwargs.get("position_ids") is not None and not encoder_decoder:
-        positions = kwargs["position_ids"]
-        if kind == EMBEDDINGS:
-            virtual = torch.arange(T, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], T)
-            kwargs["position_ids"] = torch.cat([virtual, positions + T], dim=1)
-        else:
-            kwargs["position_ids"] = positions + T
-    mask = kwargs.get("attention_mask")
-    if mask is None:
-        device = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).device
-        mask = torch.ones(batch, length, dtype=torch.long, device=device)
-    if kind == EMBEDDINGS:
-        ids = kwargs.get("input_ids")
-        embeds = kwargs.pop("inputs_embeds", None)
-        if embeds is None:
-            embeds = input_embeddings(model)(ids)
-        kwargs["inputs_embeds"] = torch.cat([_virtual_embeddings(encoder, config, batch, embeds), embeds], dim=1)
-        if encoder_decoder:
-            kwargs.pop("input_ids", None)  # encoder-decoder generate() takes one of the two
-        if kwargs.get("token_type_ids") is not None:
-            types_ = kwargs["token_type_ids"]
-            kwargs["token_type_ids"] = torch.cat([types_.new_zeros(batch, T), types_], dim=1)
-        kwargs["attention_mask"] = _extend_mask(mask, T)
-        return model.generate(**kwargs)
-    if cache_argument(model) is None:
-        raise ConfigError(f"{type(model).__name__}.forward takes no KV cache")
-    if encoder_decoder:
-        kwargs["attention_mask"] = mask  # the encoder has no prefix
-        if kwargs.get("decoder_attention_mask") is not None:
-            kwargs["decoder_attention_mask"] = _extend_mask(kwargs["decoder_attention_mask"], T)
-    else:
-        # input_ids stay the real tokens; the mask covers prefix + input, so generate() treats the ids as new
-        # tokens after the T cached ones and counts positions from T.
-        kwargs["attention_mask"] = _extend_mask(mask, T)
-    with _prefix_hooks(model, config, encoder):
-        return model.generate(**kwargs)
+    if kwargs.get("attention_mask") is None:
+        source = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        kwargs["attention_mask"] = torch.ones(batch, length, dtype=torch.long, device=source.device)
+    return strategy.generate(model, config, encoder, kwargs)

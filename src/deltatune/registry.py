@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .layers import Delta
+    from .prompt import PromptStrategy
 
 _METHOD_MODULES: dict[PeftType, str] = {
     PeftType.LORA: "deltatune.methods.lora",
@@ -86,13 +87,14 @@ class PromptMethod:
         config_class: The method's config dataclass.
         make_encoder: ``(config, word_embeddings) -> nn.Module`` whose ``forward(indices)`` returns the prompt;
             it keeps its input table as ``embedding`` (an ``nn.Embedding``).
-        kind: How the prompt reaches the model: ``"embeddings"`` (virtual tokens prepended to ``inputs_embeds``) or
-            ``"prefix"`` (per-layer key/value prefix in the KV cache); see ``deltatune.prompt``.
+        strategy: How the prompt reaches the model: ``deltatune.prompt.EMBEDDING_PROMPT`` (virtual tokens
+            prepended to ``inputs_embeds``) or ``deltatune.prompt.PREFIX`` (per-layer key/value prefix in the KV
+            cache).
     """
 
     config_class: type[PeftConfig]
     make_encoder: Callable[[Any, nn.Module], nn.Module]
-    kind: str = "embeddings"
+    strategy: PromptStrategy
 
 
 def get_method(peft_type: PeftType | str, *, source: str = "config") -> LayerMethod | PromptMethod:

@@ -17,16 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import PeftType
+from ..config import PeftType, PromptLearningConfig
 from ..errors import ConfigError
-from ..prompt import (
-    EMBEDDINGS,
-    MAX_ENCODER_HIDDEN_SIZE,
-    MAX_ENCODER_LAYERS,
-    PromptLearningConfig,
-    check_encoder_size,
-    table_shape,
-)
+from ..prompt import EMBEDDING_PROMPT, MAX_ENCODER_HIDDEN_SIZE, MAX_ENCODER_LAYERS, check_encoder_size
 from ..registry import PromptMethod
 
 
@@ -83,7 +76,7 @@ class PromptEncoder(nn.Module):
 
     def __init__(self, config: PromptEncoderConfig, word_embeddings: nn.Module | None = None) -> None:
         super().__init__()
-        rows, d = table_shape(config, EMBEDDINGS)
+        rows, d = EMBEDDING_PROMPT.table_shape(config)
         h = config.encoder_hidden_size
         self.embedding = nn.Embedding(rows, d)
         self.lstm_head: nn.LSTM | None = None
@@ -106,4 +99,4 @@ class PromptEncoder(nn.Module):
         return self.mlp_head(x)  # (B, R, d)
 
 
-METHOD = PromptMethod(config_class=PromptEncoderConfig, make_encoder=PromptEncoder, kind=EMBEDDINGS)
+METHOD = PromptMethod(config_class=PromptEncoderConfig, make_encoder=PromptEncoder, strategy=EMBEDDING_PROMPT)

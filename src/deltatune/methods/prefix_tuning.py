@@ -4,9 +4,10 @@ Li & Liang, 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation",
 positions are free parameters ``P_θ[i,:]`` for every layer; §4.3 reparameterises ``P_θ[i,:] = MLP_θ(P'_θ[i,:])``
 with a smaller matrix ``P'_θ`` for stable training (``prefix_projection=True``).
 
-The prefix reaches the model as a KV cache that already holds ``T`` tokens (``prompt.py``), so attention, masks and
-positions stay the model's own. Saved as ``prompt_embeddings`` of shape ``(T, num_layers × 2 × token_dim)``, laid out
-``[layer][key|value][head][head_dim]``; ``token_dim = head_dim × num_key_value_heads``.
+The prefix reaches the model as a KV cache that already holds ``T`` tokens (:data:`~deltatune.prompt.PREFIX`), so
+attention, masks and positions stay the model's own. Saved as ``prompt_embeddings`` of shape
+``(T, num_layers × 2 × token_dim)``, laid out ``[layer][key|value][head][head_dim]``;
+``token_dim = head_dim × num_key_value_heads``.
 """
 
 from __future__ import annotations
@@ -17,16 +18,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..config import PeftType
+from ..config import PeftType, PromptLearningConfig
 from ..errors import ConfigError
-from ..prompt import (
-    MAX_ENCODER_HIDDEN_SIZE,
-    PREFIX,
-    PromptLearningConfig,
-    PromptTable,
-    check_encoder_size,
-    table_shape,
-)
+from ..prompt import MAX_ENCODER_HIDDEN_SIZE, PREFIX, PromptTable, check_encoder_size
 from ..registry import PromptMethod
 
 
@@ -57,7 +51,7 @@ class PrefixEncoder(nn.Module):
 
     def __init__(self, config: PrefixTuningConfig) -> None:
         super().__init__()
-        rows, width = table_shape(config, PREFIX)
+        rows, width = PREFIX.table_shape(config)
         self.embedding = nn.Embedding(rows, config.token_dim)
         self.transform = nn.Sequential(
             nn.Linear(config.token_dim, config.encoder_hidden_size), nn.Tanh(),
@@ -75,10 +69,10 @@ def make_encoder(config: PrefixTuningConfig, word_embeddings: nn.Module | None =
     """:class:`PrefixEncoder` with ``prefix_projection``, else the prefix itself as a plain table."""
     if config.prefix_projection:
         return PrefixEncoder(config)
-    table = PromptTable(*table_shape(config, PREFIX))
+    table = PromptTable(*PREFIX.table_shape(config))
     if config.init_weights == "zero":
         nn.init.zeros_(table.embedding.weight)
     return table
 
 
-METHOD = PromptMethod(config_class=PrefixTuningConfig, make_encoder=make_encoder, kind=PREFIX)
+METHOD = PromptMethod(config_class=PrefixTuningConfig, make_encoder=make_encoder, strategy=PREFIX)

@@ -5,7 +5,8 @@ concatenated with the embedded input ``X_e ∈ R^{S×d}`` to ``[P; X_e] ∈ R^{(
 §3.2 compares initialisations: random, sampled vocabulary embeddings, and (best) the embeddings of task text.
 
 The encoder is the table ``P`` itself (:class:`~deltatune.prompt.PromptTable`); feeding it to the model is the shared
-plumbing in ``prompt.py``. Saved as ``prompt_embeddings`` of shape ``(T × num_transformer_submodules, token_dim)``.
+plumbing in ``prompt.py`` (:data:`~deltatune.prompt.EMBEDDING_PROMPT`). Saved as ``prompt_embeddings`` of shape
+``(T × num_transformer_submodules, token_dim)``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import PeftType
+from ..config import PeftType, PromptLearningConfig
 from ..errors import ConfigError
-from ..prompt import EMBEDDINGS, PromptLearningConfig, PromptTable, table_shape
+from ..prompt import EMBEDDING_PROMPT, PromptTable
 from ..registry import PromptMethod
 
 
@@ -75,7 +76,7 @@ class PromptEmbedding(PromptTable):
     """The prompt table, initialised as the config says (peft's class name)."""
 
     def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Module) -> None:
-        rows, width = table_shape(config, EMBEDDINGS)
+        rows, width = EMBEDDING_PROMPT.table_shape(config)
         super().__init__(rows, width)
         init = config.prompt_tuning_init
         if init is PromptTuningInit.RANDOM:
@@ -112,4 +113,4 @@ def _text_ids(config: PromptTuningConfig, rows: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-METHOD = PromptMethod(config_class=PromptTuningConfig, make_encoder=PromptEmbedding, kind=EMBEDDINGS)
+METHOD = PromptMethod(config_class=PromptTuningConfig, make_encoder=PromptEmbedding, strategy=EMBEDDING_PROMPT)
