@@ -226,6 +226,23 @@ def test_continuing_from_a_returned_cache_equals_full_forward(method):
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_continuing_with_explicit_positions_equals_full_forward(method):
+    """Explicit position ids count real tokens only, in the first call and in the continuing one: both shift past the
+    prompt already in the cache, whether it is a prefix or the virtual tokens of the first call."""
+    torch.manual_seed(0)
+    model = get_peft_model(_lively(tiny_llama()), _config(_deltatune(), method, "CAUSAL_LM"))
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    nxt, mask = torch.tensor([[5], [6]]), torch.ones(2, 5, dtype=torch.long)
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask[:, :4], position_ids=torch.arange(4).expand(2, 4),
+                      use_cache=True)
+        cache = first.cache if "cache" in first else first.past_key_values
+        step = model(input_ids=nxt, attention_mask=mask, position_ids=torch.tensor([[4], [4]]), cache=cache)
+        full = model(input_ids=torch.cat([ids, nxt], 1), attention_mask=mask)
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
 def test_prefix_is_never_dropped_silently():
     """A model whose forward takes a cache but ignores it must raise, not quietly compute the base model."""
 
