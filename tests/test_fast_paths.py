@@ -21,7 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
-from deltatune import batching
+from deltatune import kernels
 from deltatune.layers import AdapterLayer, Delta, RowPlan, adapter_layers, batch_adapters
 from tests.adapter_utils import (
     assert_close_scaled,
@@ -122,7 +122,7 @@ def reference(layer: AdapterLayer, x: torch.Tensor, p: float, training: bool) ->
     dropped = F.dropout(x, p, training) if x.is_floating_point() else x
     out = F.embedding(x, base.weight) if isinstance(base, nn.Embedding) else _base(base, x)
     update = delta.scaling * _low_rank(base, delta, dropped)
-    if delta.lora_magnitude_vector is None:
+    if getattr(delta, "lora_magnitude_vector", None) is None:  # plain LoRA
         return out + update
     scale = _dora_scale(base, delta, out.ndim)
     return out + (scale - 1) * _base(base, dropped, with_bias=False) + scale * update
@@ -367,13 +367,13 @@ def _count_paths(monkeypatch) -> Iterator[dict[str, int]]:
     """Counts the calls of each batched low-rank path, so a test can tell which one it exercised."""
     calls = {"gathered": 0, "grouped": 0}
     for path in calls:
-        original = getattr(batching, f"_{path}_low_rank")
+        original = getattr(kernels, f"_{path}_low_rank")
 
         def counted(*args, _path=path, _original=original):
             calls[_path] += 1
             return _original(*args)
 
-        monkeypatch.setattr(batching, f"_{path}_low_rank", counted)
+        monkeypatch.setattr(kernels, f"_{path}_low_rank", counted)
     yield calls
 
 

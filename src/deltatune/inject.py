@@ -155,7 +155,7 @@ def merge(model: nn.Module, names: Sequence[str], safe_merge: bool = False) -> N
     layers = [layer for _, layer in named]
     if safe_merge:
         for layer in layers:
-            layer.check_merge(names)
+            layer.check_finite_merge(names)
     before: list[tuple[AdapterLayer, int]] = []
     try:
         for layer in layers:

@@ -11,82 +11,19 @@ adapter.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from .errors import AdapterStateError
+from .rows import BASE_ADAPTER, RowPlan, batch_adapters, current_row_plan
 
-BASE_ADAPTER = "__base__"  # in ``adapter_names``: this row uses no adapter
-T = TypeVar("T")
-
-class RowPlan:
-    """The adapter name of every row of the batches run inside one :func:`batch_adapters` block.
-
-    The grouping of rows by adapter is the same for every adapted layer of a forward (and for every step of a
-    ``generate()``), so it is built once per batch size and device and then shared, instead of being rebuilt as index
-    tensors in each of the model's layers.
-    """
-
-    def __init__(self, names: Sequence[str]) -> None:
-        self.names = list(names)
-        self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
-        self._memo: dict[tuple[Any, ...], tuple[tuple[Any, ...], Any]] = {}
-
-    def memo(self, owners: tuple[Any, ...], make: Callable[[], T], extra: tuple[Any, ...] = ()) -> T:
-        """``make()``, computed once per plan for the same ``owners`` (compared by identity: the row-index tensors
-        :meth:`groups` hands out, adapter weights) and the same hashable ``extra``: what every adapted layer, or every
-        step of a ``generate()``, would otherwise derive again, such as the group of each row."""
-        key = (*(id(o) for o in owners), *extra)
-        hit = self._memo.get(key)
-        if hit is None or any(a is not b for a, b in zip(hit[0], owners, strict=True)):  # ids are reused after GC
-            hit = self._memo[key] = (owners, make())
-        return hit[1]
-
-    def groups(self, batch_size: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
-        """``(adapter name, row indices)`` for each name, in order of first appearance; indices on ``device``.
-
-        A batch that is a whole multiple of ``len(names)`` (beam search, ``num_return_sequences``) repeats each name
-        for its consecutive rows, as ``generate()`` expands inputs with ``repeat_interleave``.
-        """
-        key = (batch_size, device)
-        if key not in self._groups:
-            self._groups[key] = [(name, rows.to(device)) for name, rows in self._build(batch_size)]
-        return self._groups[key]
-
-    def _build(self, batch_size: int) -> list[tuple[str, torch.Tensor]]:
-        if batch_size % len(self.names):
-            raise AdapterStateError(
-                f"adapter_names has {len(self.names)} entries but the batch has {batch_size} rows; give one name per row"
-            )
-        repeat = batch_size // len(self.names)
-        rows: dict[str, list[int]] = {}
-        for i, name in enumerate(self.names):
-            rows.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
-        return [(name, torch.tensor(r)) for name, r in rows.items()]
-
-
-_batch_adapters: contextvars.ContextVar[RowPlan | None] = contextvars.ContextVar("batch_adapters", default=None)
-
-
-def current_row_plan() -> RowPlan | None:
-    """The plan of the enclosing :func:`batch_adapters` block, if any."""
-    return _batch_adapters.get()
-
-
-@contextlib.contextmanager
-def batch_adapters(names: Sequence[str] | None) -> Iterator[None]:
-    """Within the block, row ``i`` of every batch uses adapter ``names[i]`` (``"__base__"``: none); see
-    :meth:`RowPlan.groups` for batches that are a multiple of ``len(names)``."""
-    token = _batch_adapters.set(RowPlan(names) if names is not None else None)
-    try:
-        yield
-    finally:
-        _batch_adapters.reset(token)
+__all__ = [
+    "BASE_ADAPTER", "AdapterLayer", "Delta", "ModulesToSaveWrapper", "RowPlan", "adapter_layers", "batch_adapters",
+    "current_row_plan", "save_wrappers",
+]
 
 
 class Delta(nn.Module):
@@ -103,26 +40,21 @@ class Delta(nn.Module):
     """
 
     transforms_input: bool = False
-    # The base-layer parameter that merging folds this delta into (MultiheadAttention's is ``in_proj_weight``).
-    weight_name: ClassVar[str] = "weight"
-    # Set by a delta whose effect cannot be added to the base output because the base layer reads its weights itself
-    # (MultiheadAttention uses ``in_proj_weight`` and ``out_proj.weight`` directly): the layer then runs the base
-    # layer on the weights :meth:`patch_weights` gives (``torch.func.functional_call``) and never calls ``forward``.
-    patches_weights: ClassVar[bool] = False
     # Parameters that never train and are not saved: constants peft registers as frozen parameters (AdaLoRA's
     # ``ranknum``), kept as parameters so that parameter counts agree with peft's.
     constants: ClassVar[tuple[str, ...]] = ()
+    # The escape hatch for a base layer whose output cannot be changed from outside because it reads its weights
+    # itself (nn.MultiheadAttention uses ``in_proj_weight`` and ``out_proj.weight`` directly). ``None``: the layer
+    # runs as usual. A delta class that defines it as ``run_layer(deltas, base_layer, x, *args, **kwargs)`` runs the
+    # whole layer with every delta in ``deltas`` (the layer's active, unmerged ones, all of that class) instead, and
+    # its ``forward`` is never called.
+    run_layer: ClassVar[Callable[..., torch.Tensor] | None] = None
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input the base layer sees, for a delta with ``transforms_input``."""
         return x
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        raise NotImplementedError
-
-    def patch_weights(self, weights: dict[str, torch.Tensor], base_layer: nn.Module) -> dict[str, torch.Tensor]:
-        """For a delta with ``patches_weights``: ``weights`` (parameter name inside ``base_layer`` -> the tensor the
-        forward uses instead; a name absent means the parameter itself) with this delta merged in, differentiably."""
         raise NotImplementedError
 
     def attach(self, layer: AdapterLayer, name: str) -> None:
@@ -149,6 +81,23 @@ class Delta(nn.Module):
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         """The additive change to ``base_layer.weight``, in that weight's own layout and dtype."""
         raise NotImplementedError
+
+    def merged_params(self, params: dict[str, torch.Tensor], base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """The base layer's parameters this delta changes when merged, by name, given their values so far in
+        ``params`` (the base layer's own parameters by name; values the caller owns). The default folds
+        :meth:`merge_weight` into ``weight`` and :meth:`merge_bias` into ``bias`` where the layer has one; a delta on
+        a layer whose weight has another name overrides this pair (LoRA on MultiheadAttention: ``in_proj_weight``)."""
+        merged = {"weight": self.merge_weight(params["weight"], base_layer)}
+        if "bias" in params:
+            merged["bias"] = self.merge_bias(params["bias"], base_layer)
+        return merged
+
+    def unmerged_params(self, params: dict[str, torch.Tensor], base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`merged_params`, given the merged values in ``params``."""
+        unmerged = {"weight": self.unmerge_weight(params["weight"], base_layer)}
+        if "bias" in params:
+            unmerged["bias"] = self.unmerge_bias(params["bias"], base_layer)
+        return unmerged
 
     def merge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return weight + self.delta_weight(base_layer).to(weight.dtype)
@@ -239,25 +188,19 @@ class AdapterLayer(_Wrapper):
                 if layer.merged_adapters:
                     layer.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        plan = _batch_adapters.get()
+        plan = current_row_plan()
         if plan is not None:
             return self._mixed_forward(plan, x, *args, **kwargs)
         deltas = [self.deltas[n] for n in self.active_adapters if n not in self.merged_adapters]
+        if deltas and deltas[0].run_layer is not None:  # the deltas run the layer themselves (Delta.run_layer)
+            return deltas[0].run_layer(deltas, self.base_layer, x, *args, **kwargs)
         base_in = x
         for delta in deltas:
             if delta.transforms_input:
                 base_in = delta.transform_input(base_in)
-        weights: dict[str, torch.Tensor] = {}
+        out = self.base_layer(base_in, *args, **kwargs)
         for delta in deltas:
-            if delta.patches_weights:
-                weights = delta.patch_weights(weights, self.base_layer)
-        if weights:
-            out = torch.func.functional_call(self.base_layer, weights, (base_in, *args), kwargs)
-        else:
-            out = self.base_layer(base_in, *args, **kwargs)
-        for delta in deltas:
-            if not delta.patches_weights:
-                out = delta(x, out, self.base_layer)
+            out = delta(x, out, self.base_layer)
         return out
 
     def _mixed_forward(self, plan: RowPlan, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -287,54 +230,46 @@ class AdapterLayer(_Wrapper):
             out = out.index_copy(0, torch.cat([rows for _, rows in input_side]), torch.cat(parts))
         return out
 
-    def _bias(self) -> torch.Tensor | None:
-        bias = getattr(self.base_layer, "bias", None)
-        return bias if isinstance(bias, torch.Tensor) else None
+    def _params(self, copy: bool) -> dict[str, torch.Tensor]:
+        """The base layer's own parameters by name (what :meth:`Delta.merged_params` folds into), as their data;
+        cloned with ``copy``."""
+        return {n: p.data.clone() if copy else p.data for n, p in self.base_layer.named_parameters(recurse=False)}
 
     @torch.no_grad()
-    def check_merge(self, names: Sequence[str]) -> None:
-        """Raise :class:`AdapterStateError` if merging ``names`` would put NaN/inf into the base weight or bias; the
-        merged tensors are computed aside and the layer is not changed."""
-        merged: dict[str, torch.Tensor] = {}  # weight name -> its value after the merges so far
-        bias = self._bias()
+    def check_finite_merge(self, names: Sequence[str]) -> None:
+        """Raise :class:`AdapterStateError` if merging ``names`` would put NaN/inf into the base layer's parameters;
+        the merged tensors are computed aside and the layer is not changed."""
+        params = self._params(copy=True)  # name -> its value after the merges so far
         for name in names:
             if name in self.merged_adapters or name not in self.deltas:
                 continue
-            delta = self.deltas[name]
-            weight = merged.get(delta.weight_name, getattr(self.base_layer, delta.weight_name).data)
-            weight = merged[delta.weight_name] = delta.merge_weight(weight.clone(), self.base_layer)
-            bias = None if bias is None else delta.merge_bias(bias.data.clone(), self.base_layer)
-            if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+            changed = self.deltas[name].merged_params(params, self.base_layer)
+            if not all(torch.isfinite(value).all() for value in changed.values()):
                 raise AdapterStateError(
                     f"merging adapter {name!r} would put NaN/inf into the base weights; the model is unchanged"
                 )
+            params.update(changed)
 
     @torch.no_grad()
     def merge(self, names: Sequence[str], safe_merge: bool = False) -> None:
-        """Fold the named deltas into the base weight (and bias); ``safe_merge`` runs :meth:`check_merge` first."""
+        """Fold the named deltas into the base layer's parameters; ``safe_merge`` runs :meth:`check_finite_merge`
+        first."""
         if safe_merge:
-            self.check_merge(names)
-        bias = self._bias()
+            self.check_finite_merge(names)
         for name in names:
             if name in self.merged_adapters or name not in self.deltas:
                 continue
-            delta = self.deltas[name]
-            weight = getattr(self.base_layer, delta.weight_name)
-            weight.data.copy_(delta.merge_weight(weight.data.clone(), self.base_layer))
-            if bias is not None:
-                bias.data.copy_(delta.merge_bias(bias.data.clone(), self.base_layer))
+            for key, value in self.deltas[name].merged_params(self._params(copy=True), self.base_layer).items():
+                getattr(self.base_layer, key).data.copy_(value)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self, keep: int = 0) -> None:
         """Undo merges, last merged first, until ``keep`` remain merged."""
-        bias = self._bias()
         while len(self.merged_adapters) > keep:
             delta = self.deltas[self.merged_adapters.pop()]
-            weight = getattr(self.base_layer, delta.weight_name)
-            weight.data.copy_(delta.unmerge_weight(weight.data, self.base_layer))
-            if bias is not None:
-                bias.data.copy_(delta.unmerge_bias(bias.data, self.base_layer))
+            for key, value in delta.unmerged_params(self._params(copy=False), self.base_layer).items():
+                getattr(self.base_layer, key).data.copy_(value)
 
 
 class ModulesToSaveWrapper(_Wrapper):
@@ -370,7 +305,7 @@ class ModulesToSaveWrapper(_Wrapper):
         return self.modules_to_save[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        plan = _batch_adapters.get()
+        plan = current_row_plan()
         if plan is None or self.disabled:
             return self._module_for(self.active_adapter)(x, *args, **kwargs)
         out = None

@@ -24,8 +24,9 @@ from torch import nn
 
 from ..config import LayerConfig
 from ..errors import ConfigError
+from ..kernels import accumulate
 from ..layers import Delta
-from .common import accumulate, adapter_dtype, check_patterns, check_scale, pattern_value
+from .common import adapter_dtype, check_patterns, check_scale, pattern_value
 
 #: The base layer types peft supports for LoHa and LoKr (not transformers' ``Conv1D``, not ``Conv3d``/embeddings).
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)

@@ -37,11 +37,12 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import PeftType
 from ..errors import AdapterStateError, ConfigError, TargetError
+from ..kernels import LowRank, add_low_rank
 from ..layers import adapter_layers
 from ..registry import LayerMethod
 from ..targeting import DEFAULT_ATTENTION_TARGETS
 from .common import adapter_dtype, check_scale
-from .lora import LoraConfig, LoraDelta, LoraLinear, _add_low_rank
+from .lora import LoraConfig, LoraDelta, LoraLinear
 
 # peft's AdaLoRA defaults where they differ from LoRA's (whole attention and feed-forward blocks).
 _DEFAULT_TARGETS = {
@@ -164,6 +165,9 @@ class AdaLoraDelta(LoraDelta):
     def lora_weight(self) -> torch.Tensor:
         return self.lora_B @ self.scaled_a()  # (out, r) @ (r, in)
 
+    def factors(self) -> LowRank:
+        return LowRank(self.scaled_a(), self.lora_B, self.scaling)  # Λ Q is computed: reading it changes nothing
+
     # --- the rank allocator's side (§3.2) -------------------------------------------------------------------
     @torch.no_grad()
     def update_importance(self, beta1: float, beta2: float) -> None:
@@ -240,7 +244,7 @@ class AdaLoraLinear(AdaLoraDelta):
     def add_update(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.r == 0:  # every triplet of this layer was pruned
             return out
-        return _add_low_rank(out, F.linear(x, self.scaled_a()), self.lora_B, self.scaling)  # xa: (..., r)
+        return add_low_rank(out, F.linear(x, self.scaled_a()), self.lora_B, self.scaling)  # xa: (..., r)
 
 
 class AdaLoraConv2d(AdaLoraDelta):

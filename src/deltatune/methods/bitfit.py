@@ -27,9 +27,10 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import LayerConfig, PeftType
 from ..errors import AdapterStateError
+from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import accumulate, adapter_dtype
+from .common import adapter_dtype
 
 _BERT_BIASED = ["query", "key", "value", "dense", "LayerNorm"]
 

@@ -27,9 +27,10 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import LayerConfig, PeftType
 from ..errors import AdapterStateError, ConfigError
+from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import accumulate, adapter_dtype, check_scale, check_size
+from .common import adapter_dtype, check_scale, check_size
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

@@ -1,18 +1,16 @@
 """Small pieces the layer methods share: config checks (sizes, peft's per-module ``rank_pattern`` /
-``alpha_pattern``), the adapter's dtype next to the base weight, adding an update into an output without extra copies,
-per-channel broadcasting, and the row-to-adapter table of a mixed batch."""
+``alpha_pattern``), the adapter's dtype next to the base weight, and per-channel broadcasting. (Adding an update into
+an output is in :mod:`deltatune.kernels`, the row-to-adapter table of a mixed batch in :mod:`deltatune.rows`.)"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ..config import validate_regex
 from ..errors import ConfigError
-from ..layers import Delta, current_row_plan
 
 
 def check_size(where: str, value: Any, *, allow_zero: bool = False) -> None:
@@ -62,38 +60,6 @@ def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
-
-
-def accumulate(out: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``out + alpha · update``, without the separate scaled copy of ``update`` that ``out + update * alpha`` makes.
-
-    In place when autograd is off: ``out`` is the fresh output of the base layer (or of the previous delta) and
-    nothing else holds it (except a forward hook on the base layer that keeps its output, which then sees the sum).
-    With autograd on it stays out of place: ``out`` may be a view (a biased ``nn.Linear``'s is), and an in-place op
-    on a view makes autograd clone the whole gradient in backward. An update kept in float32 next to a half-precision
-    base is scaled before it is rounded to the base's dtype.
-    """
-    if update.dtype != out.dtype:
-        return out + (update * alpha).to(out.dtype)
-    if torch.is_grad_enabled():
-        return torch.add(out, update, alpha=alpha)
-    return out.add_(update, alpha=alpha)
-
-
-def row_slots(groups: Sequence[tuple[Delta, torch.Tensor]], batch: int, device: torch.device) -> torch.Tensor:
-    """``(B,)``: the index of each row's group, or ``len(groups)`` for a row in none of them. Every adapted layer of a
-    mixed batch asks this for the same groups, so inside :func:`~deltatune.layers.batch_adapters` it is computed once
-    per plan."""
-    rows = tuple(r for _, r in groups)
-
-    def make() -> torch.Tensor:
-        counts = torch.tensor([len(r) for r in rows], device=device)
-        slots = torch.full((batch,), len(rows), dtype=torch.long, device=device)
-        slots[torch.cat(rows)] = torch.arange(len(rows), device=device).repeat_interleave(counts)
-        return slots
-
-    plan = current_row_plan()
-    return make() if plan is None else plan.memo(rows, make)
 
 
 def channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:

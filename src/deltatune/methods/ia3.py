@@ -30,7 +30,8 @@ from ..config import LayerConfig, PeftType, validate_regex
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import adapter_dtype, channel_view, row_slots
+from ..rows import row_slots
+from .common import adapter_dtype, channel_view
 
 # model_type -> (default target_modules, default feedforward_modules), peft's tables.
 _DEFAULTS: dict[str, tuple[list[str], list[str]]] = {

@@ -7,7 +7,7 @@ Variants, each a small piece on top of the same delta:
 
 * rsLoRA (Kalajdzievski, 2023, §3): scale by ``α / √r`` so the update's magnitude does not shrink with rank.
 * DoRA (Liu et al., 2024, §4.1, §4.3): ``W' = m · (W₀ + ΔW) / ‖W₀ + ΔW‖`` per output channel with a trainable
-  magnitude ``m``; the norm is treated as a constant in backward (§4.3) to save memory.
+  magnitude ``m``; a variant strategy the delta holds, in ``methods/dora.py``.
 * Init schemes: ``True`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r)), ``False`` (both random: a
   non-zero delta, for tests), ``"pissa"`` / ``"pissa_niter_N"`` (Meng et al., 2024: A, B from the top-r singular
   triplets of W₀; W₀ keeps the residual), ``"olora"`` (Büyükakyüz, 2024: A, B from a QR decomposition of W₀).
@@ -20,10 +20,9 @@ Layer types: ``nn.Linear``, transformers ``Conv1D`` (weight stored ``(in, out)``
 
 from __future__ import annotations
 
-import functools
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,12 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..batching import LowRank, add_low_rank_rows
 from ..config import LayerConfig, PeftType
 from ..errors import AdapterStateError, ConfigError, TargetError
+from ..kernels import LowRank, accumulate, add_low_rank, add_low_rank_rows, index_accumulate
 from ..layers import AdapterLayer, Delta
 from ..registry import LayerMethod
-from .common import accumulate, adapter_dtype, channel_view, check_patterns, check_scale, pattern_value
+from .common import adapter_dtype, check_patterns, check_scale, pattern_value
+from .dora import DoraVariant
 
 _INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora")
 # Subspace iterations of fast PiSSA; a handful is the practice (peft's docs use 4-16). The bound stops a config file
@@ -109,95 +109,11 @@ class LoraConfig(LayerConfig):
             raise ConfigError(f"use_dora cannot be combined with init_lora_weights={init!r}")
 
 
-def _add_low_rank(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``out + alpha · xa bᵀ`` as one ``addmm``: the low-rank product accumulates straight into the output, with no
-    intermediate ``(…, out)`` update tensor and no separate scaling pass (forward or backward). ``out`` is
-    ``(..., out)``, ``xa`` ``(..., r)``, ``b`` ``(out, r)``; in place under the same rule as
-    :func:`~deltatune.methods.common.accumulate`.
-    Mixed dtypes (a float32 adapter beside a half-precision base, or ``b`` under autocast, which in-place ops ignore)
-    take the unfused path."""
-    if not xa.dtype == b.dtype == out.dtype or not out.is_contiguous():
-        return accumulate(out, F.linear(xa, b), alpha)
-    out2d, xa2d = out.view(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1])  # (N, out), (N, r)
-    if torch.is_grad_enabled():
-        return torch.addmm(out2d, xa2d, b.T, alpha=alpha).view(out.shape)
-    out2d.addmm_(xa2d, b.T, alpha=alpha)
-    return out
-
-
-def _index_accumulate(out: torch.Tensor, rows: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:
-    """:func:`~deltatune.methods.common.accumulate` into the batch rows ``rows`` of ``out`` only (``update`` has
-    ``len(rows)`` rows). With autograd on (training on a mixed batch, which is rare) each call copies ``out``."""
-    if update.dtype != out.dtype:
-        update, alpha = (update * alpha).to(out.dtype), 1.0
-    if torch.is_grad_enabled():
-        return out.index_add(0, rows, update, alpha=alpha)
-    return out.index_add_(0, rows, update, alpha=alpha)
-
-
-class _DoraRescale(torch.autograd.Function):
-    """DoRA's per-channel rescaling of the LoRA output: ``y = lora_out + (s - 1) ⊙ z`` with ``z = lora_out - offset``
-    and ``s = m / ‖W₀ + ΔW‖`` (the norm is a constant, DoRA §4.3).
-
-    ``z`` is the adapted layer's output before rescaling and without the part that is not rescaled (the bias, and
-    under dropout the base response to the dropped-out inputs); ``y = s ⊙ z + offset``. Written as a correction of
-    ``lora_out``, a fresh adapter (``s = 1``) returns it bit for bit. The input gradient is ``g ⊙ s`` in one pass.
-
-    Only the magnitude's gradient ``Σ g ⊙ z / ‖W₀ + ΔW‖`` needs a full-size tensor. Where the offset is the bias (no
-    dropout), ``z = (y - offset) / s`` follows from the *output*, which is what is saved: the next op of most layers
-    (an activation, a gating product, attention on the values) saves that same tensor anyway, so DoRA then costs no
-    activation memory beyond LoRA's there. ``recompute_z`` rebuilds ``z`` from the layer input for the two cases
-    where the output cannot give it back: a later op changed the output in place, or a channel's magnitude is 0.
-    Under dropout the offset is a full tensor, and ``z`` itself is saved.
-    """
-
-    @staticmethod
-    def parts(lora_out: torch.Tensor, offset: torch.Tensor | None, magnitude: torch.Tensor, norm: torch.Tensor,
-              channel_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(z, s, s - 1)``; ``s`` shaped to broadcast along the channel dim and kept in the magnitude's dtype,
-        ``s - 1`` (small near the start) taken before it is rounded to the output's dtype."""
-        scale = channel_view(magnitude / norm, lora_out.ndim, channel_dim)  # (1, …, out, …, 1)
-        z = lora_out if offset is None else lora_out - offset  # (..., out, ...)
-        return z, scale, (scale - 1).to(lora_out.dtype)
-
-    @staticmethod
-    def forward(ctx, lora_out: torch.Tensor, offset: torch.Tensor | None, magnitude: torch.Tensor, norm: torch.Tensor,
-                channel_dim: int, recompute_z: Callable[[], torch.Tensor] | None) -> torch.Tensor:
-        z, scale, scale_minus_one = _DoraRescale.parts(lora_out, offset, magnitude, norm, channel_dim)
-        y = torch.addcmul(lora_out, z, scale_minus_one)
-        ctx.save_for_backward(z if recompute_z is None else y)
-        ctx.recompute_z, ctx.offset, ctx.scale, ctx.norm = recompute_z, offset, scale, norm
-        ctx.offset_shape = None if offset is None else offset.shape
-        ctx.channel_dim = channel_dim
-        return y
-
-    @staticmethod
-    def _z(ctx) -> torch.Tensor:
-        if ctx.recompute_z is None:
-            return ctx.saved_tensors[0]
-        try:
-            (y,) = ctx.saved_tensors
-        except RuntimeError:  # the output was modified in place after this op
-            return ctx.recompute_z()
-        if bool((ctx.scale == 0).any()):
-            return ctx.recompute_z()
-        return (y if ctx.offset is None else y - ctx.offset) / ctx.scale
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        scale, norm = ctx.scale, ctx.norm
-        grad_offset = grad_magnitude = None
-        if ctx.needs_input_grad[1]:
-            grad_offset = (grad * (1 - scale)).sum_to_size(ctx.offset_shape).to(grad.dtype)
-        if ctx.needs_input_grad[2]:
-            dims = [d for d in range(grad.ndim) if d != ctx.channel_dim % grad.ndim]
-            grad_magnitude = (grad * _DoraRescale._z(ctx)).sum(dims, dtype=norm.dtype) / norm
-        return (grad * scale).to(grad.dtype), grad_offset, grad_magnitude, None, None, None
-
-
 class LoraDelta(Delta):
-    """Shared LoRA/DoRA logic; subclasses supply the layer-type specifics (how A and B apply, the canonical weight
-    layout ``(out, ...)`` and how to read it from the base layer)."""
+    """Shared LoRA logic; subclasses supply the layer-type specifics (how A and B apply, the canonical weight layout
+    ``(out, ...)`` and how to read it from the base layer). A DoRA adapter's delta holds a
+    :class:`~deltatune.methods.dora.DoraVariant` in ``dora`` (``None`` for plain LoRA), which each hook whose math
+    DoRA changes hands over to."""
 
     # Dimension of the base output that indexes output channels (DoRA's magnitude broadcasts along it).
     channel_dim: ClassVar[int] = -1
@@ -207,7 +123,7 @@ class LoraDelta(Delta):
         self.r = r
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_magnitude_vector: nn.Parameter | None = None
+        self.dora: DoraVariant | None = None
 
     # --- what a layer type supplies -------------------------------------------------------------------------
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,6 +133,16 @@ class LoraDelta(Delta):
     def lora_weight(self) -> torch.Tensor:
         """``B A`` (unscaled) in the canonical ``(out, in, ...)`` layout."""
         raise NotImplementedError
+
+    def factors(self) -> LowRank:
+        """The update as ``scaling · B A``: the parameters ``A`` ``(r, in, ...)`` and ``B`` ``(out, r, ...)``
+        themselves (writing into them changes the adapter), in the layout of the canonical weight."""
+        return LowRank(self.lora_A.weight, self.lora_B.weight, self.scaling)
+
+    @staticmethod
+    def base_weight(base_layer: nn.Module) -> torch.Tensor:
+        """The base-layer weight this delta updates, in its stored layout."""
+        return base_layer.weight
 
     @staticmethod
     def canonical(weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
@@ -231,6 +157,10 @@ class LoraDelta(Delta):
     def add_lora_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight + scaling · B A`` for a canonical ``(out, in, ...)`` weight (overridden where one op does it)."""
         return torch.add(weight, self.lora_weight(), alpha=self.scaling)
+
+    def base_no_bias(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """The base layer applied without its bias (DoRA under dropout)."""
+        raise NotImplementedError
 
     # --- shared -----------------------------------------------------------------------------------------------
     @property
@@ -255,52 +185,11 @@ class LoraDelta(Delta):
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         return self.canonical(self.lora_weight() * self.scaling, base_layer)
 
-    @torch.no_grad()
-    def _weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
-        """Per-output-channel norm of ``W₀ + ΔW``, shape ``(out,)``; a constant for autograd, as in DoRA §4.3."""
-        weight = self.canonical(base_layer.weight, base_layer).to(self.adapter_dtype)
-        return self.add_lora_weight(weight).flatten(1).norm(dim=1)
-
-    def _channel_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
-        return channel_view(v, ndim, self.channel_dim)
-
-    def enable_dora(self, base_layer: nn.Module) -> None:
-        """Add the magnitude vector, initialised to ``‖W₀ + ΔW‖`` so the adapter starts as plain LoRA."""
-        self.lora_magnitude_vector = nn.Parameter(self.stored_magnitude(self._weight_norm(base_layer), base_layer))
-
-    def stored_magnitude(self, m: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        """The ``(out,)`` magnitude in the shape peft saves it in, so that files interchange; the math reads it back
-        with ``.flatten()``."""
-        return m
-
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         x = self.adapter_input(x)
-        if self.lora_magnitude_vector is None:
-            return self.add_update(base_out, x)
-        return self._dora_forward(x, base_out, base_layer)
-
-    def _dora_forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        """DoRA: ``y = s ⊙ (W₀x + ΔWx) + b`` with ``s = m / ‖W₀ + ΔW‖``, as a rescaling of the LoRA output (see
-        :class:`_DoraRescale` for what it keeps for backward)."""
-        norm = self._weight_norm(base_layer)  # (out,)
-        magnitude = self.lora_magnitude_vector.flatten()  # (out,)
-        if self.dropout_active():  # the base term must see the same dropped input as the update
-            offset = (base_out - self.base_no_bias(x, base_layer)).to(base_out.dtype)  # W₀(x - x̃) + b  (..., out)
-        else:
-            bias = getattr(base_layer, "bias", None)
-            offset = None if bias is None else self._channel_view(bias, base_out.ndim).to(base_out.dtype)
-        lora_out = self.add_update(base_out, x)  # (..., out)
-        if torch.is_grad_enabled():
-            recompute_z = None if self.dropout_active() else functools.partial(self._z_from_input, x, base_layer,
-                                                                               lora_out.dtype)
-            return _DoraRescale.apply(lora_out, offset, magnitude, norm, self.channel_dim, recompute_z)
-        z, _, scale_minus_one = _DoraRescale.parts(lora_out, offset, magnitude, norm, self.channel_dim)
-        return lora_out.addcmul_(z, scale_minus_one)  # no autograd: in place, as in common.accumulate
-
-    @torch.no_grad()
-    def _z_from_input(self, x: torch.Tensor, base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        """``W₀x + scaling · B A x`` (no bias): DoRA's ``z`` recomputed in backward (see :class:`_DoraRescale`)."""
-        return accumulate(self.base_no_bias(x, base_layer), self.lora_forward(x), self.scaling).to(dtype)
+        if self.dora is not None:
+            return self.dora.forward(self, x, base_out, base_layer)
+        return self.add_update(base_out, x)
 
     @classmethod
     def batched_forward(
@@ -309,34 +198,21 @@ class LoraDelta(Delta):
         """Plain-LoRA groups add ``scaling · B A x`` of their rows straight into those rows of ``out`` (one gather
         of the group's inputs, one indexed add; no copy of the whole output per adapter). DoRA groups, whose output
         is a rescaling rather than an addition, take the generic path."""
-        dora = [(delta, rows) for delta, rows in groups if delta.lora_magnitude_vector is not None]
         for delta, rows in groups:
-            if delta.lora_magnitude_vector is None:
+            if delta.dora is None:
                 update = delta.lora_forward(delta.adapter_input(x.index_select(0, rows)))  # (rows, ..., out)
-                out = _index_accumulate(out, rows, update, delta.scaling)
-        return super().batched_forward(dora, x, out, base_layer)
-
-    def base_no_bias(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        """The base layer applied without its bias (DoRA under dropout)."""
-        raise NotImplementedError
+                out = index_accumulate(out, rows, update, delta.scaling)
+        return super().batched_forward([(d, rows) for d, rows in groups if d.dora is not None], x, out, base_layer)
 
     def merge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        if self.lora_magnitude_vector is None:
-            return super().merge_weight(weight, base_layer)
-        norm = self._weight_norm(base_layer)
-        self._merged_norm = norm
-        merged = self.canonical(weight, base_layer) + self.lora_weight() * self.scaling
-        factor = (self.lora_magnitude_vector.flatten() / norm).view(-1, *([1] * (merged.ndim - 1)))
-        return self.canonical((factor * merged).to(weight.dtype), base_layer)
+        if self.dora is not None:
+            return self.dora.merge_weight(self, weight, base_layer)
+        return super().merge_weight(weight, base_layer)
 
     def unmerge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        if self.lora_magnitude_vector is None:
-            return super().unmerge_weight(weight, base_layer)
-        norm = self._merged_norm
-        canonical = self.canonical(weight, base_layer)
-        factor = (self.lora_magnitude_vector.flatten() / norm).view(-1, *([1] * (canonical.ndim - 1)))
-        orig = canonical / factor - self.lora_weight() * self.scaling
-        return self.canonical(orig.to(weight.dtype), base_layer)
+        if self.dora is not None:
+            return self.dora.unmerge_weight(self, weight, base_layer)
+        return super().unmerge_weight(weight, base_layer)
 
 
 class LoraLinear(LoraDelta):
@@ -344,7 +220,7 @@ class LoraLinear(LoraDelta):
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
         super().__init__(r, alpha, dropout, use_rslora)
-        out_features, in_features = self.canonical(getattr(base_layer, self.weight_name), base_layer).shape
+        out_features, in_features = self.canonical(self.base_weight(base_layer), base_layer).shape
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
 
@@ -356,7 +232,7 @@ class LoraLinear(LoraDelta):
         return F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight)
 
     def add_update(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return _add_low_rank(out, F.linear(x, self.lora_A.weight), self.lora_B.weight, self.scaling)  # xa: (..., r)
+        return add_low_rank(out, F.linear(x, self.lora_A.weight), self.lora_B.weight, self.scaling)  # xa: (..., r)
 
     def lora_weight(self) -> torch.Tensor:
         return self.lora_B.weight @ self.lora_A.weight  # (out, r) @ (r, in)
@@ -364,7 +240,7 @@ class LoraLinear(LoraDelta):
     def gatherable(self) -> bool:
         """Whether this delta's rows can join the gathered batched matmul of a mixed batch: plain LoRA, no dropout
         mask to draw, both factors in one dtype."""
-        return (self.lora_magnitude_vector is None and not self.dropout_active()
+        return (self.dora is None and not self.dropout_active()
                 and self.lora_A.weight.dtype == self.lora_B.weight.dtype)
 
     @classmethod
@@ -372,7 +248,7 @@ class LoraLinear(LoraDelta):
         cls, groups: Sequence[tuple[Delta, torch.Tensor]], x: torch.Tensor, out: torch.Tensor, base_layer: nn.Module
     ) -> torch.Tensor:
         """Gatherable groups go through two batched matmuls for all adapters at once
-        (:func:`deltatune.batching.add_low_rank_rows`); everything else as in :meth:`LoraDelta.batched_forward`."""
+        (:func:`deltatune.kernels.add_low_rank_rows`); everything else as in :meth:`LoraDelta.batched_forward`."""
         gathered: list[tuple[Delta, torch.Tensor]] = []
         rest: list[tuple[Delta, torch.Tensor]] = []
         dtype = None  # the gathered adapters' one dtype: that of the first gatherable delta
@@ -384,7 +260,7 @@ class LoraLinear(LoraDelta):
                 rest.append((delta, rows))
         if not gathered or not out.is_contiguous():
             return super().batched_forward(groups, x, out, base_layer)
-        updates = [(LowRank(d.lora_A.weight, d.lora_B.weight, d.scaling), rows) for d, rows in gathered]
+        updates = [(d.factors(), rows) for d, rows in gathered]
         return super().batched_forward(rest, x, add_low_rank_rows(updates, x, out), base_layer)
 
     def add_lora_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -420,9 +296,6 @@ class LoraConv(LoraDelta):
                 f"its grouped weight cannot hold (peft does not merge it either); keep the adapter unmerged"
             )
 
-    def stored_magnitude(self, m: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return self._channel_view(m, base_layer.weight.ndim)  # peft's conv layout: (1, out, 1, ...)
-
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B(self.lora_A(x))
 
@@ -440,13 +313,10 @@ class LoraMultiheadAttention(LoraLinear):
     update is a :class:`LoraLinear` in an adapter layer around ``out_proj``, see :meth:`attach`).
 
     The module reads both weights directly instead of calling a layer, so the update cannot be added to its output:
-    the forward runs the base module on ``W + scaling · B A`` for both weights (``patches_weights``), which is also
-    what merging stores. Hence, as in peft, ``lora_dropout`` has no effect here. Mixed-adapter batches are not
+    the deltas run the base module themselves (:meth:`run_layer`) on ``W + scaling · B A`` for both weights, which is
+    also what merging stores. Hence, as in peft, ``lora_dropout`` has no effect here. Mixed-adapter batches are not
     supported (nor are they in peft).
     """
-
-    weight_name = "in_proj_weight"
-    patches_weights = True
 
     def __init__(self, base_layer: nn.MultiheadAttention, out_proj: LoraLinear, r: int, alpha: float, dropout: float,
                  use_rslora: bool) -> None:
@@ -454,27 +324,40 @@ class LoraMultiheadAttention(LoraLinear):
         # Held, not registered: its parameters live (and are saved) in the adapter layer around out_proj.
         object.__setattr__(self, "out_proj", out_proj)
 
+    @staticmethod
+    def base_weight(base_layer: nn.Module) -> torch.Tensor:
+        return base_layer.in_proj_weight  # (3E, E)
+
     def attach(self, layer: AdapterLayer, name: str) -> None:
         mha = layer.base_layer
         if not isinstance(mha.out_proj, AdapterLayer):
             mha.out_proj = AdapterLayer(mha.out_proj)  # the module still reads out_proj.weight through the wrapper
         mha.out_proj.add_delta(name, self.out_proj)
 
-    def patch_weights(self, weights: dict[str, torch.Tensor], base_layer: nn.Module) -> dict[str, torch.Tensor]:
+    @classmethod
+    def run_layer(cls, deltas: Sequence[LoraMultiheadAttention], base_layer: nn.Module, x: torch.Tensor, *args,
+                  **kwargs) -> torch.Tensor:
+        """The attention module run (``torch.func.functional_call``) on its in-projection and ``out_proj`` weights
+        with every delta in ``deltas`` merged in, differentiably; the out_proj update is that delta's own, held in the
+        adapter layer around ``out_proj``."""
         out_layer = base_layer.out_proj
-        if any(out_layer.deltas[n] is self.out_proj for n in out_layer.merged_adapters):
-            raise AdapterStateError(
-                "this adapter is merged into out_proj of a MultiheadAttention but not into its in-projection; merge "
-                "and unmerge through the model (merge_adapter / unmerge_adapter) so both move together"
-            )
-        out_key = "out_proj.base_layer.weight"
-        in_weight = weights.get(self.weight_name, base_layer.in_proj_weight)  # (3E, E)
-        out_weight = weights.get(out_key, out_layer.base_layer.weight)  # (E, E)
-        return {
-            **weights,
-            self.weight_name: self.merge_weight(in_weight, base_layer),
-            out_key: self.out_proj.merge_weight(out_weight, out_layer.base_layer),
-        }
+        in_weight, out_weight = base_layer.in_proj_weight, out_layer.base_layer.weight  # (3E, E), (E, E)
+        for delta in deltas:
+            if any(out_layer.deltas[n] is delta.out_proj for n in out_layer.merged_adapters):
+                raise AdapterStateError(
+                    "this adapter is merged into out_proj of a MultiheadAttention but not into its in-projection; "
+                    "merge and unmerge through the model (merge_adapter / unmerge_adapter) so both move together"
+                )
+            in_weight = delta.merge_weight(in_weight, base_layer)
+            out_weight = delta.out_proj.merge_weight(out_weight, out_layer.base_layer)
+        weights = {"in_proj_weight": in_weight, "out_proj.base_layer.weight": out_weight}
+        return torch.func.functional_call(base_layer, weights, (x, *args), kwargs)
+
+    def merged_params(self, params: dict[str, torch.Tensor], base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        return {"in_proj_weight": self.merge_weight(params["in_proj_weight"], base_layer)}  # out_proj: its own layer
+
+    def unmerged_params(self, params: dict[str, torch.Tensor], base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        return {"in_proj_weight": self.unmerge_weight(params["in_proj_weight"], base_layer)}
 
     @classmethod
     def batched_forward(
@@ -502,6 +385,9 @@ class LoraEmbedding(LoraDelta):
     def adapter_dtype(self) -> torch.dtype:
         return self.lora_embedding_A.dtype
 
+    def factors(self) -> LowRank:
+        return LowRank(self.lora_embedding_A, self.lora_embedding_B, self.scaling)  # (r, num_embeddings), (dim, r)
+
     @staticmethod
     def canonical(weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return weight.T  # (num_embeddings, dim) <-> (dim, num_embeddings)
@@ -513,7 +399,7 @@ class LoraEmbedding(LoraDelta):
         return self._lookup_a(x) @ self.lora_embedding_B.T
 
     def add_update(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return _add_low_rank(out, self._lookup_a(x), self.lora_embedding_B, self.scaling)
+        return add_low_rank(out, self._lookup_a(x), self.lora_embedding_B, self.scaling)
 
     def lora_weight(self) -> torch.Tensor:
         return self.lora_embedding_B @ self.lora_embedding_A  # (dim, num_embeddings)
@@ -632,7 +518,7 @@ def make_delta(config: LoraConfig, base_layer: nn.Module, name: str) -> LoraDelt
 def _build(cls: type[LoraDelta], config: LoraConfig, base_layer: nn.Module, r: int, alpha: float,
            *parts: LoraDelta) -> LoraDelta:
     """A ``cls`` delta for ``base_layer``, initialised; ``parts`` go to its constructor before ``r``."""
-    weight = getattr(base_layer, cls.weight_name)
+    weight = cls.base_weight(base_layer)
     dtype = adapter_dtype(weight.dtype)
     with torch.device("meta"):  # no default init on the CPU: the factors are allocated where the base is, then set
         delta = cls(base_layer, *parts, r, alpha, config.lora_dropout, config.use_rslora)
@@ -643,7 +529,7 @@ def _build(cls: type[LoraDelta], config: LoraConfig, base_layer: nn.Module, r: i
     elif weight.device.type != "meta":
         _init_ab(delta, scheme)
     if config.use_dora:
-        delta.enable_dora(base_layer)
+        delta.dora = DoraVariant.attach(delta, base_layer)
     return delta
 
 

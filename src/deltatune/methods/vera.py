@@ -31,9 +31,10 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
+from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import accumulate, adapter_dtype, check_scale, check_size
+from .common import adapter_dtype, check_scale, check_size
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Mixed-adapter batches of low-rank updates: every row of a batch adds its own adapter's ``scaling · B A x``, all
-adapters together in two batched matmuls instead of a loop of small ops per adapter.
+"""The tensor kernels of adapter forwards: adding an update into the base output without extra copies, LoRA's fused
+low-rank product, and the batched low-rank kernels of mixed-adapter batches.
 
-Two layouts, picked by row length (:func:`add_low_rank_rows`):
+Mixed batches: every row of a batch adds its own adapter's ``scaling · B A x``, all adapters together in two batched
+matmuls instead of a loop of small ops per adapter. Two layouts, picked by row length (:func:`add_low_rank_rows`):
 
 * long rows (prefill): each row gathers its adapter's A and B and ``bmm`` runs over the rows — the gathered matmul of
   Punica (Chen et al., 2023) and S-LoRA (Sheng et al., 2023); it moves ``r·(in + out)`` weights per row;
@@ -9,7 +10,7 @@ Two layouts, picked by row length (:func:`add_low_rank_rows`):
   ``bmm`` runs over the adapters; only the rows' activations move.
 
 The stacked weights, and everything derived from the grouping of rows alone, are kept in the batch's
-:class:`~deltatune.layers.RowPlan` in inference, so one ``generate()`` builds them once, not at every step and layer.
+:class:`~deltatune.rows.RowPlan` in inference, so one ``generate()`` builds them once, not at every step and layer.
 """
 
 from __future__ import annotations
@@ -21,13 +22,54 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .layers import current_row_plan
-from .methods.common import accumulate, row_slots
+from .rows import current_row_plan, row_slots
+
+
+def accumulate(out: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``out + alpha · update``, without the separate scaled copy of ``update`` that ``out + update * alpha`` makes.
+
+    In place when autograd is off: ``out`` is the fresh output of the base layer (or of the previous delta) and
+    nothing else holds it (except a forward hook on the base layer that keeps its output, which then sees the sum).
+    With autograd on it stays out of place: ``out`` may be a view (a biased ``nn.Linear``'s is), and an in-place op
+    on a view makes autograd clone the whole gradient in backward. An update kept in float32 next to a half-precision
+    base is scaled before it is rounded to the base's dtype.
+    """
+    if update.dtype != out.dtype:
+        return out + (update * alpha).to(out.dtype)
+    if torch.is_grad_enabled():
+        return torch.add(out, update, alpha=alpha)
+    return out.add_(update, alpha=alpha)
+
+
+def add_low_rank(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``out + alpha · xa bᵀ`` as one ``addmm``: the low-rank product accumulates straight into the output, with no
+    intermediate ``(…, out)`` update tensor and no separate scaling pass (forward or backward). ``out`` is
+    ``(..., out)``, ``xa`` ``(..., r)``, ``b`` ``(out, r)``; in place under the same rule as :func:`accumulate`.
+    Mixed dtypes (a float32 adapter beside a half-precision base, or ``b`` under autocast, which in-place ops ignore)
+    take the unfused path."""
+    if not xa.dtype == b.dtype == out.dtype or not out.is_contiguous():
+        return accumulate(out, F.linear(xa, b), alpha)
+    out2d, xa2d = out.view(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1])  # (N, out), (N, r)
+    if torch.is_grad_enabled():
+        return torch.addmm(out2d, xa2d, b.T, alpha=alpha).view(out.shape)
+    out2d.addmm_(xa2d, b.T, alpha=alpha)
+    return out
+
+
+def index_accumulate(out: torch.Tensor, rows: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:
+    """:func:`accumulate` into the batch rows ``rows`` of ``out`` only (``update`` has ``len(rows)`` rows). With
+    autograd on (training on a mixed batch, which is rare) each call copies ``out``."""
+    if update.dtype != out.dtype:
+        update, alpha = (update * alpha).to(out.dtype), 1.0
+    if torch.is_grad_enabled():
+        return out.index_add(0, rows, update, alpha=alpha)
+    return out.index_add_(0, rows, update, alpha=alpha)
 
 
 @dataclass(frozen=True)
 class LowRank:
-    """One adapter's update ``scaling · B A`` as the batched kernels take it: ``a`` ``(r, in)``, ``b`` ``(out, r)``."""
+    """One adapter's update ``scaling · B A``: ``a`` ``(r, in, ...)`` with the rank on dim 0, ``b`` ``(out, r, ...)``
+    with the rank on dim 1 (the batched kernels take linear ones: ``(r, in)``, ``(out, r)``)."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -61,7 +103,7 @@ def _stack_by_rank(weights: list[torch.Tensor], rank_dim: int, rank: int, zero_e
 def _stacked(groups: Sequence[tuple[LowRank, torch.Tensor]], rank: int,
              zero_entry: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The groups' ``scaling · A`` as ``(G, r, in)`` and ``B`` as ``(G, out, r)``, zero-padded to ``rank`` (see
-    :func:`_stack_by_rank`). In inference they are built once per :class:`~deltatune.layers.RowPlan`, i.e. once per
+    :func:`_stack_by_rank`). In inference they are built once per :class:`~deltatune.rows.RowPlan`, i.e. once per
     ``generate()`` rather than at every step, and rebuilt if a weight changes in place."""
 
     def stacks() -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +125,7 @@ def _gathered_low_rank(
     """``out`` plus every row's own ``scaling · B A x`` in two batched matmuls over the batch rows (the gathered
     matmul of Punica / S-LoRA): each row gathers its adapter's A and B (zero-padded to the largest rank; rows in no
     group get zeros) and ``baddbmm`` adds the update straight into that row's output, in place under the rule of
-    :func:`~deltatune.methods.common.accumulate`.
+    :func:`accumulate`.
 
     It moves ``r·(in + out)`` gathered weights per row and pays when rows are long (prefill); for short rows
     (decoding) :func:`_grouped_low_rank` moves the activations instead. ``out`` must be contiguous; the adapters share
