@@ -36,14 +36,18 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import PeftConfig, PeftType
 from .errors import AdapterStateError, ConfigError
 from .layers import adapter_layers, save_wrappers
-from .methods.lora import LoraConfig, LoraDelta, LoraEmbedding
+from .methods.lora import LoraConfig
 from .targeting import find_targets
+
+if TYPE_CHECKING:
+    from .methods.lora import LoraDelta  # read through its public API only: factors(), scaling, r, delta_weight()
 
 COMBINATION_TYPES = (
     "svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
@@ -126,7 +130,7 @@ def svd_factors(
 
 @dataclass(frozen=True)
 class Combination:
-    """A validated ``add_weighted_adapter`` request (see :func:`plan`)."""
+    """A validated ``add_weighted_adapter`` request (see :func:`resolve_request`)."""
 
     kind: str
     weights: tuple[float, ...]
@@ -138,27 +142,21 @@ class Combination:
     svd_driver: str | None = None
 
 
-def factors(delta: LoraDelta) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` of a LoRA delta: A has the rank on dim 0 (``(r, in, ...)``), B on dim 1 (``(out, r, ...)``)."""
-    if isinstance(delta, LoraEmbedding):
-        return delta.lora_embedding_A, delta.lora_embedding_B
-    return delta.lora_A.weight, delta.lora_B.weight
-
-
 def combine_layer(
     parts: Sequence[tuple[LoraDelta, float]], base_layer: torch.nn.Module, c: Combination
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The new ``(A, B)`` of one layer from its ``(delta, weight)`` parts, for a new scaling of 1; the rank (dim 0 of
     A, dim 1 of B) may be below ``c.rank``."""
+    factors = [(d.factors(), w) for d, w in parts]  # A (r, in, ...), B (out, r, ...)
     if c.kind == "cat":
-        a = torch.cat([factors(d)[0] * (w * d.scaling) for d, w in parts])  # (Σr, in, ...)
-        return a, torch.cat([factors(d)[1] for d, _ in parts], dim=1)  # (out, Σr, ...)
+        a = torch.cat([f.a * (w * f.scaling) for f, w in factors])  # (Σr, in, ...)
+        return a, torch.cat([f.b for f, _ in factors], dim=1)  # (out, Σr, ...)
     if c.kind in FACTOR_TYPES:
-        scaled = [w * d.scaling for d, w in parts]
+        scaled = [w * f.scaling for f, w in factors]
         root = torch.tensor([math.sqrt(abs(x)) for x in scaled])
         sign = torch.tensor([1.0 if x >= 0 else -1.0 for x in scaled])
-        a = merge_tensors([factors(d)[0] for d, _ in parts], sign * root, c.kind, c.density, c.majority_sign_method)
-        b = merge_tensors([factors(d)[1] for d, _ in parts], root, c.kind, c.density, c.majority_sign_method)
+        a = merge_tensors([f.a for f, _ in factors], sign * root, c.kind, c.density, c.majority_sign_method)
+        b = merge_tensors([f.b for f, _ in factors], root, c.kind, c.density, c.majority_sign_method)
         return a, b
     rule = "linear" if c.kind == "svd" else c.kind.removesuffix("_svd")
     # Merged in the base weight's own layout, as peft does, so that DARE's masks fall on the same entries.
@@ -168,8 +166,8 @@ def combine_layer(
     if flat.dtype not in (torch.float32, torch.float64):  # no half-precision SVD on every backend
         flat = flat.float()
     a, b = svd_factors(flat, c.rank, c.svd_clamp, c.svd_full_matrices, c.svd_driver)  # (k, in·…), (out, k)
-    a_like, b_like = factors(parts[0][0])
-    return a.reshape(-1, *a_like.shape[1:]), b.reshape(b.shape[0], -1, *b_like.shape[2:])
+    like = factors[0][0]
+    return a.reshape(-1, *like.a.shape[1:]), b.reshape(b.shape[0], -1, *like.b.shape[2:])
 
 
 @torch.no_grad()
@@ -179,7 +177,8 @@ def fill(model: torch.nn.Module, adapter_name: str, adapters: Sequence[str], c: 
     for _, layer in adapter_layers(model):
         if adapter_name not in layer.deltas:
             continue
-        a_new, b_new = factors(layer.deltas[adapter_name])
+        new = layer.deltas[adapter_name].factors()
+        a_new, b_new = new.a, new.b
         a_new.zero_()
         b_new.zero_()
         parts = [(layer.deltas[n], w) for n, w in zip(adapters, c.weights) if n in layer.deltas]
@@ -231,7 +230,7 @@ def _check_values(
         warnings.warn(f"density is ignored by combination_type={kind!r}", stacklevel=4)
 
 
-def plan(
+def resolve_request(
     model: torch.nn.Module, peft_config: Mapping[str, PeftConfig], adapters: Sequence[str], weights: Sequence[float],
     combination_type: str, svd_rank: int | None = None, svd_clamp: float | None = None,
     svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,

@@ -253,7 +253,7 @@ class PeftModel(nn.Module):
         """
         from . import combine
 
-        config, combination = combine.plan(
+        config, combination = combine.resolve_request(
             self.get_base_model(), self.peft_config, adapters, weights, combination_type, svd_rank=svd_rank,
             svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver, density=density,
             majority_sign_method=majority_sign_method,
