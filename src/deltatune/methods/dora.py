@@ -8,7 +8,7 @@ A LoRA delta holds a :class:`DoraVariant` when its adapter uses DoRA (``None`` f
 hook whose math DoRA changes: forward, merge, unmerge. The magnitude itself is a parameter of the LoRA delta, named
 ``lora_magnitude_vector`` and shaped as peft stores it, so that files interchange with peft and parameter counts agree;
 the variant owns everything computed from it. This module sits beside ``lora.py`` and imports nothing from it: what it
-reads from the delta is the :class:`LoraFactors` protocol.
+reads from the delta is the :class:`LoraDeltaLike` protocol.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..kernels import accumulate
 from .common import channel_view
 
 
-class LoraFactors(Protocol):
+class LoraDeltaLike(Protocol):
     """What DoRA reads from the LoRA delta it rescales (implemented by ``methods/lora.py``'s ``LoraDelta``)."""
 
     scaling: float
@@ -120,7 +120,7 @@ class DoraVariant:
         self._merged_norm: torch.Tensor | None = None
 
     @classmethod
-    def attach(cls, delta: LoraFactors, base_layer: nn.Module) -> DoraVariant:
+    def for_delta(cls, delta: LoraDeltaLike, base_layer: nn.Module) -> DoraVariant:
         """Give ``delta`` its magnitude ``m = ‖W₀ + ΔW‖`` (so the adapter starts as plain LoRA) and return its variant.
 
         peft stores a convolution's magnitude as ``(1, out, 1, ...)`` and a linear one as ``(out,)``; the math reads
@@ -133,12 +133,12 @@ class DoraVariant:
 
     @staticmethod
     @torch.no_grad()
-    def weight_norm(delta: LoraFactors, base_layer: nn.Module) -> torch.Tensor:
+    def weight_norm(delta: LoraDeltaLike, base_layer: nn.Module) -> torch.Tensor:
         """Per-output-channel norm of ``W₀ + ΔW``, shape ``(out,)``; a constant for autograd, as in DoRA §4.3."""
         weight = delta.canonical(base_layer.weight, base_layer).to(delta.adapter_dtype)
         return delta.add_lora_weight(weight).flatten(1).norm(dim=1)
 
-    def forward(self, delta: LoraFactors, x: torch.Tensor, base_out: torch.Tensor,
+    def forward(self, delta: LoraDeltaLike, x: torch.Tensor, base_out: torch.Tensor,
                 base_layer: nn.Module) -> torch.Tensor:
         """``y = s ⊙ (W₀x + ΔWx) + b`` with ``s = m / ‖W₀ + ΔW‖``, as a rescaling of the LoRA output (see
         :class:`_DoraRescale` for what it keeps for backward); ``x`` is already the adapter's input (dtype, dropout)."""
@@ -157,14 +157,14 @@ class DoraVariant:
         z, _, scale_minus_one = _DoraRescale.parts(lora_out, offset, magnitude, norm, delta.channel_dim)
         return lora_out.addcmul_(z, scale_minus_one)  # no autograd: in place, as in kernels.accumulate
 
-    def merge_weight(self, delta: LoraFactors, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    def merge_weight(self, delta: LoraDeltaLike, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """``m · (W₀ + ΔW) / ‖W₀ + ΔW‖`` in ``weight``'s layout; the norm is kept for :meth:`unmerge_weight`."""
         norm = self._merged_norm = self.weight_norm(delta, base_layer)
         merged = delta.canonical(weight, base_layer) + delta.lora_weight() * delta.scaling
         factor = (delta.lora_magnitude_vector.flatten() / norm).view(-1, *([1] * (merged.ndim - 1)))
         return delta.canonical((factor * merged).to(weight.dtype), base_layer)
 
-    def unmerge_weight(self, delta: LoraFactors, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    def unmerge_weight(self, delta: LoraDeltaLike, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         canonical = delta.canonical(weight, base_layer)
         factor = (delta.lora_magnitude_vector.flatten() / self._merged_norm).view(-1, *([1] * (canonical.ndim - 1)))
         orig = canonical / factor - delta.lora_weight() * delta.scaling
@@ -172,6 +172,6 @@ class DoraVariant:
 
 
 @torch.no_grad()
-def _z_from_input(delta: LoraFactors, x: torch.Tensor, base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def _z_from_input(delta: LoraDeltaLike, x: torch.Tensor, base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """``W₀x + scaling · B A x`` (no bias): DoRA's ``z`` recomputed in backward (see :class:`_DoraRescale`)."""
     return accumulate(delta.base_no_bias(x, base_layer), delta.lora_forward(x), delta.scaling).to(dtype)

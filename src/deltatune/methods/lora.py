@@ -529,7 +529,7 @@ def _build(cls: type[LoraDelta], config: LoraConfig, base_layer: nn.Module, r: i
     elif weight.device.type != "meta":
         _init_ab(delta, scheme)
     if config.use_dora:
-        delta.dora = DoraVariant.attach(delta, base_layer)
+        delta.dora = DoraVariant.for_delta(delta, base_layer)
     return delta
 
 
