@@ -307,6 +307,24 @@ def test_attention_merge_equals_unmerged_and_unmerge_disable_and_unload_restore_
     _close(restored(**inputs).detach(), base_out)
 
 
+def test_attention_safe_merge_checks_the_in_projection_and_merges_like_a_plain_merge() -> None:
+    """The attention delta merges into ``in_proj_weight`` (not ``weight``): the NaN check sees that tensor too."""
+    plain = dt.get_peft_model(attention_net(), dt.LoraConfig(target_modules=["attn"], init_lora_weights=False))
+    safe = dt.get_peft_model(attention_net(), dt.LoraConfig(target_modules=["attn"], init_lora_weights=False))
+    safe.load_state_dict(plain.state_dict())
+    plain.merge_adapter()
+    safe.merge_adapter(safe_merge=True)
+    assert_same_state(plain.state_dict(), safe)
+    poisoned = dt.get_peft_model(attention_net(), dt.LoraConfig(target_modules=["attn"], init_lora_weights=False))
+    with torch.no_grad():
+        _layer(poisoned, "attn").deltas["default"].lora_B.weight[0, 0] = float("inf")
+    before = snapshot(poisoned)
+    with pytest.raises(dt.AdapterStateError, match="NaN/inf"):
+        poisoned.merge_adapter(safe_merge=True)
+    assert not any(layer.merged for _, layer in adapter_layers(poisoned))
+    assert_same_state(before, poisoned)
+
+
 def test_attention_gradients_reach_the_four_factors_only() -> None:
     model = dt.get_peft_model(attention_net(), dt.LoraConfig(target_modules=["attn"], init_lora_weights=False))
     model(**attention_inputs(model)).square().sum().backward()

@@ -2,8 +2,9 @@
 
 An :class:`AdapterLayer` replaces a target module in the model. It keeps the frozen module as ``base_layer`` and one
 :class:`Delta` per adapter name in ``deltas``; the state it owns (which adapters are active, which are merged into the
-base weight, whether adapters are disabled, which adapter each batch row uses) is the same for every method and lives
-only here. A method contributes a ``Delta`` subclass: its parameters, its forward, and how it turns into a weight.
+base weight, whether adapters are disabled) is the same for every method and lives only here, and it routes the rows
+of a mixed-adapter batch (the row plan of :mod:`deltatune.rows`) to their deltas. A method contributes a ``Delta``
+subclass: its parameters, its forward, and how it turns into a weight.
 
 :class:`ModulesToSaveWrapper` does the same for ``modules_to_save``: a frozen original plus one trainable copy per
 adapter.
@@ -35,8 +36,8 @@ class Delta(nn.Module):
     transformed input.
 
     Merging defaults to ``W + delta_weight`` with the bias unchanged; methods whose effect is not additive (DoRA,
-    IA3) override ``merge_weight`` / ``unmerge_weight``, and methods that change the bias ``merge_bias`` /
-    ``unmerge_bias``.
+    IA3) override ``merge_weight`` / ``unmerge_weight``, methods that change the bias ``merge_bias`` /
+    ``unmerge_bias``, and a delta whose base layer names its weight otherwise ``merged_params`` / ``unmerged_params``.
     """
 
     transforms_input: bool = False
