@@ -177,15 +177,14 @@ def fill(model: torch.nn.Module, adapter_name: str, adapters: Sequence[str], c: 
     for _, layer in adapter_layers(model):
         if adapter_name not in layer.deltas:
             continue
-        new = layer.deltas[adapter_name].factors()
-        a_new, b_new = new.a, new.b
-        a_new.zero_()
-        b_new.zero_()
+        new = layer.deltas[adapter_name].factors()  # the new adapter's own parameters, written in place
+        new.a.zero_()
+        new.b.zero_()
         parts = [(layer.deltas[n], w) for n, w in zip(adapters, c.weights) if n in layer.deltas]
         if parts:
             a, b = combine_layer(parts, layer.base_layer, c)
-            a_new[: a.shape[0]] = a
-            b_new[:, : b.shape[1]] = b
+            new.a[: a.shape[0]] = a
+            new.b[:, : b.shape[1]] = b
     for _, wrapper in save_wrappers(model):
         trained = [n for n in adapters if n in wrapper.modules_to_save]
         if trained and adapter_name in wrapper.modules_to_save:
