@@ -27,7 +27,7 @@ from deltatune import (
     PeftModelForCausalLM,
     get_peft_model,
 )
-from deltatune.checkpoint import cached_snapshot
+from deltatune.files import cached_snapshot
 from deltatune.cli import main
 from tests.hubcache import directory_files, fake_commit, write_snapshot
 from tests.models import make_causal_lm_inputs, tiny_llama

@@ -26,7 +26,7 @@ from deltatune import (
     TargetError,
     get_peft_model,
 )
-from deltatune.checkpoint import read_safetensors_header
+from deltatune.files import read_safetensors_header
 from tests.models import make_causal_lm_inputs, tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]

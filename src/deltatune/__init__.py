@@ -9,9 +9,9 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from .checkpoint import atomic_write_files
 from .config import LayerConfig, PeftConfig, PeftType, PromptLearningConfig, TaskType
 from .errors import AdapterLoadError, AdapterStateError, ConfigError, DeltatuneError, RemoteCodeError, TargetError
+from .files import atomic_write_files
 from .functional import (
     get_layer_status,
     get_model_status,

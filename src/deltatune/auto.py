@@ -20,9 +20,9 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from .checkpoint import read_config_file, read_json_file, resolve_file, validate_adapter_name
-from .config import PeftConfig, TaskType
+from .config import PeftConfig, TaskType, read_config_file
 from .errors import AdapterLoadError, ConfigError, RemoteCodeError
+from .files import read_json_file, resolve_file, validate_adapter_name
 from .model import TASK_WRAPPERS, PeftModel
 
 # task_type -> the transformers Auto class that loads a base model for it (peft's choice for each task).

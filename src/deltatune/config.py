@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import ConfigError
-
-CONFIG_NAME = "adapter_config.json"
+from .files import CONFIG_NAME, atomic_write_bytes, read_json_file, resolve_file
 
 # Fields peft writes that carry no meaning for the computation.
 _METADATA_FIELDS = frozenset({"peft_version", "megatron_core"})
@@ -179,8 +178,6 @@ class PeftConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``adapter_config.json`` atomically into ``save_directory``."""
-        from .checkpoint import atomic_write_bytes
-
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json_string().encode())
 
@@ -239,8 +236,6 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> PeftConfig:
         """Read ``adapter_config.json`` from a local directory or a hub repo (``revision``, ``subfolder``, ...)."""
-        from .checkpoint import read_config
-
         return read_config(pretrained_model_name_or_path, **hub_kwargs)
 
 
@@ -334,6 +329,24 @@ class PromptLearningConfig(PeftConfig):
     @property
     def is_prompt_learning(self) -> bool:
         return True
+
+
+def read_config_file(model_id: str | os.PathLike, **hub_kwargs: Any) -> tuple[PeftConfig, str]:
+    """Like :func:`read_config`, also returning the local path of the file that was read."""
+    path = resolve_file(model_id, CONFIG_NAME, **hub_kwargs)
+    if path is None:
+        where = os.path.join(os.fspath(model_id), hub_kwargs.get("subfolder") or "")
+        raise ConfigError(f"no {CONFIG_NAME} in {where!r}; is this an adapter directory?")
+    return PeftConfig.from_dict(read_json_file(path), source=path), path
+
+
+def read_config(model_id: str | os.PathLike, **hub_kwargs: Any) -> PeftConfig:
+    """Read and validate ``adapter_config.json`` from a local directory or a hub repo.
+
+    Raises:
+        ConfigError: the file is missing, not JSON, or not a valid config (the message names the file).
+    """
+    return read_config_file(model_id, **hub_kwargs)[0]
 
 
 def validate_regex(field_name: str, pattern: str) -> None:

@@ -21,19 +21,10 @@ import torch
 from torch import nn
 
 from . import functional, inject, prompt
-from .checkpoint import (
-    LAYER_KEY_PREFIX,
-    adapter_directory,
-    layer_adapter_state_dict,
-    load_layer_adapter_state_dict,
-    read_config_file,
-    read_weights,
-    save_adapter,
-    shared_state_plan,
-    validate_adapter_name,
-)
-from .config import PeftConfig, TaskType
+from .checkpoint import LAYER_KEY_PREFIX, layer_adapter_state_dict, load_layer_adapter_state_dict, shared_state_plan
+from .config import PeftConfig, TaskType, read_config_file
 from .errors import AdapterLoadError, AdapterStateError, DeltatuneError
+from .files import adapter_directory, read_weights, validate_adapter_name, write_adapter
 from .layers import adapter_layers, batch_adapters
 from .registry import LayerMethod, PromptMethod, get_method
 
@@ -453,7 +444,8 @@ class PeftModel(nn.Module):
         for name in names:
             directory = adapter_directory(save_directory, name)
             config = dataclasses.replace(self.peft_config[name], inference_mode=True)
-            save_adapter(directory, config, self.adapter_state_dict(name, save_embedding_layers), safe_serialization)
+            tensors = self.adapter_state_dict(name, save_embedding_layers)
+            write_adapter(directory, config.to_json_string(), tensors, safe_serialization)
 
     @classmethod
     def from_pretrained(

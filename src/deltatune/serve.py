@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import read_config_file, validate_adapter_name
-from .config import TaskType
+from .config import TaskType, read_config_file
 from .errors import AdapterStateError, ConfigError, DeltatuneError
+from .files import validate_adapter_name
 from .layers import BASE_ADAPTER
 from .model import PeftModel
 from .registry import PromptMethod, get_method

@@ -15,9 +15,9 @@ import warnings
 from collections import Counter
 from typing import Any
 
-from ..checkpoint import PICKLE_NAME, SAFETENSORS_NAME, read_json_file, read_safetensors_header, resolve_file
-from ..config import CONFIG_NAME, PeftConfig
+from ..config import PeftConfig
 from ..errors import ConfigError, DeltatuneError
+from ..files import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME, read_json_file, read_safetensors_header, resolve_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

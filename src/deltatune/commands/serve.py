@@ -99,7 +99,8 @@ def start(args: argparse.Namespace) -> Served:
     """Check every input, load the model and adapters, start the scheduler and bind the port."""
     import torch
 
-    from ..checkpoint import read_config_file, validate_adapter_name
+    from ..config import read_config_file
+    from ..files import validate_adapter_name
     from ..serve import Api, Scheduler, http_server
     from ..train.artifacts import locate
     from ..train.models import load_model, load_tokenizer

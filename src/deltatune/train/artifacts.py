@@ -52,7 +52,7 @@ def locate(path: str, model: str | None = None) -> Source:
     Raises:
         TrainError: the path does not exist or holds neither a run nor an adapter; or the base model is unknown.
     """
-    from ..checkpoint import read_config
+    from ..config import read_config
 
     if not os.path.isdir(path):
         raise TrainError(f"{path!r} does not exist or is not a directory; pass a run directory or an adapter directory")

@@ -21,7 +21,7 @@ class MetricsLog:
         if resume_step is not None and os.path.exists(self.path):
             # Lines past the checkpoint were logged by the killed process and are computed again now.
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step and r.get("phase") != "after"]
-            from ..checkpoint import atomic_write_files
+            from ..files import atomic_write_files
 
             atomic_write_files({self.path: "".join(json.dumps(r) + "\n" for r in kept).encode()})
         elif resume_step is None and os.path.exists(self.path):

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import LAYER_KEY_PREFIX, SAFETENSORS_NAME, atomic_write_files
-from ..config import CONFIG_NAME
+from ..checkpoint import LAYER_KEY_PREFIX
+from ..files import CONFIG_NAME, SAFETENSORS_NAME, atomic_write_files
 from ..layers import Delta, adapter_layers
 from .options import TrainError, TrainOptions
 
