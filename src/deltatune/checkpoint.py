@@ -10,14 +10,21 @@ a ``modules_to_save`` copy ``base_model.model.<path>.modules_to_save.<adapter>.w
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import AdapterLoadError
+from . import prompt
+from .config import PeftConfig
+from .errors import AdapterLoadError, DeltatuneError
 from .layers import AdapterLayer, ModulesToSaveWrapper
+from .registry import LayerMethod, PromptMethod, get_method
 
 _CONTAINERS = {AdapterLayer: "deltas", ModulesToSaveWrapper: "modules_to_save"}
 _WRAPPED = {AdapterLayer: "base_layer", ModulesToSaveWrapper: "original_module"}
@@ -205,3 +212,125 @@ def shared_state_plan(
                                                   tuple(expected[key].shape), expected[key]))
         plan.append((expected[key], value))
     return plan
+
+
+# --- load guards: nothing allocated for a config that does not fit its file, nothing changed by a failed load ------
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose tensors live on the meta device (shapes and dtypes only; nothing is allocated)."""
+    memo: dict[int, Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+def _check_planned_size(
+    model: nn.Module, config: PeftConfig, tensors: dict[str, torch.Tensor], source: str, config_source: str
+) -> None:
+    """Refuse, before allocating anything, a config that describes a far bigger adapter than the weights file holds.
+
+    A corrupt or hostile ``adapter_config.json`` (``"r": 100000000``) would otherwise allocate (and initialise)
+    gigabytes before the shape check could object. The adapter is built once on the meta device, which costs no
+    memory; a valid file always holds at least every parameter the adapter has. Small differences and anything the
+    dry run cannot do are left to the real construction and the key-by-key checks, whose messages are more precise.
+    A prompt adapter's planned size is its saved table (``num_virtual_tokens × token_dim × ...``).
+    """
+    method = get_method(config.peft_type)
+    if not isinstance(method, LayerMethod):  # a prompt method: the saved table is what loading allocates
+        try:
+            planned_config = copy.deepcopy(config)
+            prompt.fill_dimensions(planned_config, model, method.strategy)
+            planned: int | None = math.prod(method.strategy.table_shape(planned_config))
+        except Exception:  # dimensions it cannot read: building the encoder reports them
+            return
+        _check_prompt_encoder_size(model, planned_config, method, config_source)
+    else:
+        planned = _planned_layer_size(model, config, method)
+        if planned is None:
+            return
+    available = sum(t.numel() for t in tensors.values())
+    if planned > max(2 * available, available + 2**20):
+        raise AdapterLoadError(
+            f"{config_source} describes an adapter of {planned:,} parameters but {source} holds only {available:,} "
+            f"values; the config does not belong to these weights (check r, rank_pattern and target_modules, or "
+            f"num_virtual_tokens and token_dim). Nothing was allocated."
+        )
+
+
+def _check_prompt_encoder_size(model: nn.Module, config: PeftConfig, method: PromptMethod, config_source: str) -> None:
+    """A trainable load builds the method's encoder (P-tuning's MLP or LSTM, prefix tuning's projection) before the
+    saved table replaces it; refuse, from a dry run on the meta device, an encoder larger than the base model itself
+    (``encoder_hidden_size`` from a corrupt file) before it is allocated."""
+    if config.inference_mode or getattr(config, "encoder_hidden_size", None) is None:
+        return  # a plain table (inference, prompt tuning), checked above against the file
+    try:
+        with torch.device("meta"):
+            encoder = method.make_encoder(config, None)
+        size = sum(p.numel() for p in encoder.parameters())
+    except Exception:  # anything the dry run cannot do: the real construction reports it
+        return
+    base = sum(p.numel() for p in model.parameters())
+    if size > max(base, 2**20):
+        raise AdapterLoadError(
+            f"{config_source}: the trainable {config.peft_type.value} encoder it describes has {size:,} parameters, "
+            f"more than the base model's {base:,}; check encoder_hidden_size and encoder_num_layers. Nothing was "
+            f"allocated."
+        )
+
+
+def _planned_layer_size(model: nn.Module, config: PeftConfig, method) -> int | None:
+    """Parameters a layer method's adapter would have on ``model`` (from a dry run on the meta device), or ``None``
+    when the dry run cannot tell."""
+    from .layers import AdapterLayer
+    from .targeting import find_targets
+
+    planned = 0
+    try:
+        bases = {}
+        for name in find_targets(model, config, method.default_targets):
+            module = model.get_submodule(name)
+            base = module.base_layer if isinstance(module, AdapterLayer) else module
+            if not isinstance(base, method.layer_types):
+                return None
+            bases[name] = _meta_copy(base)
+        with torch.device("meta"):
+            shared = () if method.make_shared is None else (method.make_shared(config, bases, {}),)
+            for name, base in bases.items():
+                planned += sum(p.numel() for p in method.make_delta(config, base, name, *shared).parameters())
+        planned += sum(t.numel() for holder in shared for t in holder.state_dict().values())  # saved once
+    except Exception:  # bad targets, an op without a meta kernel...: the real construction reports it
+        return None
+    return planned
+
+
+@contextlib.contextmanager
+def _naming_source(source: str) -> Iterator[None]:
+    """Re-raise deltatune errors from building an adapter with ``source`` (the config file) in the message, so that
+    every loading error names the file it came from."""
+    try:
+        yield
+    except DeltatuneError as exc:
+        if source in str(exc):
+            raise
+        raise type(exc)(f"{source}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _restore_base_on_error(model: nn.Module, config: PeftConfig) -> Iterator[None]:
+    """Keep a failed load all-or-nothing for initialisations that rewrite the base weights (PiSSA / OLoRA keep the
+    residual ``W₀ - BA`` in the base layer): snapshot the base state first and put it back on error. Other configs
+    never touch base weights before the load succeeds, so they pay nothing."""
+    init = getattr(config, "init_lora_weights", None)
+    if not (isinstance(init, str) and init != "gaussian"):
+        yield
+        return
+    # By tensor identity, not by name: a failure may leave wrappers around the very same base tensors.
+    snapshot = [(t, t.detach().clone()) for t in [*model.parameters(), *model.buffers()]]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for tensor, saved in snapshot:
+                tensor.copy_(saved)
+        raise
