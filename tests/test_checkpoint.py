@@ -126,7 +126,7 @@ def test_adapter_loads_under_another_name_with_bias_all_and_a_trained_head(tmp_p
 def test_saved_keys_map_to_in_memory_names() -> None:
     model = dt.get_peft_model(tiny_bert("seq_cls"), dt.LoraConfig(task_type="SEQ_CLS"), adapter_name="ad")
     root = model.get_base_model()
-    holders = checkpoint._holders(root)
+    holders = checkpoint.adapter_holders(root)
     q = "bert.encoder.layer.0.attention.self.query"
     mapping = checkpoint.to_model_keys(
         [
@@ -156,7 +156,7 @@ def test_adapter_state_dict_round_trips_through_the_key_mapping() -> None:
     model = dt.get_peft_model(tiny_bert("seq_cls"), dt.LoraConfig(task_type="SEQ_CLS", bias="lora_only"))
     root = model.get_base_model()
     state = checkpoint.layer_adapter_state_dict(root, "default", bias="lora_only")
-    mapping = checkpoint.to_model_keys(state, checkpoint._holders(root), "default")
+    mapping = checkpoint.to_model_keys(state, checkpoint.adapter_holders(root), "default")
     params = dict(root.named_parameters())
     for key, target in mapping.items():
         assert torch.equal(params[target], state[key]), key

@@ -23,20 +23,24 @@ from torch import nn
 from . import prompt
 from .config import PeftConfig
 from .errors import AdapterLoadError, DeltatuneError
-from .layers import AdapterLayer, ModulesToSaveWrapper
+from .layers import AdapterLayer, ModulesToSaveWrapper, adapter_layers
 from .registry import LayerMethod, PromptMethod, get_method
 
 _CONTAINERS = {AdapterLayer: "deltas", ModulesToSaveWrapper: "modules_to_save"}
 _WRAPPED = {AdapterLayer: "base_layer", ModulesToSaveWrapper: "original_module"}
 
-# Where a PeftModel's layer adapters sit in its state dict and in adapter files: under the wrapper's ``base_model``
-# holder, whose ``model`` is the adapted model (peft's layout).
-LAYER_KEY_PREFIX = "base_model.model."
+# Saved keys follow where a PeftModel keeps each tensor (peft's layout). ``base_model`` is the wrapper's holder: the
+# tensors all of one adapter's layers share (``LayerMethod.make_shared``) are saved once as ``base_model.<name>``, and
+# a prompt adapter's ``modules_to_save`` heads as ``base_model.<path>`` (peft's prompt wrapper holds the model itself).
+BASE_MODEL_PREFIX = "base_model."
+# The holder's ``model`` is the adapted model: layer adapters are saved as ``base_model.model.<path>``.
+LAYER_KEY_PREFIX = BASE_MODEL_PREFIX + "model."
 
 
 # --- state dicts: pure functions over module trees and dicts --------------------------------------------------------
 
-def _holders(root: nn.Module) -> dict[str, nn.Module]:
+def adapter_holders(root: nn.Module) -> dict[str, nn.Module]:
+    """The wrappers under ``root`` that hold adapters (``AdapterLayer`` and ``ModulesToSaveWrapper``), by path."""
     return {name: m for name, m in root.named_modules() if isinstance(m, tuple(_CONTAINERS))}
 
 
@@ -50,7 +54,7 @@ def layer_adapter_state_dict(
     ``save_embedding_layers``, the base weights of adapted embedding layers (needed when the vocabulary was resized).
     """
     out: dict[str, torch.Tensor] = {}
-    holders = _holders(root)
+    holders = adapter_holders(root)
     for path, holder in holders.items():
         container = getattr(holder, _CONTAINERS[type(holder)])
         if adapter_name not in container:
@@ -112,7 +116,7 @@ def load_layer_adapter_state_dict(
         AdapterLoadError: unknown keys, missing adapter parameters, or shape mismatches; the message names the first
             offending key (with both shapes) and what to do.
     """
-    holders = _holders(root)
+    holders = adapter_holders(root)
     mapping = to_model_keys(state_dict, holders, adapter_name)
     params = dict(root.named_parameters())
     params.update(root.named_buffers())
@@ -179,7 +183,7 @@ def _shape_message(source: str, key: str, saved: tuple, current: tuple, tensor: 
     return msg
 
 
-def shared_state_plan(
+def shared_state_copies(
     holder: nn.Module, saved: Mapping[str, torch.Tensor], source: str
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Check an adapter's saved shared tensors (keys ``<name>`` of ``base_model.<name>``) against its shared-state
@@ -196,22 +200,124 @@ def shared_state_plan(
     missing = sorted(set(expected) - set(saved))
     if missing:
         raise AdapterLoadError(
-            f"{source}: the file lacks 'base_model.{missing[0]}', which the adapter's config says is saved with it; "
-            f"the file is incomplete or was saved with a different config"
+            f"{source}: the file lacks '{BASE_MODEL_PREFIX}{missing[0]}', which the adapter's config says is saved "
+            f"with it; the file is incomplete or was saved with a different config"
         )
     regenerated = {name for name, _ in holder.named_buffers()} - set(expected)
-    plan = []
+    copies = []
     for key, value in saved.items():
         if key in regenerated:
-            warnings.warn(f"{source}: ignoring 'base_model.{key}': the adapter's config regenerates it", stacklevel=3)
+            warnings.warn(f"{source}: ignoring '{BASE_MODEL_PREFIX}{key}': the adapter's config regenerates it",
+                          stacklevel=4)
             continue
         if key not in expected:
-            raise AdapterLoadError(f"{source}: unexpected tensor 'base_model.{key}'; not a tensor of this adapter")
+            raise AdapterLoadError(
+                f"{source}: unexpected tensor '{BASE_MODEL_PREFIX}{key}'; not a tensor of this adapter"
+            )
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise AdapterLoadError(_shape_message(source, f"base_model.{key}", tuple(value.shape),
+            raise AdapterLoadError(_shape_message(source, BASE_MODEL_PREFIX + key, tuple(value.shape),
                                                   tuple(expected[key].shape), expected[key]))
-        plan.append((expected[key], value))
-    return plan
+        copies.append((expected[key], value))
+    return copies
+
+
+# --- the file of a PeftModel's adapter: layer adapters with their shared state, prompt adapters with their heads -----
+
+def layer_file_state(
+    root: nn.Module,
+    adapter_name: str,
+    *,
+    bias: str = "none",
+    save_embedding_layers: bool | str = "auto",
+    shared: nn.Module | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors a ``PeftModel`` saves for layer adapter ``adapter_name``, keyed as in its file.
+
+    Args:
+        root: The adapted model (``PeftModel.get_base_model()``); its layer tensors are saved as
+            ``base_model.model.<path>``.
+        bias: The config's ``bias`` (which biases the file carries; see :func:`layer_adapter_state_dict`).
+        save_embedding_layers: Also save the base weights of adapted embedding layers (a resized vocabulary);
+            ``"auto"``: whenever the adapter adapts an embedding layer.
+        shared: The adapter's shared-state module (``LayerMethod.make_shared``), saved once as ``base_model.<name>``.
+    """
+    if save_embedding_layers == "auto":
+        save_embedding_layers = any(
+            isinstance(layer.base_layer, nn.Embedding) and adapter_name in layer.deltas
+            for _, layer in adapter_layers(root)
+        )
+    state = layer_adapter_state_dict(root, adapter_name, bias, bool(save_embedding_layers))
+    out = {LAYER_KEY_PREFIX + k: v for k, v in state.items()}
+    if shared is not None:
+        out.update({BASE_MODEL_PREFIX + k: v.detach() for k, v in shared.state_dict().items()})
+    return out
+
+
+def load_layer_file_state(
+    root: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    adapter_name: str,
+    source: str,
+    shared: nn.Module | None = None,
+) -> None:
+    """Load what :func:`layer_file_state` saved into the existing adapter ``adapter_name`` of ``root``, all or nothing:
+    the shared tensors are checked first and copied only once the layers have loaded.
+
+    Raises:
+        AdapterLoadError: a key outside ``base_model.model.`` that is not one of ``shared``'s, or anything
+            :func:`load_layer_adapter_state_dict` / :func:`shared_state_copies` refuse.
+    """
+    shared_saved = {
+        k[len(BASE_MODEL_PREFIX):]: v for k, v in state_dict.items()
+        if shared is not None and k.startswith(BASE_MODEL_PREFIX) and not k.startswith(LAYER_KEY_PREFIX)
+    }
+    bad = next((
+        k for k in state_dict
+        if not k.startswith(LAYER_KEY_PREFIX) and k[len(BASE_MODEL_PREFIX):] not in shared_saved
+    ), None)
+    if bad is not None:
+        raise AdapterLoadError(
+            f"{source}: key {bad!r} does not start with {LAYER_KEY_PREFIX!r}; not a layer adapter file"
+        )
+    copies = shared_state_copies(shared, shared_saved, source) if shared is not None else []
+    layers = {k[len(LAYER_KEY_PREFIX):]: v for k, v in state_dict.items() if k.startswith(LAYER_KEY_PREFIX)}
+    load_layer_adapter_state_dict(root, layers, adapter_name, source)
+    with torch.no_grad():
+        for destination, value in copies:
+            destination.copy_(value.to(dtype=destination.dtype, device=destination.device))
+
+
+def prompt_file_state(root: nn.Module, adapter_name: str, encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a ``PeftModel`` saves for prompt adapter ``adapter_name``: the virtual tokens' table
+    (``prompt_embeddings``, ``[num_virtual_tokens * num_transformer_submodules, token_dim]`` or the prefix's
+    key/value width) and the ``modules_to_save`` heads of ``root`` (the adapted model) as ``base_model.<path>``."""
+    heads = layer_adapter_state_dict(root, adapter_name)
+    return {prompt.PROMPT_KEY: prompt.saved_table(encoder), **{BASE_MODEL_PREFIX + k: v for k, v in heads.items()}}
+
+
+def load_prompt_file_state(
+    root: nn.Module, state_dict: Mapping[str, torch.Tensor], adapter_name: str, encoder: nn.Module, source: str
+) -> nn.Module:
+    """Load what :func:`prompt_file_state` saved: the heads into their ``modules_to_save`` copies in ``root``, the
+    table into ``encoder``.
+
+    Returns:
+        The encoder to use from now on (``prompt.load_prompt_embeddings``: a P-tuning or projected-prefix encoder,
+        whose file holds only its output, continues as a plain table).
+
+    Raises:
+        AdapterLoadError: no ``prompt_embeddings``, a key outside ``base_model.``, or a tensor that does not fit.
+    """
+    if prompt.PROMPT_KEY not in state_dict:
+        raise AdapterLoadError(f"{source}: no {prompt.PROMPT_KEY!r} tensor; not a prompt-learning adapter file")
+    heads = {k: v for k, v in state_dict.items() if k != prompt.PROMPT_KEY}
+    bad = next((k for k in heads if not k.startswith(BASE_MODEL_PREFIX)), None)
+    if bad is not None:
+        raise AdapterLoadError(f"{source}: unexpected key {bad!r} in a prompt-learning adapter file")
+    load_layer_adapter_state_dict(
+        root, {k[len(BASE_MODEL_PREFIX):]: v for k, v in heads.items()}, adapter_name, source
+    )
+    return prompt.load_prompt_embeddings(encoder, state_dict[prompt.PROMPT_KEY], source)
 
 
 # --- load guards: nothing allocated for a config that does not fit its file, nothing changed by a failed load ------

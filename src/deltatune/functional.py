@@ -22,7 +22,7 @@ from torch import nn
 
 from .checkpoint import (
     LAYER_KEY_PREFIX,
-    _holders,
+    adapter_holders,
     layer_adapter_state_dict,
     load_layer_adapter_state_dict,
     to_model_keys,
@@ -107,7 +107,7 @@ def get_peft_model_state_dict(
     if state_dict is None:
         return saved
     live = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
-    names = to_model_keys(live, _holders(root), adapter_name)
+    names = to_model_keys(live, adapter_holders(root), adapter_name)
     missing = [names[k] for k in live if prefix + names[k] not in state_dict]
     if missing:
         raise AdapterStateError(f"state_dict lacks {len(missing)} tensor(s) of adapter {adapter_name!r}, first "

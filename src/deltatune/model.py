@@ -2,8 +2,9 @@
 
 Names and behaviour follow peft, so switching is one import. The wrapper owns the adapter bookkeeping (configs, the
 active adapter, trainability) and delegates the mechanics to ``inject`` (module surgery), ``layers`` (per-layer
-state), ``checkpoint`` (files) and ``prompt`` (prompt methods' inputs). Task wrappers only add what differs by
-task, as data: default ``modules_to_save`` heads and how inputs line up with virtual tokens (``prompt_task``).
+state), ``checkpoint`` (which tensors an adapter file holds, and the load guards), ``files`` (disk and hub) and
+``prompt`` (prompt methods' inputs). Task wrappers only add what differs by task, as data: default
+``modules_to_save`` heads and how inputs line up with virtual tokens (``prompt_task``).
 """
 
 from __future__ import annotations
@@ -19,18 +20,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import functional, inject, prompt
-from .checkpoint import (
-    LAYER_KEY_PREFIX,
-    _check_planned_size,
-    _naming_source,
-    _restore_base_on_error,
-    layer_adapter_state_dict,
-    load_layer_adapter_state_dict,
-    shared_state_plan,
-)
+from . import checkpoint, functional, inject, prompt
+from .checkpoint import _check_planned_size, _naming_source, _restore_base_on_error
 from .config import PeftConfig, TaskType, read_config_file
-from .errors import AdapterLoadError, AdapterStateError
+from .errors import AdapterStateError
 from .files import adapter_directory, read_weights, validate_adapter_name, write_adapter
 from .layers import adapter_layers, batch_adapters
 from .registry import LayerMethod, PromptMethod, get_method
@@ -378,59 +371,31 @@ class PeftModel(nn.Module):
     def adapter_state_dict(self, adapter_name: str = "default", save_embedding_layers: bool | str = "auto") -> dict:
         """The tensors saved for ``adapter_name``, keyed exactly as in ``adapter_model.safetensors``."""
         self._check_exists(adapter_name)
-        config = self.peft_config[adapter_name]
         if adapter_name in self.prompt_encoder:
-            # peft's prompt wrapper holds the model directly, so its modules_to_save keys start with ``base_model.``
-            heads = layer_adapter_state_dict(self.get_base_model(), adapter_name)
-            table = prompt.saved_table(self.prompt_encoder[adapter_name])
-            return {prompt.PROMPT_KEY: table, **{f"base_model.{k}": v for k, v in heads.items()}}
-        if save_embedding_layers == "auto":
-            save_embedding_layers = any(
-                isinstance(layer.base_layer, nn.Embedding) and adapter_name in layer.deltas
-                for _, layer in adapter_layers(self.get_base_model())
-            )
-        state = layer_adapter_state_dict(
-            self.get_base_model(), adapter_name, getattr(config, "bias", "none"), bool(save_embedding_layers)
+            return checkpoint.prompt_file_state(self.get_base_model(), adapter_name, self.prompt_encoder[adapter_name])
+        return checkpoint.layer_file_state(
+            self.get_base_model(), adapter_name, bias=getattr(self.peft_config[adapter_name], "bias", "none"),
+            save_embedding_layers=save_embedding_layers, shared=self._shared_state(adapter_name),
         )
-        out = {LAYER_KEY_PREFIX + k: v for k, v in state.items()}
-        shared = self.base_model.shared_state
-        if adapter_name in shared:  # tensors all the adapter's layers share, saved once under ``base_model.<name>``
-            out.update({f"base_model.{k}": v.detach() for k, v in shared[adapter_name].state_dict().items()})
-        return out
 
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
-        if adapter_name in self.prompt_encoder:
-            return self._load_prompt_state_dict(state_dict, adapter_name, source)
-        prefix = LAYER_KEY_PREFIX
-        holder = self.base_model.shared_state[adapter_name] if adapter_name in self.base_model.shared_state else None
-        shared = {  # the adapter's shared state, saved as ``base_model.<name>``
-            k[len("base_model."):]: v for k, v in state_dict.items()
-            if holder is not None and k.startswith("base_model.") and not k.startswith(prefix)
-        }
-        bad = next((k for k in state_dict if not k.startswith(prefix) and k[len("base_model."):] not in shared), None)
-        if bad is not None:
-            raise AdapterLoadError(f"{source}: key {bad!r} does not start with {prefix!r}; not a layer adapter file")
-        plan = shared_state_plan(holder, shared, source) if holder is not None else []
-        stripped = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        load_layer_adapter_state_dict(self.get_base_model(), stripped, adapter_name, source)
-        with torch.no_grad():
-            for destination, value in plan:
-                destination.copy_(value.to(dtype=destination.dtype, device=destination.device))
-
-    def _load_prompt_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
-        """``prompt_embeddings`` into the encoder, ``base_model.<path>`` heads into their ``modules_to_save`` copies."""
-        if prompt.PROMPT_KEY not in state_dict:
-            raise AdapterLoadError(f"{source}: no {prompt.PROMPT_KEY!r} tensor; not a prompt-learning adapter file")
-        heads = {k: v for k, v in state_dict.items() if k != prompt.PROMPT_KEY}
-        bad = next((k for k in heads if not k.startswith("base_model.")), None)
-        if bad is not None:
-            raise AdapterLoadError(f"{source}: unexpected key {bad!r} in a prompt-learning adapter file")
-        load_layer_adapter_state_dict(
-            self.get_base_model(), {k[len("base_model."):]: v for k, v in heads.items()}, adapter_name, source
+        """Load tensors keyed as in ``adapter_model.safetensors`` into the existing adapter ``adapter_name``, all or
+        nothing; ``source`` (the file) is named in every error."""
+        self._check_exists(adapter_name)
+        if adapter_name not in self.prompt_encoder:
+            checkpoint.load_layer_file_state(
+                self.get_base_model(), state_dict, adapter_name, source, self._shared_state(adapter_name)
+            )
+            return
+        self.prompt_encoder[adapter_name] = checkpoint.load_prompt_file_state(
+            self.get_base_model(), state_dict, adapter_name, self.prompt_encoder[adapter_name], source
         )
-        encoder = self.prompt_encoder[adapter_name]
-        self.prompt_encoder[adapter_name] = prompt.load_prompt_embeddings(encoder, state_dict[prompt.PROMPT_KEY], source)
         self._refresh()
+
+    def _shared_state(self, adapter_name: str) -> nn.Module | None:
+        """The adapter's tensors shared by all its layers (``LayerMethod.make_shared``), if its method has any."""
+        shared = self.base_model.shared_state
+        return shared[adapter_name] if adapter_name in shared else None
 
     def save_pretrained(
         self,
