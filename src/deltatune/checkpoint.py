@@ -331,7 +331,7 @@ def _meta_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _check_planned_size(
+def check_planned_size(
     model: nn.Module, config: PeftConfig, tensors: dict[str, torch.Tensor], source: str, config_source: str
 ) -> None:
     """Refuse, before allocating anything, a config that describes a far bigger adapter than the weights file holds.
@@ -411,7 +411,7 @@ def _planned_layer_size(model: nn.Module, config: PeftConfig, method) -> int | N
 
 
 @contextlib.contextmanager
-def _naming_source(source: str) -> Iterator[None]:
+def naming_source(source: str) -> Iterator[None]:
     """Re-raise deltatune errors from building an adapter with ``source`` (the config file) in the message, so that
     every loading error names the file it came from."""
     try:
@@ -423,7 +423,7 @@ def _naming_source(source: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _restore_base_on_error(model: nn.Module, config: PeftConfig) -> Iterator[None]:
+def restore_base_on_error(model: nn.Module, config: PeftConfig) -> Iterator[None]:
     """Keep a failed load all-or-nothing for initialisations that rewrite the base weights (PiSSA / OLoRA keep the
     residual ``W₀ - BA`` in the base layer): snapshot the base state first and put it back on error. Other configs
     never touch base weights before the load succeeds, so they pay nothing."""

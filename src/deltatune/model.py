@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, functional, inject, prompt
-from .checkpoint import _check_planned_size, _naming_source, _restore_base_on_error
+from .checkpoint import check_planned_size, naming_source, restore_base_on_error
 from .config import PeftConfig, TaskType, read_config_file
 from .errors import AdapterStateError
 from .files import adapter_directory, read_weights, validate_adapter_name, write_adapter
@@ -445,9 +445,9 @@ class PeftModel(nn.Module):
         if cls is PeftModel and config.task_type is not None:
             target_cls = TASK_WRAPPERS.get(config.task_type, PeftModel)
         tensors, source = read_weights(model_id, safetensors_only=safetensors_only, **hub)
-        _check_planned_size(model, config, tensors, source, config_source)
-        with _restore_base_on_error(model, config):
-            with _naming_source(config_source):
+        check_planned_size(model, config, tensors, source, config_source)
+        with restore_base_on_error(model, config):
+            with naming_source(config_source):
                 peft_model = target_cls(model, config, adapter_name)
             try:
                 peft_model.load_adapter_state_dict(tensors, adapter_name, source)
@@ -472,9 +472,9 @@ class PeftModel(nn.Module):
         config, config_source = read_config_file(model_id, **hub)
         config.inference_mode = not is_trainable
         tensors, source = read_weights(model_id, safetensors_only=safetensors_only, **hub)
-        _check_planned_size(self.get_base_model(), config, tensors, source, config_source)
-        with _restore_base_on_error(self.get_base_model(), config):
-            with _naming_source(config_source):
+        check_planned_size(self.get_base_model(), config, tensors, source, config_source)
+        with restore_base_on_error(self.get_base_model(), config):
+            with naming_source(config_source):
                 self.add_adapter(adapter_name, config)
             try:
                 self.load_adapter_state_dict(tensors, adapter_name, source)
