@@ -7,19 +7,19 @@ keys) for such a model or for a ``PeftModel``; the key layout follows the object
 ``PeftModel``, ``<path>`` for an injected plain model.
 
 ``get_layer_status`` / ``get_model_status`` report, per adapter layer and for the whole model, which adapters exist,
-are active, merged, trainable and on which devices — the questions that come up when a model behaves unexpectedly.
+are active, merged, trainable and on which devices — the questions that come up when a model behaves unexpectedly
+(``status`` computes them).
 """
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from . import status
 from .checkpoint import (
     LAYER_KEY_PREFIX,
     adapter_holders,
@@ -30,10 +30,10 @@ from .checkpoint import (
 from .config import PeftConfig
 from .errors import AdapterStateError, ConfigError
 from .inject import add_layer_adapter, add_modules_to_save, mark_trainable, set_active
-from .layers import AdapterLayer, ModulesToSaveWrapper, adapter_layers
+from .layers import adapter_layers
+from .model import PeftModel
 from .registry import LayerMethod, get_method
-
-Irregular = Literal["irregular"]  # the adapter is in different states in different layers
+from .status import ModelStatus, TunerLayerStatus
 
 
 def inject_adapter_in_model(
@@ -73,8 +73,6 @@ def inject_adapter_in_model(
 
 def _root_and_prefix(model: nn.Module) -> tuple[nn.Module, str]:
     """The module the saved keys are relative to, and the prefix the file puts before them."""
-    from .model import PeftModel
-
     if isinstance(model, PeftModel):
         return model.get_base_model(), LAYER_KEY_PREFIX
     return model, ""
@@ -95,8 +93,6 @@ def get_peft_model_state_dict(
     """
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
-    from .model import PeftModel
-
     root, prefix = _root_and_prefix(model)
     if isinstance(model, PeftModel):
         saved = model.adapter_state_dict(adapter_name, save_embedding_layers)
@@ -137,124 +133,27 @@ def set_peft_model_state_dict(
     if ignore_mismatched_sizes:
         raise ConfigError("ignore_mismatched_sizes=True is not supported: a tensor that does not fit is an error, so "
                           "that an adapter never loads partially; fix the adapter or the base model instead")
-    from .model import PeftModel
-
     if isinstance(model, PeftModel):
-        model._check_exists(adapter_name)
         model.load_adapter_state_dict(dict(peft_model_state_dict), adapter_name, "state dict")
     else:
         load_layer_adapter_state_dict(model, peft_model_state_dict, adapter_name, "state dict")
     return LoadResult()
 
 
-# --- status ------------------------------------------------------------------------------------------------------
-
-@dataclass
-class TunerLayerStatus:
-    """One adapter layer: the module it wraps and the state of each adapter in it (peft's field names)."""
-
-    name: str
-    module_type: str
-    enabled: bool
-    active_adapters: list[str]
-    merged_adapters: list[str]
-    requires_grad: dict[str, bool | Irregular]
-    available_adapters: list[str]
-    devices: dict[str, list[str]]
-
-
-@dataclass
-class ModelStatus:
-    """The whole model: each field summarises the layers, ``"irregular"`` where layers disagree."""
-
-    base_model_type: str
-    adapter_model_type: str
-    peft_types: dict[str, str]
-    trainable_params: int
-    total_params: int
-    num_adapter_layers: int
-    enabled: bool | Irregular
-    active_adapters: list[str] | Irregular
-    merged_adapters: list[str] | Irregular
-    requires_grad: dict[str, bool | Irregular]
-    available_adapters: list[str]
-    devices: dict[str, list[str]]
-
-
-def _all_or_irregular(values: list[Any]) -> Any:
-    return "irregular" if len({repr(v) for v in values}) > 1 else values[0]
-
-
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     """The status of every adapter layer and ``modules_to_save`` wrapper of ``model`` (a ``PeftModel`` or an
-    injected plain module)."""
-    root, prefix = _root_and_prefix(model)
-    statuses = []
-    for name, module in root.named_modules():
-        if isinstance(module, AdapterLayer):
-            wrapped, owned = module.base_layer, module.deltas
-            active, merged, enabled = module.active_adapters, module.merged_adapters, not module.disabled
-        elif isinstance(module, ModulesToSaveWrapper):
-            wrapped, owned = module.original_module, module.modules_to_save
-            active = [module.active_adapter] if module.active_adapter else []
-            merged, enabled = [], not module.disabled
-        else:
-            continue
-        requires_grad = {
-            adapter: _all_or_irregular([p.requires_grad for p in sub.parameters()] or [False])
-            for adapter, sub in owned.items()
-        }
-        devices = {adapter: sorted({str(p.device) for p in sub.parameters()}) for adapter, sub in owned.items()}
-        statuses.append(TunerLayerStatus(
-            name=prefix + name, module_type=type(wrapped).__name__, enabled=enabled, active_adapters=list(active),
-            merged_adapters=list(merged), requires_grad=requires_grad, available_adapters=sorted(owned),
-            devices=devices,
-        ))
-    if not statuses:
-        raise AdapterStateError("the model has no adapter layers; nothing to report")
-    return statuses
+    injected plain module).
 
-
-def _consistent(layers: list[TunerLayerStatus], attribute: str) -> list[str] | Irregular:
-    """The adapters in state ``attribute`` (active / merged) model-wide, or ``"irregular"`` when some layer holding
-    one of them has it in the other state."""
-    union = sorted({a for layer in layers for a in getattr(layer, attribute)})
-    for layer in layers:
-        if sorted(getattr(layer, attribute)) != [a for a in union if a in layer.available_adapters]:
-            return "irregular"
-    return union
+    Raises:
+        AdapterStateError: the model has no adapter layers.
+    """
+    if isinstance(model, PeftModel):
+        return model.get_layer_status()
+    return status.get_layer_status(model)
 
 
 def get_model_status(model: nn.Module) -> ModelStatus:
     """One summary of :func:`get_layer_status` for the whole model."""
-    from .model import PeftModel
-
-    layers = get_layer_status(model)
-    root, _ = _root_and_prefix(model)
     if isinstance(model, PeftModel):
-        peft_types = {name: config.peft_type.value for name, config in model.peft_config.items()}
-        adapter_model_type = type(model).__name__
-    else:
-        peft_types, adapter_model_type = {}, "injected"
-    requires_grad: dict[str, list[bool | Irregular]] = collections.defaultdict(list)
-    devices: dict[str, set[str]] = collections.defaultdict(set)
-    for layer in layers:
-        for adapter, flag in layer.requires_grad.items():
-            requires_grad[adapter].append(flag)
-        for adapter, where in layer.devices.items():
-            devices[adapter].update(where)
-    params = list(model.parameters())
-    return ModelStatus(
-        base_model_type=type(root).__name__,
-        adapter_model_type=adapter_model_type,
-        peft_types=peft_types,
-        trainable_params=sum(p.numel() for p in params if p.requires_grad),
-        total_params=sum(p.numel() for p in params),
-        num_adapter_layers=len(layers),
-        enabled=_all_or_irregular([layer.enabled for layer in layers]),
-        active_adapters=_consistent(layers, "active_adapters"),
-        merged_adapters=_consistent(layers, "merged_adapters"),
-        requires_grad={adapter: _all_or_irregular(flags) for adapter, flags in sorted(requires_grad.items())},
-        available_adapters=sorted({a for layer in layers for a in layer.available_adapters}),
-        devices={adapter: sorted(where) for adapter, where in sorted(devices.items())},
-    )
+        return model.get_model_status()
+    return status.get_model_status(model)

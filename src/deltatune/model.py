@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import checkpoint, functional, inject, prompt
+from . import checkpoint, inject, prompt, status
 from .checkpoint import check_planned_size, naming_source, restore_base_on_error
 from .config import PeftConfig, TaskType, read_config_file
 from .errors import AdapterStateError
@@ -266,13 +266,16 @@ class PeftModel(nn.Module):
         inject.set_disabled(self.get_base_model(), False)
         self._prompt_disabled = False
 
-    def get_layer_status(self) -> list[functional.TunerLayerStatus]:
+    def get_layer_status(self) -> list[status.TunerLayerStatus]:
         """Per adapter layer: which adapters it holds, which are active, merged, trainable, and where they live."""
-        return functional.get_layer_status(self)
+        return status.get_layer_status(self.get_base_model(), checkpoint.LAYER_KEY_PREFIX)
 
-    def get_model_status(self) -> functional.ModelStatus:
+    def get_model_status(self) -> status.ModelStatus:
         """The same, summarised for the whole model (``"irregular"`` where layers disagree)."""
-        return functional.get_model_status(self)
+        return status.get_model_status(
+            self, self.get_base_model(), adapter_model_type=type(self).__name__,
+            peft_types={name: config.peft_type.value for name, config in self.peft_config.items()},
+        )
 
     # --- merging --------------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
