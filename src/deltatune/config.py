@@ -1,4 +1,4 @@
-"""Adapter configs: the base dataclass, the method and task enums, and the JSON round trip.
+"""Adapter configs: the base dataclass, the task enum, the JSON round trip and reading ``adapter_config.json``.
 
 Configs use peft's field names and ``peft_type`` values so that ``adapter_config.json`` files move freely between
 deltatune, peft and vLLM. Reading a file applies one policy for fields this class does not define:
@@ -24,30 +24,10 @@ from typing import Any, ClassVar
 
 from .errors import ConfigError
 from .files import CONFIG_NAME, atomic_write_bytes, read_json_file, resolve_file
+from .registry import PeftType, config_class  # PeftType is derived from the registry; importable from here too
 
 # Fields peft writes that carry no meaning for the computation.
 _METADATA_FIELDS = frozenset({"peft_version", "megatron_core"})
-
-
-class PeftType(str, enum.Enum):
-    """Method identifiers, spelled as peft writes them into ``adapter_config.json``."""
-
-    LORA = "LORA"
-    ADALORA = "ADALORA"
-    IA3 = "IA3"
-    LOHA = "LOHA"
-    LOKR = "LOKR"
-    OFT = "OFT"
-    VERA = "VERA"
-    BOTTLENECK = "BOTTLENECK"
-    BITFIT = "BITFIT"
-    LN_TUNING = "LN_TUNING"
-    PROMPT_TUNING = "PROMPT_TUNING"
-    P_TUNING = "P_TUNING"
-    PREFIX_TUNING = "PREFIX_TUNING"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class TaskType(str, enum.Enum):
@@ -189,8 +169,6 @@ class PeftConfig:
             ConfigError: unknown ``peft_type``, a peft feature switched on that deltatune does not implement, or
                 values the config's own checks reject. ``source`` (e.g. the file path) is named in the message.
         """
-        from .registry import config_class
-
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         data = dict(data)

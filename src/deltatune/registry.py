@@ -1,41 +1,58 @@
-"""The one place a method is registered: ``peft_type`` -> the module that implements it.
+"""The one place a method is registered: its ``peft_type`` -> the module that implements it.
 
-Each method module defines a module-level ``METHOD`` (a :class:`LayerMethod` or :class:`PromptMethod`). Modules are
-imported lazily so that importing deltatune stays cheap and a broken optional method cannot break the others.
-Adding a method is one file in ``methods/`` plus one line in ``_METHOD_MODULES``.
+Each method module defines a module-level ``METHOD`` (a :class:`LayerMethod` or :class:`PromptMethod`) and lists its
+public names (its config, ...) in ``__all__``, which ``deltatune`` exports. Modules are imported lazily so that
+importing deltatune stays cheap and a broken optional method cannot break the others. Adding a method is one file in
+``methods/`` plus one line in ``_METHOD_MODULES``; :data:`PeftType` takes its members from those lines. This module
+imports no config (configs import it), so it names methods by string.
 """
 
 from __future__ import annotations
 
+import enum
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .config import PeftConfig, PeftType
 from .errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from .config import PeftConfig
     from .layers import Delta
     from .prompt import PromptStrategy
 
-_METHOD_MODULES: dict[PeftType, str] = {
-    PeftType.LORA: "deltatune.methods.lora",
-    PeftType.ADALORA: "deltatune.methods.adalora",
-    PeftType.LOHA: "deltatune.methods.loha",
-    PeftType.LOKR: "deltatune.methods.lokr",
-    PeftType.IA3: "deltatune.methods.ia3",
-    PeftType.PROMPT_TUNING: "deltatune.methods.prompt_tuning",
-    PeftType.P_TUNING: "deltatune.methods.p_tuning",
-    PeftType.PREFIX_TUNING: "deltatune.methods.prefix_tuning",
-    PeftType.LN_TUNING: "deltatune.methods.ln_tuning",
-    PeftType.BITFIT: "deltatune.methods.bitfit",
-    PeftType.BOTTLENECK: "deltatune.methods.bottleneck",
-    PeftType.OFT: "deltatune.methods.oft",
-    PeftType.VERA: "deltatune.methods.vera",
+# peft_type, spelled as peft writes it into adapter_config.json -> the module implementing the method.
+_METHOD_MODULES: dict[str, str] = {
+    "LORA": "deltatune.methods.lora",
+    "ADALORA": "deltatune.methods.adalora",
+    "LOHA": "deltatune.methods.loha",
+    "LOKR": "deltatune.methods.lokr",
+    "IA3": "deltatune.methods.ia3",
+    "PROMPT_TUNING": "deltatune.methods.prompt_tuning",
+    "P_TUNING": "deltatune.methods.p_tuning",
+    "PREFIX_TUNING": "deltatune.methods.prefix_tuning",
+    "LN_TUNING": "deltatune.methods.ln_tuning",
+    "BITFIT": "deltatune.methods.bitfit",
+    "BOTTLENECK": "deltatune.methods.bottleneck",
+    "OFT": "deltatune.methods.oft",
+    "VERA": "deltatune.methods.vera",
 }
+
+
+class _Name(str, enum.Enum):
+    """A string enum whose members print as their value, as peft's do (``str(PeftType.LORA) == "LORA"``)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PeftType = _Name("PeftType", [(name, name) for name in _METHOD_MODULES], module=__name__, qualname="PeftType")
+PeftType.__doc__ = """Method identifiers, spelled as peft writes them into ``adapter_config.json``: one member per
+registered method (``PeftType.LORA``, ...)."""
 
 
 @dataclass(frozen=True)
@@ -103,14 +120,12 @@ def get_method(peft_type: PeftType | str, *, source: str = "config") -> LayerMet
     Raises:
         ConfigError: ``peft_type`` is unknown or not implemented in this version.
     """
-    try:
-        key = PeftType(str(peft_type))
-        module_name = _METHOD_MODULES[key]
-    except (ValueError, KeyError):
+    module_name = _METHOD_MODULES.get(str(peft_type))
+    if module_name is None:
         raise ConfigError(
             f"{source}: peft_type {str(peft_type)!r} is not supported by this version of deltatune; "
-            f"supported: {sorted(t.value for t in _METHOD_MODULES)}"
-        ) from None
+            f"supported: {sorted(_METHOD_MODULES)}"
+        )
     return importlib.import_module(module_name).METHOD
 
 
@@ -120,4 +135,10 @@ def config_class(peft_type: PeftType | str, *, source: str = "config") -> type[P
 
 
 def supported_types() -> list[PeftType]:
-    return list(_METHOD_MODULES)
+    return list(PeftType)
+
+
+def method_modules() -> Iterator[ModuleType]:
+    """Every registered method's module, imported on demand, in registration order."""
+    for module_name in _METHOD_MODULES.values():
+        yield importlib.import_module(module_name)
