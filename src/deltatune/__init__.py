@@ -1,5 +1,14 @@
-"""deltatune: parameter-efficient fine-tuning for transformers and PyTorch models, peft-compatible on disk."""
+"""deltatune: parameter-efficient fine-tuning for transformers and PyTorch models, peft-compatible on disk.
 
+Besides the core names imported below, every registered method's public names (its module's ``__all__``: ``LoraConfig``,
+``PromptEncoder``, ...) are exported too, imported on first use (PEP 562), so a new method needs no line here and
+``import deltatune`` imports no method.
+"""
+
+from types import ModuleType
+from typing import Any
+
+from . import registry as _registry
 from .auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -20,19 +29,6 @@ from .functional import (
     set_peft_model_state_dict,
 )
 from .layers import AdapterLayer, Delta, ModulesToSaveWrapper
-from .methods.adalora import AdaLoraConfig
-from .methods.bitfit import BitFitConfig
-from .methods.bottleneck import BottleneckConfig
-from .methods.ia3 import IA3Config
-from .methods.ln_tuning import LNTuningConfig
-from .methods.loha import LoHaConfig
-from .methods.lokr import LoKrConfig
-from .methods.lora import LoraConfig
-from .methods.oft import OFTConfig
-from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
-from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
-from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
-from .methods.vera import VeraConfig
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -46,8 +42,7 @@ from .model import (
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaLoraConfig",
+_CORE_NAMES = [
     "AdapterLayer",
     "AdapterLoadError",
     "AdapterStateError",
@@ -58,19 +53,11 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
-    "BitFitConfig",
-    "BottleneckConfig",
     "ConfigError",
     "Delta",
     "DeltatuneError",
-    "IA3Config",
-    "LNTuningConfig",
     "LayerConfig",
-    "LoHaConfig",
-    "LoKrConfig",
-    "LoraConfig",
     "ModulesToSaveWrapper",
-    "OFTConfig",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
@@ -80,19 +67,10 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
-    "PrefixEncoder",
-    "PrefixTuningConfig",
-    "PromptEmbedding",
-    "PromptEncoder",
-    "PromptEncoderConfig",
-    "PromptEncoderReparameterizationType",
     "PromptLearningConfig",
-    "PromptTuningConfig",
-    "PromptTuningInit",
     "RemoteCodeError",
     "TargetError",
     "TaskType",
-    "VeraConfig",
     "atomic_write_files",
     "get_layer_status",
     "get_model_status",
@@ -101,3 +79,25 @@ __all__ = [
     "inject_adapter_in_model",
     "set_peft_model_state_dict",
 ]
+
+
+def _method_exports() -> dict[str, ModuleType]:
+    """Each registered method's public name -> its module (imports every method module)."""
+    return {name: module for module in _registry.method_modules() for name in module.__all__}
+
+
+def __getattr__(name: str) -> Any:
+    """A method's public name, found in the registered modules' ``__all__`` (imported in order until one has it)
+    and kept as an attribute from then on; ``__all__`` itself is the core names plus every method's."""
+    if name == "__all__":
+        return sorted([*_CORE_NAMES, *_method_exports()])
+    if not name.startswith("__"):  # never import methods for the dunder probes of pickle, doctest, IDEs...
+        for module in _registry.method_modules():
+            if name in module.__all__:
+                value = globals()[name] = getattr(module, name)
+                return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_method_exports()})

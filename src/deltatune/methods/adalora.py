@@ -44,6 +44,8 @@ from ..targeting import DEFAULT_ATTENTION_TARGETS
 from .common import adapter_dtype, check_scale
 from .lora import LoraConfig, LoraDelta, LoraLinear
 
+__all__ = ["AdaLoraConfig"]  # exported from deltatune
+
 # peft's AdaLoRA defaults where they differ from LoRA's (whole attention and feed-forward blocks).
 _DEFAULT_TARGETS = {
     **DEFAULT_ATTENTION_TARGETS,

@@ -32,6 +32,8 @@ from ..layers import Delta
 from ..registry import LayerMethod
 from .common import adapter_dtype
 
+__all__ = ["BitFitConfig"]  # exported from deltatune
+
 _BERT_BIASED = ["query", "key", "value", "dense", "LayerNorm"]
 
 # Default target_modules: every layer with a bias, for the model types that have biases. Others (Llama, T5: no

@@ -32,6 +32,8 @@ from ..layers import Delta
 from ..registry import LayerMethod
 from .common import adapter_dtype, check_scale, check_size
 
+__all__ = ["BottleneckConfig"]  # exported from deltatune
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 # Houlsby placement: after the attention output projection and after the feed-forward output.

@@ -33,6 +33,8 @@ from ..registry import LayerMethod
 from ..rows import row_slots
 from .common import adapter_dtype, channel_view
 
+__all__ = ["IA3Config"]  # exported from deltatune
+
 # model_type -> (default target_modules, default feedforward_modules), peft's tables.
 _DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
     "t5": (["k", "v", "wo"], ["wo"]),

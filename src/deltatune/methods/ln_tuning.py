@@ -31,6 +31,8 @@ from ..errors import AdapterStateError, TargetError
 from ..layers import AdapterLayer, Delta, ModulesToSaveWrapper
 from ..registry import LayerMethod
 
+__all__ = ["LNTuningConfig"]  # exported from deltatune
+
 _NORMS = ["input_layernorm", "post_attention_layernorm", "norm"]
 _GEMMA2_NORMS = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                  "post_feedforward_layernorm", "norm"]

@@ -25,6 +25,8 @@ from ..config import PeftType
 from ..registry import LayerMethod
 from ._lycoris import LAYER_TYPES, LycorisConfig, LycorisDelta, build_delta, core_shape, layer_geometry, tucker
 
+__all__ = ["LoHaConfig"]  # exported from deltatune
+
 
 @dataclass
 class LoHaConfig(LycorisConfig):

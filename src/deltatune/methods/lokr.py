@@ -31,6 +31,8 @@ from ..errors import ConfigError
 from ..registry import LayerMethod
 from ._lycoris import LAYER_TYPES, LycorisConfig, LycorisDelta, build_delta, core_shape, layer_geometry, tucker
 
+__all__ = ["LoKrConfig"]  # exported from deltatune
+
 
 @dataclass
 class LoKrConfig(LycorisConfig):

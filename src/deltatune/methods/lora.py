@@ -39,6 +39,8 @@ from ..registry import LayerMethod
 from .common import adapter_dtype, check_patterns, check_scale, pattern_value
 from .dora import DoraVariant
 
+__all__ = ["LoraConfig"]  # exported from deltatune
+
 _INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora")
 # Subspace iterations of fast PiSSA; a handful is the practice (peft's docs use 4-16). The bound stops a config file
 # from asking for hours of SVD work at load time.

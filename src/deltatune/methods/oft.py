@@ -39,6 +39,8 @@ from ..layers import Delta
 from ..registry import LayerMethod
 from .common import adapter_dtype, check_size
 
+__all__ = ["OFTConfig"]  # exported from deltatune
+
 # Terms of the truncated Cayley-Neumann series; each is one batched matmul per forward. The bound stops a config file
 # from making every forward run for hours (peft's default is 5).
 _MAX_NEUMANN_TERMS = 1024

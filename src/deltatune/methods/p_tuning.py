@@ -22,6 +22,8 @@ from ..errors import ConfigError
 from ..prompt import EMBEDDING_PROMPT, MAX_ENCODER_HIDDEN_SIZE, MAX_ENCODER_LAYERS, check_encoder_size
 from ..registry import PromptMethod
 
+__all__ = ["PromptEncoder", "PromptEncoderConfig", "PromptEncoderReparameterizationType"]  # exported from deltatune
+
 
 class PromptEncoderReparameterizationType(str, enum.Enum):
     """The prompt encoder's network: ``MLP`` (three linear layers) or ``LSTM`` (bidirectional LSTM + MLP)."""

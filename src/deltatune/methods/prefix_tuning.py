@@ -23,6 +23,8 @@ from ..errors import ConfigError
 from ..prompt import MAX_ENCODER_HIDDEN_SIZE, PREFIX, PromptTable, check_encoder_size
 from ..registry import PromptMethod
 
+__all__ = ["PrefixEncoder", "PrefixTuningConfig"]  # exported from deltatune
+
 
 @dataclass
 class PrefixTuningConfig(PromptLearningConfig):

@@ -23,6 +23,8 @@ from ..errors import ConfigError
 from ..prompt import EMBEDDING_PROMPT, PromptTable
 from ..registry import PromptMethod
 
+__all__ = ["PromptEmbedding", "PromptTuningConfig", "PromptTuningInit"]  # exported from deltatune
+
 
 class PromptTuningInit(str, enum.Enum):
     """How the prompt starts: ``TEXT`` (embeddings of ``prompt_tuning_init_text``), ``SAMPLE_VOCAB`` (embeddings of

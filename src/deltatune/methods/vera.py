@@ -36,6 +36,8 @@ from ..layers import Delta
 from ..registry import LayerMethod
 from .common import adapter_dtype, check_scale, check_size
 
+__all__ = ["VeraConfig"]  # exported from deltatune
+
 
 @dataclass
 class VeraConfig(LayerConfig):
