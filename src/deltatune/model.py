@@ -24,7 +24,7 @@ from . import checkpoint, inject, prompt, status
 from .checkpoint import check_planned_size, naming_source, restore_base_on_error
 from .config import PeftConfig, TaskType, read_config_file
 from .errors import AdapterStateError
-from .files import adapter_directory, read_weights, validate_adapter_name, write_adapter
+from .files import BASE_ADAPTER, adapter_directory, read_weights, validate_adapter_name, write_adapter
 from .layers import adapter_layers, batch_adapters
 from .registry import LayerMethod, PromptMethod, get_method
 
@@ -340,7 +340,7 @@ class PeftModel(nn.Module):
     def _check_row_adapters(self, adapter_names: Sequence[str] | None) -> None:
         if adapter_names is None:
             return
-        unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
         if unknown:
             raise AdapterStateError(f"adapter_names mentions unknown adapters {unknown}; have {list(self.peft_config)}")
         # A merged layer refuses mixed rows itself (AdapterLayer._mixed_forward), before computing anything, so the

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import torch
 
 from .errors import AdapterStateError
+from .files import BASE_ADAPTER  # in ``adapter_names``: this row uses no adapter (a reserved adapter name)
 
-BASE_ADAPTER = "__base__"  # in ``adapter_names``: this row uses no adapter
 T = TypeVar("T")
 
 

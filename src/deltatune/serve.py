@@ -29,8 +29,7 @@ import torch
 
 from .config import TaskType, read_config_file
 from .errors import AdapterStateError, ConfigError, DeltatuneError
-from .files import validate_adapter_name
-from .layers import BASE_ADAPTER
+from .files import BASE_ADAPTER, validate_adapter_name
 from .model import PeftModel
 from .registry import PromptMethod, get_method
 
