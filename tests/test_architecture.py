@@ -104,6 +104,16 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def test_the_lowest_modules_import_only_what_is_below_them():
+    def imports(module: str) -> set[str]:
+        return {name.removeprefix("deltatune.") for name in graph[f"deltatune.{module}"]}
+
+    graph = import_graph()
+    assert imports("files") <= {"errors"}  # config reads its file through it
+    assert imports("registry") <= {"errors"}  # methods by string; configs import the registry
+    assert "functional" not in imports("model")  # peft's module-level API sits above the wrapper
+
+
 def test_src_never_imports_peft():
     offenders = []
     for path in PACKAGE_ROOT.rglob("*.py"):

@@ -1,5 +1,6 @@
-"""Adapter files (``deltatune.checkpoint``): peft's layout and keys, the pure key mapping, atomic writes, and loading
-that refuses bad files with a message naming the problem while leaving the model exactly as it was."""
+"""Adapter files (``deltatune.checkpoint``, ``deltatune.files``): peft's layout and keys, the pure key mapping, atomic
+writes, and loading that refuses bad files with a message naming the problem while leaving the model exactly as it
+was."""
 
 from __future__ import annotations
 

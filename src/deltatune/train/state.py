@@ -11,7 +11,7 @@ Layout of a run directory::
     best/                     the adapter with the best eval loss (when evaluating during training)
     loss.png, summary.json    written at the end
 
-A checkpoint's files are written together with :func:`deltatune.checkpoint.atomic_write_files` into a directory of
+A checkpoint's files are written together with :func:`deltatune.files.atomic_write_files` into a directory of
 their own, and only then does ``LATEST`` move to it; a crash or a full disk at any point leaves the previous
 checkpoint complete and ``LATEST`` pointing at it.
 """
