@@ -25,7 +25,7 @@ from .checkpoint import check_planned_size, naming_source, restore_base_on_error
 from .config import PeftConfig, TaskType, read_config_file
 from .errors import AdapterStateError
 from .files import BASE_ADAPTER, adapter_directory, read_weights, validate_adapter_name, write_adapter
-from .layers import adapter_layers, batch_adapters
+from .layers import batch_adapters
 from .registry import LayerMethod, PromptMethod, get_method
 
 _HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
@@ -382,8 +382,8 @@ class PeftModel(nn.Module):
         )
 
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
-        """Load tensors keyed as in ``adapter_model.safetensors`` into the existing adapter ``adapter_name``, all or
-        nothing; ``source`` (the file) is named in every error."""
+        """Load tensors keyed as in ``adapter_model.safetensors`` into the existing adapter ``adapter_name``
+        (``checkpoint`` checks every key and shape first); ``source``, the file, is named in every error."""
         self._check_exists(adapter_name)
         if adapter_name not in self.prompt_encoder:
             checkpoint.load_layer_file_state(
