@@ -289,9 +289,9 @@ def load_layer_file_state(
 
 def prompt_file_state(root: nn.Module, adapter_name: str, encoder: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a ``PeftModel`` saves for prompt adapter ``adapter_name``: the encoder's output table as
-    ``prompt_embeddings`` (``prompt.table_shape``: ``[virtual tokens, token_dim]`` per transformer sub-module, or
-    ``[virtual tokens, num_layers * 2 * token_dim]`` for a key/value prefix) and the ``modules_to_save`` heads of
-    ``root`` (the adapted model) as ``base_model.<path>``."""
+    ``prompt_embeddings`` (``PromptStrategy.table_shape``: ``[virtual tokens, token_dim]`` per transformer
+    sub-module, or ``[virtual tokens, num_layers * 2 * token_dim]`` for a key/value prefix) and the
+    ``modules_to_save`` heads of ``root`` (the adapted model) as ``base_model.<path>``."""
     heads = layer_adapter_state_dict(root, adapter_name)
     return {prompt.PROMPT_KEY: prompt.saved_table(encoder), **{BASE_MODEL_PREFIX + k: v for k, v in heads.items()}}
 
