@@ -16,7 +16,7 @@ import torch
 
 import deltatune as dt
 from tests.adapter_utils import family_batch
-from tests.matrix_cases import all_cases, perturb_adapter
+from tests.cases import matrix_cases, perturb_adapter
 from tests.models import FAMILIES
 
 
@@ -28,7 +28,7 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def correctness(family: str = "llama", device: str = "cuda") -> bool:
     """Each matrix case on ``family``: CPU vs CUDA logits, merged vs unmerged, mixed batch vs rows alone."""
     ok = True
-    for case in all_cases():
+    for case in matrix_cases():
         if family not in case.families:
             continue
         torch.manual_seed(1)

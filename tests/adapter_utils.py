@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from deltatune.layers import AdapterLayer, adapter_layers
-from tests.models import FAMILIES
+from tests.models import MATRIX_FAMILIES
 
 Batch = dict[str, torch.Tensor]
 
 
 def family_batch(family: str, model: Any, batch: int = 2, seed: int = 0) -> Batch:
     """Inputs for ``family`` with labels (so the output has a loss as well as logits)."""
-    return FAMILIES[family].make_inputs(model, batch=batch, seed=seed)
+    return MATRIX_FAMILIES[family].make_inputs(model, batch=batch, seed=seed)
 
 
 @torch.no_grad()

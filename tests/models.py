@@ -10,9 +10,12 @@ forwards) and in float32.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
+import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple
@@ -51,8 +54,12 @@ __all__ = [
     "FIRST_REGULAR_TOKEN",
     "MAKE_INPUTS",
     "MLP_IN_FEATURES",
+    "MATRIX_FAMILIES",
     "MLP_NUM_CLASSES",
+    "REMOTE_CODE",
     "REMOTE_CODE_AUTO_MAP",
+    "REMOTE_CODE_LINEAR",
+    "REMOTE_CODE_NORMS",
     "VOCAB_SIZE",
     "BertHead",
     "Family",
@@ -72,6 +79,7 @@ __all__ = [
     "tiny_llama",
     "tiny_mlp",
     "tiny_mt5",
+    "tiny_remote_code",
     "tiny_t5",
     "write_remote_code_model",
 ]
@@ -394,6 +402,11 @@ FAMILIES: dict[str, Family] = {
 # --------------------------------------------------------------------------- #
 # trust_remote_code model directory
 # --------------------------------------------------------------------------- #
+#: The remote-code model's Linear layers and norms by leaf name (InternLM2 style; the output head is ``output``).
+#: Its model type, "tinycustom", is in no library's default-target table, so adapters name these.
+REMOTE_CODE_LINEAR: tuple[str, ...] = ("wqkv", "wo", "w1", "w2")
+REMOTE_CODE_NORMS: tuple[str, ...] = ("attention_norm", "ffn_norm")
+
 REMOTE_CODE_AUTO_MAP: dict[str, str] = {
     "AutoConfig": "configuration_tinycustom.TinyCustomConfig",
     "AutoModelForCausalLM": "modeling_tinycustom.TinyCustomForCausalLM",
@@ -683,3 +696,30 @@ def write_remote_code_model(dirpath: str | os.PathLike[str], seed: int = DEFAULT
     saved["model_type"] = "tinycustom"
     (path / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return path
+
+
+@functools.cache
+def _remote_code_dir() -> Path:
+    """One remote-code checkpoint per process, in a temporary directory removed at exit."""
+    root = tempfile.mkdtemp(prefix="deltatune-remote-code-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return write_remote_code_model(Path(root) / "tinycustom")
+
+
+def tiny_remote_code() -> nn.Module:
+    """The "tinycustom" causal LM loaded the way users load remote code: its classes come from the checkpoint
+    directory through ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``."""
+    from transformers import AutoModelForCausalLM
+
+    return _finish(AutoModelForCausalLM.from_pretrained(_remote_code_dir(), trust_remote_code=True))
+
+
+#: Name of the remote-code family in :data:`MATRIX_FAMILIES`.
+REMOTE_CODE = "remote_code"
+
+#: The shared matrix's families: the built-in transformers families plus the ``trust_remote_code`` model. Kept
+#: apart from :data:`FAMILIES`, whose factories take a ``seed`` and whose model types have per-method defaults.
+MATRIX_FAMILIES: dict[str, Family] = {
+    **FAMILIES,
+    REMOTE_CODE: Family(tiny_remote_code, "CAUSAL_LM", make_causal_lm_inputs),
+}

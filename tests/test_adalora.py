@@ -18,8 +18,8 @@ from deltatune.errors import AdapterStateError, ConfigError
 from deltatune.layers import adapter_layers
 from deltatune.methods.adalora import AdaLoraConfig, budget_schedule
 from tests.adapter_utils import assert_mixed_batch_equals_each_row_alone, logits
-from tests.interop_cases.adalora import without_labels
-from tests.matrix_cases import perturb_adapter
+from tests.cases.adalora import without_labels
+from tests.cases import perturb_adapter
 from tests.models import (
     make_causal_lm_inputs,
     make_convnet_inputs,

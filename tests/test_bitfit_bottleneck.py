@@ -17,7 +17,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.layers import AdapterLayer, adapter_layers
 from tests.adapter_utils import assert_mixed_batch_equals_each_row_alone, assert_same_state, logits, snapshot
-from tests.matrix_cases import perturb_adapter
+from tests.cases import perturb_adapter
 from tests.models import (
     make_causal_lm_inputs,
     make_convnet_inputs,

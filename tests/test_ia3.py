@@ -22,7 +22,7 @@ from tests.adapter_utils import (
     logits,
     snapshot,
 )
-from tests.interop_cases.ia3 import tiny_volnet
+from tests.cases.ia3 import tiny_volnet
 from tests.models import (
     make_causal_lm_inputs,
     make_convnet_inputs,

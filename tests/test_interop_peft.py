@@ -18,7 +18,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.targeting import name_matches
 from tests.adapter_utils import logits, trainable_by_peft_name
-from tests.interop_cases import all_cases
+from tests.cases import interop_cases
 from tests.models import (
     make_causal_lm_inputs,
     tiny_gpt2,
@@ -28,7 +28,7 @@ from tests.models import (
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # peft's notes (fan_in_fan_out, embedding saving)
 
 
-CASES = {case.name: case for case in all_cases()}
+CASES = {case.name: case for case in interop_cases()}
 PARAMS = [pytest.param(name, id=name) for name in CASES]
 
 

@@ -1,6 +1,6 @@
 """LayerNorm tuning (``deltatune.methods.ln_tuning``): the copy's output against the norm formulas, merging into the
 base norm (and back, exactly), any norm class (a remote-code model's, one with oddly named parameters), the config's
-checks, several adapters at once and mixed-adapter batches. Files and logits against peft: tests/interop_cases."""
+checks, several adapters at once and mixed-adapter batches. Files and logits against peft: tests/cases/ln_tuning.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 import deltatune as dt
 from deltatune.layers import AdapterLayer, adapter_layers
 from tests.adapter_utils import assert_mixed_batch_equals_each_row_alone, assert_same_state, logits, snapshot
-from tests.matrix_cases import perturb_adapter
+from tests.cases import perturb_adapter
 from tests.models import (
     make_causal_lm_inputs,
     make_seq_cls_inputs,

@@ -22,7 +22,7 @@ from tests.adapter_utils import (
     logits,
     snapshot,
 )
-from tests.interop_cases.lora import attention_inputs, attention_net, grouped_convnet, grouped_convnet_inputs
+from tests.cases.lora import attention_inputs, attention_net, grouped_convnet, grouped_convnet_inputs
 from tests.models import (
     CONVNET_SEQ_LEN,
     VOCAB_SIZE,

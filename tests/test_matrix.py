@@ -1,5 +1,6 @@
-"""The shared matrix: every tiny transformers family × every method configuration in ``tests/matrix_cases``,
-checked for the properties every layer method must have (DESIGN.md, "Tests").
+"""The shared matrix: every tiny model family (the transformers families and the ``trust_remote_code`` model) × every
+method configuration in ``tests/cases`` (each module's ``MATRIX``), checked for the properties every layer method must
+have (DESIGN.md, "Tests").
 
 Each cell builds the family's model through the task wrapper its task type selects. Where a property needs a
 non-zero delta, the adapter is made with the case's ``nonzero_kwargs`` or, without them, has every parameter
@@ -24,10 +25,10 @@ from tests.adapter_utils import (
     logits,
     snapshot,
 )
-from tests.matrix_cases import MatrixCase, all_cases, perturb_adapter
-from tests.models import FAMILIES
+from tests.cases import MatrixCase, matrix_cases, perturb_adapter
+from tests.models import MATRIX_FAMILIES
 
-CASES = {f"{case.config_class}:{case.name}": case for case in all_cases()}
+CASES = {f"{case.config_class}:{case.name}": case for case in matrix_cases()}
 
 
 def _cells(predicate=lambda case, family: True) -> list[Any]:
@@ -38,14 +39,14 @@ def _cells(predicate=lambda case, family: True) -> list[Any]:
 
 
 CELLS = _cells()
-GENERATIVE_CELLS = _cells(lambda case, family: FAMILIES[family].task_type != "SEQ_CLS")
+GENERATIVE_CELLS = _cells(lambda case, family: MATRIX_FAMILIES[family].task_type != "SEQ_CLS")
 
 
 def build(family: str, key: str, *, nonzero: bool = True) -> dt.PeftModel:
     """The family's model with one adapter of case ``key``; with ``nonzero`` the adapter's delta is non-zero."""
     case: MatrixCase = CASES[key]
     torch.manual_seed(1)  # adapter init
-    model = dt.get_peft_model(FAMILIES[family].factory(), case.make_config(dt, family, nonzero=nonzero))
+    model = dt.get_peft_model(MATRIX_FAMILIES[family].factory(), case.make_config(dt, family, nonzero=nonzero))
     if nonzero and not case.nonzero_kwargs:
         perturb_adapter(model)
     return model
@@ -54,14 +55,14 @@ def build(family: str, key: str, *, nonzero: bool = True) -> dt.PeftModel:
 @pytest.mark.parametrize("family, key", _cells(lambda case, family: case.in_peft))
 def test_trainable_and_total_parameter_counts_equal_peft(family: str, key: str) -> None:
     ours = build(family, key, nonzero=False)
-    theirs = peft.get_peft_model(FAMILIES[family].factory(), CASES[key].make_config(peft, family))
+    theirs = peft.get_peft_model(MATRIX_FAMILIES[family].factory(), CASES[key].make_config(peft, family))
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     assert ours.get_nb_trainable_parameters()[0] > 0
 
 
 @pytest.mark.parametrize("family, key", CELLS)
 def test_fresh_adapter_keeps_base_output_and_nonzero_delta_changes_it(family: str, key: str) -> None:
-    base = FAMILIES[family].factory()
+    base = MATRIX_FAMILIES[family].factory()
     inputs = family_batch(family, base)
     expected = logits(base, inputs)
     fresh = logits(build(family, key, nonzero=False), inputs)
@@ -92,7 +93,7 @@ def test_save_then_load_gives_identical_outputs(family: str, key: str, tmp_path)
     model = build(family, key)
     inputs = family_batch(family, model)
     model.save_pretrained(tmp_path)
-    loaded = dt.PeftModel.from_pretrained(FAMILIES[family].factory(), tmp_path)
+    loaded = dt.PeftModel.from_pretrained(MATRIX_FAMILIES[family].factory(), tmp_path)
     assert type(loaded) is type(model)
     torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
 
@@ -110,7 +111,7 @@ def test_merged_output_matches_unmerged_and_unmerge_restores_it(family: str, key
 
 @pytest.mark.parametrize("family, key", _cells(lambda case, family: not case.weight_init))
 def test_unload_restores_the_base_model_exactly(family: str, key: str) -> None:
-    expected = snapshot(FAMILIES[family].factory())
+    expected = snapshot(MATRIX_FAMILIES[family].factory())
     model = build(family, key)
     model.train()
     model(**family_batch(family, model)).loss.backward()  # gradients and train mode must not matter
@@ -119,7 +120,7 @@ def test_unload_restores_the_base_model_exactly(family: str, key: str) -> None:
 
 @pytest.mark.parametrize("family, key", _cells(lambda case, family: case.weight_init))
 def test_weight_init_residual_plus_fresh_adapter_merges_back_to_the_base_weights(family: str, key: str) -> None:
-    expected = FAMILIES[family].factory().state_dict()
+    expected = MATRIX_FAMILIES[family].factory().state_dict()
     merged = build(family, key, nonzero=False).merge_and_unload().state_dict()
     assert merged.keys() == expected.keys()
     for k in expected:
@@ -138,7 +139,7 @@ def _generate(model, family: str, **kwargs: Any) -> torch.Tensor:
 def test_generate_with_kv_cache_is_deterministic_and_equals_the_merged_model(family: str, key: str) -> None:
     model = build(family, key)
     first = _generate(model, family)
-    assert first.shape[1] > 4 if FAMILIES[family].task_type == "CAUSAL_LM" else first.shape[1] > 1
+    assert first.shape[1] > 4 if MATRIX_FAMILIES[family].task_type == "CAUSAL_LM" else first.shape[1] > 1
     assert torch.equal(_generate(model, family), first)
     assert torch.equal(_generate(model, family, use_cache=False), first)  # the cache changes nothing
     if not CASES[key].mergeable:

@@ -17,7 +17,7 @@ import deltatune as dt
 from deltatune.layers import AdapterLayer
 from deltatune.methods.oft import nearest_divisor
 from tests.adapter_utils import assert_mixed_batch_equals_each_row_alone, logits, trainable_by_peft_name
-from tests.interop_cases import convnet_inputs
+from tests.cases import convnet_inputs
 from tests.models import make_causal_lm_inputs, make_mlp_inputs, tiny_convnet, tiny_gpt2, tiny_llama, tiny_mlp
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # peft's and our notes on adjusted block sizes

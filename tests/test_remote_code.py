@@ -1,6 +1,9 @@
 """Adapters on a ``trust_remote_code`` model (fused ``wqkv``, InternLM2-style names), loaded the way users load them:
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``; and ``AutoPeftModelForCausalLM`` refusing
-such a base until the caller opts in."""
+such a base until the caller opts in.
+
+Every layer method's matrix cases run on this model too: it is the ``remote_code`` family of ``tests/test_matrix.py``.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-import deltatune as dt
 from deltatune import (
     AdapterLayer,
     AutoPeftModelForCausalLM,
@@ -24,9 +26,7 @@ from deltatune import (
     get_peft_model,
 )
 from tests.adapter_utils import train_steps
-from tests.models import make_causal_lm_inputs
-
-LINEAR_NAMES = ("wqkv", "wo", "w1", "w2")
+from tests.models import REMOTE_CODE_LINEAR, make_causal_lm_inputs
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-@pytest.mark.parametrize("targets", [list(LINEAR_NAMES), "all-linear"], ids=["named", "all-linear"])
+@pytest.mark.parametrize("targets", [list(REMOTE_CODE_LINEAR), "all-linear"], ids=["named", "all-linear"])
 def test_lora_lifecycle_on_remote_code_model(remote_dir: Path, tmp_path: Path, targets: Any) -> None:
     base = _base(remote_dir)
     batch = make_causal_lm_inputs(base, batch=2, seq=8)
@@ -55,7 +55,7 @@ def test_lora_lifecycle_on_remote_code_model(remote_dir: Path, tmp_path: Path, t
     model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", target_modules=targets, r=4, lora_alpha=8))
     assert isinstance(model, PeftModelForCausalLM)
     adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
-    assert adapted == set(LINEAR_NAMES)  # all-linear leaves the output head alone
+    assert adapted == set(REMOTE_CODE_LINEAR)  # all-linear leaves the output head alone
     torch.testing.assert_close(_logits(model, batch), base_logits, rtol=0, atol=0)  # B = 0 at init
 
     # training moves only the adapter and lowers the loss
@@ -98,7 +98,7 @@ def test_lora_lifecycle_on_remote_code_model(remote_dir: Path, tmp_path: Path, t
 def _save_adapter_for(remote_dir: Path, tmp_path: Path) -> tuple[Path, dict, torch.Tensor]:
     base = _base(remote_dir)
     torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES),
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", target_modules=list(REMOTE_CODE_LINEAR),
                                             init_lora_weights=False))
     assert model.peft_config["default"].base_model_name_or_path == str(remote_dir)
     batch = make_causal_lm_inputs(base)
@@ -177,33 +177,3 @@ def test_prompt_tuning_on_remote_code_model(remote_dir: Path, tmp_path: Path) ->
     auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "prompt"), trust_remote_code=True)
     torch.testing.assert_close(_logits(auto, batch), trained, rtol=0, atol=0)
 
-
-_LAYER_METHODS = {
-    "dora": lambda: LoraConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES), use_dora=True),
-    "ia3": lambda: dt.IA3Config(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES), feedforward_modules=["w2"]),
-    "loha": lambda: dt.LoHaConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES), r=4),
-    "lokr": lambda: dt.LoKrConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES), r=4),
-    "oft": lambda: dt.OFTConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES), r=0, oft_block_size=4),
-    "vera": lambda: dt.VeraConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES), r=8),
-    "adalora": lambda: dt.AdaLoraConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES), total_step=10),
-    "ln_tuning": lambda: dt.LNTuningConfig(task_type="CAUSAL_LM", target_modules=["attention_norm", "ffn_norm"]),
-    "bitfit": lambda: dt.BitFitConfig(task_type="CAUSAL_LM", target_modules=list(LINEAR_NAMES)),
-    "bottleneck": lambda: dt.BottleneckConfig(task_type="CAUSAL_LM", target_modules=["wo", "w2"]),
-}
-
-
-@pytest.mark.parametrize("method", sorted(_LAYER_METHODS))
-def test_every_layer_method_on_remote_code_model(remote_dir: Path, tmp_path: Path, method: str) -> None:
-    """The model's own classes come from its directory; every layer method adapts them by name alone."""
-    from tests.matrix_cases import perturb_adapter
-
-    base_logits = _logits(_base(remote_dir), batch := make_causal_lm_inputs(_base(remote_dir), batch=2, seq=8))
-    model = get_peft_model(_base(remote_dir), _LAYER_METHODS[method]())
-    torch.testing.assert_close(_logits(model, batch), base_logits, rtol=0, atol=0)  # a fresh adapter changes nothing
-    perturb_adapter(model)
-    adapted = _logits(model, batch)
-    assert (adapted - base_logits).abs().max() > 1e-4
-    model.save_pretrained(tmp_path)
-    torch.testing.assert_close(_logits(PeftModel.from_pretrained(_base(remote_dir), tmp_path), batch), adapted)
-    if method not in ("bitfit", "bottleneck"):  # no bias to merge into / nonlinear
-        torch.testing.assert_close(_logits(model.merge_and_unload(), batch), adapted, rtol=1e-4, atol=1e-5)

@@ -1,9 +1,12 @@
-"""LayerNorm tuning, exchanged with peft."""
+"""LayerNorm tuning: the shared matrix, and adapters exchanged with peft."""
 
 from __future__ import annotations
 
-from tests.interop_cases import InteropCase
+from typing import Any
+
+from tests.cases import InteropCase, MatrixCase
 from tests.models import (
+    REMOTE_CODE_NORMS,
     make_causal_lm_inputs,
     make_seq2seq_inputs,
     make_seq_cls_inputs,
@@ -13,7 +16,17 @@ from tests.models import (
     tiny_t5,
 )
 
-CASES = [
+
+def _targets(family: str) -> dict[str, Any]:
+    # peft has no default norm targets for BERT (deltatune does); name them so the parameter counts compare.
+    return dict(target_modules=["LayerNorm"]) if family == "bert" else {}
+
+
+MATRIX = [
+    MatrixCase("LNTuningConfig", "ln_tuning", _targets, remote_kwargs=dict(target_modules=list(REMOTE_CODE_NORMS))),
+]
+
+INTEROP = [
     # per-model-type default targets: LlamaRMSNorm, GPT-2's nn.LayerNorm ln_*, T5LayerNorm
     InteropCase("ln-llama", "LNTuningConfig", tiny_llama, make_causal_lm_inputs, dict(task_type="CAUSAL_LM")),
     InteropCase("ln-gpt2", "LNTuningConfig", tiny_gpt2, make_causal_lm_inputs, dict(task_type="CAUSAL_LM")),

@@ -1,11 +1,13 @@
-"""LoRA and its variants, exchanged with peft."""
+"""LoRA and its variants: the shared matrix, and adapters exchanged with peft."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
-from tests.interop_cases import InteropCase, convnet_inputs
+from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, InteropCase, MatrixCase, convnet_inputs, without_remote_code
 from tests.models import (
     make_causal_lm_inputs,
     make_seq2seq_inputs,
@@ -16,6 +18,45 @@ from tests.models import (
     tiny_llama,
     tiny_t5,
 )
+
+# rank/alpha patterns must name real modules of each family
+_PATTERN_TARGETS: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}, alpha_pattern={r"layers\.1\..*v_proj": 32}
+    ),
+    "gpt2": dict(target_modules=["c_attn", "c_proj"], rank_pattern={"c_attn": 2}, alpha_pattern={r"mlp\.c_proj": 32}),
+    "bert": dict(
+        target_modules=["query", "value"], rank_pattern={"query": 2}, alpha_pattern={r"layer\.1\..*value": 32}
+    ),
+    "t5": dict(target_modules=["q", "v"], rank_pattern={"q": 2}, alpha_pattern={r"decoder\..*\.v": 32}),
+    "mt5": dict(target_modules=["q", "v"], rank_pattern={"q": 2}, alpha_pattern={r"decoder\..*\.v": 32}),
+    "remote_code": dict(
+        target_modules=["wqkv", "wo"], rank_pattern={"wqkv": 2}, alpha_pattern={r"layers\.1\..*wo": 32}
+    ),
+}
+
+
+def _lora(name: str, families: tuple[str, ...] = ALL_FAMILIES, **kwargs: Any) -> MatrixCase:
+    return MatrixCase(
+        "LoraConfig", name, kwargs, nonzero_kwargs=dict(init_lora_weights=False), families=families,
+        remote_kwargs=REMOTE_TARGETS,
+    )
+
+
+_MATH_ONLY = without_remote_code()
+
+
+MATRIX = [
+    _lora("default"),
+    _lora("rslora", _MATH_ONLY, use_rslora=True, r=4, lora_alpha=16),
+    _lora("dora", use_dora=True),
+    _lora("gaussian", _MATH_ONLY, init_lora_weights="gaussian"),
+    _lora("bias_all", _MATH_ONLY, bias="all"),
+    _lora("all_linear", target_modules="all-linear"),
+    MatrixCase("LoraConfig", "pissa", dict(init_lora_weights="pissa"), weight_init=True, families=_MATH_ONLY),
+    MatrixCase("LoraConfig", "olora", dict(init_lora_weights="olora"), weight_init=True, families=_MATH_ONLY),
+    MatrixCase("LoraConfig", "patterns", _PATTERN_TARGETS.__getitem__, nonzero_kwargs=dict(init_lora_weights=False)),
+]
 
 
 class GroupedConvNet(nn.Module):
@@ -69,7 +110,7 @@ def attention_inputs(model: nn.Module, batch: int = 2) -> dict[str, torch.Tensor
 
 # LoRA on nn.MultiheadAttention is exchanged with peft in tests/test_lora.py instead: peft 0.21.2 adds the out_proj
 # update twice in its forward (huggingface/peft#3774), so outputs agree only once that is accounted for.
-CASES = [
+INTEROP = [
     InteropCase("llama", "LoraConfig", tiny_llama, make_causal_lm_inputs, dict(task_type="CAUSAL_LM")),
     InteropCase(
         "gpt2-conv1d",

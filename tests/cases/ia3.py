@@ -1,14 +1,17 @@
-"""IA3 exchanged with peft: default targets per model type, Linear and Conv1D on both vector sides, regex forms,
-Conv2d (grouped too) and Conv3d."""
+"""IA3: the shared matrix, and adapters exchanged with peft (default targets per model type, Linear and Conv1D on both
+vector sides, regex forms, Conv2d (grouped too) and Conv3d)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
-from tests.interop_cases import InteropCase, convnet_inputs
+from tests.cases import InteropCase, MatrixCase, convnet_inputs, without_remote_code
 from tests.models import (
     DEFAULT_SEED,
+    REMOTE_CODE_LINEAR,
     make_causal_lm_inputs,
     make_seq2seq_inputs,
     make_seq_cls_inputs,
@@ -19,6 +22,33 @@ from tests.models import (
     tiny_mt5,
     tiny_t5,
 )
+
+# Every linear layer adapted, with one feed-forward (input-scaled) layer per family, biased where the family has
+# biases (GPT-2's Conv1D c_fc, BERT's intermediate.dense), so both vector sides meet biases under merging.
+_EXPLICIT: dict[str, dict[str, Any]] = {
+    "llama": dict(target_modules="all-linear", feedforward_modules=["down_proj"]),
+    "gpt2": dict(target_modules="all-linear", feedforward_modules=["c_fc"]),
+    "bert": dict(
+        target_modules=["query", "value", "intermediate.dense", "output.dense"],
+        feedforward_modules=["intermediate.dense"],
+    ),
+    "t5": dict(target_modules=["q", "k", "v", "o", "wi", "wo"], feedforward_modules=["wi"]),
+    "mt5": dict(target_modules=["q", "v", "wi_0", "wi_1", "wo"], feedforward_modules=["wo"]),
+}
+
+# Non-zero adapters draw their vectors at random (init_ia3_weights=False) rather than perturbing ones: tiny BERT's
+# logits barely move under vectors near one (its LayerNorms absorb most of a rescaling).
+MATRIX = [
+    # per-model-type default targets and feed-forward modules
+    MatrixCase(
+        "IA3Config", "ia3_default", nonzero_kwargs=dict(init_ia3_weights=False),
+        remote_kwargs=dict(target_modules=list(REMOTE_CODE_LINEAR), feedforward_modules=["w2"]),
+    ),
+    MatrixCase(
+        "IA3Config", "ia3_explicit", _EXPLICIT.__getitem__, nonzero_kwargs=dict(init_ia3_weights=False),
+        families=without_remote_code(),
+    ),
+]
 
 
 class TinyVolNet(nn.Module):
@@ -49,7 +79,7 @@ def _ia3(name: str, factory, make_inputs, **kwargs) -> InteropCase:
     return InteropCase(name, "IA3Config", factory, make_inputs, kwargs)
 
 
-CASES = [
+INTEROP = [
     _ia3("ia3-llama-defaults", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM"),
     _ia3("ia3-gpt2-conv1d-defaults", tiny_gpt2, make_causal_lm_inputs, task_type="CAUSAL_LM"),
     _ia3(  # a biased Conv1D on the input side

@@ -1,13 +1,18 @@
-"""LoKr exchanged with peft: every storage form of the two Kronecker factors on Linear and Conv1d/Conv2d.
+"""LoKr: the shared matrix, and adapters exchanged with peft in every storage form of the two Kronecker factors on
+Linear and Conv1d/Conv2d.
 
 At the tiny models' sizes (dims 16..64, split near their square roots) r = 8 stores both factors full; r = 1 with
-``decompose_both`` stores both as low-rank products; ``decompose_factor`` changes the split. GPT-2 is absent on
-purpose: peft's LoKr refuses transformers' Conv1D, and so does deltatune (test_loha_lokr).
+``decompose_both`` stores both as low-rank products; ``decompose_factor`` changes the split. GPT-2 is absent from both
+on purpose: peft's LoKr refuses transformers' Conv1D, and so does deltatune (test_loha_lokr).
 """
 
 from __future__ import annotations
 
-from tests.interop_cases import InteropCase, convnet_inputs
+from typing import Any
+
+from tests.cases import REMOTE_TARGETS, InteropCase, MatrixCase, convnet_inputs, without_remote_code
+from tests.cases.loha import LINEAR_FAMILIES
+from tests.cases.lora import _PATTERN_TARGETS
 from tests.models import (
     make_causal_lm_inputs,
     make_seq2seq_inputs,
@@ -18,7 +23,24 @@ from tests.models import (
     tiny_t5,
 )
 
-CASES = [
+
+def _lokr(name: str, kwargs: Any = None, families: tuple[str, ...] = LINEAR_FAMILIES) -> MatrixCase:
+    return MatrixCase(
+        "LoKrConfig", name, kwargs or {}, nonzero_kwargs=dict(init_weights=False), families=families,
+        remote_kwargs=REMOTE_TARGETS,
+    )
+
+
+_MATH_ONLY = without_remote_code(LINEAR_FAMILIES)
+
+MATRIX = [
+    _lokr("lokr"),  # r = 8: both Kronecker factors stored full at these sizes
+    _lokr("lokr_decompose_both", dict(r=1, decompose_both=True, rank_dropout=0.2, rank_dropout_scale=True), _MATH_ONLY),
+    _lokr("lokr_factor_lycoris_init", dict(r=2, decompose_factor=2, init_weights="lycoris"), _MATH_ONLY),
+    _lokr("lokr_patterns", _PATTERN_TARGETS.__getitem__, _MATH_ONLY),
+]
+
+INTEROP = [
     InteropCase("lokr-llama", "LoKrConfig", tiny_llama, make_causal_lm_inputs, dict(task_type="CAUSAL_LM")),
     InteropCase(
         "lokr-llama-decompose-both",

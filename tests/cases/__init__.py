@@ -1,0 +1,136 @@
+"""Every layer method's test cases, one module per method.
+
+Each module ``tests/cases/<method>.py`` defines two lists:
+
+- ``MATRIX: list[MatrixCase]``: configurations the shared matrix (``tests/test_matrix.py``) runs on every family of
+  :data:`tests.models.MATRIX_FAMILIES` the case names, the ``trust_remote_code`` model included;
+- ``INTEROP: list[InteropCase]``: adapters ``tests/test_interop_peft.py`` exchanges with peft, both ways (empty for a
+  deltatune-only format, with a comment saying so).
+
+Both suites import every module of this package, so a new method joins them by adding one file here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from tests.models import MATRIX_FAMILIES, REMOTE_CODE, REMOTE_CODE_LINEAR, make_convnet_inputs
+
+ALL_FAMILIES = tuple(sorted(MATRIX_FAMILIES))
+#: The usual stand-in for per-model-type default targets on the remote-code model: its Linear layers.
+REMOTE_TARGETS: dict[str, Any] = dict(target_modules=list(REMOTE_CODE_LINEAR))
+
+
+def without_remote_code(families: tuple[str, ...] = ALL_FAMILIES) -> tuple[str, ...]:
+    """``families`` less the remote-code model, for a method's variants that differ from its first case only in the
+    math: the remote-code family then runs a representative subset (every method, and the targeting variants),
+    which keeps the matrix short."""
+    return tuple(f for f in families if f != REMOTE_CODE)
+
+
+@dataclass(frozen=True)
+class MatrixCase:
+    """One adapter configuration of one method.
+
+    Attributes:
+        config_class: Name of the config class in ``deltatune`` (and in ``peft`` when ``in_peft``).
+        name: Short id; test ids read ``<family>-<name>``.
+        kwargs: Config arguments besides ``task_type``, or ``family -> arguments`` where targets differ by family.
+        nonzero_kwargs: Arguments that make a fresh adapter's delta non-zero (LoRA: ``init_lora_weights=False``).
+            Empty: the matrix perturbs every adapter parameter with seeded noise instead, as training would.
+        weight_init: The init rewrites the base weights (PiSSA, OLoRA): a fresh adapter equals the base only up to
+            rounding, unload does not restore the base, and merge_and_unload of a fresh adapter gives it back.
+        families: The families the case runs on: those the method supports, less any left out to keep the matrix
+            short (the remote-code family runs a representative subset of each method's cases).
+        remote_kwargs: Arguments standing in, on the remote-code family, for the per-model-type defaults (targets,
+            feed-forward modules) its model type lacks; ``kwargs`` override them.
+        in_peft: peft has the same config class, so trainable-parameter counts are compared with peft's.
+        mergeable: The delta folds into the base weights (merge / merge_and_unload).
+    """
+
+    config_class: str
+    name: str
+    kwargs: dict[str, Any] | Callable[[str], dict[str, Any]] = field(default_factory=dict)
+    nonzero_kwargs: dict[str, Any] = field(default_factory=dict)
+    weight_init: bool = False
+    families: tuple[str, ...] = ALL_FAMILIES
+    remote_kwargs: dict[str, Any] = field(default_factory=dict)
+    in_peft: bool = True
+    mergeable: bool = True
+
+    def config_kwargs(self, family: str) -> dict[str, Any]:
+        kwargs = self.kwargs(family) if callable(self.kwargs) else self.kwargs
+        if family == REMOTE_CODE:
+            kwargs = {**self.remote_kwargs, **kwargs}
+        return dict(task_type=MATRIX_FAMILIES[family].task_type, **kwargs)
+
+    def make_config(self, library: Any, family: str, *, nonzero: bool = False) -> Any:
+        """The config as ``library`` (``deltatune`` or ``peft``) spells it."""
+        extra = self.nonzero_kwargs if nonzero else {}
+        return getattr(library, self.config_class)(**{**self.config_kwargs(family), **extra})
+
+
+@dataclass(frozen=True)
+class InteropCase:
+    """One adapter configuration, spelled identically for both libraries.
+
+    Attributes:
+        name: Test id.
+        config_class: Name of the config class in both ``deltatune`` and ``peft``.
+        factory: Builds the base model (deterministic: two calls give the same weights).
+        make_inputs: ``model -> inputs`` for a forward without labels' side effects on the compared logits.
+        kwargs: Config arguments shared by both libraries.
+        extra_ours / extra_theirs: Saved keys only one library writes (each side still loads the other's file);
+            the reason belongs in a comment next to the case.
+    """
+
+    name: str
+    config_class: str
+    factory: Callable[[], nn.Module]
+    make_inputs: Callable[..., dict[str, torch.Tensor]]
+    kwargs: dict[str, Any]
+    extra_ours: frozenset[str] = field(default_factory=frozenset)
+    extra_theirs: frozenset[str] = field(default_factory=frozenset)
+
+    def config(self, library: Any) -> Any:
+        return getattr(library, self.config_class)(**self.kwargs)
+
+
+@torch.no_grad()
+def perturb_adapter(model: nn.Module, adapter: str = "default", seed: int = 0, std: float = 0.2) -> None:
+    """Add seeded noise to every trainable parameter of ``adapter``'s deltas, so the delta is clearly non-zero."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if f".deltas.{adapter}." in name and param.is_floating_point():
+            param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * std)
+
+
+def convnet_inputs(model: Any, batch: int = 2) -> dict[str, torch.Tensor]:
+    inputs = make_convnet_inputs(batch)
+    inputs.pop("labels")
+    return inputs
+
+
+def _modules() -> list[ModuleType]:
+    return [
+        importlib.import_module(f"{__name__}.{info.name}")
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name)
+    ]
+
+
+def matrix_cases() -> list[MatrixCase]:
+    """Every method's ``MATRIX`` cases, methods in file-name order."""
+    return [case for module in _modules() for case in module.MATRIX]
+
+
+def interop_cases() -> list[InteropCase]:
+    """Every method's ``INTEROP`` cases, methods in file-name order."""
+    return [case for module in _modules() for case in module.INTEROP]

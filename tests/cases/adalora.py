@@ -1,0 +1,88 @@
+"""AdaLoRA: the shared matrix, and fresh adapters exchanged with peft (adapters pruned by training are exchanged in
+``tests/test_adalora.py``).
+
+The forwards compared with peft carry no labels: peft's AdaLoRA model fails on any forward that returns a loss once
+its adapter is loaded for inference (it looks for the trainable adapter whose regulariser it would add).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tests.cases import REMOTE_TARGETS, InteropCase, MatrixCase, convnet_inputs, without_remote_code
+from tests.models import (
+    make_causal_lm_inputs,
+    make_seq2seq_inputs,
+    make_seq_cls_inputs,
+    tiny_bert,
+    tiny_convnet,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+)
+
+# Two layers per family whose allocation was pruned by training (init_r=4), to ranks 1 and 2. (A layer pruned to rank
+# 0 has empty tensors, which no gradient check can see; tests/test_adalora.py covers it.)
+_PRUNED_LAYERS: dict[str, tuple[str, str]] = {
+    "llama": ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"),
+    "gpt2": ("transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"),
+    "bert": ("bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.value"),
+    "t5": ("encoder.block.0.layer.0.SelfAttention.q", "decoder.block.1.layer.0.SelfAttention.v"),
+    "mt5": ("encoder.block.0.layer.0.SelfAttention.q", "decoder.block.1.layer.0.SelfAttention.v"),
+}
+
+
+def _pruned(family: str) -> dict[str, Any]:
+    one, two = _PRUNED_LAYERS[family]
+    pattern = {f"{one}.lora_E": [False, True, False, False], f"{two}.lora_E": [True, False, False, True]}
+    return dict(total_step=10, init_r=4, target_r=2, lora_alpha=32, rank_pattern=pattern)
+
+
+MATRIX = [
+    MatrixCase("AdaLoraConfig", "adalora", dict(total_step=10), remote_kwargs=REMOTE_TARGETS),
+    # peft builds a config's rank_pattern at full init_r and shrinks the layers only when loading a file; deltatune
+    # builds them at the kept ranks, so counts differ (loading files is compared in tests/test_adalora.py)
+    MatrixCase("AdaLoraConfig", "adalora_pruned", _pruned, families=without_remote_code(), in_peft=False),
+]
+
+
+def without_labels(make_inputs: Callable[..., dict[str, torch.Tensor]]) -> Callable[..., dict[str, torch.Tensor]]:
+    """``make_inputs`` minus ``labels``; an encoder-decoder gets them as ``decoder_input_ids`` instead."""
+
+    def inputs(model: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        batch = make_inputs(model, **kwargs)
+        labels = batch.pop("labels")
+        if make_inputs is make_seq2seq_inputs:
+            batch["decoder_input_ids"] = labels
+        return batch
+
+    return inputs
+
+
+_STEPS = dict(total_step=10)
+
+INTEROP = [
+    InteropCase(
+        "adalora-llama", "AdaLoraConfig", tiny_llama, without_labels(make_causal_lm_inputs),
+        dict(task_type="CAUSAL_LM", **_STEPS),
+    ),
+    InteropCase(
+        "adalora-gpt2-conv1d", "AdaLoraConfig", tiny_gpt2, without_labels(make_causal_lm_inputs),
+        dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_fc"], init_r=6, **_STEPS),
+    ),
+    InteropCase(
+        "adalora-bert-seq-cls", "AdaLoraConfig", lambda: tiny_bert("seq_cls"), without_labels(make_seq_cls_inputs),
+        dict(task_type="SEQ_CLS", lora_alpha=16, **_STEPS),
+    ),
+    InteropCase(
+        "adalora-t5-default-targets", "AdaLoraConfig", tiny_t5, without_labels(make_seq2seq_inputs),
+        dict(task_type="SEQ_2_SEQ_LM", **_STEPS),
+    ),
+    InteropCase(
+        "adalora-convnet-conv2d-and-linear", "AdaLoraConfig", tiny_convnet, convnet_inputs,
+        dict(target_modules=["conv2d", "fc1"], init_r=3, **_STEPS),
+    ),
+]

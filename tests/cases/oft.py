@@ -1,0 +1,99 @@
+"""OFT and its variants: the shared matrix (GPT-2 is left out: its Conv1D projections are not OFT targets, in peft
+either), and adapters exchanged with peft.
+
+The convnet's 3×3 ``conv2d`` is not among the interop cases: peft 0.21.2's unmerged forward on kernels above 1×1 is
+not OFT's math (see ``deltatune.methods.oft``); ``tests/test_oft.py`` compares it with peft's merged model instead.
+The 1×1 convolution below is where peft's unmerged forward and the merged kernel agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, InteropCase, MatrixCase, convnet_inputs, without_remote_code
+from tests.models import (
+    make_causal_lm_inputs,
+    make_seq2seq_inputs,
+    make_seq_cls_inputs,
+    tiny_bert,
+    tiny_convnet,
+    tiny_llama,
+    tiny_t5,
+)
+
+_FAMILIES = tuple(f for f in ALL_FAMILIES if f != "gpt2")
+# The tiny BERT's classifier logits barely move when only query/value rotate; its dense layers make the delta visible.
+_BERT_TARGETS = dict(target_modules=["query", "value", "dense"])
+
+
+def _oft(name: str, families: tuple[str, ...] = _FAMILIES, **kwargs: Any) -> MatrixCase:
+    def family_kwargs(family: str) -> dict[str, Any]:
+        return {**(_BERT_TARGETS if family == "bert" else {}), **kwargs}
+
+    return MatrixCase(
+        "OFTConfig", name, family_kwargs, nonzero_kwargs=dict(init_weights=False), families=families,
+        remote_kwargs=REMOTE_TARGETS,
+    )
+
+
+_MATH_ONLY = without_remote_code(_FAMILIES)
+
+MATRIX = [
+    _oft("oft_default"),
+    _oft("oft_r_dropout", _MATH_ONLY, r=4, oft_block_size=0, module_dropout=0.5),
+    _oft("oft_exact_shared", _MATH_ONLY, oft_block_size=8, use_cayley_neumann=False, block_share=True),
+    _oft("oft_coft", _MATH_ONLY, oft_block_size=8, coft=True, eps=0.5),
+    _oft("oft_all_linear_bias", _MATH_ONLY, oft_block_size=16, target_modules="all-linear", bias="all"),
+]
+
+
+def convnet_1x1() -> nn.Module:
+    """The tiny convnet with a pointwise (1×1, stride 2) ``conv2d``."""
+    model = tiny_convnet()
+    torch.manual_seed(1)
+    model.conv2d = nn.Conv2d(3, 8, kernel_size=1, stride=2)
+    return model.eval()
+
+
+def _exchanged(name: str, factory, make_inputs, **kwargs) -> InteropCase:
+    return InteropCase(name, "OFTConfig", factory, make_inputs, kwargs)
+
+
+INTEROP = [
+    _exchanged("oft-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM"),
+    _exchanged(
+        "oft-llama-exact-cayley-shared", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "v_proj", "down_proj"], oft_block_size=8, use_cayley_neumann=False,
+        block_share=True,
+    ),
+    # 6 divides neither 32 nor 64: both libraries move it to the nearest divisor, 4
+    _exchanged(
+        "oft-llama-adjusted-block-size", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "down_proj"], oft_block_size=6,
+    ),
+    _exchanged(
+        "oft-llama-coft-r", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", r=4, oft_block_size=0,
+        coft=True, eps=0.5, num_cayley_neumann_terms=7,
+    ),
+    _exchanged(
+        "oft-llama-embedding", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
+        target_modules=["embed_tokens", "q_proj"], oft_block_size=8,
+    ),
+    _exchanged(
+        "oft-bert-bias-oft-only", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS",
+        target_modules=["query", "value", "dense"], bias="oft_only", oft_block_size=16,
+    ),
+    _exchanged(
+        "oft-t5", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM", target_modules=["q", "v", "wo"],
+        oft_block_size=8,
+    ),
+    InteropCase(
+        "oft-convnet-linear-embedding", "OFTConfig", tiny_convnet, convnet_inputs,
+        dict(target_modules=["fc1", "fc2", "embed"], oft_block_size=4),
+        extra_ours=frozenset({"base_model.model.embed.base_layer.weight"}),
+    ),
+    _exchanged("oft-convnet-conv2d-1x1", convnet_1x1, convnet_inputs, target_modules=["conv2d"], oft_block_size=3),
+]
