@@ -205,22 +205,39 @@ def test_base_that_does_not_exist(save_pair: Callable) -> None:
         AutoPeftModelForCausalLM.from_pretrained(str(adapter))
 
 
+def _trains_only_the_adapter(model: PeftModel) -> bool:
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    return bool(trainable) and all(".deltas.default." in name for name in trainable)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "check"),
     [
-        ({"dtype": torch.float64}, lambda m: m.get_base_model().dtype == torch.float64),
-        ({"torch_dtype": torch.bfloat16}, lambda m: m.get_base_model().dtype == torch.bfloat16),
-        ({"device_map": "cpu"}, lambda m: m.get_base_model().device.type == "cpu"),
-        ({"attn_implementation": "eager"}, lambda m: m.get_base_model().config._attn_implementation == "eager"),
-        ({"local_files_only": True, "token": False}, lambda m: True),
-        ({"is_trainable": True}, lambda m: any(p.requires_grad for p in m.parameters())),
-        ({"adapter_name": "mine"}, lambda m: m.active_adapter == "mine"),
+        ({"dtype": torch.float64}, lambda m, seen: m.get_base_model().dtype == torch.float64),
+        ({"torch_dtype": torch.bfloat16}, lambda m, seen: m.get_base_model().dtype == torch.bfloat16),
+        ({"device_map": "cpu"}, lambda m, seen: m.get_base_model().device.type == "cpu"),
+        ({"attn_implementation": "eager"}, lambda m, seen: m.get_base_model().config._attn_implementation == "eager"),
+        # shared by both loads: the base gets them as given
+        ({"local_files_only": True, "token": False}, lambda m, seen: seen["local_files_only"] is True
+         and seen["token"] is False),
+        ({"is_trainable": True}, lambda m, seen: _trains_only_the_adapter(m)),
+        ({"adapter_name": "mine"}, lambda m, seen: m.active_adapter == "mine" and list(m.peft_config) == ["mine"]),
     ],
 )
-def test_kwargs_routing(kwargs: dict, check: Callable, save_pair: Callable) -> None:
+def test_kwargs_routing(kwargs: dict, check: Callable, save_pair: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``check(model, seen)`` gets the loaded model and the kwargs the base's ``from_pretrained`` received."""
     adapter, _ = save_pair("CAUSAL_LM")
+    seen: dict = {}
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args: Any, **base_kwargs: Any):
+        seen.update(base_kwargs)
+        return original(*args, **base_kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     model = AutoPeftModelForCausalLM.from_pretrained(str(adapter), **kwargs)
-    assert check(model)
+    assert seen, "the base was not loaded through AutoModelForCausalLM.from_pretrained"
+    assert check(model, seen)
     with torch.no_grad():
         model(**make_causal_lm_inputs(model))
 

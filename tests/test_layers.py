@@ -123,10 +123,18 @@ def test_safe_merge_merges_a_finite_adapter_like_a_plain_merge() -> None:
 
 def test_train_and_eval_never_merge_or_unmerge() -> None:
     model = dt.get_peft_model(tiny_mlp(), dt.LoraConfig(target_modules=["lin0"], init_lora_weights=False))
+    x = {"x": make_mlp_inputs()["x"]}
+    layer = model.base_model.model.lin0
     model.merge_adapter()
+    merged_weight = layer.base_layer.weight.detach().clone()
+    merged = logits(model, x)
     model.train()
+    assert layer.merged_adapters == ["default"]
+    assert torch.equal(layer.base_layer.weight, merged_weight)  # not unmerged (and merged again) by train()
     model.eval()
-    assert model.base_model.model.lin0.merged
+    assert layer.merged_adapters == ["default"]
+    assert torch.equal(layer.base_layer.weight, merged_weight)
+    assert torch.equal(logits(model, x), merged)
 
 
 # --- disabling ---------------------------------------------------------------------------------------------------
@@ -153,10 +161,15 @@ def test_disable_adapter_is_restored_when_the_block_raises() -> None:
 def test_disabling_a_merged_adapter_unmerges_it_first() -> None:
     model = dt.get_peft_model(tiny_mlp(), dt.LoraConfig(target_modules=["lin0"], init_lora_weights=False))
     x = {"x": make_mlp_inputs()["x"]}
+    layer = model.base_model.model.lin0
+    original = layer.base_layer.weight.detach().clone()
+    adapted = logits(model, x)
     model.merge_adapter()
     with model.disable_adapter():
         assert_close_scaled(logits(model, x), logits(tiny_mlp(), x))
-    assert not model.base_model.model.lin0.merged
+    assert not layer.merged
+    torch.testing.assert_close(layer.base_layer.weight, original, rtol=0, atol=1e-6)  # the delta is out of W
+    assert_close_scaled(logits(model, x), adapted)  # and runs unmerged again after the block
 
 
 # --- mixed batches -----------------------------------------------------------------------------------------------
