@@ -25,8 +25,12 @@ from tests.models import (
     FAMILIES,
     FIRST_REGULAR_TOKEN,
     MAKE_INPUTS,
+    MATRIX_FAMILIES,
     MLP_NUM_CLASSES,
+    REMOTE_CODE,
     REMOTE_CODE_AUTO_MAP,
+    REMOTE_CODE_LINEAR,
+    REMOTE_CODE_NORMS,
     VOCAB_SIZE,
     Family,
     make_convnet_inputs,
@@ -211,6 +215,17 @@ def test_remote_code_is_deterministic(tmp_path: Path) -> None:
     a = load_file(str(write_remote_code_model(tmp_path / "a" / "tinycustom") / "model.safetensors"))
     b = load_file(str(write_remote_code_model(tmp_path / "b" / "tinycustom") / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_remote_code_matrix_family_loads_the_checkpoints_own_classes_deterministically() -> None:
+    factory, task_type, make_inputs = MATRIX_FAMILIES[REMOTE_CODE]
+    model = factory()
+    assert type(model).__module__.startswith("transformers_modules.")  # the class came from the directory
+    _assert_canonical(model)
+    _assert_same_state(model, factory())
+    assert MAKE_INPUTS[task_type] is make_inputs
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    assert set(REMOTE_CODE_LINEAR) | set(REMOTE_CODE_NORMS) <= names
 
 
 @pytest.mark.parametrize("trust", [False, None])
