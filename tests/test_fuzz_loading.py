@@ -3,7 +3,8 @@
 Each case starts from a valid saved adapter: one of every method in ``deltatune.registry`` (LoRA in safetensors and as a
 pickled ``.bin``, DoRA + ``modules_to_save``, IA3, LoHa, LoKr, OFT, VeRA with saved projections, AdaLoRA fresh and
 pruned to a ``rank_pattern``, LN tuning, BitFit, bottleneck, prompt tuning, P-tuning, prefix tuning; all small, on
-``tiny_llama``, with non-zero weights). It applies one to three random mutations to ``adapter_config.json`` or the
+``tiny_llama``, with non-zero weights; a layer method's seeds are the ``FUZZ_SEEDS`` of its ``tests/cases`` module).
+It applies one to three random mutations to ``adapter_config.json`` or the
 weights file (truncation, bit flips, byte insertions and deletions, header-length and header-JSON edits, wrong dtypes,
 wrong shapes, missing keys, extra keys, NaNs, JSON junk and wrong JSON types, whole-file garbage; config edits pick
 from the generic fields and from the seed's own config dataclass, with junk fitted to each field's annotation: sizes
@@ -43,10 +44,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import deltatune as dt
-from deltatune import DeltatuneError, LoraConfig, PeftModel, get_peft_model
+from deltatune import DeltatuneError, PeftModel, get_peft_model
 from deltatune.config import PeftType
 from deltatune.layers import AdapterLayer, ModulesToSaveWrapper
 from deltatune.registry import config_class, supported_types
+from tests.cases import fuzz_seeds
 from tests.models import make_causal_lm_inputs, tiny_llama
 
 FAST_CASES = 1000  # default run: ~15 s on 2 busy cores, well under 60 s
@@ -63,36 +65,11 @@ Files = dict[str, bytes]
 
 # --- seeds ----------------------------------------------------------------------------------------------------------
 
-_ATTN = ["q_proj", "v_proj"]
-# AdaLoRA pruned by training: which of the init_r=4 triplets each layer kept (layer 1's q_proj lost them all).
-_PRUNED = {f"model.layers.{i}.self_attn.{m}.lora_E": mask for i, masks in enumerate(
-    [{"q_proj": [True, False, True, False], "v_proj": [False, False, False, True]},
-     {"q_proj": [False] * 4, "v_proj": [True, True, True, False]}]) for m, mask in masks.items()}
-_ADALORA = {"target_modules": _ATTN, "init_r": 4, "target_r": 2, "total_step": 10, "lora_alpha": 8,
-            "init_lora_weights": False}
-
-
 def seed_specs() -> dict[str, dt.PeftConfig]:
-    """One small config per seed adapter; every method the registry knows appears at least once."""
+    """One small config per seed adapter: every layer method's ``FUZZ_SEEDS`` (``tests/cases``) and the prompt
+    methods; every method the registry knows appears at least once."""
     return {
-        "lora": LoraConfig(target_modules=_ATTN, r=4, lora_alpha=8, init_lora_weights=False),
-        "dora_mts": LoraConfig(target_modules=["k_proj", "down_proj"], r=2, use_dora=True, init_lora_weights=False,
-                               modules_to_save=["lm_head"], task_type="CAUSAL_LM"),
-        "ia3": dt.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                            init_ia3_weights=False),
-        "loha": dt.LoHaConfig(target_modules=_ATTN, r=2, alpha=4, init_weights=False, rank_pattern={"v_proj": 3},
-                              alpha_pattern={"v_proj": 2.0}),
-        "lokr": dt.LoKrConfig(target_modules=["q_proj", "down_proj"], r=1, alpha=2, decompose_both=True,
-                              init_weights=False),
-        "oft": dt.OFTConfig(target_modules=_ATTN, r=0, oft_block_size=8, init_weights=False),
-        "vera": dt.VeraConfig(target_modules=_ATTN, r=8, projection_prng_key=3, save_projection=True,
-                              init_weights=False),
-        "adalora": dt.AdaLoraConfig(**_ADALORA),
-        "adalora_pruned": dt.AdaLoraConfig(**_ADALORA, rank_pattern=_PRUNED),
-        "ln_tuning": dt.LNTuningConfig(target_modules=["input_layernorm", "norm"]),
-        "bitfit": dt.BitFitConfig(target_modules=["q_proj", "down_proj"]),
-        "bottleneck": dt.BottleneckConfig(target_modules=["o_proj", "down_proj"], bottleneck_size=4,
-                                          non_linearity="gelu", scaling=0.5),
+        **{name: seed.config(dt) for name, seed in fuzz_seeds().items()},
         "prompt_tuning": dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
         "p_tuning": dt.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, encoder_hidden_size=16),
         "prefix_tuning": dt.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),

@@ -5,19 +5,22 @@ Each module ``tests/cases/<method>.py`` defines two lists:
 - ``MATRIX: list[MatrixCase]``: configurations the shared matrix (``tests/test_matrix.py``) runs on every family of
   :data:`tests.models.MATRIX_FAMILIES` the case names, the ``trust_remote_code`` model included;
 - ``INTEROP: list[InteropCase]``: adapters ``tests/test_interop_peft.py`` exchanges with peft, both ways (empty for a
-  deltatune-only format, with a comment saying so).
+  deltatune-only format, with a comment saying so);
+- ``FUZZ_SEEDS: dict[str, FuzzSeed]``: valid adapters on ``tiny_llama`` that ``tests/test_fuzz_loading.py`` mutates
+  (every registered method needs one).
 
-Both suites import every module of this package, so a new method joins them by adding one file here.
+The suites import every module of this package, so a new method joins them all by adding one file here.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -104,6 +107,16 @@ class InteropCase:
         return getattr(library, self.config_class)(**self.kwargs)
 
 
+class FuzzSeed(NamedTuple):
+    """A config for a seed adapter of the loading fuzzer: ``config_class`` in ``deltatune`` with ``kwargs``."""
+
+    config_class: str
+    kwargs: dict[str, Any]
+
+    def config(self, library: Any) -> Any:
+        return getattr(library, self.config_class)(**copy.deepcopy(self.kwargs))
+
+
 @torch.no_grad()
 def perturb_adapter(model: nn.Module, adapter: str = "default", seed: int = 0, std: float = 0.2) -> None:
     """Add seeded noise to every trainable parameter of ``adapter``'s deltas, so the delta is clearly non-zero."""
@@ -134,3 +147,12 @@ def matrix_cases() -> list[MatrixCase]:
 def interop_cases() -> list[InteropCase]:
     """Every method's ``INTEROP`` cases, methods in file-name order."""
     return [case for module in _modules() for case in module.INTEROP]
+
+
+def fuzz_seeds() -> dict[str, FuzzSeed]:
+    """Every method's ``FUZZ_SEEDS``, by seed name."""
+    seeds: dict[str, FuzzSeed] = {}
+    for module in _modules():
+        assert not seeds.keys() & module.FUZZ_SEEDS.keys(), f"{module.__name__} repeats a fuzz seed name"
+        seeds.update(module.FUZZ_SEEDS)
+    return seeds

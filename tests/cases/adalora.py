@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tests.cases import REMOTE_TARGETS, InteropCase, MatrixCase, convnet_inputs, without_remote_code
+from tests.cases import REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, convnet_inputs, without_remote_code
 from tests.models import (
     make_causal_lm_inputs,
     make_seq2seq_inputs,
@@ -86,3 +86,17 @@ INTEROP = [
         dict(target_modules=["conv2d", "fc1"], init_r=3, **_STEPS),
     ),
 ]
+
+# AdaLoRA fresh, and pruned by training: which of the init_r=4 triplets each layer kept (layer 1's q_proj lost them
+# all).
+_FUZZ_ADALORA: dict[str, Any] = dict(
+    target_modules=["q_proj", "v_proj"], init_r=4, target_r=2, total_step=10, lora_alpha=8, init_lora_weights=False
+)
+_FUZZ_PRUNED = {f"model.layers.{i}.self_attn.{m}.lora_E": mask for i, masks in enumerate(
+    [{"q_proj": [True, False, True, False], "v_proj": [False, False, False, True]},
+     {"q_proj": [False] * 4, "v_proj": [True, True, True, False]}]) for m, mask in masks.items()}
+
+FUZZ_SEEDS = {
+    "adalora": FuzzSeed("AdaLoraConfig", _FUZZ_ADALORA),
+    "adalora_pruned": FuzzSeed("AdaLoraConfig", dict(_FUZZ_ADALORA, rank_pattern=_FUZZ_PRUNED)),
+}

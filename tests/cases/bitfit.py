@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import REMOTE_TARGETS, InteropCase, MatrixCase
+from tests.cases import REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase
 
 # Llama, T5 and the remote-code model have no biases: BitFit adds trainable ones there, which run and save but cannot
 # merge.
@@ -24,3 +24,5 @@ MATRIX = [
 ]
 
 INTEROP: list[InteropCase] = []  # peft has no BitFit
+
+FUZZ_SEEDS = {"bitfit": FuzzSeed("BitFitConfig", dict(target_modules=["q_proj", "down_proj"]))}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import InteropCase, MatrixCase, without_remote_code
+from tests.cases import FuzzSeed, InteropCase, MatrixCase, without_remote_code
 
 # Pfeiffer placement: after the feed-forward output only.
 _FFN_OUTPUT: dict[str, list[str]] = {
@@ -34,3 +34,9 @@ MATRIX = [
 ]
 
 INTEROP: list[InteropCase] = []  # peft has no bottleneck adapters
+
+FUZZ_SEEDS = {
+    "bottleneck": FuzzSeed("BottleneckConfig", dict(
+        target_modules=["o_proj", "down_proj"], bottleneck_size=4, non_linearity="gelu", scaling=0.5
+    )),
+}

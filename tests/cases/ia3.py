@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.cases import InteropCase, MatrixCase, convnet_inputs, without_remote_code
+from tests.cases import FuzzSeed, InteropCase, MatrixCase, convnet_inputs, without_remote_code
 from tests.models import (
     DEFAULT_SEED,
     REMOTE_CODE_LINEAR,
@@ -130,3 +130,9 @@ INTEROP = [
         feedforward_modules=["conv3d"],
     ),
 ]
+
+FUZZ_SEEDS = {
+    "ia3": FuzzSeed("IA3Config", dict(
+        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False,
+    )),
+}

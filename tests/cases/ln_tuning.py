@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import InteropCase, MatrixCase
+from tests.cases import FuzzSeed, InteropCase, MatrixCase
 from tests.models import (
     REMOTE_CODE_NORMS,
     make_causal_lm_inputs,
@@ -52,3 +52,5 @@ INTEROP = [
         ),
     ),
 ]
+
+FUZZ_SEEDS = {"ln_tuning": FuzzSeed("LNTuningConfig", dict(target_modules=["input_layernorm", "norm"]))}

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, InteropCase, MatrixCase, convnet_inputs, without_remote_code
+from tests.cases import (
+    ALL_FAMILIES,
+    REMOTE_TARGETS,
+    FuzzSeed,
+    InteropCase,
+    MatrixCase,
+    convnet_inputs,
+    without_remote_code,
+)
 from tests.cases.lora import _PATTERN_TARGETS  # rank_pattern / alpha_pattern have the same names here
 from tests.models import (
     make_causal_lm_inputs,
@@ -77,3 +85,10 @@ INTEROP = [
         dict(target_modules=["conv2d", "conv1d"], r=2, alpha=32, use_effective_conv2d=True),
     ),
 ]
+
+FUZZ_SEEDS = {
+    "loha": FuzzSeed("LoHaConfig", dict(
+        target_modules=["q_proj", "v_proj"], r=2, alpha=4, init_weights=False, rank_pattern={"v_proj": 3},
+        alpha_pattern={"v_proj": 2.0},
+    )),
+}

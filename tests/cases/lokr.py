@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import REMOTE_TARGETS, InteropCase, MatrixCase, convnet_inputs, without_remote_code
+from tests.cases import REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, convnet_inputs, without_remote_code
 from tests.cases.loha import LINEAR_FAMILIES
 from tests.cases.lora import _PATTERN_TARGETS
 from tests.models import (
@@ -99,3 +99,9 @@ INTEROP = [
         dict(target_modules=["conv2d"], r=1, use_effective_conv2d=True),
     ),
 ]
+
+FUZZ_SEEDS = {
+    "lokr": FuzzSeed("LoKrConfig", dict(
+        target_modules=["q_proj", "down_proj"], r=1, alpha=2, decompose_both=True, init_weights=False,
+    )),
+}

@@ -7,7 +7,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, InteropCase, MatrixCase, convnet_inputs, without_remote_code
+from tests.cases import (
+    ALL_FAMILIES,
+    REMOTE_TARGETS,
+    FuzzSeed,
+    InteropCase,
+    MatrixCase,
+    convnet_inputs,
+    without_remote_code,
+)
 from tests.models import (
     make_causal_lm_inputs,
     make_seq2seq_inputs,
@@ -229,3 +237,14 @@ INTEROP = [
         dict(target_modules=["conv2d", "conv1d"], r=2, rank_pattern={"conv1d": 8}, use_rslora=True),
     ),
 ]
+
+# Seed adapters for tests/test_fuzz_loading.py: LoRA, and DoRA beside a fully trained output head.
+FUZZ_SEEDS = {
+    "lora": FuzzSeed(
+        "LoraConfig", dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False)
+    ),
+    "dora_mts": FuzzSeed("LoraConfig", dict(
+        target_modules=["k_proj", "down_proj"], r=2, use_dora=True, init_lora_weights=False,
+        modules_to_save=["lm_head"], task_type="CAUSAL_LM",
+    )),
+}

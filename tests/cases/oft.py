@@ -13,7 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, InteropCase, MatrixCase, convnet_inputs, without_remote_code
+from tests.cases import (
+    ALL_FAMILIES,
+    REMOTE_TARGETS,
+    FuzzSeed,
+    InteropCase,
+    MatrixCase,
+    convnet_inputs,
+    without_remote_code,
+)
 from tests.models import (
     make_causal_lm_inputs,
     make_seq2seq_inputs,
@@ -97,3 +105,7 @@ INTEROP = [
     ),
     _exchanged("oft-convnet-conv2d-1x1", convnet_1x1, convnet_inputs, target_modules=["conv2d"], oft_block_size=3),
 ]
+
+FUZZ_SEEDS = {
+    "oft": FuzzSeed("OFTConfig", dict(target_modules=["q_proj", "v_proj"], r=0, oft_block_size=8, init_weights=False)),
+}

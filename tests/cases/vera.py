@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, InteropCase, MatrixCase, without_remote_code
+from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, without_remote_code
 from tests.models import (
     make_causal_lm_inputs,
     make_seq2seq_inputs,
@@ -77,3 +77,10 @@ INTEROP = [
         dict(task_type="SEQ_CLS", r=4, bias="vera_only", d_initial=0.5),
     ),
 ]
+
+# saved projections (the PRNG-regenerated form is exchanged with peft above)
+FUZZ_SEEDS = {
+    "vera": FuzzSeed("VeraConfig", dict(
+        target_modules=["q_proj", "v_proj"], r=8, projection_prng_key=3, save_projection=True, init_weights=False,
+    )),
+}
