@@ -1,6 +1,6 @@
 """Every layer method's test cases, one module per method.
 
-Each module ``tests/cases/<method>.py`` defines two lists:
+Each module ``tests/cases/<method>.py`` defines:
 
 - ``MATRIX: list[MatrixCase]``: configurations the shared matrix (``tests/test_matrix.py``) runs on every family of
   :data:`tests.models.MATRIX_FAMILIES` the case names, the ``trust_remote_code`` model included;
