@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -47,6 +49,11 @@ from .state import (
     write_failure,
     write_run,
 )
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ..model import PeftModel
 
 
 @dataclass
@@ -113,7 +120,113 @@ def _launch_note(world: int) -> str | None:
     return None
 
 
-# --- the loop --------------------------------------------------------------------------------------------------------
+# --- what the phases pass on ----------------------------------------------------------------------------------------
+
+ADAPTER = "default"  # the one adapter a run trains
+
+
+class Evaluation(NamedTuple):
+    """One held-out evaluation: its metrics (``eval_loss``, ``eval_accuracy``, ...) and the answers of the examples
+    the report shows, by index into the held-out set."""
+
+    metrics: dict[str, float]
+    answers: dict[int, str]
+
+
+@dataclass
+class Inputs:
+    """Model, tokenizer and data of a run, read and checked before the run directory changes, and the step counts.
+
+    Attributes:
+        model_dir: Directory (or cached hub id) the base model and tokenizer load from.
+        tokenizer: The model's tokenizer; its pad id pads every batch.
+        task: ``causal-lm``, ``seq2seq``, ``seq-cls`` or ``token-cls``.
+        columns: Which record fields hold prompt, completion, text and label.
+        labels: Class names for the classification tasks, in the order of the head's outputs.
+        train_set: Tokenised training examples.
+        eval_set: Tokenised held-out examples (may be empty).
+        global_batch: Examples per optimizer step: ``batch_size x processes x grad_accum``.
+        steps_per_epoch: Optimizer steps per pass over ``train_set``.
+        total_steps: Optimizer steps of the whole run (what the LR schedule and AdaLoRA's budget count to).
+    """
+
+    model_dir: str
+    tokenizer: Any
+    task: str
+    columns: D.Columns
+    labels: list[str] | None
+    train_set: list[D.Example]
+    eval_set: list[D.Example]
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass
+class Evaluator:
+    """Held-out evaluation of the adapter model, set up once for the evaluations before, during and after training.
+
+    Attributes:
+        choices: The distinct reference answers with their token ids, when there are few of them (labels written as
+            text): the model is then also scored on which of them it finds likeliest.
+        show: Held-out examples whose answers (before and after training) the final report shows.
+    """
+
+    model: PeftModel
+    inputs: Inputs
+    batch_size: int
+    generate_n: int
+    accelerator: Accelerator
+    choices: list[tuple[str, list[int]]] | None
+    show: list[int]
+
+    def __call__(self, generate: bool) -> Evaluation:
+        """The metrics; with ``generate``, also generated answers: the first ``--eval-generate`` examples scored by
+        exact match, and those in ``show``."""
+        inputs = self.inputs
+        return Evaluation(*evaluate(
+            self.model, inputs.eval_set, task=inputs.task, tokenizer=inputs.tokenizer, batch_size=self.batch_size,
+            device=self.accelerator.device, label_names=inputs.labels, choices=self.choices,
+            generate_n=self.generate_n if generate else 0, answer_indices=self.show if generate else (),
+            autocast=self.accelerator.autocast,
+        ))
+
+
+@dataclass
+class Run:
+    """What the steps and the end of a run share, once :func:`train` has set everything up.
+
+    Attributes:
+        model: The adapter model itself: evaluation, saving, the adapter's per-step hooks.
+        wrapped: What ``accelerator.prepare`` made of ``model`` (DDP's wrapper in a multi-process run): forward and
+            backward go through it so that gradients are synchronised.
+        params: The trainable parameters, in the model's order: what gradient clipping measures.
+        metrics: ``metrics.jsonl`` (main process only).
+    """
+
+    options: TrainOptions
+    accelerator: Accelerator
+    inputs: Inputs
+    model: PeftModel
+    wrapped: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: TrainerState
+    metrics: MetricsLog | None
+    evaluate: Evaluator
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def out(self) -> str:
+        assert self.options.out is not None
+        return self.options.out
+
+
+# --- the run ---------------------------------------------------------------------------------------------------------
 
 def train(options: TrainOptions) -> RunResult:
     """Run (or resume) one training run as described by ``options``; returns paths and metrics.
@@ -122,33 +235,82 @@ def train(options: TrainOptions) -> RunResult:
         TrainError: bad input; nothing in the run directory was changed (except by ``--overwrite`` after all
             inputs were checked).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list, gather_object, set_seed
-
-    _fresh_accelerator_state()
-    accelerator = Accelerator(mixed_precision="bf16" if options.bf16 else "no", cpu=_multi_process_cpu())
-    main = accelerator.is_main_process
-    rank, world = accelerator.process_index, accelerator.num_processes
-    out = options.out
-    assert out is not None
-
+    accelerator = _start_accelerator(options)
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    assert options.out is not None
     resume_from = check_run_dir(options)  # raises before anything is written
     for note in (_launch_note(world), _busy_machine_note()):
         if note:
             log(note, main)
 
-    # --- inputs (checked before the run directory changes) -----------------------------------------------------------
-    from .presets import resolve_model
+    inputs = _load_inputs(options, accelerator)
+    model, optimizer, scheduler = _build_model(options, inputs, accelerator.device)
+    state, rng_states = TrainerState(), None
+    if resume_from is not None:
+        state, rng_states = _resume(resume_from, model, optimizer, scheduler, world)
+        log(f"resuming {options.out} from {os.path.basename(resume_from)} (step {state.step} of "
+            f"{inputs.total_steps})", main)
+    metrics = _open_run_dir(options, inputs, accelerator, state.step if resume_from is not None else None)
+    if resume_from is None:
+        _log_start(options, inputs, model, world, main)
 
-    with accelerator.main_process_first():
-        model_dir = resolve_model(options.model, is_main_process=main)
+    evaluator = _evaluator(options, inputs, model, accelerator)
+    before = _evaluate_base(evaluator, options.out, metrics, resume_from is not None) \
+        if inputs.eval_set and main else None
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if rng_states is not None:
+        restore_rng(rng_states[accelerator.process_index])
+    run = Run(options, accelerator, inputs, model, wrapped, params, optimizer, scheduler, state, metrics, evaluator)
+    _run_steps(run)
+    return _finish(run, before)
+
+
+def _start_accelerator(options: TrainOptions) -> Accelerator:
+    """The run's accelerator: mixed precision as asked, CPU data parallelism where there is no GPU."""
+    from accelerate import Accelerator
+
+    _fresh_accelerator_state()
+    return Accelerator(mixed_precision="bf16" if options.bf16 else "no", cpu=_multi_process_cpu())
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------------
+
+def _load_inputs(options: TrainOptions, accelerator: Accelerator) -> Inputs:
+    """Resolve the model, load its config and tokenizer, read and tokenise the data, and count the steps.
+
+    Everything here can fail on bad input, so all of it runs before the run directory changes.
+
+    Raises:
+        TrainError: the model, tokenizer or data cannot be used, or the options do not fit them.
+    """
     from transformers import AutoConfig
 
+    from .presets import resolve_model
+
+    with accelerator.main_process_first():  # a .gguf model is converted once, by the main process
+        model_dir = resolve_model(options.model, is_main_process=accelerator.is_main_process)
     try:
         model_config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         raise TrainError(f"cannot load model {options.model!r}: {str(exc).splitlines()[0]}") from None
     tokenizer = load_tokenizer(model_dir)
+    task, columns, labels, train_set, eval_set = _read_examples(options, model_config, tokenizer)
+    global_batch, steps_per_epoch, total_steps = _count_steps(len(train_set), options, accelerator.num_processes)
+    return Inputs(model_dir, tokenizer, task, columns, labels, train_set, eval_set, global_batch, steps_per_epoch,
+                  total_steps)
+
+
+def _read_examples(
+    options: TrainOptions, model_config: Any, tokenizer: Any,
+) -> tuple[str, D.Columns, list[str] | None, list[D.Example], list[D.Example]]:
+    """The task, the columns and labels, and the tokenised training and held-out examples.
+
+    The held-out examples come from ``--eval-data``, else from the data's own eval split (a dataset directory's),
+    else from ``--eval-split`` of the training records; labels are collected over both sets so that the
+    classification head covers every class.
+    """
     train_records, eval_records = D.read_records(options.data)
     if options.eval_data is not None:
         eval_records, _ = D.read_records(options.eval_data)
@@ -168,20 +330,46 @@ def train(options: TrainOptions) -> RunResult:
     eval_set = D.tokenize(eval_records, encoder, options.eval_data or options.data) if eval_records else []
     if options.early_stopping_patience is not None and not (eval_set and options.eval_steps):
         raise TrainError("--early-stopping-patience needs held-out data (--eval-split or --eval-data) and --eval-steps")
+    return task, columns, labels, train_set, eval_set
 
+
+def _count_steps(examples: int, options: TrainOptions, world: int) -> tuple[int, int, int]:
+    """The global batch, the steps per epoch and the run's total steps, for ``examples`` training examples.
+
+    An epoch's last, short global batch still makes a step when every process and micro-step gets an example from it
+    (``processes x grad_accum`` of them); a shorter remainder is left out of that epoch.
+
+    Raises:
+        TrainError: there are fewer examples than one step needs.
+    """
     global_batch = options.batch_size * world * options.grad_accum
     parts = world * options.grad_accum
-    steps_per_epoch = len(train_set) // global_batch + (1 if len(train_set) % global_batch >= parts else 0)
+    steps_per_epoch = examples // global_batch + (1 if examples % global_batch >= parts else 0)
     if steps_per_epoch == 0:
         raise TrainError(
-            f"{len(train_set)} training examples are fewer than one step needs ({parts} = processes x --grad-accum)"
+            f"{examples} training examples are fewer than one step needs ({parts} = processes x --grad-accum)"
         )
     total_steps = options.max_steps or max(1, math.ceil(options.epochs * steps_per_epoch))
+    return global_batch, steps_per_epoch, total_steps
+
+
+# --- model and optimizer ---------------------------------------------------------------------------------------------
+
+def _build_model(options: TrainOptions, inputs: Inputs, device: torch.device) -> tuple[PeftModel, Any, Any]:
+    """The base model with a fresh adapter on ``device``, its optimizer and its learning-rate scheduler.
+
+    The seed is set again after loading the base model, so the adapter's initialisation does not depend on what
+    loading drew (a new classification head draws, a causal LM does not).
+
+    Raises:
+        TrainError: the method's options do not fit the model.
+    """
+    from accelerate.utils import set_seed
 
     set_seed(options.seed)
-    base = load_model(model_dir, task, labels, tokenizer.pad_token_id)
+    base = load_model(inputs.model_dir, inputs.task, inputs.labels, inputs.tokenizer.pad_token_id)
     set_seed(options.seed)
-    peft_config = build_peft_config(options, task, total_steps)
+    peft_config = build_peft_config(options, inputs.task, inputs.total_steps)
     try:
         model = get_peft_model(base, peft_config)
     except DeltatuneError as exc:
@@ -194,215 +382,132 @@ def train(options: TrainOptions) -> RunResult:
             enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(accelerator.device)
+    model.to(device)
+    optimizer = _optimizer(model, options)
+    return model, optimizer, _scheduler(optimizer, options, inputs.total_steps)
 
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2]
-    no_decay = [p for n, p in trainable if p.ndim < 2]
+
+def _optimizer(model: PeftModel, options: TrainOptions) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, with ``--weight-decay`` on matrices only (no decay on biases and other
+    vectors, as usual for AdamW)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": options.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=options.lr)
+    return torch.optim.AdamW(groups, lr=options.lr)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, options: TrainOptions, total_steps: int) -> Any:
+    """``--lr-schedule`` over ``total_steps``, after ``--warmup-steps`` (or ``--warmup-ratio`` of the run)."""
     from transformers import get_scheduler
 
     warmup = options.warmup_steps if options.warmup_steps is not None else int(options.warmup_ratio * total_steps)
-    scheduler = get_scheduler(
+    return get_scheduler(
         {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[options.lr_schedule],
         optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
     )
 
-    # --- the run directory ------------------------------------------------------------------------------------------
-    state = TrainerState()
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
-        state = ckpt["state"]
-        restore_adapter(model, "default", ckpt, resume_from)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        rng = ckpt["rng"]
-        if len(rng) != world:
-            raise TrainError(
-                f"--resume: the checkpoint was written by {len(rng)} process(es); resume it with the same number "
-                f"(this launch has {world})"
-            )
-        log(f"resuming {out} from {os.path.basename(resume_from)} (step {state.step} of {total_steps})", main)
-    if main:
+
+# --- resume and the run directory ------------------------------------------------------------------------------------
+
+def _resume(path: str, model: PeftModel, optimizer: torch.optim.Optimizer, scheduler: Any,
+            world: int) -> tuple[TrainerState, list[dict[str, Any]]]:
+    """Put checkpoint ``path``'s adapter (with its training state), optimizer and scheduler back.
+
+    Returns:
+        The trainer state, and every process's RNG state: :func:`train` restores this process's only right before
+        the first step, after the base model's evaluation and ``accelerator.prepare``, so the steps draw exactly what
+        the uninterrupted run drew.
+
+    Raises:
+        TrainError: the checkpoint does not fit this run, or was written by a different number of processes (each
+            process's data shard and RNG state would differ).
+    """
+    ckpt = load_checkpoint(path)
+    restore_adapter(model, ADAPTER, ckpt, path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    rng = ckpt["rng"]
+    if len(rng) != world:
+        raise TrainError(
+            f"--resume: the checkpoint was written by {len(rng)} process(es); resume it with the same number "
+            f"(this launch has {world})"
+        )
+    return ckpt["state"], rng
+
+
+def _open_run_dir(options: TrainOptions, inputs: Inputs, accelerator: Accelerator,
+                  resume_step: int | None) -> MetricsLog | None:
+    """Write ``run.json`` (after clearing the directory for ``--overwrite``) and open ``metrics.jsonl``.
+
+    These are the first changes to the run directory, made once every input has been checked. A resumed run drops
+    the metrics its killed process logged after ``resume_step``. Returns the metrics log on the main process.
+    """
+    out = options.out
+    assert out is not None
+    if accelerator.is_main_process:
         if options.overwrite and os.path.isdir(out) and not options.resume:
             clear_run_dir(out)
-        info = {"model_dir": model_dir, "task": task, "labels": labels, "chat": options.chat,
-                "columns": dataclasses.asdict(columns), "total_steps": total_steps,
-                "steps_per_epoch": steps_per_epoch, "processes": world, "global_batch": global_batch}
+        info = {"model_dir": inputs.model_dir, "task": inputs.task, "labels": inputs.labels, "chat": options.chat,
+                "columns": dataclasses.asdict(inputs.columns), "total_steps": inputs.total_steps,
+                "steps_per_epoch": inputs.steps_per_epoch, "processes": accelerator.num_processes,
+                "global_batch": inputs.global_batch}
         try:
             write_run(out, options, info)
         except OSError as exc:
             raise write_failure(out, "run.json", exc) from None
     accelerator.wait_for_everyone()
-    metrics = MetricsLog(out, resume_step=state.step if resume_from is not None else None) if main else None
+    return MetricsLog(out, resume_step=resume_step) if accelerator.is_main_process else None
 
-    ptrain, pall = model.get_nb_trainable_parameters()
-    log(f"model {options.model} ({task}, {pall - ptrain:,} parameters) + {options.method} adapter "
-        f"({ptrain:,} trainable, {100 * ptrain / pall:.2f}%)", main and resume_from is None)
-    log(f"data: {len(train_set)} training / {len(eval_set)} held-out examples; {total_steps} steps of "
-        f"{global_batch} examples ({world} process(es) x {options.batch_size} x {options.grad_accum} accumulation)",
-        main and resume_from is None)
 
-    autocast = accelerator.autocast
-    unwrapped = model
+def _log_start(options: TrainOptions, inputs: Inputs, model: PeftModel, world: int, main: bool) -> None:
+    """What a fresh run trains: model and adapter sizes, data and steps."""
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"model {options.model} ({inputs.task}, {total - trainable:,} parameters) + {options.method} adapter "
+        f"({trainable:,} trainable, {100 * trainable / total:.2f}%)", main)
+    log(f"data: {len(inputs.train_set)} training / {len(inputs.eval_set)} held-out examples; {inputs.total_steps} "
+        f"steps of {inputs.global_batch} examples ({world} process(es) x {options.batch_size} x {options.grad_accum} "
+        f"accumulation)", main)
+
+
+# --- evaluation before training --------------------------------------------------------------------------------------
+
+def _evaluator(options: TrainOptions, inputs: Inputs, model: PeftModel, accelerator: Accelerator) -> Evaluator:
+    """The held-out evaluation of ``model``; answers are scored as choices when the data has only a few kinds."""
     choices = None
-    if task in ("causal-lm", "seq2seq") and columns.completion is not None:
-        distinct = sorted({e.reference for e in train_set + eval_set if e.reference is not None})
+    tokenizer = inputs.tokenizer
+    if inputs.task in ("causal-lm", "seq2seq") and inputs.columns.completion is not None:
+        distinct = sorted({e.reference for e in inputs.train_set + inputs.eval_set if e.reference is not None})
         if 2 <= len(distinct) <= MAX_CHOICES:
-            eos = [tokenizer.eos_token_id] if task == "causal-lm" and tokenizer.eos_token_id is not None else []
-            choices = [(d, tokenizer(d, add_special_tokens=False)["input_ids"] + eos) if task == "causal-lm"
+            causal = inputs.task == "causal-lm"
+            eos = [tokenizer.eos_token_id] if causal and tokenizer.eos_token_id is not None else []
+            choices = [(d, tokenizer(d, add_special_tokens=False)["input_ids"] + eos) if causal
                        else (d, tokenizer(text_target=d)["input_ids"]) for d in distinct]
-    show = _pick_examples(eval_set, options.show_examples)
+    return Evaluator(model, inputs, options.batch_size, options.eval_generate, accelerator, choices,
+                     _pick_examples(inputs.eval_set, options.show_examples))
 
-    def run_eval(generate: bool) -> tuple[dict[str, float], dict[int, str]]:
-        return evaluate(
-            unwrapped, eval_set, task=task, tokenizer=tokenizer, batch_size=options.batch_size,
-            device=accelerator.device, label_names=labels, choices=choices,
-            generate_n=options.eval_generate if generate else 0, answer_indices=show if generate else (),
-            autocast=autocast,
-        )
 
-    before_path = os.path.join(out, "before.json")
-    before: dict[str, Any] | None = None
-    before_answers: dict[int, str] = {}
-    if eval_set and main:
-        if resume_from is None or not os.path.exists(before_path):
-            log("evaluating the base model on the held-out examples...", True)
-            t0 = time.perf_counter()
-            before, before_answers = run_eval(generate=True)
-            log(f"  {_fmt_metrics(before)} ({format_duration(time.perf_counter() - t0)})", True)
-            try:
-                with open(before_path, "w", encoding="utf-8") as fh:
-                    json.dump({"metrics": before, "answers": before_answers}, fh)
-            except OSError as exc:
-                raise write_failure(out, "before.json", exc) from None
-            metrics.write({"kind": "eval", "phase": "before", "step": 0, **before})
-        else:
-            with open(before_path, encoding="utf-8") as fh:
-                saved = json.load(fh)
-            before, before_answers = saved["metrics"], {int(k): v for k, v in saved["answers"].items()}
-
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if resume_from is not None:
-        restore_rng(ckpt["rng"][rank])
-
-    # --- steps ------------------------------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (main and options.progress), unit="step",
-               dynamic_ncols=True, file=sys.stderr)
-    params = [p for _, p in trainable]
-    epoch_cache: tuple[int, list[list[int]]] | None = None
-    segment_start, segment_tokens = time.perf_counter(), 0
-    elapsed_before = state.elapsed
-
-    def checkpoint() -> None:
-        state.elapsed = elapsed_before + time.perf_counter() - segment_start
-        rng_states = gather_object([capture_rng()])
-        if main:
-            save_checkpoint(
-                out, state, unwrapped.peft_config["default"].to_json_string(),
-                unwrapped.adapter_state_dict("default"), optimizer.state_dict(), scheduler.state_dict(),
-                rng_states, options.save_total_limit, adapter_train_state(unwrapped, "default"),
-            )
-        accelerator.wait_for_everyone()
-
-    stop = state.stopped_early  # a run that stopped early stays stopped when resumed
+def _evaluate_base(evaluator: Evaluator, out: str, metrics: MetricsLog, resumed: bool) -> Evaluation:
+    """The held-out metrics before training (main process; the fresh adapter leaves the base model's outputs as they
+    are), kept in ``before.json`` so that a resumed run, whose adapter is no longer fresh, reports them too."""
+    path = os.path.join(out, "before.json")
+    if resumed and os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            saved = json.load(fh)
+        return Evaluation(saved["metrics"], {int(k): v for k, v in saved["answers"].items()})
+    log("evaluating the base model on the held-out examples...", True)
+    t0 = time.perf_counter()
+    before = evaluator(generate=True)
+    log(f"  {_fmt_metrics(before.metrics)} ({format_duration(time.perf_counter() - t0)})", True)
     try:
-        while state.step < total_steps and not stop:
-            epoch, index = divmod(state.step, steps_per_epoch)
-            if epoch_cache is None or epoch_cache[0] != epoch:
-                epoch_cache = (epoch, D.global_batches(len(train_set), global_batch, options.seed, epoch))
-            indices = epoch_cache[1][index]
-            micro = D.shard(indices, parts)
-            targets = sum(train_set[i].targets for i in indices)
-            model.train()
-            local_sum = torch.zeros((), device=accelerator.device)
-            local_tokens = 0
-            for a in range(options.grad_accum):
-                chunk = [train_set[i] for i in micro[a * world + rank]]
-                batch = {k: v.to(accelerator.device) for k, v in D.collate(chunk, task, tokenizer.pad_token_id).items()}
-                local_tokens += int(batch["attention_mask"].sum())
-                sync = contextlib.nullcontext() if a == options.grad_accum - 1 else accelerator.no_sync(model)
-                with sync, autocast():
-                    summed = loss_sum(task, forward_logits(model, task, batch), batch["labels"])
-                    objective = summed * (world / targets)
-                    extra = unwrapped.base_model.adapter_loss()  # e.g. AdaLoRA's regulariser, once per step
-                    if extra is not None:
-                        objective = objective + extra / options.grad_accum
-                    accelerator.backward(objective)
-                local_sum += summed.detach().float()
-            grad_norm = None
-            if options.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(params, options.max_grad_norm))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            # Methods that reallocate as they train (AdaLoRA's budget) do it from this step's gradients, under
-            # peft's name for the call.
-            reallocate = getattr(unwrapped.base_model, "update_and_allocate", None)
-            if reallocate is not None:
-                reallocate(state.step)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            totals = accelerator.reduce(torch.stack([local_sum, torch.tensor(float(local_tokens),
-                                                                              device=accelerator.device)]), "sum")
-            loss, tokens = float(totals[0]) / targets, int(totals[1])
-            state.step += 1
-            state.tokens += tokens
-            segment_tokens += tokens
-            seconds = time.perf_counter() - segment_start
-            speed = segment_tokens / seconds if seconds > 0 else 0.0
-            if main:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
-                if state.step % options.log_steps == 0 or state.step == total_steps:
-                    metrics.write({"kind": "train", "step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
-                                   "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
-                                   "tokens_per_s": round(speed, 1), "elapsed": round(elapsed_before + seconds, 2)})
-            if options.eval_steps and eval_set and state.step % options.eval_steps == 0 and state.step < total_steps:
-                t0 = time.perf_counter()
-                stop = _eval_during_training(state, options, main, run_eval, metrics, unwrapped, out, bar)
-                stop = broadcast_object_list([stop])[0]
-                state.stopped_early = stop
-                segment_start += time.perf_counter() - t0  # tokens/s and elapsed count training only
-            if stop or state.step == total_steps or (options.save_steps and state.step % options.save_steps == 0):
-                checkpoint()
-    except KeyboardInterrupt:
-        bar.close()
-        latest = latest_checkpoint(out)
-        kept = f"the last checkpoint is {os.path.basename(latest)}" if latest else "no checkpoint was written yet"
-        raise TrainError(f"interrupted at step {state.step}; {kept}; continue with --resume {out}") from None
-    bar.close()
-    state.elapsed = elapsed_before + time.perf_counter() - segment_start
-
-    # --- the end ----------------------------------------------------------------------------------------------------
-    after, after_answers = None, {}
-    if main:
-        try:
-            unwrapped.save_pretrained(os.path.join(out, "adapter"))
-        except OSError as exc:
-            raise write_failure(out, "the final adapter", exc) from None
-        if eval_set:
-            log("evaluating the trained adapter on the held-out examples...", True)
-            after, after_answers = run_eval(generate=True)
-            metrics.write({"kind": "eval", "phase": "after", "step": state.step, **after})
-        png = plot_losses(metrics.path, os.path.join(out, "loss.png"))
-        report = _report(options, state, total_steps, before, after, eval_set, show, before_answers, after_answers,
-                         png, out)
-        print(report, flush=True)
-        summary = {"steps": state.step, "total_steps": total_steps, "elapsed": state.elapsed, "tokens": state.tokens,
-                   "before": before, "after": after, "stopped_early": state.stopped_early,
-                   "best_eval_loss": state.best_eval_loss, "best_step": state.best_step}
-        try:
-            with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as fh:
-                json.dump(summary, fh, indent=2)
-        except OSError as exc:
-            raise write_failure(out, "summary.json", exc) from None
-    accelerator.wait_for_everyone()
-    return RunResult(out, state.step, before, after, state.elapsed, state.stopped_early)
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"metrics": before.metrics, "answers": before.answers}, fh)
+    except OSError as exc:
+        raise write_failure(out, "before.json", exc) from None
+    metrics.write({"kind": "eval", "phase": "before", "step": 0, **before.metrics})
+    return before
 
 
 def _pick_examples(examples: list[D.Example], n: int) -> list[int]:
@@ -421,28 +526,223 @@ def _pick_examples(examples: list[D.Example], n: int) -> list[int]:
     return sorted(picked)
 
 
-def _eval_during_training(state, options, main, run_eval, metrics, model, out, bar) -> bool:
-    """Evaluate (main process), track the best adapter, and decide on early stopping."""
-    if not main:
-        return False
-    result, _ = run_eval(generate=False)
-    metrics.write({"kind": "eval", "step": state.step, **result})
+# --- the steps -------------------------------------------------------------------------------------------------------
+
+class StepStats(NamedTuple):
+    """What one optimizer step reports, summed over processes."""
+
+    loss: float  # mean loss per target token of the global batch
+    tokens: int  # non-padding input tokens
+    grad_norm: float | None  # before clipping; None without --max-grad-norm
+    lr: float  # the learning rate the step used
+
+
+@dataclass
+class _Clock:
+    """Training time and tokens since this process started or resumed the run, evaluation excluded: what tokens/s
+    and :attr:`TrainerState.elapsed` count."""
+
+    elapsed_before: float  # seconds of the segments before a resume
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    tokens: int = 0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + self.seconds()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - t0
+
+
+def _run_steps(run: Run) -> None:
+    """Step until ``total_steps`` or early stopping, logging, evaluating and checkpointing as the options ask.
+
+    The data position is the step count: step ``s`` takes global batch ``s mod steps_per_epoch`` of epoch
+    ``s // steps_per_epoch``, whose order is a pure function of seed and epoch, so a resumed run goes on exactly
+    where its checkpoint was.
+
+    Raises:
+        TrainError: interrupted (Ctrl-C), naming the checkpoint to resume from; or a failed write.
+    """
+    from accelerate.utils import broadcast_object_list
+    from tqdm.auto import tqdm
+
+    options, inputs, state = run.options, run.inputs, run.state
+    total = inputs.total_steps
+    bar = tqdm(total=total, initial=state.step, disable=not (run.main and options.progress), unit="step",
+               dynamic_ncols=True, file=sys.stderr)
+    clock = _Clock(state.elapsed)
+    epoch_batches = functools.lru_cache(maxsize=1)(  # one epoch's global batches at a time
+        functools.partial(D.global_batches, len(inputs.train_set), inputs.global_batch, options.seed))
+
+    def every(steps: int) -> bool:  # 0: never
+        return bool(steps) and state.step % steps == 0
+
+    stop = state.stopped_early  # a run that stopped early stays stopped when resumed
+    try:
+        while state.step < total and not stop:
+            epoch, index = divmod(state.step, inputs.steps_per_epoch)
+            stats = _step(run, epoch_batches(epoch)[index])
+            state.step += 1
+            state.tokens += stats.tokens
+            clock.tokens += stats.tokens
+            if run.main:
+                _log_step(run, stats, clock, bar)
+            if every(options.eval_steps) and inputs.eval_set and state.step < total:
+                with clock.paused():  # tokens/s and elapsed count training only
+                    stop = run.main and _eval_during_training(run, bar)
+                    stop = state.stopped_early = broadcast_object_list([stop])[0]
+            if stop or state.step == total or every(options.save_steps):
+                _checkpoint(run, clock)
+    except KeyboardInterrupt:
+        bar.close()
+        latest = latest_checkpoint(run.out)
+        kept = f"the last checkpoint is {os.path.basename(latest)}" if latest else "no checkpoint was written yet"
+        raise TrainError(f"interrupted at step {state.step}; {kept}; continue with --resume {run.out}") from None
+    bar.close()
+    state.elapsed = clock.elapsed()
+
+
+def _step(run: Run, indices: list[int]) -> StepStats:
+    """One optimizer step over the global batch ``indices`` (the module docstring says why its loss is scaled so).
+
+    At accumulation step ``a`` this process takes micro-batch ``a x processes + rank``; gradients are synchronised
+    between processes at the last one only.
+    """
+    options, accelerator, inputs = run.options, run.accelerator, run.inputs
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    micro = D.shard(indices, world * options.grad_accum)
+    targets = sum(inputs.train_set[i].targets for i in indices)
+    run.wrapped.train()
+    local_sum = torch.zeros((), device=device)
+    local_tokens = 0
+    for a in range(options.grad_accum):
+        chunk = [inputs.train_set[i] for i in micro[a * world + rank]]
+        batch = {k: v.to(device) for k, v in D.collate(chunk, inputs.task, inputs.tokenizer.pad_token_id).items()}
+        local_tokens += int(batch["attention_mask"].sum())
+        sync = contextlib.nullcontext() if a == options.grad_accum - 1 else accelerator.no_sync(run.wrapped)
+        with sync, accelerator.autocast():
+            summed = loss_sum(inputs.task, forward_logits(run.wrapped, inputs.task, batch), batch["labels"])
+            objective = summed * (world / targets)
+            extra = run.model.base_model.adapter_loss()  # e.g. AdaLoRA's regulariser, once per step
+            if extra is not None:
+                objective = objective + extra / options.grad_accum
+            accelerator.backward(objective)
+        local_sum += summed.detach().float()
+    grad_norm = None
+    if options.max_grad_norm > 0:
+        grad_norm = float(accelerator.clip_grad_norm_(run.params, options.max_grad_norm))
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    # Methods that reallocate as they train (AdaLoRA's budget) do it from this step's gradients, under
+    # peft's name for the call.
+    reallocate = getattr(run.model.base_model, "update_and_allocate", None)
+    if reallocate is not None:
+        reallocate(run.state.step)
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    totals = accelerator.reduce(torch.stack([local_sum, torch.tensor(float(local_tokens), device=device)]), "sum")
+    return StepStats(float(totals[0]) / targets, int(totals[1]), grad_norm, lr)
+
+
+def _log_step(run: Run, stats: StepStats, clock: _Clock, bar) -> None:
+    """The progress bar, and a ``train`` line in ``metrics.jsonl`` every ``--log-steps`` steps and at the last."""
+    state = run.state
+    seconds = clock.seconds()
+    speed = clock.tokens / seconds if seconds > 0 else 0.0
+    bar.update(1)
+    bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{speed:.0f}")
+    if state.step % run.options.log_steps == 0 or state.step == run.inputs.total_steps:
+        run.metrics.write({"kind": "train", "step": state.step,
+                           "epoch": round(state.step / run.inputs.steps_per_epoch, 4), "loss": stats.loss,
+                           "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens": state.tokens,
+                           "tokens_per_s": round(speed, 1), "elapsed": round(clock.elapsed_before + seconds, 2)})
+
+
+def _eval_during_training(run: Run, bar) -> bool:
+    """Evaluate (main process), keep the best adapter in ``best/``, and say whether early stopping ends the run."""
+    state = run.state
+    result = run.evaluate(generate=False).metrics
+    run.metrics.write({"kind": "eval", "step": state.step, **result})
     bar.write(f"step {state.step}: {_fmt_metrics(result)}", file=sys.stderr)
     loss = result["eval_loss"]
     if state.best_eval_loss is None or loss < state.best_eval_loss:
         state.best_eval_loss, state.best_step, state.bad_evals = loss, state.step, 0
         try:
-            model.save_pretrained(os.path.join(out, "best"))
+            run.model.save_pretrained(os.path.join(run.out, "best"))
         except OSError as exc:
-            raise write_failure(out, "the best adapter", exc) from None
+            raise write_failure(run.out, "the best adapter", exc) from None
     else:
         state.bad_evals += 1
-    patience = options.early_stopping_patience
+    patience = run.options.early_stopping_patience
     if patience is not None and state.bad_evals >= patience:
         bar.write(f"early stopping: no better eval loss for {patience} evaluation(s); best at step "
-                  f"{state.best_step} (saved in {os.path.join(out, 'best')})", file=sys.stderr)
+                  f"{state.best_step} (saved in {os.path.join(run.out, 'best')})", file=sys.stderr)
         return True
     return False
+
+
+def _checkpoint(run: Run, clock: _Clock) -> None:
+    """Save a checkpoint: the main process writes it, with every process's RNG state."""
+    from accelerate.utils import gather_object
+
+    run.state.elapsed = clock.elapsed()
+    rng_states = gather_object([capture_rng()])
+    if run.main:
+        model = run.model
+        save_checkpoint(
+            run.out, run.state, model.peft_config[ADAPTER].to_json_string(), model.adapter_state_dict(ADAPTER),
+            run.optimizer.state_dict(), run.scheduler.state_dict(), rng_states, run.options.save_total_limit,
+            adapter_train_state(model, ADAPTER),
+        )
+    run.accelerator.wait_for_everyone()
+
+
+# --- the end ---------------------------------------------------------------------------------------------------------
+
+def _finish(run: Run, before: Evaluation | None) -> RunResult:
+    """Save the final adapter, evaluate it, and write the loss plot, the report (stdout) and ``summary.json``.
+
+    The main process does it all; the others wait, so that every process returns with the run directory complete.
+    """
+    state = run.state
+    after = None
+    if run.main:
+        try:
+            run.model.save_pretrained(os.path.join(run.out, "adapter"))
+        except OSError as exc:
+            raise write_failure(run.out, "the final adapter", exc) from None
+        if run.inputs.eval_set:
+            log("evaluating the trained adapter on the held-out examples...", True)
+            after = run.evaluate(generate=True)
+            run.metrics.write({"kind": "eval", "phase": "after", "step": state.step, **after.metrics})
+        png = plot_losses(run.metrics.path, os.path.join(run.out, "loss.png"))
+        print(_report(run, before, after, png), flush=True)
+        _write_summary(run, before, after)
+    run.accelerator.wait_for_everyone()
+    return RunResult(run.out, state.step, before.metrics if before else None, after.metrics if after else None,
+                     state.elapsed, state.stopped_early)
+
+
+def _write_summary(run: Run, before: Evaluation | None, after: Evaluation | None) -> None:
+    """``summary.json``: the run's outcome, for scripts."""
+    state = run.state
+    summary = {"steps": state.step, "total_steps": run.inputs.total_steps, "elapsed": state.elapsed,
+               "tokens": state.tokens, "before": before.metrics if before else None,
+               "after": after.metrics if after else None, "stopped_early": state.stopped_early,
+               "best_eval_loss": state.best_eval_loss, "best_step": state.best_step}
+    try:
+        with open(os.path.join(run.out, "summary.json"), "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=2)
+    except OSError as exc:
+        raise write_failure(run.out, "summary.json", exc) from None
 
 
 def _fmt_metrics(metrics: dict[str, float]) -> str:
@@ -453,18 +753,22 @@ def _fmt_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
-def _report(options, state, total_steps, before, after, eval_set, show, before_answers, after_answers, png,
-            out) -> str:
+def _report(run: Run, before: Evaluation | None, after: Evaluation | None, png: str | None) -> str:
+    """The end-of-run summary printed to stdout: steps and speed, metrics before/after, example answers, paths."""
+    state, out, show = run.state, run.out, run.evaluate.show
     lines = ["", f"== deltatune train: {out} =="]
     lines.append(
-        f"{state.step}/{total_steps} steps in {format_duration(state.elapsed)} "
+        f"{state.step}/{run.inputs.total_steps} steps in {format_duration(state.elapsed)} "
         f"({state.tokens / max(state.elapsed, 1e-9):.0f} tokens/s)"
         + (", stopped early" if state.stopped_early else "")
     )
-    table = summary_table(before, after)
+    table = summary_table(before.metrics if before else None, after.metrics if after else None)
     if table:
         lines += ["", table]
+    before_answers = before.answers if before else {}
+    after_answers = after.answers if after else {}
     if show and (before_answers or after_answers):
+        eval_set = run.inputs.eval_set
         rows = [{"prompt": eval_set[i].prompt_text, "reference": eval_set[i].reference,
                  "before": before_answers.get(i), "after": after_answers.get(i)} for i in show]
         lines += ["", "held-out examples:", examples_table(rows)]
