@@ -375,13 +375,8 @@ def _build_model(options: TrainOptions, inputs: Inputs, device: torch.device) ->
     except DeltatuneError as exc:
         raise TrainError(str(exc)) from None
     if options.gradient_checkpointing:
-        # Non-reentrant checkpointing works with a frozen base (no input-grad trick needed); transformers >= 5.2x
-        # names it activation checkpointing and deprecates the old name.
-        enable = getattr(base, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing gives the adapters their gradients behind a frozen base.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     optimizer = _optimizer(model, options)
     return model, optimizer, _scheduler(optimizer, options, inputs.total_steps)
