@@ -2,7 +2,8 @@
 
 Modules: ``options`` (the run's settings), ``presets`` (built-in models, data, presets), ``data`` (reading,
 tokenising, batching), ``evaluate`` (held-out metrics), ``state`` (run directory and checkpoints), ``metrics``
-(metrics file, plot, summary), ``loop`` (the loop), ``artifacts`` (loading a run for generate / merge).
+(metrics file, plot, summary), ``launch`` (the accelerator, launch hints), ``loop`` (the loop), ``artifacts``
+(loading a run for generate / merge).
 
 Example:
     >>> from deltatune.train import TrainOptions, train

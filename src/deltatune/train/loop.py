@@ -10,6 +10,10 @@ What makes a run reproducible and resumable exactly:
 * A checkpoint holds adapter, optimizer, scheduler, every process's RNG state, the trainer state and the adapter's
   training state (``Delta.train_state``: AdaLoRA's full factors and allocator), so the steps after ``--resume``
   compute exactly what the uninterrupted run computed.
+
+:func:`train` reads top to bottom as the run's phases: inputs (model, tokenizer, data: all checked before the run
+directory changes), model and optimizer, resume, the run directory, the evaluation before training, the steps, and
+the end (final adapter, evaluation after training, report).
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from .. import get_peft_model
 from ..errors import DeltatuneError
 from . import data as D
 from .evaluate import MAX_CHOICES, evaluate, forward_logits, loss_sum
+from .launch import launch_notes, start_accelerator
 from .metrics import MetricsLog, examples_table, format_duration, plot_losses, summary_table
 from .models import build_peft_config, infer_task, load_model, load_tokenizer
 from .options import TrainError, TrainOptions
@@ -68,70 +75,56 @@ class RunResult:
     stopped_early: bool = False
 
 
+ADAPTER = "default"  # the one adapter a run trains
+
+
 def log(message: str, enabled: bool = True) -> None:
     if enabled:
         print(message, file=sys.stderr, flush=True)
 
 
-# --- launch environment ----------------------------------------------------------------------------------------------
+# --- the run --------------------------------------------------------------------------------------------------------
 
-def _multi_process_cpu() -> bool:
-    """Whether this is one of several processes on a machine without GPUs: accelerate then needs ``cpu=True`` to
-    set up CPU data parallelism (gloo)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available():
-        return False
-    xpu = getattr(torch, "xpu", None)
-    return not (xpu is not None and xpu.is_available())
+def train(options: TrainOptions) -> RunResult:
+    """Run (or resume) one training run as described by ``options``; returns paths and metrics.
 
+    Raises:
+        TrainError: bad input; nothing in the run directory was changed (except by ``--overwrite`` after all
+            inputs were checked).
+    """
+    accelerator = start_accelerator(options)
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    assert options.out is not None
+    resume_from = check_run_dir(options)  # raises before anything is written
+    for note in launch_notes(world):
+        log(note, main)
 
-def _fresh_accelerator_state() -> None:
-    """Let a second ``train()`` in the same single process use other settings (e.g. bf16): accelerate keeps its
-    state process-wide and refuses changes. Distributed runs keep theirs (it holds the process group)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return
-    from accelerate.state import AcceleratorState
+    inputs = _load_inputs(options, accelerator)
+    model, optimizer, scheduler = _build_model(options, inputs, accelerator.device)
+    state, rng_states = TrainerState(), None
+    if resume_from is not None:
+        state, rng_states = _resume(resume_from, model, optimizer, scheduler, world)
+        log(f"resuming {options.out} from {os.path.basename(resume_from)} (step {state.step} of "
+            f"{inputs.total_steps})", main)
+    metrics = _open_run_dir(options, inputs, accelerator, state.step if resume_from is not None else None)
+    if resume_from is None:
+        _log_start(options, inputs, model, world, main)
 
-    reset = getattr(AcceleratorState, "_reset_state", None)
-    if reset is not None:
-        reset(reset_partial_state=True)
+    evaluator = _evaluator(options, inputs, model, accelerator)
+    before = None
+    if inputs.eval_set and main:
+        before = _evaluate_base(evaluator, options.out, metrics, resume_from is not None)
 
-
-def _busy_machine_note() -> str | None:
-    """A hint when other processes keep the cores busy: PyTorch's OpenMP threads then spin waiting for each other
-    and each step can take many times longer, unless they wait passively."""
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-    cores = os.cpu_count() or 1
-    if load > cores + 0.5 and "OMP_WAIT_POLICY" not in os.environ and torch.get_num_threads() > 1:
-        return (f"note: the machine is busy (load {load:.1f} on {cores} cores); if steps are slow, run with "
-                f"OMP_WAIT_POLICY=PASSIVE (or OMP_NUM_THREADS=1)")
-    return None
-
-
-def _launch_note(world: int) -> str | None:
-    """A hint when ``accelerate launch`` started one process on a CPU-only machine (its default launcher cannot
-    start several CPU processes; its torchrun launcher, selected by ``--multi_gpu``, can)."""
-    if world == 1 and "ACCELERATE_DYNAMO_BACKEND" in os.environ and "WORLD_SIZE" not in os.environ \
-            and not torch.cuda.is_available():
-        return ("note: accelerate launch started a single process; for data-parallel training on CPU use "
-                "`accelerate launch --multi_gpu --num_processes N ...` (torchrun with gloo) or torchrun")
-    return None
+    params = [p for p in model.parameters() if p.requires_grad]  # what gradient clipping measures
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if rng_states is not None:  # last, so that nothing before the first step shifts it
+        restore_rng(rng_states[accelerator.process_index])
+    run = Run(options, accelerator, inputs, model, wrapped, params, optimizer, scheduler, state, metrics, evaluator)
+    _run_steps(run)
+    return _finish(run, before)
 
 
-# --- what the phases pass on ----------------------------------------------------------------------------------------
-
-ADAPTER = "default"  # the one adapter a run trains
-
-
-class Evaluation(NamedTuple):
-    """One held-out evaluation: its metrics (``eval_loss``, ``eval_accuracy``, ...) and the answers of the examples
-    the report shows, by index into the held-out set."""
-
-    metrics: dict[str, float]
-    answers: dict[int, str]
-
+# --- inputs ---------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Inputs:
@@ -161,121 +154,6 @@ class Inputs:
     steps_per_epoch: int
     total_steps: int
 
-
-@dataclass
-class Evaluator:
-    """Held-out evaluation of the adapter model, set up once for the evaluations before, during and after training.
-
-    Attributes:
-        choices: The distinct reference answers with their token ids, when there are few of them (labels written as
-            text): the model is then also scored on which of them it finds likeliest.
-        show: Held-out examples whose answers (before and after training) the final report shows.
-    """
-
-    model: PeftModel
-    inputs: Inputs
-    batch_size: int
-    generate_n: int
-    accelerator: Accelerator
-    choices: list[tuple[str, list[int]]] | None
-    show: list[int]
-
-    def __call__(self, generate: bool) -> Evaluation:
-        """The metrics; with ``generate``, also generated answers: the first ``--eval-generate`` examples scored by
-        exact match, and those in ``show``."""
-        inputs = self.inputs
-        return Evaluation(*evaluate(
-            self.model, inputs.eval_set, task=inputs.task, tokenizer=inputs.tokenizer, batch_size=self.batch_size,
-            device=self.accelerator.device, label_names=inputs.labels, choices=self.choices,
-            generate_n=self.generate_n if generate else 0, answer_indices=self.show if generate else (),
-            autocast=self.accelerator.autocast,
-        ))
-
-
-@dataclass
-class Run:
-    """What the steps and the end of a run share, once :func:`train` has set everything up.
-
-    Attributes:
-        model: The adapter model itself: evaluation, saving, the adapter's per-step hooks.
-        wrapped: What ``accelerator.prepare`` made of ``model`` (DDP's wrapper in a multi-process run): forward and
-            backward go through it so that gradients are synchronised.
-        params: The trainable parameters, in the model's order: what gradient clipping measures.
-        metrics: ``metrics.jsonl`` (main process only).
-    """
-
-    options: TrainOptions
-    accelerator: Accelerator
-    inputs: Inputs
-    model: PeftModel
-    wrapped: torch.nn.Module
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    state: TrainerState
-    metrics: MetricsLog | None
-    evaluate: Evaluator
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def out(self) -> str:
-        assert self.options.out is not None
-        return self.options.out
-
-
-# --- the run ---------------------------------------------------------------------------------------------------------
-
-def train(options: TrainOptions) -> RunResult:
-    """Run (or resume) one training run as described by ``options``; returns paths and metrics.
-
-    Raises:
-        TrainError: bad input; nothing in the run directory was changed (except by ``--overwrite`` after all
-            inputs were checked).
-    """
-    accelerator = _start_accelerator(options)
-    main, world = accelerator.is_main_process, accelerator.num_processes
-    assert options.out is not None
-    resume_from = check_run_dir(options)  # raises before anything is written
-    for note in (_launch_note(world), _busy_machine_note()):
-        if note:
-            log(note, main)
-
-    inputs = _load_inputs(options, accelerator)
-    model, optimizer, scheduler = _build_model(options, inputs, accelerator.device)
-    state, rng_states = TrainerState(), None
-    if resume_from is not None:
-        state, rng_states = _resume(resume_from, model, optimizer, scheduler, world)
-        log(f"resuming {options.out} from {os.path.basename(resume_from)} (step {state.step} of "
-            f"{inputs.total_steps})", main)
-    metrics = _open_run_dir(options, inputs, accelerator, state.step if resume_from is not None else None)
-    if resume_from is None:
-        _log_start(options, inputs, model, world, main)
-
-    evaluator = _evaluator(options, inputs, model, accelerator)
-    before = _evaluate_base(evaluator, options.out, metrics, resume_from is not None) \
-        if inputs.eval_set and main else None
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    if rng_states is not None:
-        restore_rng(rng_states[accelerator.process_index])
-    run = Run(options, accelerator, inputs, model, wrapped, params, optimizer, scheduler, state, metrics, evaluator)
-    _run_steps(run)
-    return _finish(run, before)
-
-
-def _start_accelerator(options: TrainOptions) -> Accelerator:
-    """The run's accelerator: mixed precision as asked, CPU data parallelism where there is no GPU."""
-    from accelerate import Accelerator
-
-    _fresh_accelerator_state()
-    return Accelerator(mixed_precision="bf16" if options.bf16 else "no", cpu=_multi_process_cpu())
-
-
-# --- inputs ----------------------------------------------------------------------------------------------------------
 
 def _load_inputs(options: TrainOptions, accelerator: Accelerator) -> Inputs:
     """Resolve the model, load its config and tokenizer, read and tokenise the data, and count the steps.
@@ -353,13 +231,15 @@ def _count_steps(examples: int, options: TrainOptions, world: int) -> tuple[int,
     return global_batch, steps_per_epoch, total_steps
 
 
-# --- model and optimizer ---------------------------------------------------------------------------------------------
+# --- model and optimizer --------------------------------------------------------------------------------------------
 
-def _build_model(options: TrainOptions, inputs: Inputs, device: torch.device) -> tuple[PeftModel, Any, Any]:
+def _build_model(
+    options: TrainOptions, inputs: Inputs, device: torch.device,
+) -> tuple[PeftModel, Optimizer, LRScheduler]:
     """The base model with a fresh adapter on ``device``, its optimizer and its learning-rate scheduler.
 
-    The seed is set again after loading the base model, so the adapter's initialisation does not depend on what
-    loading drew (a new classification head draws, a causal LM does not).
+    The seed is set before loading the base model (a new classification head is initialised then) and again after
+    it, so the adapter's initialisation does not depend on what loading drew.
 
     Raises:
         TrainError: the method's options do not fit the model.
@@ -382,7 +262,7 @@ def _build_model(options: TrainOptions, inputs: Inputs, device: torch.device) ->
     return model, optimizer, _scheduler(optimizer, options, inputs.total_steps)
 
 
-def _optimizer(model: PeftModel, options: TrainOptions) -> torch.optim.Optimizer:
+def _optimizer(model: PeftModel, options: TrainOptions) -> Optimizer:
     """AdamW over the trainable parameters, with ``--weight-decay`` on matrices only (no decay on biases and other
     vectors, as usual for AdamW)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -394,7 +274,7 @@ def _optimizer(model: PeftModel, options: TrainOptions) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=options.lr)
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, options: TrainOptions, total_steps: int) -> Any:
+def _scheduler(optimizer: Optimizer, options: TrainOptions, total_steps: int) -> LRScheduler:
     """``--lr-schedule`` over ``total_steps``, after ``--warmup-steps`` (or ``--warmup-ratio`` of the run)."""
     from transformers import get_scheduler
 
@@ -405,9 +285,9 @@ def _scheduler(optimizer: torch.optim.Optimizer, options: TrainOptions, total_st
     )
 
 
-# --- resume and the run directory ------------------------------------------------------------------------------------
+# --- resume and the run directory -----------------------------------------------------------------------------------
 
-def _resume(path: str, model: PeftModel, optimizer: torch.optim.Optimizer, scheduler: Any,
+def _resume(path: str, model: PeftModel, optimizer: Optimizer, scheduler: LRScheduler,
             world: int) -> tuple[TrainerState, list[dict[str, Any]]]:
     """Put checkpoint ``path``'s adapter (with its training state), optimizer and scheduler back.
 
@@ -467,7 +347,45 @@ def _log_start(options: TrainOptions, inputs: Inputs, model: PeftModel, world: i
         f"accumulation)", main)
 
 
-# --- evaluation before training --------------------------------------------------------------------------------------
+# --- held-out evaluation --------------------------------------------------------------------------------------------
+
+class Evaluation(NamedTuple):
+    """One held-out evaluation: its metrics (``eval_loss``, ``eval_accuracy``, ...) and the answers of the examples
+    the report shows, by index into the held-out set."""
+
+    metrics: dict[str, float]
+    answers: dict[int, str]
+
+
+@dataclass
+class Evaluator:
+    """Held-out evaluation of the adapter model, set up once for the evaluations before, during and after training.
+
+    Attributes:
+        choices: The distinct reference answers with their token ids, when there are few of them (labels written as
+            text): the model is then also scored on which of them it finds likeliest.
+        show: Held-out examples whose answers (before and after training) the final report shows.
+    """
+
+    model: PeftModel
+    inputs: Inputs
+    batch_size: int
+    generate_n: int
+    accelerator: Accelerator
+    choices: list[tuple[str, list[int]]] | None
+    show: list[int]
+
+    def __call__(self, generate: bool) -> Evaluation:
+        """The metrics; with ``generate``, also generated answers: the first ``--eval-generate`` examples scored by
+        exact match, and those in ``show``."""
+        inputs = self.inputs
+        return Evaluation(*evaluate(
+            self.model, inputs.eval_set, task=inputs.task, tokenizer=inputs.tokenizer, batch_size=self.batch_size,
+            device=self.accelerator.device, label_names=inputs.labels, choices=self.choices,
+            generate_n=self.generate_n if generate else 0, answer_indices=self.show if generate else (),
+            autocast=self.accelerator.autocast,
+        ))
+
 
 def _evaluator(options: TrainOptions, inputs: Inputs, model: PeftModel, accelerator: Accelerator) -> Evaluator:
     """The held-out evaluation of ``model``; answers are scored as choices when the data has only a few kinds."""
@@ -521,7 +439,49 @@ def _pick_examples(examples: list[D.Example], n: int) -> list[int]:
     return sorted(picked)
 
 
-# --- the steps -------------------------------------------------------------------------------------------------------
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    parts = []
+    for name, value in metrics.items():
+        short = name.removeprefix("eval_")
+        parts.append(f"{short} {value:.4f}" if name == "eval_loss" else f"{short} {100 * value:.1f}%")
+    return ", ".join(parts)
+
+
+# --- the steps ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What the steps and the end of a run share, once :func:`train` has set everything up.
+
+    Attributes:
+        model: The adapter model itself: evaluation, saving, the adapter's per-step hooks.
+        wrapped: What ``accelerator.prepare`` made of ``model`` (DDP's wrapper in a multi-process run): forward and
+            backward go through it so that gradients are synchronised.
+        params: The trainable parameters, in the model's order: what gradient clipping measures.
+        metrics: ``metrics.jsonl`` (main process only).
+    """
+
+    options: TrainOptions
+    accelerator: Accelerator
+    inputs: Inputs
+    model: PeftModel
+    wrapped: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: Optimizer
+    scheduler: LRScheduler
+    state: TrainerState
+    metrics: MetricsLog | None
+    evaluate: Evaluator
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def out(self) -> str:
+        assert self.options.out is not None
+        return self.options.out
+
 
 class StepStats(NamedTuple):
     """What one optimizer step reports, summed over processes."""
@@ -700,7 +660,7 @@ def _checkpoint(run: Run, clock: _Clock) -> None:
     run.accelerator.wait_for_everyone()
 
 
-# --- the end ---------------------------------------------------------------------------------------------------------
+# --- the end --------------------------------------------------------------------------------------------------------
 
 def _finish(run: Run, before: Evaluation | None) -> RunResult:
     """Save the final adapter, evaluate it, and write the loss plot, the report (stdout) and ``summary.json``.
@@ -738,14 +698,6 @@ def _write_summary(run: Run, before: Evaluation | None, after: Evaluation | None
             json.dump(summary, fh, indent=2)
     except OSError as exc:
         raise write_failure(run.out, "summary.json", exc) from None
-
-
-def _fmt_metrics(metrics: dict[str, float]) -> str:
-    parts = []
-    for name, value in metrics.items():
-        short = name.removeprefix("eval_")
-        parts.append(f"{short} {value:.4f}" if name == "eval_loss" else f"{short} {100 * value:.1f}%")
-    return ", ".join(parts)
 
 
 def _report(run: Run, before: Evaluation | None, after: Evaluation | None, png: str | None) -> str:
