@@ -59,6 +59,7 @@ from .state import (
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+    from tqdm.auto import tqdm
 
     from ..model import PeftModel
 
@@ -423,6 +424,10 @@ def _evaluate_base(evaluator: Evaluator, out: str, metrics: MetricsLog, resumed:
     return before
 
 
+def _metrics(evaluation: Evaluation | None) -> dict[str, float] | None:
+    return evaluation.metrics if evaluation else None
+
+
 def _pick_examples(examples: list[D.Example], n: int) -> list[int]:
     """``n`` held-out examples to show, taking the answers (labels) in turn when there are only a few kinds."""
     groups: dict[str | None, list[int]] = {}
@@ -607,7 +612,7 @@ def _step(run: Run, indices: list[int]) -> StepStats:
     return StepStats(float(totals[0]) / targets, int(totals[1]), grad_norm, lr)
 
 
-def _log_step(run: Run, stats: StepStats, clock: _Clock, bar) -> None:
+def _log_step(run: Run, stats: StepStats, clock: _Clock, bar: tqdm) -> None:
     """The progress bar, and a ``train`` line in ``metrics.jsonl`` every ``--log-steps`` steps and at the last."""
     state = run.state
     seconds = clock.seconds()
@@ -621,7 +626,7 @@ def _log_step(run: Run, stats: StepStats, clock: _Clock, bar) -> None:
                            "tokens_per_s": round(speed, 1), "elapsed": round(clock.elapsed_before + seconds, 2)})
 
 
-def _eval_during_training(run: Run, bar) -> bool:
+def _eval_during_training(run: Run, bar: tqdm) -> bool:
     """Evaluate (main process), keep the best adapter in ``best/``, and say whether early stopping ends the run."""
     state = run.state
     result = run.evaluate(generate=False).metrics
@@ -682,17 +687,16 @@ def _finish(run: Run, before: Evaluation | None) -> RunResult:
         print(_report(run, before, after, png), flush=True)
         _write_summary(run, before, after)
     run.accelerator.wait_for_everyone()
-    return RunResult(run.out, state.step, before.metrics if before else None, after.metrics if after else None,
-                     state.elapsed, state.stopped_early)
+    return RunResult(run.out, state.step, _metrics(before), _metrics(after), state.elapsed, state.stopped_early)
 
 
 def _write_summary(run: Run, before: Evaluation | None, after: Evaluation | None) -> None:
     """``summary.json``: the run's outcome, for scripts."""
     state = run.state
     summary = {"steps": state.step, "total_steps": run.inputs.total_steps, "elapsed": state.elapsed,
-               "tokens": state.tokens, "before": before.metrics if before else None,
-               "after": after.metrics if after else None, "stopped_early": state.stopped_early,
-               "best_eval_loss": state.best_eval_loss, "best_step": state.best_step}
+               "tokens": state.tokens, "before": _metrics(before), "after": _metrics(after),
+               "stopped_early": state.stopped_early, "best_eval_loss": state.best_eval_loss,
+               "best_step": state.best_step}
     try:
         with open(os.path.join(run.out, "summary.json"), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
@@ -709,7 +713,7 @@ def _report(run: Run, before: Evaluation | None, after: Evaluation | None, png: 
         f"({state.tokens / max(state.elapsed, 1e-9):.0f} tokens/s)"
         + (", stopped early" if state.stopped_early else "")
     )
-    table = summary_table(before.metrics if before else None, after.metrics if after else None)
+    table = summary_table(_metrics(before), _metrics(after))
     if table:
         lines += ["", table]
     before_answers = before.answers if before else {}
