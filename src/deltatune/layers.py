@@ -323,6 +323,12 @@ class ModulesToSaveWrapper(_Wrapper):
         return out
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The layer an adapter sees: ``module`` itself, or the ``base_layer`` of an ``AdapterLayer`` (a module that
+    already holds another adapter's delta gets the new one beside it, on the same base)."""
+    return module.base_layer if isinstance(module, AdapterLayer) else module
+
+
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer):

@@ -105,14 +105,13 @@ def expand_all_linear(model: nn.Module) -> list[str]:
 
     The expansion is stored back into the config so that peft and vLLM, which read names, select the same modules.
     """
-    from .layers import AdapterLayer
+    from .layers import unwrap
 
     heads = output_head_names(model)
     linear = _linear_types()
     leaves = set()
     for name, module in iter_candidates(model):
-        base = module.base_layer if isinstance(module, AdapterLayer) else module
-        if isinstance(base, linear) and name not in heads:
+        if isinstance(unwrap(module), linear) and name not in heads:
             leaves.add(name.rsplit(".", 1)[-1])
     head_leaves = {h.rsplit(".", 1)[-1] for h in heads}
     return sorted(leaves - head_leaves)

@@ -34,7 +34,7 @@ from transformers.pytorch_utils import Conv1D
 from ..config import LayerConfig, PeftType
 from ..errors import AdapterStateError, ConfigError, TargetError
 from ..kernels import LowRank, accumulate, add_low_rank, add_low_rank_rows, index_accumulate
-from ..layers import AdapterLayer, Delta
+from ..layers import AdapterLayer, Delta, unwrap
 from ..registry import LayerMethod
 from .common import adapter_dtype, check_patterns, check_scale, pattern_value
 from .dora import DoraVariant
@@ -464,10 +464,6 @@ _LAYER_CLASSES: tuple[tuple[tuple[type[nn.Module], ...], type[LoraDelta]], ...] 
 )
 
 
-def _unwrapped(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, AdapterLayer) else module
-
-
 def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
     """Refuse a module this config cannot adapt although its type is supported. Injection calls this for every target
     before the first :func:`make_delta`, because PiSSA / OLoRA initialisation rewrites the base weight.
@@ -493,7 +489,7 @@ def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
                 f"{name}: LoRA on nn.MultiheadAttention needs one packed in_proj_weight (kdim = vdim = embed_dim); "
                 f"this one has separate q/k/v weights, which peft does not support either"
             )
-        if not isinstance(_unwrapped(base_layer.out_proj), nn.Linear):
+        if not isinstance(unwrap(base_layer.out_proj), nn.Linear):
             raise TargetError(f"{name}: LoRA on nn.MultiheadAttention needs its out_proj to be an nn.Linear")
         if config.use_dora:
             raise TargetError(f"{name}: DoRA is not supported on nn.MultiheadAttention (nor in peft)")
@@ -513,7 +509,7 @@ def make_delta(config: LoraConfig, base_layer: nn.Module, name: str) -> LoraDelt
     alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
     parts = ()
     if cls is LoraMultiheadAttention:  # out_proj takes the attention module's rank and alpha, as in peft
-        parts = (_build(LoraLinear, config, _unwrapped(base_layer.out_proj), r, alpha),)
+        parts = (_build(LoraLinear, config, unwrap(base_layer.out_proj), r, alpha),)
     return _build(cls, config, base_layer, r, alpha, *parts)
 
 
