@@ -11,6 +11,8 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.layers import AdapterLayer
+from deltatune.registry import get_method
+from deltatune.resolve import resolve
 from deltatune.targeting import expand_all_linear, find_modules_to_save, find_targets, layer_index, name_matches
 from tests.adapter_utils import assert_same_state, peft_wrapped_names, snapshot, wrapped_names
 from tests.models import tiny_bert, tiny_convnet, tiny_gpt2, tiny_llama, tiny_mlp, tiny_mt5, tiny_t5
@@ -106,8 +108,10 @@ def test_all_linear_is_stored_as_the_names_it_expanded_to() -> None:
 
 def test_default_targets_are_recorded_in_the_config() -> None:
     config = dt.LoraConfig()
-    find_targets(tiny_t5(), config)
-    assert config.target_modules == ["q", "v"]
+    assert find_targets(tiny_t5(), config)[0] == ["q", "v"]
+    resolved = resolve(tiny_t5(), config, get_method(config.peft_type))
+    assert resolved.config.target_modules == ["q", "v"]
+    assert config.target_modules is None  # the caller's config is only read
 
 
 def test_modules_trained_in_full_are_never_also_adapted() -> None:

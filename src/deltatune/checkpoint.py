@@ -395,7 +395,7 @@ def _planned_layer_size(model: nn.Module, config: PeftConfig, method) -> int | N
     planned = 0
     try:
         bases = {}
-        for name in find_targets(model, config, method.default_targets):
+        for name in find_targets(model, config, method.default_targets)[1]:
             module = model.get_submodule(name)
             base = module.base_layer if isinstance(module, AdapterLayer) else module
             if not isinstance(base, method.layer_types):

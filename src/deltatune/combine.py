@@ -30,7 +30,6 @@ The new adapter has ``r = lora_alpha`` (scaling 1) so its factors hold the combi
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import warnings
@@ -300,7 +299,7 @@ def resolve_request(
         configs[0], r=rank, lora_alpha=rank, target_modules=_union_targets(configs), rank_pattern={},
         alpha_pattern={}, use_rslora=False, init_lora_weights=True, modules_to_save=saved or None,
     )
-    selected = set(find_targets(model, copy.deepcopy(new_config)))
+    selected = set(find_targets(model, new_config)[1])
     missed = [name for name, _ in layers if name not in selected]
     if missed:
         raise ConfigError(f"the combined adapter would not reach {missed[:5]}, which some of {list(adapters)} adapt: "

@@ -33,6 +33,7 @@ from .inject import add_layer_adapter, add_modules_to_save, mark_trainable, set_
 from .layers import adapter_layers
 from .model import PeftModel
 from .registry import LayerMethod, get_method
+from .resolve import resolve
 from .status import ModelStatus, TunerLayerStatus
 
 
@@ -61,11 +62,13 @@ def inject_adapter_in_model(
         )
     if any(adapter_name in layer.deltas for _, layer in adapter_layers(model)):
         raise AdapterStateError(f"the model already has an adapter named {adapter_name!r}; choose another name")
-    add_layer_adapter(model, peft_config, adapter_name, method)
-    if peft_config.modules_to_save:
-        add_modules_to_save(model, peft_config.modules_to_save, adapter_name)
+    resolved = resolve(model, peft_config, method)  # a copy: the caller's config is never modified
+    add_layer_adapter(model, resolved, adapter_name)
+    config = resolved.config
+    if config.modules_to_save:
+        add_modules_to_save(model, config.modules_to_save, adapter_name)
     set_active(model, [adapter_name])
-    mark_trainable(model, [adapter_name], getattr(peft_config, "bias", "none"))
+    mark_trainable(model, [adapter_name], getattr(config, "bias", "none"))
     if state_dict is not None:
         set_peft_model_state_dict(model, state_dict, adapter_name)
     return model

@@ -6,14 +6,14 @@ modules alike — because they only replace child modules by name and never subc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from .errors import AdapterStateError, ConfigError, TargetError
-from .layers import AdapterLayer, ModulesToSaveWrapper, adapter_layers, save_wrappers
-from .registry import LayerMethod
-from .targeting import find_modules_to_save, find_targets
+from .errors import AdapterStateError, ConfigError
+from .layers import AdapterLayer, Delta, ModulesToSaveWrapper, adapter_layers, save_wrappers
+from .resolve import Resolved
+from .targeting import find_modules_to_save
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -21,52 +21,50 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def add_layer_adapter(
-    model: nn.Module, config, adapter_name: str, method: LayerMethod, shared_state: nn.ModuleDict | None = None
-) -> list[str]:
-    """Add adapter ``adapter_name`` to every module ``config`` targets; return the adapted module names.
+def build_deltas(
+    resolved: Resolved, shared_state: Mapping[str, nn.Module]
+) -> tuple[dict[str, Delta], nn.Module | None]:
+    """One delta per target of ``resolved``, and the module they share (``LayerMethod.make_shared``, VeRA's
+    projections; ``None`` for most methods), built without touching the model.
 
-    All targets are checked before anything changes, so a bad config leaves the model untouched. For a method with
-    ``make_shared`` (VeRA), the adapter's shared module is built once, handed to every ``make_delta`` and stored in
+    Args:
+        resolved: The adapter's config and targets, from :func:`deltatune.resolve.resolve`. The dry run that bounds
+            a loaded adapter's size passes meta-device copies of the targets here.
+        shared_state: The shared modules of the model's other adapters, which ``make_shared`` may reuse.
+    """
+    method, config = resolved.method, resolved.config
+    shared = None
+    if method.make_shared is not None:
+        shared = method.make_shared(config, dict(resolved.targets), dict(shared_state))
+    extra = () if shared is None else (shared,)
+    deltas = {name: method.make_delta(config, base, name, *extra) for name, base in resolved.targets.items()}
+    return deltas, shared
+
+
+def add_layer_adapter(
+    model: nn.Module, resolved: Resolved, adapter_name: str, shared_state: nn.ModuleDict | None = None
+) -> None:
+    """Add adapter ``adapter_name`` to every target of ``resolved`` (already checked, so nothing here refuses a
+    target). For a method with ``make_shared`` (VeRA), the adapter's shared module is stored in
     ``shared_state[adapter_name]`` (the ``PeftModel``'s ``base_model.shared_state``).
 
     Raises:
-        TargetError: nothing matches, or a matched module is of a type the method cannot wrap.
         ConfigError: the method needs ``shared_state`` and none was given (a model without the ``PeftModel``).
     """
-    targets = find_targets(model, config, method.default_targets)
-    if method.resolve_config is not None:
-        method.resolve_config(config, model)
-    bases = {}
-    for name in targets:
-        module = model.get_submodule(name)
-        base = module.base_layer if isinstance(module, AdapterLayer) else module
-        if not isinstance(base, method.layer_types):
-            raise TargetError(
-                f"module {name!r} is a {type(base).__name__}, which {config.peft_type.value} cannot adapt; "
-                f"supported types: {[t.__name__ for t in method.layer_types]}. Narrow target_modules to exclude it."
-            )
-        if method.check_target is not None:
-            method.check_target(config, base, name)
-        bases[name] = base
-    shared = ()
-    if method.make_shared is not None:
-        if shared_state is None:
-            raise ConfigError(
-                f"{config.peft_type.value} keeps tensors shared by all adapted layers, which live in the PeftModel "
-                f"wrapper; use get_peft_model(model, config) instead"
-            )
-        shared = (method.make_shared(config, bases, dict(shared_state)),)
-    deltas = {name: method.make_delta(config, base, name, *shared) for name, base in bases.items()}
+    if resolved.method.make_shared is not None and shared_state is None:
+        raise ConfigError(
+            f"{resolved.config.peft_type.value} keeps tensors shared by all adapted layers, which live in the "
+            f"PeftModel wrapper; use get_peft_model(model, config) instead"
+        )
+    deltas, shared = build_deltas(resolved, shared_state if shared_state is not None else {})
     for name, delta in deltas.items():
         module = model.get_submodule(name)
         if not isinstance(module, AdapterLayer):
             module = AdapterLayer(module)
             _set_child(model, name, module)
         module.add_delta(adapter_name, delta)
-    if shared:
-        shared_state[adapter_name] = shared[0]
-    return targets
+    if shared is not None:
+        shared_state[adapter_name] = shared
 
 
 def add_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: str) -> list[str]:

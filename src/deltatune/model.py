@@ -27,6 +27,7 @@ from .errors import AdapterStateError
 from .files import BASE_ADAPTER, adapter_directory, read_weights, validate_adapter_name, write_adapter
 from .layers import batch_adapters
 from .registry import LayerMethod, PromptMethod, get_method
+from .resolve import resolve
 
 _HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
 
@@ -143,7 +144,7 @@ class PeftModel(nn.Module):
         validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterStateError(f"an adapter named {adapter_name!r} already exists; choose another name")
-        config = copy.deepcopy(peft_config)
+        config = copy.deepcopy(peft_config)  # the adapter's own: the caller's object is never modified
         method = get_method(config.peft_type)
         base = self.get_base_model()
         if config.base_model_name_or_path is None:
@@ -154,7 +155,9 @@ class PeftModel(nn.Module):
         if isinstance(method, PromptMethod):
             self.prompt_encoder[adapter_name] = prompt.make_prompt_encoder(base, config, method)
         else:
-            inject.add_layer_adapter(base, config, adapter_name, method, self.base_model.shared_state)
+            resolved = resolve(base, config, method)
+            inject.add_layer_adapter(base, resolved, adapter_name, self.base_model.shared_state)
+            config = resolved.config
         try:
             if names:
                 inject.add_modules_to_save(base, names, adapter_name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -61,16 +61,18 @@ class LayerMethod:
 
     Attributes:
         config_class: The method's config dataclass.
-        make_delta: ``(config, base_layer, module_name) -> Delta``, called only for modules of ``layer_types``.
+        make_delta: ``(config, base_layer, module_name) -> Delta``, called with the resolved config (see
+            :mod:`deltatune.resolve`) for each target, once all are checked; it only reads the config.
         layer_types: The module types the method can wrap; anything else is refused before the model is touched.
         default_targets: ``model_type -> module names`` used when the config gives no ``target_modules``; ``None``
             falls back to :data:`deltatune.targeting.DEFAULT_ATTENTION_TARGETS`.
         check_target: ``(config, base_layer, module_name) -> None``, raising :class:`~deltatune.errors.TargetError`
-            for a module of ``layer_types`` that this config still cannot adapt. Runs for every target before the
-            first ``make_delta``, which may change the base layer (e.g. PiSSA initialisation).
-        resolve_config: ``(config, model) -> None``: fills in (and checks) config fields whose default depends on
-            the model, such as IA3's ``feedforward_modules`` per model type. Runs once ``target_modules`` is
-            resolved, before the first ``make_delta``.
+            for a module of ``layer_types`` that this (resolved) config still cannot adapt. Runs for every target
+            before the first ``make_delta``, which may change the base layer (e.g. PiSSA initialisation).
+        resolve_config: ``(config, model, {module name: base layer}) -> config``: a new config (``dataclasses.
+            replace``) with the fields whose value depends on the model filled in and checked, such as IA3's
+            ``feedforward_modules`` per model type. Gets the config with ``target_modules`` resolved and the
+            targets of ``layer_types``; must not modify its input.
         make_shared: ``(config, {module name: base layer}, {adapter: shared module}) -> nn.Module``: the module
             holding tensors that all of one adapter's deltas share (VeRA's random projections), given the targets
             and the shared modules of the model's other adapters (which it may reuse). Built once per adapter after
@@ -90,7 +92,7 @@ class LayerMethod:
     layer_types: tuple[type[nn.Module], ...]
     default_targets: dict[str, list[str]] | None = None
     check_target: Callable[[Any, nn.Module, str], None] | None = None
-    resolve_config: Callable[[Any, nn.Module], None] | None = None
+    resolve_config: Callable[[Any, nn.Module, Mapping[str, nn.Module]], Any] | None = None
     make_shared: Callable[[Any, dict[str, nn.Module], dict[str, nn.Module]], nn.Module] | None = None
     loss_term: Callable[[nn.Module, str, Any], Any] | None = None
     model_functions: dict[str, Callable[..., Any]] | None = None

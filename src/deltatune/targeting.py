@@ -103,7 +103,8 @@ def output_head_names(model: nn.Module) -> set[str]:
 def expand_all_linear(model: nn.Module) -> list[str]:
     """``"all-linear"`` as the sorted leaf names of the model's linear layers, minus the output head.
 
-    The expansion is stored back into the config so that peft and vLLM, which read names, select the same modules.
+    The expansion is what the resolved config records, so that peft and vLLM, which read names, select the same
+    modules.
     """
     from .layers import unwrap
 
@@ -117,16 +118,14 @@ def expand_all_linear(model: nn.Module) -> list[str]:
     return sorted(leaves - head_leaves)
 
 
-def find_targets(model: nn.Module, config, default_targets: dict[str, list[str]] | None = None) -> list[str]:
-    """Full names of the modules ``config`` selects in ``model``, in model order.
-
-    Resolves ``target_modules=None`` to the default for the model type and ``"all-linear"`` to leaf names, writing
-    the result back into ``config.target_modules`` so the saved config names exactly what was adapted. Modules in
-    ``config.modules_to_save`` (and everything inside them) are trained in full, so they are never also adapted, as
-    in peft (e.g. a classification head under ``"all-linear"``).
+def _target_patterns(
+    model: nn.Module, config, default_targets: dict[str, list[str]] | None = None
+) -> list[str] | str:
+    """``config.target_modules`` as the resolved config records it: ``None`` becomes the default for the model type
+    (``default_targets``, else :data:`DEFAULT_ATTENTION_TARGETS`) and ``"all-linear"`` the leaf names it expands to.
 
     Raises:
-        TargetError: nothing matches; the message lists the patterns and the model's candidate module names.
+        TargetError: ``target_modules`` is ``None`` and the model type has no default.
     """
     patterns = config.target_modules
     if patterns is None:
@@ -137,10 +136,26 @@ def find_targets(model: nn.Module, config, default_targets: dict[str, list[str]]
                 f"no default target_modules for model type {model_type!r}; pass target_modules explicitly, e.g. "
                 f"one of {_candidate_leaves(model)[:20]} or 'all-linear'"
             )
-        patterns = config.target_modules = list(table[model_type])
-    elif patterns == ALL_LINEAR:
-        patterns = config.target_modules = expand_all_linear(model)
+        return list(table[model_type])
+    if patterns == ALL_LINEAR:
+        return expand_all_linear(model)
+    return patterns
 
+
+def find_targets(
+    model: nn.Module, config, default_targets: dict[str, list[str]] | None = None
+) -> tuple[list[str] | str, list[str]]:
+    """The resolved ``target_modules`` (:func:`_target_patterns`) and the full names of the modules they select in
+    ``model``, in model order; ``config`` is only read.
+
+    Modules in ``config.modules_to_save`` (and everything inside them) are trained in full, so they are never also
+    adapted, as in peft (e.g. a classification head under ``"all-linear"``).
+
+    Raises:
+        TargetError: no default targets, or nothing matches; the message lists the patterns and the model's
+            candidate module names.
+    """
+    patterns = _target_patterns(model, config, default_targets)
     trained_in_full = [n for n, _ in iter_candidates(model) if name_matches(n, list(config.modules_to_save or []))]
     selected = []
     for name, _ in iter_candidates(model):
@@ -160,7 +175,7 @@ def find_targets(model: nn.Module, config, default_targets: dict[str, list[str]]
             f"target_modules {patterns!r}{extra} matched no module of {type(model).__name__}. "
             f"Module names that can be targeted include: {_candidate_leaves(model)[:40]}"
         )
-    return selected
+    return patterns, selected
 
 
 def find_modules_to_save(model: nn.Module, names: Sequence[str]) -> list[str]:

@@ -276,14 +276,11 @@ def check_target(config: AdaLoraConfig, base_layer: nn.Module, name: str) -> Non
 def make_delta(config: AdaLoraConfig, base_layer: nn.Module, name: str) -> AdaLoraDelta:
     """Build the delta for module ``name`` at its rank in ``config.rank_pattern`` (a loaded allocation), else at
     ``init_r``."""
-    check_target(config, base_layer, name)
     mask = (config.rank_pattern or {}).get(f"{name}.lora_E")
     held = None if mask is None else [bool(v) for v in mask]
     if isinstance(base_layer, nn.Conv2d):
         delta = AdaLoraConv2d(config.init_r, held, config.lora_alpha, config.lora_dropout, base_layer)
     else:
-        if isinstance(base_layer, Conv1D):
-            config.fan_in_fan_out = True  # recorded as peft records it
         out_features, in_features = AdaLoraLinear.canonical(base_layer.weight, base_layer).shape
         delta = AdaLoraLinear(config.init_r, held, config.lora_alpha, config.lora_dropout, in_features, out_features)
     std = 0.02 if config.init_lora_weights else 1.0  # peft: λ = 0 and small P, Q; or all N(0, 1) (a non-zero delta)

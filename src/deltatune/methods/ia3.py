@@ -17,8 +17,9 @@ linear layer, ``(1, C, 1, …)`` on a convolution, so saved keys (``<module>.ia3
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -114,10 +115,10 @@ def check_feedforward_subset(config: IA3Config) -> None:
         )
 
 
-def resolve_config(config: IA3Config, model: nn.Module) -> None:
-    """Fill ``feedforward_modules`` from the model type's default once ``target_modules`` is resolved, then check it
-    against the targets. The default keeps only the entries a list ``target_modules`` names (peft keeps them all and
-    then writes a file it refuses to read back).
+def resolve_config(config: IA3Config, model: nn.Module, targets: Mapping[str, nn.Module]) -> IA3Config:
+    """``config`` with ``feedforward_modules`` filled from the model type's default (``target_modules`` is resolved
+    by then), checked against the targets. The default keeps only the entries a list ``target_modules`` names (peft
+    keeps them all and then writes a file it refuses to read back).
 
     Raises:
         TargetError: ``feedforward_modules`` is ``None`` and the model type has no default.
@@ -131,9 +132,12 @@ def resolve_config(config: IA3Config, model: nn.Module) -> None:
                 f"the targets whose input (not output) IA3 scales, [] for none"
             )
         defaults = _DEFAULTS[model_type][1]
-        targets = config.target_modules
-        config.feedforward_modules = [f for f in defaults if not isinstance(targets, list) or f in targets]
+        names = config.target_modules
+        config = dataclasses.replace(
+            config, feedforward_modules=[f for f in defaults if not isinstance(names, list) or f in names]
+        )
     check_feedforward_subset(config)
+    return config
 
 
 def is_feedforward(patterns: list[str] | str | None, name: str) -> bool:
@@ -244,8 +248,6 @@ def _restore(tensor: torch.Tensor, zeroed: tuple[torch.Tensor, torch.Tensor] | N
 def make_delta(config: IA3Config, base_layer: nn.Module, name: str) -> IA3Delta:
     """Build the IA3 vector for ``base_layer`` (module ``name``): ones, or random normal with ``init_ia3_weights``
     off."""
-    if isinstance(base_layer, Conv1D):
-        config.fan_in_fan_out = True  # recorded as peft records it
     delta = IA3Delta(base_layer, is_feedforward(config.feedforward_modules, name))
     if not config.init_ia3_weights and delta.ia3_l.device.type != "meta":
         with torch.no_grad():

@@ -465,8 +465,8 @@ _LAYER_CLASSES: tuple[tuple[tuple[type[nn.Module], ...], type[LoraDelta]], ...] 
 
 
 def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
-    """Refuse a module this config cannot adapt although its type is supported. Injection calls this for every target
-    before the first :func:`make_delta`, because PiSSA / OLoRA initialisation rewrites the base weight.
+    """Refuse a module this config cannot adapt although its type is supported. Resolution calls this for every
+    target before the first :func:`make_delta`, because PiSSA / OLoRA initialisation rewrites the base weight.
 
     Raises:
         TargetError: a grouped convolution whose groups do not divide the rank or with DoRA, DoRA on an embedding or
@@ -500,10 +500,8 @@ def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
 
 
 def make_delta(config: LoraConfig, base_layer: nn.Module, name: str) -> LoraDelta:
-    """Build and initialise the LoRA delta for ``base_layer`` (module ``name``), honouring rank/alpha patterns."""
-    check_target(config, base_layer, name)
-    if isinstance(base_layer, Conv1D):
-        config.fan_in_fan_out = True  # recorded as peft records it; readers such as vLLM take the layout from here
+    """Build and initialise the LoRA delta for ``base_layer`` (module ``name``, which :func:`check_target` has
+    accepted), honouring rank/alpha patterns."""
     cls = next(c for types, c in _LAYER_CLASSES if isinstance(base_layer, types))
     r = pattern_value(config.rank_pattern, name, config.r)
     alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)

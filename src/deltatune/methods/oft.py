@@ -290,7 +290,6 @@ _LAYER_CLASSES: tuple[tuple[type[nn.Module], type[OFTDelta]], ...] = (
 
 def make_delta(config: OFTConfig, base_layer: nn.Module, name: str) -> OFTDelta:
     """Build the OFT delta of ``base_layer`` (module ``name``): ``R = I``, or a random ``Q`` if not ``init_weights``."""
-    check_target(config, base_layer, name)
     cls = next(c for t, c in _LAYER_CLASSES if isinstance(base_layer, t))
     delta = cls(config, _features(base_layer), name)
     weight = base_layer.weight

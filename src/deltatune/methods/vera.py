@@ -20,6 +20,7 @@ Layer types: ``nn.Linear`` and transformers ``Conv1D`` (weight stored ``(in, out
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -190,7 +191,6 @@ class VeraDelta(Delta):
 
 def make_delta(config: VeraConfig, base_layer: nn.Module, name: str, projections: VeraProjections) -> VeraDelta:
     """Build and initialise the VeRA delta of ``base_layer`` (module ``name``) on the adapter's ``projections``."""
-    config.fan_in_fan_out = isinstance(base_layer, Conv1D)  # recorded as peft records it
     delta = VeraDelta(base_layer, projections, config.vera_dropout)
     delta.to(device=base_layer.weight.device, dtype=projections.vera_A.dtype)
     with torch.no_grad():
@@ -203,9 +203,17 @@ def make_delta(config: VeraConfig, base_layer: nn.Module, name: str, projections
     return delta
 
 
+def resolve_config(config: VeraConfig, model: nn.Module, targets: Mapping[str, nn.Module]) -> VeraConfig:
+    """``config`` with ``fan_in_fan_out`` recorded both ways, as peft's VeRA records it: from the layout of the last
+    target (``Conv1D``: ``True``; ``Linear``: ``False``, even where the user wrote ``True``)."""
+    last = list(targets.values())[-1]
+    return dataclasses.replace(config, fan_in_fan_out=isinstance(last, Conv1D))
+
+
 METHOD = LayerMethod(
     config_class=VeraConfig,
     make_delta=make_delta,
     layer_types=(nn.Linear, Conv1D),
+    resolve_config=resolve_config,
     make_shared=make_projections,
 )

@@ -1,0 +1,96 @@
+"""Resolve a layer config against a model: the one step between the config a user wrote and the adapter built from it.
+
+Everything about an adapter that depends on the model is derived here, once, into a frozen :class:`Resolved`:
+
+* the targets: ``target_modules=None`` and ``"all-linear"`` become the names they stand for, and every selected
+  module's base layer is checked (``LayerMethod.layer_types``, then ``LayerMethod.check_target``) before anything is
+  built, so a bad config leaves the model untouched;
+* the layer layout: ``fan_in_fan_out=True`` when a target is a transformers ``Conv1D`` (weight stored ``(in, out)``),
+  recorded as peft records it for readers of the file (peft, vLLM); deltatune itself reads the layout from the layer
+  type;
+* the method's model-dependent fields (``LayerMethod.resolve_config``: IA3's default ``feedforward_modules``).
+
+The config in the result is a copy: the user's object is never modified, and the copy is what a ``PeftModel`` stores
+and saves. Building (``inject.add_layer_adapter``) and the meta-device dry run that bounds a loaded adapter's size
+both start from the result, so they cannot disagree about what an adapter is.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import LayerConfig
+from .errors import TargetError
+from .layers import unwrap
+from .registry import LayerMethod
+from .targeting import find_targets
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A layer config resolved against a model.
+
+    Attributes:
+        config: A copy of the user's config with the model-dependent fields filled in; what is stored and saved.
+        method: The config's method.
+        targets: Full module name -> the base layer its delta wraps (a module already wrapped by an ``AdapterLayer``
+            contributes that layer's ``base_layer``), in model order; read-only.
+    """
+
+    config: LayerConfig
+    method: LayerMethod
+    targets: Mapping[str, nn.Module]
+
+
+def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resolved:
+    """Resolve ``config`` (of ``method``) against ``model``; neither is modified.
+
+    Raises:
+        TargetError: nothing matches, no default targets exist for the model type, a matched module is of a type the
+            method cannot wrap, or ``check_target`` refuses one.
+        ConfigError: ``resolve_config`` finds the config inconsistent with the model (e.g. IA3's
+            ``feedforward_modules`` outside the targets).
+    """
+    target_modules, names = find_targets(model, config, method.default_targets)
+    targets: dict[str, nn.Module] = {}
+    for name in names:
+        base = unwrap(model.get_submodule(name))
+        if not isinstance(base, method.layer_types):
+            raise TargetError(
+                f"module {name!r} is a {type(base).__name__}, which {config.peft_type.value} cannot adapt; "
+                f"supported types: {[t.__name__ for t in method.layer_types]}. Narrow target_modules to exclude it."
+            )
+        targets[name] = base
+    view = MappingProxyType(targets)
+    resolved = _copy_with(config, target_modules=target_modules, **_layout_fields(config, view.values()))
+    if method.resolve_config is not None:
+        resolved = method.resolve_config(resolved, model, view)
+    if method.check_target is not None:
+        for name, base in targets.items():
+            method.check_target(resolved, base, name)
+    return Resolved(resolved, method, view)
+
+
+def _layout_fields(config: LayerConfig, bases: Iterable[nn.Module]) -> dict[str, Any]:
+    """The config fields the targets' layer layout decides: ``fan_in_fan_out`` for a config that has the field and
+    a ``Conv1D`` target."""
+    if hasattr(config, "fan_in_fan_out") and any(isinstance(base, Conv1D) for base in bases):
+        return {"fan_in_fan_out": True}
+    return {}
+
+
+def _copy_with(config: LayerConfig, **changes: Any) -> LayerConfig:
+    """A deep copy of ``config`` with ``changes``. Unlike ``dataclasses.replace`` this does not run ``__post_init__``
+    again: the config was checked when it was made, and a second run would repeat its warnings (AdaLoRA's note on
+    ignored fields). Deep, so that the stored config shares no list or dict with the user's."""
+    new = copy.deepcopy(config)
+    for name, value in changes.items():
+        setattr(new, name, value)
+    return new
