@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -23,8 +24,10 @@ from torch import nn
 from . import prompt
 from .config import PeftConfig
 from .errors import AdapterLoadError, DeltatuneError
+from .inject import build_deltas
 from .layers import AdapterLayer, ModulesToSaveWrapper, adapter_layers
 from .registry import LayerMethod, PromptMethod, get_method
+from .resolve import resolve
 
 _CONTAINERS = {AdapterLayer: "deltas", ModulesToSaveWrapper: "modules_to_save"}
 _WRAPPED = {AdapterLayer: "base_layer", ModulesToSaveWrapper: "original_module"}
@@ -386,28 +389,19 @@ def _check_prompt_encoder_size(model: nn.Module, config: PeftConfig, method: Pro
         )
 
 
-def _planned_layer_size(model: nn.Module, config: PeftConfig, method) -> int | None:
-    """Parameters a layer method's adapter would have on ``model`` (from a dry run on the meta device), or ``None``
-    when the dry run cannot tell."""
-    from .layers import AdapterLayer
-    from .targeting import find_targets
-
-    planned = 0
+def _planned_layer_size(model: nn.Module, config: PeftConfig, method: LayerMethod) -> int | None:
+    """Parameters a layer method's adapter would have on ``model``, or ``None`` when the dry run cannot tell: the
+    same resolution as the real construction, then the deltas built on meta-device copies of the targets."""
     try:
-        bases = {}
-        for name in find_targets(model, config, method.default_targets)[1]:
-            module = model.get_submodule(name)
-            base = module.base_layer if isinstance(module, AdapterLayer) else module
-            if not isinstance(base, method.layer_types):
-                return None
-            bases[name] = _meta_copy(base)
+        resolved = resolve(model, config, method)
+        on_meta = dataclasses.replace(resolved, targets={n: _meta_copy(b) for n, b in resolved.targets.items()})
         with torch.device("meta"):
-            shared = () if method.make_shared is None else (method.make_shared(config, bases, {}),)
-            for name, base in bases.items():
-                planned += sum(p.numel() for p in method.make_delta(config, base, name, *shared).parameters())
-        planned += sum(t.numel() for holder in shared for t in holder.state_dict().values())  # saved once
+            deltas, shared = build_deltas(on_meta, {})
     except Exception:  # bad targets, an op without a meta kernel...: the real construction reports it
         return None
+    planned = sum(p.numel() for delta in deltas.values() for p in delta.parameters())
+    if shared is not None:  # saved once per adapter
+        planned += sum(t.numel() for t in shared.state_dict().values())
     return planned
 
 
