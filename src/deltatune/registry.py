@@ -73,6 +73,8 @@ class LayerMethod:
             replace``) with the fields whose value depends on the model filled in and checked, such as IA3's
             ``feedforward_modules`` per model type. Gets the config with ``target_modules`` resolved and the
             targets of ``layer_types``; must not modify its input.
+        rewrites_base_weights: ``(config) -> bool``: whether building this config's deltas writes to the base
+            weights (LoRA's PiSSA / OLoRA keep the residual there), so that a failed load must restore them.
         make_shared: ``(config, {module name: base layer}, {adapter: shared module}) -> nn.Module``: the module
             holding tensors that all of one adapter's deltas share (VeRA's random projections), given the targets
             and the shared modules of the model's other adapters (which it may reuse). Built once per adapter after
@@ -93,6 +95,7 @@ class LayerMethod:
     default_targets: dict[str, list[str]] | None = None
     check_target: Callable[[Any, nn.Module, str], None] | None = None
     resolve_config: Callable[[Any, nn.Module, Mapping[str, nn.Module]], Any] | None = None
+    rewrites_base_weights: Callable[[Any], bool] | None = None
     make_shared: Callable[[Any, dict[str, nn.Module], dict[str, nn.Module]], nn.Module] | None = None
     loss_term: Callable[[nn.Module, str, Any], Any] | None = None
     model_functions: dict[str, Callable[..., Any]] | None = None

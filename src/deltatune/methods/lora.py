@@ -464,6 +464,13 @@ _LAYER_CLASSES: tuple[tuple[tuple[type[nn.Module], ...], type[LoraDelta]], ...] 
 )
 
 
+def rewrites_base_weights(config: LoraConfig) -> bool:
+    """Whether the init scheme is computed from the base weight (PiSSA / OLoRA), which then keeps the residual
+    ``W₀ − BA``: a failed load must put the base weights back."""
+    scheme = config.init_lora_weights
+    return isinstance(scheme, str) and scheme != "gaussian"
+
+
 def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
     """Refuse a module this config cannot adapt although its type is supported. Resolution calls this for every
     target before the first :func:`make_delta`, because PiSSA / OLoRA initialisation rewrites the base weight.
@@ -495,7 +502,7 @@ def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
             raise TargetError(f"{name}: DoRA is not supported on nn.MultiheadAttention (nor in peft)")
     if config.use_dora and isinstance(base_layer, nn.Embedding):
         raise TargetError(f"{name}: DoRA supports Linear, Conv1D and Conv layers, not Embedding")
-    if isinstance(scheme, str) and scheme != "gaussian" and not isinstance(base_layer, (nn.Linear, Conv1D)):
+    if rewrites_base_weights(config) and not isinstance(base_layer, (nn.Linear, Conv1D)):
         raise TargetError(f"{name}: init_lora_weights={scheme!r} supports Linear and Conv1D layers only")
 
 
@@ -520,7 +527,7 @@ def _build(cls: type[LoraDelta], config: LoraConfig, base_layer: nn.Module, r: i
         delta = cls(base_layer, *parts, r, alpha, config.lora_dropout, config.use_rslora)
     delta.to_empty(device=weight.device).to(dtype)
     scheme = config.init_lora_weights
-    if isinstance(scheme, str) and scheme not in ("gaussian",):
+    if rewrites_base_weights(config):
         _init_from_weight(delta, base_layer, scheme)
     elif weight.device.type != "meta":
         _init_ab(delta, scheme)
@@ -534,4 +541,5 @@ METHOD = LayerMethod(
     make_delta=make_delta,
     layer_types=tuple(t for types, _ in _LAYER_CLASSES for t in types),
     check_target=check_target,
+    rewrites_base_weights=rewrites_base_weights,
 )
