@@ -419,11 +419,13 @@ def naming_source(source: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def restore_base_on_error(model: nn.Module, config: PeftConfig) -> Iterator[None]:
-    """Keep a failed load all-or-nothing for initialisations that rewrite the base weights (PiSSA / OLoRA keep the
-    residual ``W₀ - BA`` in the base layer): snapshot the base state first and put it back on error. Other configs
-    never touch base weights before the load succeeds, so they pay nothing."""
-    init = getattr(config, "init_lora_weights", None)
-    if not (isinstance(init, str) and init != "gaussian"):
+    """Keep a failed load all-or-nothing for configs whose deltas rewrite the base weights when built
+    (``LayerMethod.rewrites_base_weights``: LoRA's PiSSA / OLoRA keep the residual ``W₀ - BA`` in the base layer):
+    snapshot the base state first and put it back on error. Other configs never touch base weights before the load
+    succeeds, so they pay nothing."""
+    method = get_method(config.peft_type)
+    rewrites = isinstance(method, LayerMethod) and method.rewrites_base_weights is not None
+    if not (rewrites and method.rewrites_base_weights(config)):
         yield
         return
     # By tensor identity, not by name: a failure may leave wrappers around the very same base tensors.
