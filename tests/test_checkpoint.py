@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import deltatune as dt
 from deltatune import checkpoint
 from deltatune.layers import AdapterLayer, ModulesToSaveWrapper
+from deltatune.targeting import trained_biases
 from tests.adapter_utils import assert_same_state, logits, snapshot
 from tests.models import VOCAB_SIZE, make_causal_lm_inputs, make_seq_cls_inputs, tiny_bert, tiny_llama
 
@@ -156,7 +157,8 @@ def test_saved_keys_map_to_in_memory_names() -> None:
 def test_adapter_state_dict_round_trips_through_the_key_mapping() -> None:
     model = dt.get_peft_model(tiny_bert("seq_cls"), dt.LoraConfig(task_type="SEQ_CLS", bias="lora_only"))
     root = model.get_base_model()
-    state = checkpoint.layer_adapter_state_dict(root, "default", bias="lora_only")
+    state = checkpoint.layer_adapter_state_dict(root, "default", biases=trained_biases(model.peft_config["default"]))
+    assert any(key.endswith(".base_layer.bias") for key in state)  # lora_only: the adapted layers' biases
     mapping = checkpoint.to_model_keys(state, checkpoint.adapter_holders(root), "default")
     params = dict(root.named_parameters())
     for key, target in mapping.items():

@@ -13,7 +13,14 @@ import deltatune as dt
 from deltatune.layers import AdapterLayer
 from deltatune.registry import get_method
 from deltatune.resolve import resolve
-from deltatune.targeting import expand_all_linear, find_modules_to_save, find_targets, layer_index, name_matches
+from deltatune.targeting import (
+    expand_all_linear,
+    find_modules_to_save,
+    find_targets,
+    layer_index,
+    name_matches,
+    trained_biases,
+)
 from tests.adapter_utils import assert_same_state, peft_wrapped_names, snapshot, wrapped_names
 from tests.models import tiny_bert, tiny_convnet, tiny_gpt2, tiny_llama, tiny_mlp, tiny_mt5, tiny_t5
 
@@ -176,3 +183,20 @@ def test_modules_to_save_matching_nothing_raises_listing_top_level_modules() -> 
 
 def test_modules_to_save_alternatives_need_only_one_match() -> None:
     assert find_modules_to_save(tiny_bert("seq_cls"), ["classifier", "score"]) == ["classifier"]
+
+
+# --- biases ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        (dt.LoraConfig(), "none"),
+        (dt.LoraConfig(bias="all"), "all"),
+        (dt.LoraConfig(bias="lora_only"), "adapted"),
+        (dt.OFTConfig(oft_block_size=4, r=0, bias="oft_only"), "adapted"),  # peft reads any "<method>_only"
+        (dt.VeraConfig(bias="vera_only"), "adapted"),
+        (dt.IA3Config(), "none"),  # no bias field
+    ],
+)
+def test_trained_biases_reads_the_bias_field_once_for_every_method(config, expected: str) -> None:
+    assert trained_biases(config) == expected

@@ -28,6 +28,7 @@ from .inject import build_deltas
 from .layers import AdapterLayer, ModulesToSaveWrapper, adapter_layers
 from .registry import LayerMethod, PromptMethod, get_method
 from .resolve import resolve
+from .targeting import BiasScope
 
 _CONTAINERS = {AdapterLayer: "deltas", ModulesToSaveWrapper: "modules_to_save"}
 _WRAPPED = {AdapterLayer: "base_layer", ModulesToSaveWrapper: "original_module"}
@@ -48,13 +49,14 @@ def adapter_holders(root: nn.Module) -> dict[str, nn.Module]:
 
 
 def layer_adapter_state_dict(
-    root: nn.Module, adapter_name: str, bias: str = "none", save_embedding_layers: bool = False
+    root: nn.Module, adapter_name: str, biases: BiasScope = "none", save_embedding_layers: bool = False
 ) -> dict[str, torch.Tensor]:
     """The saved-format state dict of layer adapter ``adapter_name`` in ``root`` (keys relative to ``root``).
 
     Which tensors belong to the adapter comes from the wrappers themselves: the adapter's delta in each
-    ``AdapterLayer``, its copy in each ``ModulesToSaveWrapper``, plus the biases ``bias`` selects and, with
-    ``save_embedding_layers``, the base weights of adapted embedding layers (needed when the vocabulary was resized).
+    ``AdapterLayer``, its copy in each ``ModulesToSaveWrapper``, plus the biases ``biases`` selects
+    (``targeting.trained_biases``) and, with ``save_embedding_layers``, the base weights of adapted embedding layers
+    (needed when the vocabulary was resized).
     """
     out: dict[str, torch.Tensor] = {}
     holders = adapter_holders(root)
@@ -67,11 +69,11 @@ def layer_adapter_state_dict(
             out[f"{path}.{key}"] = value
         if isinstance(holder, AdapterLayer):
             base = holder.base_layer
-            if bias.endswith("_only") and getattr(base, "bias", None) is not None:  # lora_only, oft_only, ...
+            if biases == "adapted" and getattr(base, "bias", None) is not None:
                 out[f"{path}.base_layer.bias"] = base.bias
             if save_embedding_layers and isinstance(base, nn.Embedding):
                 out[f"{path}.base_layer.weight"] = base.weight
-    if bias == "all":
+    if biases == "all":
         # Biases inside containers belong to an adapter: this one's were saved above under adapter-free keys, and
         # another adapter's must not leak into this file under keys that name it.
         owned = {id(p) for h in holders.values() for p in getattr(h, _CONTAINERS[type(h)]).parameters()}
@@ -230,7 +232,7 @@ def layer_file_state(
     root: nn.Module,
     adapter_name: str,
     *,
-    bias: str = "none",
+    biases: BiasScope = "none",
     save_embedding_layers: bool | str = "auto",
     shared: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -239,7 +241,7 @@ def layer_file_state(
     Args:
         root: The adapted model (``PeftModel.get_base_model()``); its layer tensors are saved as
             ``base_model.model.<path>``.
-        bias: The config's ``bias`` (which biases the file carries; see :func:`layer_adapter_state_dict`).
+        biases: Which biases the file carries (``targeting.trained_biases`` of the config).
         save_embedding_layers: Also save the base weights of adapted embedding layers (a resized vocabulary);
             ``"auto"``: whenever the adapter adapts an embedding layer.
         shared: The adapter's shared-state module (``LayerMethod.make_shared``), saved once as ``base_model.<name>``.
@@ -249,7 +251,7 @@ def layer_file_state(
             isinstance(layer.base_layer, nn.Embedding) and adapter_name in layer.deltas
             for _, layer in adapter_layers(root)
         )
-    state = layer_adapter_state_dict(root, adapter_name, bias, bool(save_embedding_layers))
+    state = layer_adapter_state_dict(root, adapter_name, biases, bool(save_embedding_layers))
     out = {LAYER_KEY_PREFIX + k: v for k, v in state.items()}
     if shared is not None:
         out.update({BASE_MODEL_PREFIX + k: v.detach() for k, v in shared.state_dict().items()})

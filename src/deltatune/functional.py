@@ -35,6 +35,7 @@ from .model import PeftModel
 from .registry import LayerMethod, get_method
 from .resolve import resolve
 from .status import ModelStatus, TunerLayerStatus
+from .targeting import trained_biases
 
 
 def inject_adapter_in_model(
@@ -68,7 +69,7 @@ def inject_adapter_in_model(
     if config.modules_to_save:
         add_modules_to_save(model, config.modules_to_save, adapter_name)
     set_active(model, [adapter_name])
-    mark_trainable(model, [adapter_name], getattr(config, "bias", "none"))
+    mark_trainable(model, [adapter_name], trained_biases(config))
     if state_dict is not None:
         set_peft_model_state_dict(model, state_dict, adapter_name)
     return model

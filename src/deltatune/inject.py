@@ -13,7 +13,7 @@ from torch import nn
 from .errors import AdapterStateError, ConfigError
 from .layers import AdapterLayer, Delta, ModulesToSaveWrapper, adapter_layers, save_wrappers
 from .resolve import Resolved
-from .targeting import find_modules_to_save
+from .targeting import BiasScope, find_modules_to_save
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -106,9 +106,10 @@ def set_disabled(model: nn.Module, disabled: bool) -> None:
         module.disabled = disabled
 
 
-def mark_trainable(model: nn.Module, trainable: Sequence[str], bias: str = "none") -> None:
+def mark_trainable(model: nn.Module, trainable: Sequence[str], biases: BiasScope = "none") -> None:
     """Freeze everything, then unfreeze the deltas and module copies of the ``trainable`` adapters and the biases that
-    ``bias`` selects (``"all"``: every bias; ``"lora_only"``: biases of adapted layers)."""
+    ``biases`` selects (``targeting.trained_biases``: ``"all"``, every bias; ``"adapted"``, biases of adapted
+    layers)."""
     for param in model.parameters():
         param.requires_grad_(False)
     for _, layer in adapter_layers(model):
@@ -118,14 +119,13 @@ def mark_trainable(model: nn.Module, trainable: Sequence[str], bias: str = "none
                 delta.requires_grad_(True)
                 for constant in delta.constants:
                     getattr(delta, constant).requires_grad_(False)
-        # "<method>_only" (lora_only, oft_only, ...): the biases of adapted layers, as peft reads any "_only" value
-        if bias.endswith("_only") and getattr(layer.base_layer, "bias", None) is not None and layer.active_adapters:
+        if biases == "adapted" and getattr(layer.base_layer, "bias", None) is not None and layer.active_adapters:
             layer.base_layer.bias.requires_grad_(True)
     for _, wrapper in save_wrappers(model):
         for name in trainable:
             if name in wrapper.modules_to_save:
                 wrapper.modules_to_save[name].requires_grad_(True)
-    if bias == "all":
+    if biases == "all":
         # The model's own biases. Those inside wrappers follow their adapter (set above) or, in a modules_to_save
         # original, stay frozen: the original does not run while its trained copy is active.
         wrapped = {id(p) for _, w in save_wrappers(model) for p in w.parameters()}

@@ -28,6 +28,7 @@ from .files import BASE_ADAPTER, adapter_directory, read_weights, validate_adapt
 from .layers import batch_adapters
 from .registry import LayerMethod, PromptMethod, get_method
 from .resolve import resolve
+from .targeting import trained_biases
 
 _HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
 
@@ -204,8 +205,8 @@ class PeftModel(nn.Module):
         base = self.get_base_model()
         inject.set_active(base, self._active)
         trainable = [n for n in self._active if not self.peft_config[n].inference_mode]
-        bias = next((getattr(self.peft_config[n], "bias", "none") for n in trainable), "none")
-        inject.mark_trainable(base, trainable, bias)
+        biases = next((trained_biases(self.peft_config[n]) for n in trainable), "none")
+        inject.mark_trainable(base, trainable, biases)
         for name, encoder in self.prompt_encoder.items():
             encoder.requires_grad_(name in trainable)
 
@@ -380,7 +381,7 @@ class PeftModel(nn.Module):
         if adapter_name in self.prompt_encoder:
             return checkpoint.prompt_file_state(self.get_base_model(), adapter_name, self.prompt_encoder[adapter_name])
         return checkpoint.layer_file_state(
-            self.get_base_model(), adapter_name, bias=getattr(self.peft_config[adapter_name], "bias", "none"),
+            self.get_base_model(), adapter_name, biases=trained_biases(self.peft_config[adapter_name]),
             save_embedding_layers=save_embedding_layers, shared=self._shared_state(adapter_name),
         )
 

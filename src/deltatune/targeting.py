@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 from torch import nn
 
@@ -192,6 +193,19 @@ def find_modules_to_save(model: nn.Module, names: Sequence[str]) -> list[str]:
             f"top-level modules are {[n for n, _ in model.named_children()]}"
         )
     return selected
+
+
+BiasScope = Literal["none", "all", "adapted"]
+
+
+def trained_biases(config) -> BiasScope:
+    """Which biases train and are saved with an adapter, from peft's ``bias`` field: ``"all"`` (every bias of the
+    model), ``"adapted"`` for any ``"<method>_only"`` value (``lora_only``, ``oft_only``, ...: the biases of the
+    adapted layers, as peft reads any ``_only`` value), else ``"none"`` (also for methods without the field)."""
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
+        return "all"
+    return "adapted" if isinstance(bias, str) and bias.endswith("_only") else "none"
 
 
 def _candidate_leaves(model: nn.Module) -> list[str]:
