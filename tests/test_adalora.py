@@ -51,8 +51,11 @@ def _deltas(model: nn.Module) -> dict[str, nn.Module]:
     return {path.removeprefix("base_model.model."): layer.deltas["default"] for path, layer in adapter_layers(model)}
 
 
-def train(model: nn.Module, batch: dict[str, torch.Tensor], steps: int) -> list[float]:
-    """peft's documented loop (works for both libraries): step, then ``update_and_allocate``, then ``zero_grad``."""
+def train(
+    model: nn.Module, batch: dict[str, torch.Tensor], steps: int, hook: str = "update_and_allocate"
+) -> list[float]:
+    """peft's documented loop (works for both libraries): step, then ``update_and_allocate`` (or another ``hook`` of
+    ``base_model``), then ``zero_grad``."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     losses = []
@@ -60,7 +63,7 @@ def train(model: nn.Module, batch: dict[str, torch.Tensor], steps: int) -> list[
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
-        model.base_model.update_and_allocate(step)
+        getattr(model.base_model, hook)(step)
         optimizer.zero_grad()
         losses.append(loss.item())
     model.eval()
@@ -165,6 +168,20 @@ def test_each_pruning_step_keeps_exactly_the_scheduled_budget() -> None:
             assert kept == budget, step
             assert sum(map(sum, model.peft_config["default"].rank_pattern.values())) == budget
         optimizer.zero_grad()
+
+
+def test_the_generic_per_step_hook_runs_the_allocation() -> None:
+    """``base_model.after_optimizer_step`` (what ``deltatune train`` calls for any method) is AdaLoRA's
+    ``update_and_allocate``: the same losses and the same allocation."""
+    models = []
+    for hook in ("update_and_allocate", "after_optimizer_step"):
+        torch.manual_seed(0)
+        model = dt.get_peft_model(tiny_llama(), AdaLoraConfig(task_type="CAUSAL_LM", **SCHEDULE))
+        models.append((train(model, make_causal_lm_inputs(model), 6, hook), model))
+    (losses, peft_named), (generic_losses, generic) = models
+    assert generic_losses == losses
+    assert generic.peft_config["default"].rank_pattern == peft_named.peft_config["default"].rank_pattern
+    assert generic.peft_config["default"].rank_pattern  # the final allocation was made
 
 
 def test_update_and_allocate_needs_the_gradients_and_a_reachable_target() -> None:

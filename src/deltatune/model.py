@@ -59,6 +59,14 @@ class AdapterModel(nn.Module):
         terms = [t for t in terms if t is not None]
         return sum(terms[1:], terms[0]) if terms else None
 
+    def after_optimizer_step(self, step: int) -> None:
+        """Run each method's ``LayerMethod.after_step`` (AdaLoRA's rank allocation) once; a training loop calls this
+        after ``optimizer.step()`` and before ``zero_grad()``, whatever the methods."""
+        methods = {config.peft_type: method for _, config, method in self._layer_methods()}
+        for method in methods.values():
+            if method.after_step is not None:
+                method.after_step(self, step)
+
     def forward(self, *args, **kwargs):
         """The model's forward; in train mode :meth:`adapter_loss` joins ``outputs.loss``, where peft's tuner model
         adds it (a loop that computes its own loss from the logits adds ``adapter_loss()`` itself)."""

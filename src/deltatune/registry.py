@@ -87,6 +87,8 @@ class LayerMethod:
         model_functions: ``{name: fn}``: functions callable as ``peft_model.base_model.<name>(*args)`` and run as
             ``fn(base_model, *args)``, like peft's tuner-specific methods (AdaLoRA's ``update_and_allocate``);
             ``base_model.peft_config`` and ``base_model.model`` give them the configs and the adapted model.
+        after_step: ``(base_model, step) -> None``: run once per training step after ``optimizer.step()`` and before
+            ``zero_grad()``, by ``base_model.after_optimizer_step(step)`` (AdaLoRA's rank allocation).
     """
 
     config_class: type[PeftConfig]
@@ -99,6 +101,7 @@ class LayerMethod:
     make_shared: Callable[[Any, dict[str, nn.Module], dict[str, nn.Module]], nn.Module] | None = None
     loss_term: Callable[[nn.Module, str, Any], Any] | None = None
     model_functions: dict[str, Callable[..., Any]] | None = None
+    after_step: Callable[[nn.Module, int], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -364,4 +364,5 @@ METHOD = LayerMethod(
     check_target=check_target,
     loss_term=orthogonality_loss,
     model_functions={"update_and_allocate": update_and_allocate},
+    after_step=update_and_allocate,
 )

@@ -601,11 +601,8 @@ def _step(run: Run, indices: list[int]) -> StepStats:
         grad_norm = float(accelerator.clip_grad_norm_(run.params, options.max_grad_norm))
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
-    # Methods that reallocate as they train (AdaLoRA's budget) do it from this step's gradients, under
-    # peft's name for the call.
-    reallocate = getattr(run.model.base_model, "update_and_allocate", None)
-    if reallocate is not None:
-        reallocate(run.state.step)
+    # Methods that act on this step's gradients (AdaLoRA's budget) do it here.
+    run.model.base_model.after_optimizer_step(run.state.step)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     totals = accelerator.reduce(torch.stack([local_sum, torch.tensor(float(local_tokens), device=device)]), "sum")
