@@ -1,17 +1,27 @@
-"""Which modules an adapter adapts: one pure matching rule, one model walk, one clear error.
+"""What an adapter selects in a model: its target modules (one model walk, one clear error), the per-module values
+of its patterns, and the biases it trains.
 
-Matching (the same for ``target_modules``, ``exclude_modules`` and ``modules_to_save``):
+Three matching rules, each the one peft applies to the field it serves, so that a file selects the same modules in
+both libraries:
 
-* a list of names: a module matches when its full dotted name equals an entry or ends with ``"." + entry``;
-* a string: a regular expression that must match the full dotted name (``re.fullmatch``);
-* ``"all-linear"``: every ``nn.Linear`` / transformers ``Conv1D`` except the model's output head.
+* :func:`name_matches` — ``target_modules``, ``exclude_modules``, ``modules_to_save``. A list of names matches a
+  module whose full dotted name equals an entry or ends with ``"." + entry`` (``"q_proj"`` never matches
+  ``"k_q_proj"``); a string is a regular expression that must match the full name (``re.fullmatch``);
+  ``"all-linear"`` (target_modules only) is expanded first to the leaf names of every ``nn.Linear`` / transformers
+  ``Conv1D`` except the output head. (For ``modules_to_save`` peft checks a plain ``endswith``; the dot boundary
+  kept here stops ``"classifier"`` from also selecting DistilBERT's ``pre_classifier``.)
+* :func:`endswith_matches` — IA3's ``feedforward_modules``. A list entry is a plain ``str.endswith`` (no dot
+  boundary: ``"output.dense"`` also matches ``attention.output.dense``); a string is ``re.fullmatch``. The vectors'
+  shapes depend on it, so it must be exactly peft's, not the rule above.
+* :func:`pattern_value` — ``rank_pattern`` / ``alpha_pattern``. Every key is a regular expression matched against a
+  dotted suffix of the name (``(.*\\.)?(key)$``), and the first key in order that matches gives the value.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -58,10 +68,32 @@ def _linear_types() -> tuple[type[nn.Module], ...]:
 
 
 def name_matches(name: str, patterns: Sequence[str] | str) -> bool:
-    """Whether the dotted module ``name`` is selected by ``patterns`` (list of names/suffixes, or a regex)."""
+    """Whether the dotted module ``name`` is selected by ``patterns`` (list of names/dotted suffixes, or a regex)."""
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def endswith_matches(name: str, patterns: Sequence[str] | str | None) -> bool:
+    """Whether ``name`` is selected by ``patterns`` under IA3's ``feedforward_modules`` rule (plain ``endswith`` for
+    a list, ``re.fullmatch`` for a regex); ``None`` selects nothing."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name.endswith(p) for p in patterns or ())
+
+
+def pattern_key_regex(key: str) -> str:
+    """The regex a ``rank_pattern`` / ``alpha_pattern`` key stands for: ``key`` matching a dotted suffix."""
+    return rf"(.*\.)?({key})$"
+
+
+def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """The value of the first key of ``patterns`` that matches the end of module ``name`` (peft's rule: the key is a
+    regex matched against a dotted suffix), else ``default``."""
+    for key, value in patterns.items():
+        if re.match(pattern_key_regex(key), name):
+            return value
+    return default
 
 
 def layer_index(name: str, layers_pattern: Sequence[str] | str | None = None) -> int | None:

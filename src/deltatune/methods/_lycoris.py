@@ -26,7 +26,8 @@ from ..config import LayerConfig
 from ..errors import ConfigError
 from ..kernels import accumulate
 from ..layers import Delta
-from .common import adapter_dtype, check_patterns, check_scale, pattern_value
+from ..targeting import pattern_value
+from .common import adapter_dtype, check_dropout, check_patterns, check_scale
 
 #: The base layer types peft supports for LoHa and LoKr (not transformers' ``Conv1D``, not ``Conv3d``/embeddings).
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -66,10 +67,8 @@ class LycorisConfig(LayerConfig):
             raise ConfigError(f"init_weights must be one of {list(self._init_choices)}, got {self.init_weights!r}")
         check_patterns(self.r, self.rank_pattern, self.alpha_pattern)
         check_scale("alpha", self.alpha)
-        if not 0.0 <= self.rank_dropout < 1.0:
-            raise ConfigError(f"rank_dropout must be in [0, 1), got {self.rank_dropout!r}")
-        if not 0.0 <= self.module_dropout <= 1.0:
-            raise ConfigError(f"module_dropout must be in [0, 1], got {self.module_dropout!r}")
+        check_dropout("rank_dropout", self.rank_dropout)
+        check_dropout("module_dropout", self.module_dropout, allow_one=True)
 
 
 def layer_geometry(base_layer: nn.Module, use_effective_conv2d: bool) -> tuple[int, int, tuple[int, ...], bool]:

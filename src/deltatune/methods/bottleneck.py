@@ -30,7 +30,7 @@ from ..errors import AdapterStateError, ConfigError
 from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import adapter_dtype, check_scale, check_size
+from .common import adapter_dtype, check_dropout, check_scale, check_size
 
 __all__ = ["BottleneckConfig"]  # exported from deltatune
 
@@ -74,8 +74,7 @@ class BottleneckConfig(LayerConfig):
         check_size("bottleneck_size", self.bottleneck_size)
         if self.non_linearity not in ACTIVATIONS:
             raise ConfigError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
-        if not 0.0 <= self.adapter_dropout < 1.0:
-            raise ConfigError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
+        check_dropout("adapter_dropout", self.adapter_dropout)
         check_scale("scaling", self.scaling)
 
 

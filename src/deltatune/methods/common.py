@@ -1,16 +1,17 @@
-"""Small pieces the layer methods share: config checks (sizes, peft's per-module ``rank_pattern`` /
-``alpha_pattern``), the adapter's dtype next to the base weight, and per-channel broadcasting. (Adding an update into
-an output is in :mod:`deltatune.kernels`, the row-to-adapter table of a mixed batch in :mod:`deltatune.rows`.)"""
+"""Small pieces the methods share: config checks (sizes, scales, dropout probabilities, peft's per-module
+``rank_pattern`` / ``alpha_pattern``), the adapter's dtype next to the base weight, and per-channel broadcasting.
+(Adding an update into an output is in :mod:`deltatune.kernels`, the row-to-adapter table of a mixed batch in
+:mod:`deltatune.rows`.)"""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
 from ..config import validate_regex
 from ..errors import ConfigError
+from ..targeting import pattern_key_regex
 
 
 def check_size(where: str, value: Any, *, allow_zero: bool = False) -> None:
@@ -20,6 +21,16 @@ def check_size(where: str, value: Any, *, allow_zero: bool = False) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value < 2**31:
         kind = "non-negative" if allow_zero else "positive"
         raise ConfigError(f"{where} must be a {kind} integer below 2**31, got {value!r}")
+
+
+def check_dropout(where: str, value: Any, *, allow_one: bool = False) -> None:
+    """Refuse a dropout probability outside ``[0, 1)`` (``[0, 1]`` with ``allow_one``: LyCORIS' module dropout may
+    skip the adapter always); a probability of 1 would zero the adapter's input."""
+    if allow_one:
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{where} must be in [0, 1], got {value!r}")
+    elif not 0.0 <= value < 1.0:
+        raise ConfigError(f"{where} must be in [0, 1), got {value!r}")
 
 
 def check_scale(where: str, value: Any) -> None:
@@ -35,7 +46,7 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 def check_patterns(rank: Any, rank_pattern: dict[str, Any], alpha_pattern: dict[str, Any]) -> None:
     """``r`` and every ``rank_pattern`` value are sizes, every ``alpha_pattern`` value a scale (:func:`check_scale`);
-    every pattern key is a regex :func:`pattern_value` can use."""
+    every pattern key is a regex :func:`~deltatune.targeting.pattern_value` can use."""
     check_size("r", rank)
     for key, value in rank_pattern.items():
         check_size(f"rank_pattern[{key!r}]", value)
@@ -43,7 +54,7 @@ def check_patterns(rank: Any, rank_pattern: dict[str, Any], alpha_pattern: dict[
         check_scale(f"alpha_pattern[{key!r}]", value)
     for name, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for key in patterns:
-            validate_regex(f"{name} key {key!r}", rf"(.*\.)?({key})$")  # the form pattern_value matches with
+            validate_regex(f"{name} key {key!r}", pattern_key_regex(key))
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -51,15 +62,6 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     half-precision base (small tensors, trained and kept in full precision, as peft's ``autocast_adapter_dtype``),
     else the base's own."""
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
-
-
-def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """The value of the first key of ``patterns`` that matches the end of module ``name`` (peft's rule: the key is a
-    regex matched against a dotted suffix), else ``default``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
 
 
 def channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:

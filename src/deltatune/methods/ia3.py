@@ -18,7 +18,6 @@ linear layer, ``(1, C, 1, …)`` on a convolution, so saved keys (``<module>.ia3
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -32,6 +31,7 @@ from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
 from ..rows import row_slots
+from ..targeting import endswith_matches
 from .common import adapter_dtype, channel_view
 
 __all__ = ["IA3Config"]  # exported from deltatune
@@ -140,15 +140,6 @@ def resolve_config(config: IA3Config, model: nn.Module, targets: Mapping[str, nn
     return config
 
 
-def is_feedforward(patterns: list[str] | str | None, name: str) -> bool:
-    """Whether module ``name`` is a feed-forward target: ``re.fullmatch`` for a regex, else peft's plain
-    ``name.endswith(entry)`` (deliberately not the dotted-suffix rule of ``target_modules``: vector shapes must be
-    the ones peft builds from the same file)."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name.endswith(p) for p in patterns or ())
-
-
 class IA3Delta(Delta):
     """One IA3 vector on one layer: scales the input (feed-forward layer) or the output (any other target)."""
 
@@ -248,7 +239,7 @@ def _restore(tensor: torch.Tensor, zeroed: tuple[torch.Tensor, torch.Tensor] | N
 def make_delta(config: IA3Config, base_layer: nn.Module, name: str) -> IA3Delta:
     """Build the IA3 vector for ``base_layer`` (module ``name``): ones, or random normal with ``init_ia3_weights``
     off."""
-    delta = IA3Delta(base_layer, is_feedforward(config.feedforward_modules, name))
+    delta = IA3Delta(base_layer, endswith_matches(name, config.feedforward_modules))
     if not config.init_ia3_weights and delta.ia3_l.device.type != "meta":
         with torch.no_grad():
             delta.ia3_l.normal_()

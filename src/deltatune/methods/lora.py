@@ -36,7 +36,8 @@ from ..errors import AdapterStateError, ConfigError, TargetError
 from ..kernels import LowRank, accumulate, add_low_rank, add_low_rank_rows, index_accumulate
 from ..layers import AdapterLayer, Delta, unwrap
 from ..registry import LayerMethod
-from .common import adapter_dtype, check_patterns, check_scale, pattern_value
+from ..targeting import pattern_value
+from .common import adapter_dtype, check_dropout, check_patterns, check_scale
 from .dora import DoraVariant
 
 __all__ = ["LoraConfig"]  # exported from deltatune
@@ -96,8 +97,7 @@ class LoraConfig(LayerConfig):
         super().__post_init__()
         check_patterns(self.r, self.rank_pattern, self.alpha_pattern)
         check_scale("lora_alpha", self.lora_alpha)
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_dropout("lora_dropout", self.lora_dropout)
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         init = self.init_lora_weights

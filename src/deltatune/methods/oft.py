@@ -37,7 +37,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import adapter_dtype, check_size
+from .common import adapter_dtype, check_dropout, check_size
 
 __all__ = ["OFTConfig"]  # exported from deltatune
 
@@ -93,8 +93,7 @@ class OFTConfig(LayerConfig):
                 f"oft_block_size=0); a file with r but no oft_block_size is from peft < 0.14, whose OFT format "
                 f"is not supported"
             )
-        if not 0.0 <= self.module_dropout < 1.0:
-            raise ConfigError(f"module_dropout must be in [0, 1), got {self.module_dropout!r}")
+        check_dropout("module_dropout", self.module_dropout)
         if self.bias not in ("none", "all", "oft_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'oft_only', got {self.bias!r}")
         if not isinstance(self.init_weights, bool):

@@ -21,6 +21,7 @@ from ..config import PeftType, PromptLearningConfig
 from ..errors import ConfigError
 from ..prompt import EMBEDDING_PROMPT, MAX_ENCODER_HIDDEN_SIZE, MAX_ENCODER_LAYERS, check_encoder_size
 from ..registry import PromptMethod
+from .common import check_dropout
 
 __all__ = ["PromptEncoder", "PromptEncoderConfig", "PromptEncoderReparameterizationType"]  # exported from deltatune
 
@@ -66,8 +67,7 @@ class PromptEncoderConfig(PromptLearningConfig):
         if self.encoder_num_layers is None:
             raise ConfigError("encoder_num_layers must be a positive integer, got None")
         check_encoder_size("encoder_num_layers", self.encoder_num_layers, MAX_ENCODER_LAYERS)
-        if not 0.0 <= self.encoder_dropout < 1.0:
-            raise ConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
+        check_dropout("encoder_dropout", self.encoder_dropout)
 
 
 class PromptEncoder(nn.Module):

@@ -35,7 +35,7 @@ from ..errors import ConfigError, TargetError
 from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import adapter_dtype, check_scale, check_size
+from .common import adapter_dtype, check_dropout, check_scale, check_size
 
 __all__ = ["VeraConfig"]  # exported from deltatune
 
@@ -79,8 +79,7 @@ class VeraConfig(LayerConfig):
             raise ConfigError(
                 f"projection_prng_key must be an integer in [-2**63, 2**64) (a torch generator seed), got {key!r}"
             )
-        if not 0.0 <= self.vera_dropout < 1.0:
-            raise ConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
+        check_dropout("vera_dropout", self.vera_dropout)
         if self.bias not in ("none", "all", "vera_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'vera_only', got {self.bias!r}")
 
