@@ -1,4 +1,5 @@
-"""Walk a model, wrap the targets, freeze the rest; and the way back (unload, with or without merging).
+"""Wrap the targets of a resolved adapter (``resolve.py``), freeze the rest; and the way back (unload, with or
+without merging).
 
 These functions work on any ``nn.Module`` — transformers models, ``trust_remote_code`` models and plain PyTorch
 modules alike — because they only replace child modules by name and never subclass an architecture.
