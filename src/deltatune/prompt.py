@@ -34,16 +34,14 @@ import inspect
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import PromptLearningConfig, TaskType  # PromptLearningConfig also importable from here, as before
 from .errors import AdapterLoadError, AdapterStateError, ConfigError
-
-if TYPE_CHECKING:
-    from .registry import PromptMethod
+from .registry import PromptMethod
 
 # The forward argument that takes a KV cache: transformers 5.24 renamed ``past_key_values`` to ``cache``. A model's
 # own name is read from its forward signature (:func:`cache_argument`); callers may pass either.

@@ -14,16 +14,15 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from torch import nn
 
 from .errors import ConfigError
 
-if TYPE_CHECKING:
-    from torch import nn
-
-    from .config import PeftConfig
-    from .layers import Delta
-    from .prompt import PromptStrategy
+# The registry sits below the modules that define configs (``config``), deltas (``layers``) and prompt strategies
+# (``prompt``), all of which import it; so it names those types in docstrings and annotates them loosely, rather than
+# importing them even for type checking, which would draw an import cycle.
 
 # peft_type, spelled as peft writes it into adapter_config.json -> the module implementing the method.
 _METHOD_MODULES: dict[str, str] = {
@@ -91,8 +90,8 @@ class LayerMethod:
             ``zero_grad()``, by ``base_model.after_optimizer_step(step)`` (AdaLoRA's rank allocation).
     """
 
-    config_class: type[PeftConfig]
-    make_delta: Callable[..., Delta]
+    config_class: type  # a PeftConfig subclass
+    make_delta: Callable[..., nn.Module]  # returns a deltatune.layers.Delta
     layer_types: tuple[type[nn.Module], ...]
     default_targets: dict[str, list[str]] | None = None
     check_target: Callable[[Any, nn.Module, str], None] | None = None
@@ -117,9 +116,9 @@ class PromptMethod:
             cache).
     """
 
-    config_class: type[PeftConfig]
+    config_class: type  # a PromptLearningConfig subclass
     make_encoder: Callable[[Any, nn.Module], nn.Module]
-    strategy: PromptStrategy
+    strategy: Any  # a deltatune.prompt.PromptStrategy
 
 
 def get_method(peft_type: PeftType | str, *, source: str = "config") -> LayerMethod | PromptMethod:
@@ -137,7 +136,7 @@ def get_method(peft_type: PeftType | str, *, source: str = "config") -> LayerMet
     return importlib.import_module(module_name).METHOD
 
 
-def config_class(peft_type: PeftType | str, *, source: str = "config") -> type[PeftConfig]:
+def config_class(peft_type: PeftType | str, *, source: str = "config") -> type:
     """The config dataclass registered for ``peft_type``."""
     return get_method(peft_type, source=source).config_class
 
