@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -107,6 +108,28 @@ def to_model_keys(saved_keys: Iterable[str], holders: Mapping[str, nn.Module], a
             break
         mapping[key] = target
     return mapping
+
+
+def remap_keys(state_dict: Mapping[str, torch.Tensor], key_mapping: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """peft's ``key_mapping`` for a saved adapter: each key, without its ``base_model.model.`` (else ``base_model.``)
+    prefix, is rewritten by the first ``{regex: replacement}`` pattern that matches it (``re.subn``), and the prefix
+    is put back; used to load an adapter saved for a model whose modules have since been renamed.
+
+    Raises:
+        AdapterLoadError: a key without the ``base_model.`` prefix.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        prefix = LAYER_KEY_PREFIX if key.startswith(LAYER_KEY_PREFIX) else BASE_MODEL_PREFIX
+        if not key.startswith(prefix):
+            raise AdapterLoadError(f"key_mapping: saved key {key!r} does not start with {BASE_MODEL_PREFIX!r}")
+        rest = key[len(prefix):]
+        for pattern, replacement in key_mapping.items():
+            rest, count = re.subn(pattern, replacement, rest)
+            if count:
+                break
+        out[prefix + rest] = value
+    return out
 
 
 def load_layer_adapter_state_dict(

@@ -23,14 +23,67 @@ from torch import nn
 from . import checkpoint, inject, prompt, status
 from .checkpoint import check_planned_size, naming_source, restore_base_on_error
 from .config import PeftConfig, TaskType, read_config_file
-from .errors import AdapterStateError
+from .errors import AdapterStateError, ConfigError
 from .files import BASE_ADAPTER, adapter_directory, read_weights, validate_adapter_name, write_adapter
-from .layers import batch_adapters
+from .layers import adapter_layers, batch_adapters
 from .registry import LayerMethod, PromptMethod, get_method
 from .resolve import resolve
 from .targeting import trained_biases
 
 _HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
+
+
+def _hub_kwargs(entry: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The hub-addressing keywords of ``kwargs``; any other keyword is a ``TypeError`` naming it (peft swallows some
+    silently; deltatune never drops an argument)."""
+    unknown = sorted(set(kwargs) - set(_HUB_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"{entry}() got unexpected keyword argument(s) {unknown}; besides its named parameters it takes only "
+            f"the hub keywords {list(_HUB_KWARGS)}"
+        )
+    return kwargs
+
+
+def _check_load_options(entry: str, ephemeral_gpu_offload: bool, torch_device: str | torch.device | None) -> None:
+    """peft's load options that change where work happens, never the result.
+
+    ``torch_device`` is where peft reads the file's tensors before copying them into the adapter, whose parameters
+    live beside their base layers either way; it is checked and the tensors are copied straight to each parameter's
+    device. ``ephemeral_gpu_offload`` moves DoRA's initial weight-norm computation to a GPU; without a GPU peft does
+    nothing with it, and deltatune refuses it where a GPU exists rather than ignore it.
+
+    Raises:
+        ConfigError: ``ephemeral_gpu_offload=True`` while a GPU is available.
+        TypeError: ``torch_device`` is not a device.
+    """
+    if torch_device is not None:
+        try:
+            torch.device(torch_device)
+        except (RuntimeError, TypeError) as exc:
+            raise TypeError(f"{entry}(): torch_device={torch_device!r} is not a torch device: {exc}") from None
+    if ephemeral_gpu_offload and torch.cuda.is_available():
+        raise ConfigError(
+            f"{entry}(): ephemeral_gpu_offload=True is not implemented by deltatune (it computes DoRA's initial "
+            f"weight norm where the base weight lives); load without it, or move the model to the GPU first"
+        )
+
+
+def _keep_base_dtype(base: nn.Module, adapter_name: str, shared: nn.Module | None) -> None:
+    """peft's ``autocast_adapter_dtype=False``: the new adapter's weights take their base layer's half-precision
+    dtype instead of the float32 they are built in beside a float16/bfloat16 base (``methods.common.adapter_dtype``);
+    tensors shared by all layers (VeRA's projections) follow the first adapted layer."""
+    half = (torch.float16, torch.bfloat16)
+    dtypes = []
+    for _, layer in adapter_layers(base):
+        if adapter_name not in layer.deltas:
+            continue
+        dtype = next((p.dtype for p in layer.base_layer.parameters() if p.is_floating_point()), None)
+        if dtype in half:
+            layer.deltas[adapter_name].to(dtype)
+            dtypes.append(dtype)
+    if shared is not None and dtypes:
+        shared.to(dtypes[0])
 
 
 class AdapterModel(nn.Module):
@@ -105,7 +158,15 @@ class PeftModel(nn.Module):
     # How this task's inputs line up with prepended virtual tokens (prompt methods); data, not a forward per task.
     prompt_task: ClassVar[prompt.PromptTask] = prompt.PromptTask()
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """Wrap ``model`` with a new adapter ``adapter_name`` (see :meth:`add_adapter` for both options)."""
         super().__init__()
         if isinstance(model, PeftModel):
             raise AdapterStateError("the model is already a PeftModel; use add_adapter() to add another adapter")
@@ -117,7 +178,10 @@ class PeftModel(nn.Module):
         self.base_model.peft_config = self.peft_config  # peft's ``model.base_model.peft_config`` is the same dict
         self._active = [adapter_name]  # the first adapter is active; add_adapter's refresh applies that
         self.training = model.training  # a model loaded for inference stays in eval mode (no adapter dropout)
-        self.add_adapter(adapter_name, peft_config)
+        self.add_adapter(
+            adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
 
     def __getattr__(self, name: str):
         try:
@@ -143,14 +207,34 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         """Add an adapter (not made active; see :meth:`set_adapter`). All checks run before the model changes.
+
+        Args:
+            adapter_name: The new adapter's name.
+            peft_config: What to build (copied).
+            low_cpu_mem_usage: peft builds the adapter on the meta device, to be filled by a load; deltatune always
+                builds real, initialised weights, so ``True`` is refused rather than ignored.
+            autocast_adapter_dtype: As in peft: adapter weights beside a float16/bfloat16 base are kept in float32.
+                ``False`` keeps them in the base layer's dtype.
 
         Raises:
             AdapterStateError: invalid or duplicate name.
+            ConfigError: ``low_cpu_mem_usage=True``.
             TargetError: the config's targets match nothing or something the method cannot adapt.
         """
         validate_adapter_name(adapter_name)
+        if low_cpu_mem_usage:
+            raise ConfigError(
+                "low_cpu_mem_usage=True (adapter weights on the meta device, filled by a later load) is not "
+                "supported when creating an adapter; PeftModel.from_pretrained / load_adapter accept it"
+            )
         if adapter_name in self.peft_config:
             raise AdapterStateError(f"an adapter named {adapter_name!r} already exists; choose another name")
         config = copy.deepcopy(peft_config)  # the adapter's own: the caller's object is never modified
@@ -173,6 +257,8 @@ class PeftModel(nn.Module):
         except Exception:
             self._remove_adapter_modules(adapter_name)
             raise
+        if not autocast_adapter_dtype:
+            _keep_base_dtype(base, adapter_name, self._shared_state(adapter_name))
         self.peft_config[adapter_name] = config
         self.train(self.training)  # new adapter modules follow the wrapper's train/eval mode
         self._refresh()
@@ -419,19 +505,47 @@ class PeftModel(nn.Module):
         selected_adapters: Sequence[str] | None = None,
         save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
-        **_: Any,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
     ) -> None:
         """Save adapters in peft's format: the default adapter (or the first selected) at the top of
-        ``save_directory``, every other adapter in a sub-folder named after it. Each write is atomic."""
+        ``save_directory``, every other adapter in a sub-folder named after it. Each write is atomic.
+
+        Args:
+            save_directory: Where to write.
+            safe_serialization: ``adapter_model.safetensors`` (default) or a pickled ``adapter_model.bin``.
+            selected_adapters: Which adapters (default: all).
+            save_embedding_layers: Also save the base weights of adapted embedding layers (``"auto"``: when the
+                vocabulary was resized).
+            is_main_process: Only the main process writes (distributed training).
+            path_initial_model_for_weight_conversion: A directory where this PiSSA/OLoRA adapter was saved right
+                after creation: the adapter is then saved as a plain LoRA of twice the rank that applies to the
+                *original* base model (see ``methods.lora.mutated_init_to_lora``), as peft does.
+
+        Raises:
+            ConfigError: a conversion asked for an adapter that is not LoRA.
+        """
         if not is_main_process:
             return
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         for name in names:
             self._check_exists(name)
+        initial = None
+        if path_initial_model_for_weight_conversion is not None:
+            from .methods.lora import LoraConfig, mutated_init_to_lora
+
+            wrong = [n for n in names if not isinstance(self.peft_config[n], LoraConfig)]
+            if wrong:
+                raise ConfigError(
+                    f"path_initial_model_for_weight_conversion converts LoRA (PiSSA/OLoRA) adapters only; {wrong} "
+                    f"are not LoRA"
+                )
+            initial = read_weights(path_initial_model_for_weight_conversion)
         for name in names:
             directory = adapter_directory(save_directory, name)
             config = dataclasses.replace(self.peft_config[name], inference_mode=True)
             tensors = self.adapter_state_dict(name, save_embedding_layers)
+            if initial is not None:
+                config, tensors = mutated_init_to_lora(config, tensors, *initial)
             write_adapter(directory, config.to_json_string(), tensors, safe_serialization)
 
     @classmethod
@@ -442,15 +556,40 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: PeftConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         safetensors_only: bool = False,
+        torch_device: str | torch.device | None = None,
         **kwargs: Any,
     ) -> PeftModel:
         """Attach a saved adapter (local directory or hub repo id with ``revision``/``subfolder``) to ``model``.
 
         On any error the base model is left exactly as it was before the call.
+
+        Args:
+            model: The base model.
+            model_id: Adapter directory or hub repo id.
+            adapter_name: Name of the loaded adapter.
+            is_trainable: Load it trainable (default: frozen, inference mode).
+            config: Use this config instead of reading ``adapter_config.json`` (weights are still read).
+            autocast_adapter_dtype: See :meth:`add_adapter`.
+            ephemeral_gpu_offload: See ``_check_load_options`` (refused where a GPU exists).
+            low_cpu_mem_usage: peft's memory saving while loading; the loaded model is the same, so it is accepted.
+            key_mapping: ``{regex: replacement}`` applied to the saved keys first, as peft does (see
+                :func:`checkpoint.remap_keys`); by default the base model's ``_checkpoint_conversion_mapping``.
+            safetensors_only: Refuse a pickled ``adapter_model.bin``.
+            torch_device: See ``_check_load_options``.
+            **kwargs: Only the hub keywords ``subfolder``, ``revision``, ``token``, ``cache_dir``,
+                ``local_files_only``.
+
+        Raises:
+            TypeError: any other keyword.
         """
+        hub = _hub_kwargs("from_pretrained", kwargs)
+        _check_load_options("from_pretrained", ephemeral_gpu_offload, torch_device)
         validate_adapter_name(adapter_name)
-        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         if config is not None:
             config, config_source = copy.deepcopy(config), "config passed to from_pretrained"
         else:
@@ -460,10 +599,11 @@ class PeftModel(nn.Module):
         if cls is PeftModel and config.task_type is not None:
             target_cls = TASK_WRAPPERS.get(config.task_type, PeftModel)
         tensors, source = read_weights(model_id, safetensors_only=safetensors_only, **hub)
+        tensors = _remap(model, config, tensors, key_mapping)
         check_planned_size(model, config, tensors, source, config_source)
         with restore_base_on_error(model, config):
             with naming_source(config_source):
-                peft_model = target_cls(model, config, adapter_name)
+                peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
             try:
                 peft_model.load_adapter_state_dict(tensors, adapter_name, source)
             except Exception:
@@ -476,21 +616,41 @@ class PeftModel(nn.Module):
         model_id: str | os.PathLike,
         adapter_name: str,
         is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         safetensors_only: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Load another saved adapter under ``adapter_name`` (not made active); all or nothing."""
+        """Load a saved adapter under ``adapter_name`` (not made active); all or nothing. Arguments as in
+        :meth:`from_pretrained`.
+
+        As in peft, an existing ``adapter_name`` gets the file's weights (what ``transformers.Trainer`` does to
+        resume from a checkpoint or restore the best one): in place, so an optimizer holding the parameters keeps
+        them, and only when the file's config equals the adapter's (else the weights would mean something else);
+        its trainability is unchanged.
+
+        Raises:
+            ConfigError: the file's config differs from the existing adapter's.
+            TypeError: an unknown keyword.
+        """
+        hub = _hub_kwargs("load_adapter", kwargs)
+        _check_load_options("load_adapter", ephemeral_gpu_offload, torch_device)
         validate_adapter_name(adapter_name)
-        if adapter_name in self.peft_config:
-            raise AdapterStateError(f"an adapter named {adapter_name!r} already exists; choose another name")
-        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         config, config_source = read_config_file(model_id, **hub)
-        config.inference_mode = not is_trainable
         tensors, source = read_weights(model_id, safetensors_only=safetensors_only, **hub)
+        tensors = _remap(self.get_base_model(), config, tensors, key_mapping)
+        if adapter_name in self.peft_config:
+            self._check_same_config(adapter_name, config, config_source)
+            self.load_adapter_state_dict(tensors, adapter_name, source)
+            return
+        config.inference_mode = not is_trainable
         check_planned_size(self.get_base_model(), config, tensors, source, config_source)
         with restore_base_on_error(self.get_base_model(), config):
             with naming_source(config_source):
-                self.add_adapter(adapter_name, config)
+                self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
             try:
                 self.load_adapter_state_dict(tensors, adapter_name, source)
             except Exception:
@@ -498,6 +658,29 @@ class PeftModel(nn.Module):
                 del self.peft_config[adapter_name]
                 self._refresh()
                 raise
+
+    def _check_same_config(self, adapter_name: str, config: PeftConfig, source: str) -> None:
+        """Refuse loading a file into existing adapter ``adapter_name`` unless it was saved with the same config
+        (fields that do not change the weights' meaning aside)."""
+        ignored = ("inference_mode", "base_model_name_or_path", "revision")
+        mine = {k: v for k, v in self.peft_config[adapter_name].to_dict().items() if k not in ignored}
+        theirs = {k: v for k, v in config.to_dict().items() if k not in ignored}
+        diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        if diff:
+            raise ConfigError(
+                f"{source}: cannot load into the existing adapter {adapter_name!r}: its config differs in {diff}; "
+                f"load it under another name"
+            )
+
+
+def _remap(
+    model: nn.Module, config: PeftConfig, tensors: dict[str, torch.Tensor], key_mapping: dict[str, str] | None
+) -> dict[str, torch.Tensor]:
+    """Apply ``key_mapping``, by default (layer methods only, as peft) the model's ``_checkpoint_conversion_mapping``,
+    with which transformers maps checkpoints of an older architecture onto a renamed one."""
+    if key_mapping is None and not config.is_prompt_learning:
+        key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
+    return checkpoint.remap_keys(tensors, key_mapping) if key_mapping else tensors
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -545,8 +728,35 @@ TASK_WRAPPERS: dict[TaskType, type[PeftModel]] = {
 
 
 def get_peft_model(
-    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Wrap ``model`` with a new adapter described by ``peft_config``; the wrapper class follows ``task_type``."""
+    """Wrap ``model`` with a new adapter described by ``peft_config``; the wrapper class follows ``task_type``.
+
+    Args:
+        model: The base model (modified in place).
+        peft_config: The adapter's config.
+        adapter_name: Its name.
+        mixed: peft's ``PeftMixedModel`` (adapters of different methods active together); not implemented, so
+            ``True`` is refused.
+        autocast_adapter_dtype: See :meth:`PeftModel.add_adapter`.
+        revision: Recorded as the config's ``revision`` (the base model's hub revision), as peft does.
+        low_cpu_mem_usage: See :meth:`PeftModel.add_adapter` (``True`` is refused).
+
+    Raises:
+        ConfigError: ``mixed=True`` or ``low_cpu_mem_usage=True``.
+    """
+    if mixed:
+        raise ConfigError("mixed=True (peft's PeftMixedModel) is not supported; use one method per model")
+    if revision is not None:
+        peft_config = dataclasses.replace(peft_config, revision=revision)
     cls = TASK_WRAPPERS.get(peft_config.task_type, PeftModel) if peft_config.task_type else PeftModel
-    return cls(model, peft_config, adapter_name, **kwargs)
+    return cls(
+        model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )

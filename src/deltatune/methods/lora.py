@@ -20,6 +20,7 @@ Layer types: ``nn.Linear``, transformers ``Conv1D`` (weight stored ``(in, out)``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -534,6 +535,59 @@ def _build(cls: type[LoraDelta], config: LoraConfig, base_layer: nn.Module, r: i
     if config.use_dora:
         delta.dora = DoraVariant.for_delta(delta, base_layer)
     return delta
+
+
+def mutated_init_to_lora(
+    config: LoraConfig, trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], source: str
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Turn a PiSSA/OLoRA adapter into a plain LoRA adapter for the *original* base (peft's
+    ``path_initial_model_for_weight_conversion``, ``LoraModel.subtract_mutated_init``).
+
+    Those inits move ``s B0 A0`` out of the base weight (``W_res = W - s B0 A0``), so after training the model computes
+    ``W_res + s B A`` and its change from the original base is ``ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]``: a LoRA
+    of rank ``2r`` whose factors are the trained and initial ones stacked (``A`` ``[r, in]`` -> ``[2r, in]``, ``B``
+    ``[out, r]`` -> ``[out, 2r]``), with ``lora_alpha`` (and the patterns) doubled so the scale stays ``s`` (``√2`` with
+    rsLoRA, whose scale is ``alpha / √r``). Tensors other than the factors (trained biases, ``modules_to_save``
+    heads) are absolute values, kept as they are.
+
+    Args:
+        config: The adapter's config.
+        trained: Its saved-format tensors now.
+        initial: The saved-format tensors of the same adapter right after creation (before any training).
+        source: Where ``initial`` came from, named in errors.
+
+    Returns:
+        The plain-LoRA config (``init_lora_weights=True``) and tensors.
+
+    Raises:
+        ConfigError: rsLoRA with a rank or alpha pattern (peft refuses it too), or ``initial`` does not hold the same
+            factors.
+    """
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ConfigError(
+            "path_initial_model_for_weight_conversion is not supported with use_rslora and a rank_pattern or "
+            "alpha_pattern together (the doubled rank changes the scale per pattern)"
+        )
+    out = dict(trained)
+    for key, value in trained.items():
+        dim = 0 if ".lora_A." in key else 1 if ".lora_B." in key else None
+        if dim is None:
+            continue
+        start = initial.get(key)
+        if start is None or start.shape != value.shape:
+            raise ConfigError(
+                f"{source}: has no initial {key!r} of shape {list(value.shape)}; save the adapter right after "
+                f"creating it and pass that directory"
+            )
+        start = start.to(dtype=value.dtype, device=value.device)
+        out[key] = torch.cat([value, start if dim == 0 else -start], dim=dim)
+    factor = math.sqrt(2) if config.use_rslora else 2
+    plain = dataclasses.replace(
+        config, r=2 * config.r, lora_alpha=factor * config.lora_alpha, init_lora_weights=True,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+    )
+    return plain, out
 
 
 METHOD = LayerMethod(
