@@ -39,8 +39,11 @@ from .model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from .integrations import install as _install_integrations
 
 __version__ = "0.1.0"
+# transformers' Trainer, accelerate and TRL treat deltatune models as peft models (see deltatune.integrations).
+_install_integrations()
 
 _CORE_NAMES = [
     "AdapterLayer",
