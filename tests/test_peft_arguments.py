@@ -175,3 +175,14 @@ def test_conversion_of_a_non_lora_adapter_is_refused(tmp_path: Path) -> None:
     with pytest.raises(dt.ConfigError, match="LoRA"):
         model.save_pretrained(tmp_path / "x", path_initial_model_for_weight_conversion=tmp_path / "init")
     assert not (tmp_path / "x").exists()
+
+
+def test_inject_low_cpu_mem_usage_needs_the_state_dict(tmp_path: Path) -> None:
+    path, expected = _saved(tmp_path)
+    from safetensors.torch import load_file
+
+    with pytest.raises(dt.ConfigError, match="low_cpu_mem_usage"):
+        dt.inject_adapter_in_model(_lora(), tiny_llama(), low_cpu_mem_usage=True)
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(path / "adapter_model.safetensors").items()}
+    model = dt.inject_adapter_in_model(_lora(), tiny_llama(), low_cpu_mem_usage=True, state_dict=state)
+    assert torch.equal(logits(model, make_causal_lm_inputs(model)), expected)

@@ -48,13 +48,20 @@ def inject_adapter_in_model(
         peft_config: A layer method's config (prompt methods need the ``PeftModel`` wrapper to feed their inputs).
         model: Any module; it keeps its class and forward.
         adapter_name: Name of the new adapter.
-        low_cpu_mem_usage: Accepted for peft compatibility; adapters are always built directly where the base is.
+        low_cpu_mem_usage: peft builds the adapter on the meta device and fills it from ``state_dict``; deltatune
+            builds it where the base is and loads ``state_dict`` into it, the same result, so this is accepted with
+            a ``state_dict`` and refused without one (peft would leave meta tensors).
         state_dict: Adapter weights in the saved format (``<path>.lora_A.weight``, ...) to load right away.
 
     Raises:
-        ConfigError: ``peft_config`` belongs to a prompt method.
+        ConfigError: ``peft_config`` belongs to a prompt method, or ``low_cpu_mem_usage`` without ``state_dict``.
         TargetError: the targets match nothing or a module the method cannot adapt.
     """
+    if low_cpu_mem_usage and state_dict is None:
+        raise ConfigError(
+            "low_cpu_mem_usage=True without a state_dict (an adapter left on the meta device) is not supported; "
+            "pass the adapter's state_dict, or leave low_cpu_mem_usage off"
+        )
     method = get_method(peft_config.peft_type)
     if not isinstance(method, LayerMethod):
         raise ConfigError(
