@@ -31,6 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) of the adapter")
     parser.add_argument("--subfolder", help="sub-folder of the directory / repo that holds the adapter")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--check", choices=["vllm"], help="also say whether vLLM will load the adapter, and why not (exit status 1)"
+    )
+    parser.add_argument(
+        "--max-lora-rank", type=int, metavar="N", help="with --check vllm: the server's --max-lora-rank"
+    )
     parser.set_defaults(func=run)
 
 
@@ -206,11 +212,25 @@ def format_report(report: dict[str, Any]) -> str:
     rows.append(("deltatune", verdict))
     if report.get("other_adapters"):
         rows.append(("other adapters", ", ".join(report["other_adapters"])))
+    if "vllm" in report:
+        verdict = report["vllm"]
+        if verdict["loads"]:
+            rows.append(("vllm", f"loads it (with --enable-lora --max-lora-rank {verdict['max_lora_rank']} or more)"))
+        else:
+            rows.append(("vllm", "refuses it: " + "; ".join(verdict["problems"])))
     width = max(len(k) for k, _ in rows) + 1
     return "\n".join(f"{k + ':':<{width}} {v}" for k, v in rows)
 
 
 def run(args: argparse.Namespace) -> int:
     report = inspect_adapter(args.adapter, revision=args.revision, subfolder=args.subfolder)
+    if args.check == "vllm":
+        from dataclasses import asdict
+
+        from ..deploy import check_vllm
+
+        report["vllm"] = asdict(check_vllm(
+            args.adapter, revision=args.revision, subfolder=args.subfolder, max_lora_rank=args.max_lora_rank
+        ))
     print(json.dumps(report, indent=2, sort_keys=True, default=str) if args.json else format_report(report))
-    return 0
+    return 1 if "vllm" in report and not report["vllm"]["loads"] else 0

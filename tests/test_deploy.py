@@ -1,0 +1,78 @@
+"""``deltatune.deploy``: whether vLLM loads an adapter, from its files alone (``deltatune inspect --check vllm``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import deltatune as dt
+from deltatune.cli import main
+from deltatune.deploy import check_vllm
+from tests.models import tiny_convnet, tiny_llama
+
+_LLAMA = ["q_proj", "v_proj"]
+
+
+def _save(tmp_path: Path, config: dt.PeftConfig, model=None, **save) -> Path:
+    model = dt.get_peft_model(model if model is not None else tiny_llama(), config)
+    model.save_pretrained(tmp_path / "a", **save)
+    return tmp_path / "a"
+
+
+@pytest.mark.parametrize("config", [
+    dt.LoraConfig(target_modules=_LLAMA),
+    dt.LoraConfig(target_modules=_LLAMA, use_rslora=True, r=16),
+    dt.LoraConfig(target_modules=_LLAMA, rank_pattern={"q_proj": 32}, alpha_pattern={"v_proj": 4}),
+])
+def test_plain_lora_loads(config: dt.LoraConfig, tmp_path: Path) -> None:
+    verdict = check_vllm(_save(tmp_path, config))
+    assert verdict.loads and verdict.problems == []
+    assert verdict.max_lora_rank == (32 if config.rank_pattern else 16 if config.r == 16 else 8)
+
+
+@pytest.mark.parametrize("config, reason", [
+    (dt.LoraConfig(target_modules=_LLAMA, use_dora=True), "DoRA"),
+    (dt.LoraConfig(target_modules=_LLAMA, bias="all"), "bias='all'"),
+    (dt.LoraConfig(target_modules=_LLAMA, modules_to_save=["lm_head"]), "modules_to_save ['lm_head']"),
+    (dt.LoraConfig(target_modules=_LLAMA, init_lora_weights="pissa"), "path_initial_model_for_weight_conversion"),
+    (dt.LoraConfig(target_modules=_LLAMA, init_lora_weights="olora"), "olora"),
+    (dt.LoraConfig(target_modules=_LLAMA, r=1024), "largest --max-lora-rank"),
+    (dt.IA3Config(target_modules=["k_proj"], feedforward_modules=[]), "IA3 is not LoRA"),
+])
+def test_refusals_name_the_reason(config: dt.PeftConfig, reason: str, tmp_path: Path) -> None:
+    verdict = check_vllm(_save(tmp_path, config))
+    assert not verdict.loads
+    assert any(reason in p for p in verdict.problems), verdict.problems
+
+
+def test_server_rank_limit(tmp_path: Path) -> None:
+    path = _save(tmp_path, dt.LoraConfig(target_modules=_LLAMA, r=32))
+    assert check_vllm(path, max_lora_rank=64).loads
+    verdict = check_vllm(path, max_lora_rank=16)
+    assert not verdict.loads and "--max-lora-rank 32" in verdict.problems[0]
+
+
+def test_conv_targets_are_refused(tmp_path: Path) -> None:
+    verdict = check_vllm(_save(tmp_path, dt.LoraConfig(target_modules=["conv2d"]), model=tiny_convnet()))
+    assert not verdict.loads and "convolution" in verdict.problems[0]
+
+
+def test_converted_pissa_adapter_loads(tmp_path: Path) -> None:
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=_LLAMA, init_lora_weights="pissa"))
+    model.save_pretrained(tmp_path / "init")
+    model.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "init")
+    assert check_vllm(tmp_path / "plain").loads
+
+
+def test_inspect_check_vllm(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    good = _save(tmp_path / "g", dt.LoraConfig(target_modules=_LLAMA))
+    assert main(["inspect", str(good), "--check", "vllm"]) == 0
+    assert "vllm:" in capsys.readouterr().out
+    bad = _save(tmp_path / "b", dt.LoraConfig(target_modules=_LLAMA, use_dora=True))
+    assert main(["inspect", str(bad), "--check", "vllm", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["vllm"]["loads"] is False and "DoRA" in report["vllm"]["problems"][0]
+    assert main(["inspect", str(good)]) == 0
+    assert "\nvllm:" not in capsys.readouterr().out  # only when asked
