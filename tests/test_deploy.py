@@ -76,3 +76,57 @@ def test_inspect_check_vllm(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert report["vllm"]["loads"] is False and "DoRA" in report["vllm"]["problems"][0]
     assert main(["inspect", str(good)]) == 0
     assert "\nvllm:" not in capsys.readouterr().out  # only when asked
+
+
+# --- deltatune export --to vllm -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> str:
+    from tests.train_utils import write_llama
+
+    return write_llama(tmp_path_factory.mktemp("export") / "llama")
+
+
+def _adapter(llama_dir: str, tmp_path: Path, config: dt.PeftConfig) -> tuple[Path, dt.PeftModel]:
+    from transformers import AutoModelForCausalLM
+
+    from tests.adapter_utils import perturb_lora
+
+    model = dt.get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir), config)
+    if isinstance(config, dt.LoraConfig):
+        perturb_lora(model)
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", model.eval()
+
+
+def test_export_copies_an_adapter_vllm_loads(llama_dir: str, tmp_path: Path, capsys) -> None:
+    adapter, _ = _adapter(llama_dir, tmp_path, dt.LoraConfig(task_type="CAUSAL_LM", target_modules=_LLAMA))
+    assert main(["export", str(adapter), "--to", "vllm", "--out", str(tmp_path / "out")]) == 0
+    assert "as is" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "out" / name).read_bytes() == (adapter / name).read_bytes()
+
+
+def test_export_merges_what_vllm_refuses_and_reports_the_difference(llama_dir: str, tmp_path: Path, capsys) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    adapter, model = _adapter(
+        llama_dir, tmp_path, dt.LoraConfig(task_type="CAUSAL_LM", target_modules=_LLAMA, use_dora=True)
+    )
+    assert main(["export", str(adapter), "--to", "vllm", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "DoRA" in out and "merged model" in out and "largest logit difference" in out
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
+
+
+def test_export_of_a_prompt_adapter_is_refused_and_writes_nothing(llama_dir: str, tmp_path: Path, capsys) -> None:
+    adapter, _ = _adapter(llama_dir, tmp_path, dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    assert main(["export", str(adapter), "--to", "vllm", "--out", str(tmp_path / "out")]) == 2
+    assert "prompt" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary folder left behind

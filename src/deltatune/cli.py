@@ -9,7 +9,7 @@ import sys
 
 from .errors import DeltatuneError
 
-_COMMANDS: tuple[str, ...] = ("inspect", "train", "generate", "merge", "serve")
+_COMMANDS: tuple[str, ...] = ("inspect", "train", "generate", "merge", "export", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 
-from ._common import one_line_errors
+from ._common import check_output_directory, one_line_errors, replace_directory
 
 DESCRIPTION = """\
 Merge a trained adapter into its base model and save the result as a plain transformers model directory (weights,
@@ -40,36 +37,19 @@ def run(args: argparse.Namespace) -> int:
 
     from ..train._quiet import quiet_transformers
     from ..train.artifacts import load, locate
-    from ..train.options import TrainError
 
-    out = os.path.abspath(args.out)
-    if os.path.isfile(out):
-        raise TrainError(f"--out {args.out} is a file; choose a directory")
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        raise TrainError(f"--out {args.out} already holds files; choose another directory or pass --overwrite")
+    out = check_output_directory(args.out, "--out", args.overwrite)
     source = locate(args.run, args.model)
     model, tokenizer = load(source)
     merged = model.merge_and_unload()
     merged = merged.to(getattr(torch, _DTYPES[args.dtype]))
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-merge-", dir=parent)
-    try:
-        try:
-            with quiet_transformers():
-                merged.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-        except OSError as exc:
-            raise TrainError(f"could not write the merged model ({exc.strerror or exc}); --out is unchanged") from None
-        old = None
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=".old-merge-", dir=parent)
-            os.rename(out, os.path.join(old, "previous"))
-        os.rename(tmp, out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def fill(directory: str) -> None:
+        with quiet_transformers():
+            merged.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+
+    replace_directory(out, fill, "merged model")
     print(f"merged {source.adapter_dir} into {source.model}: {args.out} "
           f"(load with transformers' AutoModel*.from_pretrained)")
     return 0
