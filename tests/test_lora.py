@@ -557,3 +557,118 @@ def test_adapter_weights_stay_float32_on_a_half_precision_base() -> None:
     assert delta.lora_A.weight.dtype == torch.float32
     out = peft_model(make_mlp_inputs()["x"].to(torch.bfloat16))
     assert out.dtype == torch.bfloat16
+
+
+
+# --- lora_bias -------------------------------------------------------------------------------------------------------
+
+_BIAS_TARGETS = ["linear", "conv1d_gpt2", "conv2d", "conv3d"]
+_BIAS_INPUTS = {  # an input of each target's own shape
+    "linear": (2, 6), "conv1d_gpt2": (2, 8), "conv2d": (2, 4, 2, 2), "conv3d": (2, 4, 1, 2, 2),
+}
+
+
+def test_lora_bias_adds_the_scaled_bias_of_b_on_every_layer_type() -> None:
+    """``h = W x + b₀ + (α/r)·(B A x + b)`` on Linear, Conv1D, Conv2d and Conv3d against the formula per layer (for
+    the convolutions, ``b`` broadcast over the spatial dims); a fresh adapter's bias is zero, so the model is the base,
+    and ``init_lora_weights=False`` draws it."""
+    from tests.cases.lora import bias_net, bias_net_inputs
+
+    fresh = dt.get_peft_model(bias_net(), dt.LoraConfig(target_modules=_BIAS_TARGETS, r=2, lora_bias=True))
+    inputs = bias_net_inputs(fresh)
+    assert torch.equal(logits(fresh, inputs), bias_net()(**inputs))
+    model = dt.get_peft_model(bias_net(), dt.LoraConfig(
+        target_modules=_BIAS_TARGETS, r=2, lora_alpha=6, lora_bias=True, init_lora_weights=False,
+    ))
+    gen = torch.Generator().manual_seed(0)
+    for name, layer in adapter_layers(model):
+        leaf = name.rsplit(".", 1)[-1]
+        delta, base = layer.deltas["default"], layer.base_layer
+        x = torch.randn(_BIAS_INPUTS[leaf], generator=gen)
+        a, b, bias = delta.lora_A.weight, delta.lora_B.weight, delta.lora_B.bias
+        assert bias.abs().min() > 0
+        if leaf in ("linear", "conv1d_gpt2"):
+            update = x @ a.T @ b.T + bias
+        else:
+            ax = delta.lora_A(x)  # A keeps the base kernel; B is 1×…×1: a per-position (out, r) matmul
+            update = torch.einsum("or,br...->bo...", b.flatten(1), ax) + bias.view(1, -1, *[1] * (x.ndim - 2))
+        torch.testing.assert_close(layer(x), base(x) + 3.0 * update)
+
+
+def test_lora_bias_merges_into_the_base_bias_as_peft_does_and_unmerges(tmp_path) -> None:
+    import peft
+
+    from tests.cases.lora import bias_net, bias_net_inputs
+
+    model = dt.get_peft_model(bias_net(), dt.LoraConfig(
+        target_modules=_BIAS_TARGETS, r=2, lora_bias=True, init_lora_weights=False,
+    ))
+    inputs = bias_net_inputs(model)
+    expected, before = logits(model, inputs), snapshot(model)
+    model.save_pretrained(tmp_path)
+    model.merge_adapter()
+    for name, layer in adapter_layers(model):
+        delta = layer.deltas["default"]
+        torch.testing.assert_close(
+            layer.base_layer.bias, before[f"{name}.base_layer.bias"] + delta.scaling * delta.lora_B.bias
+        )
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    for key, value in snapshot(model).items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
+    theirs = peft.PeftModel.from_pretrained(bias_net(), tmp_path).merge_and_unload().state_dict()
+    mine = model.merge_and_unload().state_dict()
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_lora_bias_on_a_layer_without_a_bias_trains_but_refuses_to_merge() -> None:
+    """As in peft: the adapter works unmerged; merging has no bias to fold ``b`` into and changes nothing."""
+    from tests.cases.lora import bias_net, bias_net_inputs
+
+    model = dt.get_peft_model(bias_net(), dt.LoraConfig(target_modules=["head", "linear"], lora_bias=True))
+    before = snapshot(model)
+    with pytest.raises(dt.AdapterStateError, match="lora_bias=True.*no bias"):
+        model.merge_adapter()
+    assert_same_state(before, model)
+    assert logits(model, bias_net_inputs(model)).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(use_dora=True), "lora_bias=True cannot be combined with use_dora=True"),
+        (dict(init_lora_weights="gaussian"), "lora_bias=True supports init_lora_weights=True or False"),
+        (dict(init_lora_weights="pissa"), "lora_bias=True supports init_lora_weights=True or False"),
+    ],
+)
+def test_lora_bias_refuses_what_peft_refuses(kwargs, match) -> None:
+    with pytest.raises(dt.ConfigError, match=match):
+        dt.LoraConfig(lora_bias=True, **kwargs)
+
+
+@pytest.mark.parametrize("target", ["embed", "attn"])
+def test_lora_bias_refuses_embedding_and_multihead_attention(target) -> None:
+    model = tiny_convnet() if target == "embed" else attention_net()
+    with pytest.raises(dt.TargetError, match=f"{target}: lora_bias=True supports Linear, Conv1D and Conv layers"):
+        dt.get_peft_model(model, dt.LoraConfig(target_modules=[target], lora_bias=True))
+
+
+def test_lora_bias_keeps_mixed_batches_and_the_fused_path_for_plain_lora() -> None:
+    """A lora_bias adapter next to a plain one in one mixed batch equals each row alone; the plain adapter still
+    takes the gathered kernel, the lora_bias one the general path."""
+    model = dt.get_peft_model(tiny_gpt2(), dt.LoraConfig(task_type="CAUSAL_LM", lora_bias=True, init_lora_weights=False))
+    model.add_adapter("plain", dt.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False))
+    layer = next(layer for _, layer in adapter_layers(model))
+    assert not layer.deltas["default"].gatherable() and layer.deltas["plain"].gatherable()
+    model.eval()
+    assert_mixed_batch_equals_each_row_alone(
+        model, make_causal_lm_inputs(model, 3), ["default", "plain", "__base__"]
+    )
+
+
+def test_combining_a_lora_bias_adapter_is_refused() -> None:
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(task_type="CAUSAL_LM", lora_bias=True))
+    with pytest.raises(dt.ConfigError, match="lora_bias=True"):
+        model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")

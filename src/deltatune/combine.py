@@ -266,6 +266,9 @@ def resolve_request(
         if config.use_dora:
             raise ConfigError(f"adapter {name!r} uses DoRA, whose magnitude vector has no meaningful weighted "
                               f"combination; combine plain LoRA adapters, or merge_and_unload() them one by one")
+        if config.lora_bias:
+            raise ConfigError(f"adapter {name!r} has lora_bias=True, whose bias the combined A and B factors cannot "
+                              f"carry; combine adapters without lora_bias, or merge_and_unload() them one by one")
     try:
         weights = tuple(float(w) for w in weights)
     except (TypeError, ValueError):

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from tests.cases import (
     ALL_FAMILIES,
@@ -60,6 +61,8 @@ MATRIX = [
     _lora("dora", use_dora=True),
     _lora("gaussian", _MATH_ONLY, init_lora_weights="gaussian"),
     _lora("bias_all", _MATH_ONLY, bias="all"),
+    # lora_bias merges into the base bias: the families whose targets have one (GPT-2's Conv1D, BERT's Linear)
+    _lora("lora_bias", ("gpt2", "bert"), lora_bias=True),
     _lora("all_linear", target_modules="all-linear"),
     MatrixCase("LoraConfig", "pissa", dict(init_lora_weights="pissa"), weight_init=True, families=_MATH_ONLY),
     MatrixCase("LoraConfig", "olora", dict(init_lora_weights="olora"), weight_init=True, families=_MATH_ONLY),
@@ -96,6 +99,35 @@ class AttentionNet(nn.Module):
             x = x.transpose(0, 1)
         out, _ = self.attn(x, x, x)
         return self.head(out if self.attn.batch_first else out.transpose(0, 1))
+
+
+class BiasNet(nn.Module):
+    """Every layer type ``lora_bias`` supports: ``x (B, 6)`` -> ``linear`` -> GPT-2 ``conv1d_gpt2`` -> as a
+    ``(B, 4, 2, 2)`` image -> ``conv2d`` (3×3) -> as a ``(B, 4, 1, 2, 2)`` volume -> ``conv3d`` (1×3×3) -> mean -> ``head``
+    (no bias: lora_bias there cannot merge) -> ``(B, 3)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 8)
+        self.conv1d_gpt2 = Conv1D(16, 8)
+        self.conv2d = nn.Conv2d(4, 4, kernel_size=3, padding=1)
+        # not 1×1×1: peft 0.21.2 merges a 1×1×1 Conv3d as if it were a 1×1 Conv2d and fails
+        self.conv3d = nn.Conv3d(4, 5, kernel_size=(1, 3, 3), padding=(0, 1, 1))
+        self.head = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.conv1d_gpt2(torch.relu(self.linear(x))).view(-1, 4, 2, 2)
+        hidden = self.conv3d(torch.relu(self.conv2d(hidden)).unsqueeze(2))  # (B, 5, 1, 2, 2)
+        return self.head(hidden.mean(dim=(2, 3, 4)))
+
+
+def bias_net() -> BiasNet:
+    torch.manual_seed(0)
+    return BiasNet()
+
+
+def bias_net_inputs(model: nn.Module, batch: int = 2) -> dict[str, torch.Tensor]:
+    return {"x": torch.randn(batch, 6, generator=torch.Generator().manual_seed(0))}
 
 
 def grouped_convnet() -> GroupedConvNet:
@@ -220,6 +252,22 @@ INTEROP = [
         lambda: tiny_bert("seq_cls"),
         make_seq_cls_inputs,
         dict(task_type="SEQ_CLS", bias="lora_only"),
+    ),
+    InteropCase(
+        "lora-bias-linear-conv2d-conv3d",
+        "LoraConfig",
+        bias_net,
+        bias_net_inputs,
+        dict(target_modules=["linear", "conv2d", "conv3d", "head"], r=2, lora_bias=True),
+    ),
+    # Conv1D apart: with Linear targets beside it peft's file records the fan_in_fan_out of whichever layer it built
+    # last, deltatune's True (it adapts a Conv1D)
+    InteropCase(
+        "lora-bias-conv1d", "LoraConfig", bias_net, bias_net_inputs,
+        dict(target_modules=["conv1d_gpt2"], r=2, lora_bias=True, fan_in_fan_out=True),
+    ),
+    InteropCase(
+        "gpt2-lora-bias", "LoraConfig", tiny_gpt2, make_causal_lm_inputs, dict(task_type="CAUSAL_LM", lora_bias=True)
     ),
     # peft's rule: the rank must divide by groups (here 2 and 4)
     InteropCase(

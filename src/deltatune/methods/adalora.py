@@ -100,6 +100,8 @@ class AdaLoraConfig(LoraConfig):
         self.rank_pattern = masks
         if self.use_dora or not isinstance(self.init_lora_weights, bool):
             raise ConfigError("AdaLoRA supports neither DoRA nor init schemes other than init_lora_weights=True/False")
+        if self.lora_bias:  # peft's AdaLoRA layers ignore the field; refused rather than silently dropped
+            raise ConfigError("AdaLoRA does not support lora_bias=True; use LoraConfig for a bias on lora_B")
         ignored = [f for f, off in (("r", 8), ("use_rslora", False), ("alpha_pattern", {})) if getattr(self, f) != off]
         if ignored:
             warnings.warn(f"AdaLoRA ignores {ignored} (set init_r for the starting rank)", stacklevel=3)

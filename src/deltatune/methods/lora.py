@@ -8,6 +8,9 @@ Variants, each a small piece on top of the same delta:
 * rsLoRA (Kalajdzievski, 2023, §3): scale by ``α / √r`` so the update's magnitude does not shrink with rank.
 * DoRA (Liu et al., 2024, §4.1, §4.3): ``W' = m · (W₀ + ΔW) / ‖W₀ + ΔW‖`` per output channel with a trainable
   magnitude ``m``; a variant strategy the delta holds, in ``methods/dora.py``.
+* ``lora_bias``: a trainable bias on B (peft's ``lora_B.bias``), so the update is ``(α/r)·(BAx + b)``, for LoRA
+  extracted from a full fine-tune whose biases changed too; zero at init, folded into the base bias on merge (a base
+  layer without a bias cannot merge it). Linear, Conv1D and Conv layers; not with DoRA.
 * Init schemes: ``True`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r)), ``False`` (both random: a
   non-zero delta, for tests), ``"pissa"`` / ``"pissa_niter_N"`` (Meng et al., 2024: A, B from the top-r singular
   triplets of W₀; W₀ keeps the residual), ``"olora"`` (Büyükakyüz, 2024: A, B from a QR decomposition of W₀).
@@ -67,6 +70,7 @@ class LoraConfig(LayerConfig):
         init_lora_weights: ``True``, ``False``, ``"gaussian"``, ``"pissa"``, ``"pissa_niter_N"`` or ``"olora"``.
         rank_pattern: ``{module-name pattern: r}`` overriding ``r`` for matching modules (regex on the name suffix).
         alpha_pattern: ``{module-name pattern: alpha}`` overriding ``lora_alpha`` likewise.
+        lora_bias: A trainable bias on ``lora_B`` (saved as ``lora_B.bias``), scaled like the update; zero at init.
     """
 
     peft_type: PeftType = field(default=PeftType.LORA, init=False)
@@ -80,6 +84,7 @@ class LoraConfig(LayerConfig):
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    lora_bias: bool = False
 
     # peft LoRA features not implemented here; a file that switches one on is refused (see config.py).
     _unsupported: ClassVar[dict[str, Any]] = {
@@ -88,7 +93,7 @@ class LoraConfig(LayerConfig):
                 "layer_replication", "loftq_config", "eva_config", "corda_config", "megatron_config",
                 "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "arrow_config",
                 "use_bdlora", "kasa_config", "monteclora_config", "velora_config", "lora_ga_config", "use_qalora",
-                "lora_bias", "ensure_weight_tying",
+                "ensure_weight_tying",
             )
         ),
         "qalora_group_size": 16,
@@ -110,6 +115,12 @@ class LoraConfig(LayerConfig):
             )
         if self.use_dora and isinstance(init, str) and init != "gaussian":
             raise ConfigError(f"use_dora cannot be combined with init_lora_weights={init!r}")
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("lora_bias=True cannot be combined with use_dora=True (nor in peft); pass one of them")
+        if self.lora_bias and not isinstance(init, bool):  # peft's rule: the bias has no data-driven init
+            raise ConfigError(
+                f"lora_bias=True supports init_lora_weights=True or False only, got init_lora_weights={init!r}"
+            )
 
 
 class LoraDelta(Delta):
@@ -212,6 +223,27 @@ class LoraDelta(Delta):
             return self.dora.merge_weight(self, weight, base_layer)
         return super().merge_weight(weight, base_layer)
 
+    @property
+    def lora_bias(self) -> torch.Tensor | None:
+        """B's bias ``(out,)`` under ``lora_bias=True`` (the layer types that have one keep it on ``lora_B``)."""
+        b = getattr(self, "lora_B", None)
+        return getattr(b, "bias", None)
+
+    def check_mergeable(self, base_layer: nn.Module) -> None:
+        if self.lora_bias is not None and getattr(base_layer, "bias", None) is None:
+            raise AdapterStateError(
+                f"this adapter has lora_bias=True but the {type(base_layer).__name__} it adapts has no bias to fold "
+                f"it into (peft cannot merge it either); keep the adapter unmerged"
+            )
+
+    def merge_bias(self, bias: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        b = self.lora_bias
+        return bias if b is None else bias + (b * self.scaling).to(bias.dtype)
+
+    def unmerge_bias(self, bias: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        b = self.lora_bias
+        return bias if b is None else bias - (b * self.scaling).to(bias.dtype)
+
     def unmerge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         if self.dora is not None:
             return self.dora.unmerge_weight(self, weight, base_layer)
@@ -221,29 +253,32 @@ class LoraDelta(Delta):
 class LoraLinear(LoraDelta):
     """LoRA on ``nn.Linear`` and transformers ``Conv1D`` (whose weight is stored transposed)."""
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool,
+                 lora_bias: bool = False) -> None:
         super().__init__(r, alpha, dropout, use_rslora)
         out_features, in_features = self.canonical(self.base_weight(base_layer), base_layer).shape
         self.lora_A = nn.Linear(in_features, r, bias=False)
-        self.lora_B = nn.Linear(r, out_features, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=lora_bias)
 
     @staticmethod
     def canonical(weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return weight.T if isinstance(base_layer, Conv1D) else weight
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight)
+        return F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight, self.lora_B.bias)
 
     def add_update(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_B.bias is not None:  # lora_bias: B x A + b in the general path; the fused addmm has no bias
+            return super().add_update(out, x)
         return add_low_rank(out, F.linear(x, self.lora_A.weight), self.lora_B.weight, self.scaling)  # xa: (..., r)
 
     def lora_weight(self) -> torch.Tensor:
         return self.lora_B.weight @ self.lora_A.weight  # (out, r) @ (r, in)
 
     def gatherable(self) -> bool:
-        """Whether this delta's rows can join the gathered batched matmul of a mixed batch: plain LoRA, no dropout
-        mask to draw, both factors in one dtype."""
-        return (self.dora is None and not self.dropout_active()
+        """Whether this delta's rows can join the gathered batched matmul of a mixed batch: plain LoRA without
+        ``lora_bias``, no dropout mask to draw, both factors in one dtype."""
+        return (self.dora is None and not self.dropout_active() and self.lora_B.bias is None
                 and self.lora_A.weight.dtype == self.lora_B.weight.dtype)
 
     @classmethod
@@ -283,14 +318,15 @@ class LoraConv(LoraDelta):
 
     channel_dim = 1
 
-    def __init__(self, base_layer: nn.modules.conv._ConvNd, r: int, alpha: float, dropout: float, use_rslora: bool):
+    def __init__(self, base_layer: nn.modules.conv._ConvNd, r: int, alpha: float, dropout: float, use_rslora: bool,
+                 lora_bias: bool = False):
         super().__init__(r, alpha, dropout, use_rslora)
         conv = type(base_layer)
         self.lora_A = conv(
             base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride, base_layer.padding,
             base_layer.dilation, bias=False,
         )
-        self.lora_B = conv(r, base_layer.out_channels, 1, 1, groups=base_layer.groups, bias=False)  # (out, r/g, 1…)
+        self.lora_B = conv(r, base_layer.out_channels, 1, 1, groups=base_layer.groups, bias=lora_bias)  # (out, r/g, 1…)
 
     def check_mergeable(self, base_layer: nn.Module) -> None:
         if base_layer.groups > 1:
@@ -429,6 +465,10 @@ def _init_ab(delta: LoraDelta, scheme: bool | str) -> None:
         nn.init.kaiming_uniform_(b, a=math.sqrt(5))
     else:
         nn.init.zeros_(b)
+    bias = delta.lora_bias  # (out,): zero, or under scheme False torch's default layer init, U(±1/√fan_in), as peft
+    if bias is not None:
+        bound = 1 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(b)[0]) if scheme is False else 0.0
+        nn.init.uniform_(bias, -bound, bound)
 
 
 @torch.no_grad()
@@ -477,8 +517,8 @@ def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
     target before the first :func:`make_delta`, because PiSSA / OLoRA initialisation rewrites the base weight.
 
     Raises:
-        TargetError: a grouped convolution whose groups do not divide the rank or with DoRA, DoRA on an embedding or
-            MultiheadAttention, a MultiheadAttention with separate q/k/v weights or a non-Linear ``out_proj``, or
+        TargetError: a grouped convolution whose groups do not divide the rank or with DoRA, DoRA or lora_bias on an
+            embedding or MultiheadAttention, a MultiheadAttention with separate q/k/v weights or a non-Linear ``out_proj``, or
             PiSSA / OLoRA on a layer other than Linear/Conv1D.
     """
     scheme = config.init_lora_weights
@@ -501,6 +541,11 @@ def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
             raise TargetError(f"{name}: LoRA on nn.MultiheadAttention needs its out_proj to be an nn.Linear")
         if config.use_dora:
             raise TargetError(f"{name}: DoRA is not supported on nn.MultiheadAttention (nor in peft)")
+    if config.lora_bias and isinstance(base_layer, (nn.Embedding, nn.MultiheadAttention)):
+        raise TargetError(
+            f"{name}: lora_bias=True supports Linear, Conv1D and Conv layers, not {type(base_layer).__name__} "
+            f"(peft refuses it there too); leave the layer out of target_modules or set lora_bias=False"
+        )
     if config.use_dora and isinstance(base_layer, nn.Embedding):
         raise TargetError(f"{name}: DoRA supports Linear, Conv1D and Conv layers, not Embedding")
     if rewrites_base_weights(config) and not isinstance(base_layer, (nn.Linear, Conv1D)):
@@ -524,8 +569,10 @@ def _build(cls: type[LoraDelta], config: LoraConfig, base_layer: nn.Module, r: i
     """A ``cls`` delta for ``base_layer``, initialised; ``parts`` go to its constructor before ``r``."""
     weight = cls.base_weight(base_layer)
     dtype = adapter_dtype(weight.dtype)
+    # lora_bias only where check_target allows it (Linear, Conv1D, Conv): the other classes take no such argument
+    extra = {"lora_bias": True} if config.lora_bias else {}
     with torch.device("meta"):  # no default init on the CPU: the factors are allocated where the base is, then set
-        delta = cls(base_layer, *parts, r, alpha, config.lora_dropout, config.use_rslora)
+        delta = cls(base_layer, *parts, r, alpha, config.lora_dropout, config.use_rslora, **extra)
     delta.to_empty(device=weight.device).to(dtype)
     scheme = config.init_lora_weights
     if rewrites_base_weights(config):
