@@ -658,7 +658,9 @@ def test_lora_bias_refuses_embedding_and_multihead_attention(target) -> None:
 def test_lora_bias_keeps_mixed_batches_and_the_fused_path_for_plain_lora() -> None:
     """A lora_bias adapter next to a plain one in one mixed batch equals each row alone; the plain adapter still
     takes the gathered kernel, the lora_bias one the general path."""
-    model = dt.get_peft_model(tiny_gpt2(), dt.LoraConfig(task_type="CAUSAL_LM", lora_bias=True, init_lora_weights=False))
+    model = dt.get_peft_model(
+        tiny_gpt2(), dt.LoraConfig(task_type="CAUSAL_LM", lora_bias=True, init_lora_weights=False)
+    )
     model.add_adapter("plain", dt.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False))
     layer = next(layer for _, layer in adapter_layers(model))
     assert not layer.deltas["default"].gatherable() and layer.deltas["plain"].gatherable()

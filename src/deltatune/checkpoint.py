@@ -146,8 +146,9 @@ def load_layer_adapter_state_dict(
     """
     holders = adapter_holders(root)
     mapping = to_model_keys(state_dict, holders, adapter_name)
-    params = dict(root.named_parameters())
-    params.update(root.named_buffers())
+    # every path of a shared parameter (a tied twin's delta holds its source's; peft saves it under both paths)
+    params = dict(root.named_parameters(remove_duplicate=False))
+    params.update(root.named_buffers(remove_duplicate=False))
     unknown = [k for k, target in mapping.items() if target not in params]
     if unknown:
         raise AdapterLoadError(
@@ -266,12 +267,14 @@ def layer_file_state(
             ``base_model.model.<path>``.
         biases: Which biases the file carries (``targeting.trained_biases`` of the config).
         save_embedding_layers: Also save the base weights of adapted embedding layers (a resized vocabulary);
-            ``"auto"``: whenever the adapter adapts an embedding layer.
+            ``"auto"``: whenever the adapter adapts an embedding layer with a delta that does not hold the rows it
+            changes itself (``Delta.saves_base_embedding``).
         shared: The adapter's shared-state module (``LayerMethod.make_shared``), saved once as ``base_model.<name>``.
     """
     if save_embedding_layers == "auto":
         save_embedding_layers = any(
             isinstance(layer.base_layer, nn.Embedding) and adapter_name in layer.deltas
+            and layer.deltas[adapter_name].saves_base_embedding
             for _, layer in adapter_layers(root)
         )
     state = layer_adapter_state_dict(root, adapter_name, biases, bool(save_embedding_layers))

@@ -39,6 +39,8 @@ def build_deltas(
         shared = method.make_shared(config, dict(resolved.targets), dict(shared_state))
     extra = () if shared is None else (shared,)
     deltas = {name: method.make_delta(config, base, name, *extra) for name, base in resolved.targets.items()}
+    for name, (source, base) in resolved.tied.items():  # after every target: a twin reads its source's delta
+        deltas[name] = method.make_tied_delta(deltas[source], base, name)
     return deltas, shared
 
 

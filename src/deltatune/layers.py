@@ -50,6 +50,10 @@ class Delta(nn.Module):
     # whole layer with every delta in ``deltas`` (the layer's active, unmerged ones, all of that class) instead, and
     # its ``forward`` is never called.
     run_layer: ClassVar[Callable[..., torch.Tensor] | None] = None
+    # Whether saving with save_embedding_layers="auto" writes the adapted embedding's base weight beside this delta
+    # (so that a resized vocabulary travels with the adapter). False for a delta that holds the very rows it changes
+    # (trainable tokens), which is the point of such an adapter, as in peft.
+    saves_base_embedding: ClassVar[bool] = True
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input the base layer sees, for a delta with ``transforms_input``."""

@@ -39,6 +39,7 @@ _METHOD_MODULES: dict[str, str] = {
     "BOTTLENECK": "deltatune.methods.bottleneck",
     "OFT": "deltatune.methods.oft",
     "VERA": "deltatune.methods.vera",
+    "TRAINABLE_TOKENS": "deltatune.methods.trainable_tokens",
 }
 
 
@@ -63,8 +64,9 @@ class LayerMethod:
         make_delta: ``(config, base_layer, module_name) -> Delta``, called with the resolved config (see
             :mod:`deltatune.resolve`) for each target, once all are checked; it only reads the config.
         layer_types: The module types the method can wrap; anything else is refused before the model is touched.
-        default_targets: ``model_type -> module names`` used when the config gives no ``target_modules``; ``None``
-            falls back to :data:`deltatune.targeting.DEFAULT_ATTENTION_TARGETS`.
+        default_targets: ``model_type -> module names`` used when the config gives no ``target_modules``, or
+            ``(model) -> module names`` where the default is found on the model itself (trainable tokens: the input
+            embedding); ``None`` falls back to :data:`deltatune.targeting.DEFAULT_ATTENTION_TARGETS`.
         check_target: ``(config, base_layer, module_name) -> None``, raising :class:`~deltatune.errors.TargetError`
             for a module of ``layer_types`` that this (resolved) config still cannot adapt. Runs for every target
             before the first ``make_delta``, which may change the base layer (e.g. PiSSA initialisation).
@@ -88,12 +90,16 @@ class LayerMethod:
             ``base_model.peft_config`` and ``base_model.model`` give them the configs and the adapted model.
         after_step: ``(base_model, step) -> None``: run once per training step after ``optimizer.step()`` and before
             ``zero_grad()``, by ``base_model.after_optimizer_step(step)`` (AdaLoRA's rank allocation).
+        make_tied_delta: ``(source delta, base_layer, module_name) -> Delta`` for a method whose delta must follow
+            the weight itself: a module whose ``weight`` is the same tensor as a target's (an LM head tied to the
+            input embedding) is that target's tied twin and gets this delta, built from the target's (sharing its
+            parameters), so the two modules stay tied while unmerged. ``None``: tied modules are left alone.
     """
 
     config_class: type  # a PeftConfig subclass
     make_delta: Callable[..., nn.Module]  # returns a deltatune.layers.Delta
     layer_types: tuple[type[nn.Module], ...]
-    default_targets: dict[str, list[str]] | None = None
+    default_targets: dict[str, list[str]] | Callable[[nn.Module], list[str]] | None = None
     check_target: Callable[[Any, nn.Module, str], None] | None = None
     resolve_config: Callable[[Any, nn.Module, Mapping[str, nn.Module]], Any] | None = None
     rewrites_base_weights: Callable[[Any], bool] | None = None
@@ -101,6 +107,7 @@ class LayerMethod:
     loss_term: Callable[[nn.Module, str, Any], Any] | None = None
     model_functions: dict[str, Callable[..., Any]] | None = None
     after_step: Callable[[nn.Module, int], None] | None = None
+    make_tied_delta: Callable[[nn.Module, nn.Module, str], nn.Module] | None = None
 
 
 @dataclass(frozen=True)

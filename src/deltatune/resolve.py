@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -30,7 +31,7 @@ from .config import LayerConfig
 from .errors import TargetError
 from .layers import unwrap
 from .registry import LayerMethod
-from .targeting import find_targets
+from .targeting import find_targets, iter_candidates
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,14 @@ class Resolved:
         method: The config's method.
         targets: Full module name -> the base layer its delta wraps (a module already wrapped by an ``AdapterLayer``
             contributes that layer's ``base_layer``), in model order; read-only.
+        tied: For a method with ``make_tied_delta``: the tied twins, full module name -> (the target whose weight
+            it shares, its base layer); empty otherwise.
     """
 
     config: LayerConfig
     method: LayerMethod
     targets: Mapping[str, nn.Module]
+    tied: Mapping[str, tuple[str, nn.Module]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resolved:
@@ -68,6 +72,9 @@ def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resol
                 f"supported types: {[t.__name__ for t in method.layer_types]}. Narrow target_modules to exclude it."
             )
         targets[name] = base
+    tied = _tied_twins(model, targets) if method.make_tied_delta is not None else {}
+    for name in tied:
+        targets.pop(name, None)  # a target tied to an earlier one follows it rather than training apart
     view = MappingProxyType(targets)
     resolved = _copy_with(config, target_modules=target_modules, **_layout_fields(config, view.values()))
     if method.resolve_config is not None:
@@ -75,7 +82,25 @@ def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resol
     if method.check_target is not None:
         for name, base in targets.items():
             method.check_target(resolved, base, name)
-    return Resolved(resolved, method, view)
+    return Resolved(resolved, method, view, MappingProxyType(tied))
+
+
+def _tied_twins(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict[str, tuple[str, nn.Module]]:
+    """Modules (targets or not) whose ``weight`` is the very tensor of a target's weight, other than the first
+    target holding it: name -> (that target, the module's base layer). Identity of the parameter, not a model-config
+    flag, decides, so it holds for any architecture that ties (LM heads, T5's ``shared`` / ``embed_tokens``)."""
+    owners: dict[int, str] = {}
+    for name, base in targets.items():
+        weight = getattr(base, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners.setdefault(id(weight), name)
+    tied: dict[str, tuple[str, nn.Module]] = {}
+    for name, module in iter_candidates(model):
+        base = unwrap(module)
+        source = owners.get(id(getattr(base, "weight", None)))
+        if source is not None and source != name:
+            tied[name] = (source, base)
+    return tied
 
 
 def _layout_fields(config: LayerConfig, bases: Iterable[nn.Module]) -> dict[str, Any]:

@@ -161,6 +161,8 @@ def _target_patterns(
         TargetError: ``target_modules`` is ``None`` and the model type has no default.
     """
     patterns = config.target_modules
+    if patterns is None and callable(default_targets):
+        return default_targets(model)
     if patterns is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         table = default_targets if default_targets is not None else DEFAULT_ATTENTION_TARGETS

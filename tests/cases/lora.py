@@ -103,8 +103,8 @@ class AttentionNet(nn.Module):
 
 class BiasNet(nn.Module):
     """Every layer type ``lora_bias`` supports: ``x (B, 6)`` -> ``linear`` -> GPT-2 ``conv1d_gpt2`` -> as a
-    ``(B, 4, 2, 2)`` image -> ``conv2d`` (3×3) -> as a ``(B, 4, 1, 2, 2)`` volume -> ``conv3d`` (1×3×3) -> mean -> ``head``
-    (no bias: lora_bias there cannot merge) -> ``(B, 3)``."""
+    ``(B, 4, 2, 2)`` image -> ``conv2d`` (3×3) -> as a ``(B, 4, 1, 2, 2)`` volume -> ``conv3d`` (1×3×3) -> mean ->
+    ``head`` (no bias: lora_bias there cannot merge) -> ``(B, 3)``."""
 
     def __init__(self) -> None:
         super().__init__()

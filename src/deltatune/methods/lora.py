@@ -518,7 +518,8 @@ def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
 
     Raises:
         TargetError: a grouped convolution whose groups do not divide the rank or with DoRA, DoRA or lora_bias on an
-            embedding or MultiheadAttention, a MultiheadAttention with separate q/k/v weights or a non-Linear ``out_proj``, or
+            embedding or MultiheadAttention, a MultiheadAttention with separate q/k/v weights or a non-Linear
+            ``out_proj``, or
             PiSSA / OLoRA on a layer other than Linear/Conv1D.
     """
     scheme = config.init_lora_weights
