@@ -243,7 +243,8 @@ class PeftModel(nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(base, "name_or_path", None) or None
         names = list(config.modules_to_save or [])
-        if self.default_modules_to_save:
+        # a config whose peft class lacks modules_to_save (trainable tokens) trains no task head, as in peft
+        if self.default_modules_to_save and "modules_to_save" not in getattr(config, "_not_in_peft", ()):
             config.modules_to_save = names = names + [n for n in self.default_modules_to_save if n not in names]
         if isinstance(method, PromptMethod):
             self.prompt_encoder[adapter_name] = prompt.make_prompt_encoder(base, config, method)

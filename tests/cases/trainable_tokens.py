@@ -20,13 +20,8 @@ from tests.models import (
 
 _TOKENS = [7, 13, 47, 61]  # below every family's vocabulary, and all in the tests' seeded inputs
 
-# BERT's matrix family is a sequence classifier, whose task default trains the classifier as modules_to_save, a field
-# peft's TrainableTokensConfig lacks; BERT's embedding is exchanged with peft below instead.
 MATRIX = [
-    MatrixCase(
-        "TrainableTokensConfig", "trainable_tokens", dict(token_indices=_TOKENS),
-        families=tuple(f for f in ALL_FAMILIES if f != "bert"),
-    ),
+    MatrixCase("TrainableTokensConfig", "trainable_tokens", dict(token_indices=_TOKENS), families=ALL_FAMILIES),
 ]
 
 

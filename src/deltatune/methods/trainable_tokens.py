@@ -24,6 +24,7 @@ Saved keys (peft's): ``<embedding path>.trainable_tokens_delta``, and the same t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -53,7 +54,10 @@ class TrainableTokensConfig(LayerConfig):
     token_indices: list[int] = field(default_factory=list)
     init_weights: bool = True
 
-    _not_in_peft = ("exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
+    # peft's class lacks these; without modules_to_save a task's head (a classifier) is not trained either, as in peft
+    _not_in_peft: ClassVar[tuple[str, ...]] = (
+        "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
