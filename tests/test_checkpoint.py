@@ -48,7 +48,10 @@ def _assert_load_fails_cleanly(directory: Path, error: type[Exception], match: s
 
 
 def _no_temp_files(directory: Path) -> bool:
-    return not [p for p in directory.rglob("*") if p.name.startswith(".tmp-")]
+    """No temporary file inside ``directory`` and no leftover of a directory swap beside it."""
+    inside = [p for p in directory.rglob("*") if p.name.startswith(".tmp-")]
+    beside = [p for p in directory.parent.iterdir() if p.name.startswith(f".{directory.name}.deltatune-save-")]
+    return not inside and not beside
 
 
 # --- what is written ---------------------------------------------------------------------------------------------
@@ -191,7 +194,7 @@ def test_failing_serialiser_leaves_the_previous_files_intact(tmp_path: Path, mon
     _assert_files(tmp_path, old)
 
 
-@pytest.mark.parametrize("failing", ["os.replace", "os.fsync"])
+@pytest.mark.parametrize("failing", ["deltatune.files._exchange", "os.fsync", "os.mkdir"])
 def test_failing_write_or_rename_leaves_the_previous_files_intact_and_no_temp_files(
     tmp_path: Path, monkeypatch, failing: str
 ) -> None:

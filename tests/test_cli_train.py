@@ -129,16 +129,16 @@ def test_resume_of_a_finished_run_just_reports(files, tmp_path, capsys):
 
 
 def test_disk_full_is_one_line_and_keeps_the_checkpoint(files, tmp_path, capsys, monkeypatch):
-    import deltatune.train.state as state
+    import deltatune.files as files_module
 
-    real = state.atomic_write_files
+    real = files_module._write_synced
 
-    def full(files_):
-        if any(p.endswith("optimizer.pt") for p in files_) and any("step-000002" in p for p in files_):
+    def full(path, data):  # the disk fills up while checkpoint 2's optimizer state is written
+        if path.endswith("optimizer.pt") and "step-000002" in path:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(files_)
+        return real(path, data)
 
-    monkeypatch.setattr(state, "atomic_write_files", full)
+    monkeypatch.setattr(files_module, "_write_synced", full)
     out = tmp_path / "run"
     code, _, err = run(base_args(files, out) + ["--save-steps", "1"], capsys)
     # stderr has the run's progress lines, then exactly one error line

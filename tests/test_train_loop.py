@@ -125,19 +125,19 @@ def test_bf16_and_gradient_checkpointing_run(files, tmp_path):
 
 
 def test_disk_full_during_checkpoint_keeps_the_previous_one(files, tmp_path, monkeypatch):
-    import deltatune.train.state as state
+    import deltatune.files as files_module
 
-    real = state.atomic_write_files
+    real = files_module._write_synced
     calls = {"n": 0}
 
-    def failing(files_):
-        if any(p.endswith("optimizer.pt") for p in files_):
+    def failing(path, data):
+        if path.endswith("optimizer.pt"):
             calls["n"] += 1
             if calls["n"] == 2:  # the second checkpoint hits a full disk while writing
                 raise OSError(errno.ENOSPC, "No space left on device")
-        return real(files_)
+        return real(path, data)
 
-    monkeypatch.setattr(state, "atomic_write_files", failing)
+    monkeypatch.setattr(files_module, "_write_synced", failing)
     with pytest.raises(TrainError, match=r"checkpoint step-000004 \(disk full\); the previous checkpoint "
                                          r"step-000002 is intact.*--resume"):
         train(opts(files, tmp_path, save_steps=2, max_steps=6))
@@ -145,7 +145,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(files, tmp_path, mon
     assert os.path.basename(latest_checkpoint(str(run))) == "step-000002"
     assert sorted(os.listdir(run / "checkpoints")) == ["LATEST", "step-000002"]
     assert not [n for n in os.listdir(run / "checkpoints" / "step-000002") if n.startswith(".tmp")]
-    monkeypatch.setattr(state, "atomic_write_files", real)
+    monkeypatch.setattr(files_module, "_write_synced", real)
     result = train(TrainOptions(resume=str(run), out=str(run), **{k: v for k, v in opts(
         files, tmp_path, save_steps=2, max_steps=6).identity().items()}, progress=False))
     assert result.steps == 6

@@ -8,12 +8,18 @@ file before tensors are read, and pickles are only ever read with ``weights_only
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import io
 import json
 import os
+import shutil
 import struct
+import sys
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -136,6 +142,12 @@ def resolve_file(
     if os.path.isdir(model_id):
         path = os.path.join(model_id, subfolder or "", filename)
         return path if os.path.isfile(path) else None
+    leftover = interrupted_save(model_id)
+    if leftover is not None:
+        raise AdapterLoadError(
+            f"{model_id!r} does not exist: a save into it was interrupted ({leftover} lies beside it); saving again "
+            f"repairs it (deltatune.files.recover_directory finishes the interrupted save)"
+        )
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 
@@ -302,16 +314,263 @@ def read_weights(
     return tensors, path
 
 
+# --- replacing a directory as a whole -------------------------------------------------------------------------------
+#
+# A save is a new version of a whole directory: the adapter's config and weights (and a run's checkpoint files) must
+# never be seen paired with another version's. The new version is written into a hidden sibling (".<name>" +
+# _SAVE_MARK + "new-<pid>-<token>"), fsync'ed, and then swapped in:
+#
+# * Linux (renameat2 with RENAME_EXCHANGE: kernel >= 3.15 and glibc >= 2.28, on ext4, xfs, btrfs, tmpfs, ...): the
+#   two directories trade names in one atomic step, so every reader sees the complete old or the complete new one.
+# * Elsewhere, or where the filesystem refuses the exchange: two renames (old -> ".<name>...old-<pid>-<token>", then
+#   new -> name). Between them the directory is briefly absent (a load fails "not found", it never reads a mix);
+#   a crash there is repaired by the next save of that directory (the new version, complete, is put in place).
+#
+# Entries of the old directory that are not replaced (other adapters' sub-folders, a tokenizer, a run's files) are
+# carried into the new version as hard links (copies where links are impossible) before the swap.
+
+_SAVE_MARK = ".deltatune-save-"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+# A leftover whose owner cannot be checked (no POSIX pids) is treated as abandoned after this many seconds.
+_LEFTOVER_AGE = 3600.0
+
+
+def replace_directory(
+    target: str | os.PathLike, files: Mapping[str, bytes], replaced: Collection[str] = ()
+) -> None:
+    """Make ``target`` hold ``files`` (relative path -> content) in one atomic swap of the whole directory.
+
+    Entries of the previous ``target`` are kept unless ``files`` or ``replaced`` (relative paths) name them. Leftovers
+    of an interrupted earlier save of ``target`` are cleaned first. When the swap cannot be done (no write access
+    to the parent, ``target`` is a mount point, an entry that cannot be carried over) each file is still replaced
+    atomically on its own (:func:`atomic_write_files`).
+
+    Raises:
+        OSError: writing failed (disk full, permissions); the previous version of ``target`` is untouched.
+    """
+    target = os.path.realpath(os.fspath(target))
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    recover_directory(target)
+    try:
+        staging = tempfile.mkdtemp(prefix=f".{name}{_SAVE_MARK}new-{os.getpid()}-", dir=parent)
+    except PermissionError:
+        staging = None
+    if staging is None or os.path.ismount(target):
+        _write_in_place(target, files, replaced)
+        return
+    try:
+        skip = {os.path.normpath(p) for p in (*files, *replaced)}
+        if os.path.isdir(target):
+            _carry_over(target, staging, skip)
+            shutil.copymode(target, staging)
+        for rel, data in files.items():
+            path = os.path.join(staging, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _write_synced(path, data)
+        _fsync_tree(staging)
+    except _CannotCarry:
+        shutil.rmtree(staging, ignore_errors=True)
+        _write_in_place(target, files, replaced)
+        return
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_in(staging, target)
+
+
+def recover_directory(target: str | os.PathLike) -> None:
+    """Finish or discard what an interrupted :func:`replace_directory` of ``target`` left beside it.
+
+    Only a crash between the two renames of the fallback swap leaves ``target`` missing; then its new version (which
+    was complete before the first rename) is put in place, or else the old one. Every other leftover is an unused or
+    retired version and is deleted. Leftovers of a save still running in another live process are left alone.
+    """
+    target = os.path.realpath(os.fspath(target))
+    parent, name = os.path.split(target)
+    prefix = f".{name}{_SAVE_MARK}"
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+    except FileNotFoundError:
+        return
+    leftovers: dict[str, dict[str, str]] = {}
+    for entry in names:
+        kind, _, owner = entry[len(prefix):].partition("-")
+        if kind in ("new", "old") and not _owner_alive(owner, os.path.join(parent, entry)):
+            leftovers.setdefault(owner, {})[kind] = os.path.join(parent, entry)
+    if not os.path.lexists(target):
+        for owner, pair in leftovers.items():
+            if "old" in pair:  # the crash came between the two renames: "new" is complete
+                os.rename(pair.pop("new", None) or pair.pop("old"), target)
+                break
+    for pair in leftovers.values():
+        for path in pair.values():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def recover_leftovers(parent: str | os.PathLike) -> None:
+    """:func:`recover_directory` for every directory in ``parent`` that an interrupted save left leftovers beside."""
+    try:
+        names = os.listdir(parent)
+    except FileNotFoundError:
+        return
+    for target in {n[1:n.index(_SAVE_MARK)] for n in names if n.startswith(".") and _SAVE_MARK in n}:
+        if target:
+            recover_directory(os.path.join(parent, target))
+
+
+def interrupted_save(directory: str | os.PathLike) -> str | None:
+    """A hint for a load that found nothing in ``directory``: the name of a save's leftover beside it, if any."""
+    target = os.path.realpath(os.fspath(directory))
+    parent, name = os.path.split(target)
+    try:
+        return next((n for n in sorted(os.listdir(parent)) if n.startswith(f".{name}{_SAVE_MARK}")), None)
+    except OSError:
+        return None
+
+
+def directory_version(directory: str | os.PathLike) -> tuple[int, int] | None:
+    """Identity of the directory now at ``directory`` (a swap installs a new one), or ``None`` if there is none.
+
+    A reader that sees the same identity before and after reading several files has read them from one version.
+    """
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class _CannotCarry(Exception):
+    """An entry of the old directory cannot be carried into the new version (a socket, a device, a FIFO)."""
+
+
+def _carry_over(source: str, destination: str, skip: set[str], rel: str = "") -> None:
+    """Recreate ``source``'s tree (minus ``skip``) in ``destination``: files hard-linked (copied when linking is
+    impossible), directories recreated, symlinks copied as symlinks."""
+    for entry in os.scandir(source):
+        here = os.path.join(rel, entry.name)
+        if here in skip:
+            continue
+        dest = os.path.join(destination, entry.name)
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), dest)
+        elif entry.is_dir():
+            os.mkdir(dest)
+            shutil.copymode(entry.path, dest)
+            _carry_over(entry.path, dest, skip, here)
+        elif entry.is_file():
+            try:
+                os.link(entry.path, dest)
+            except OSError:  # cross-device, no hard links on this filesystem, protected_hardlinks
+                shutil.copy2(entry.path, dest)
+        else:
+            raise _CannotCarry(entry.path)
+
+
+def _swap_in(staging: str, target: str) -> None:
+    """Put the complete, synced ``staging`` at ``target`` atomically, then delete the previous version (or, when the
+    swap fails, ``staging``)."""
+    cwd = _cwd_inside(target)
+    try:
+        if not os.path.isdir(target):
+            os.rename(staging, target)
+        elif not _exchange(staging, target):  # after an exchange, ``staging`` holds the previous version
+            retired = staging.replace(f"{_SAVE_MARK}new-", f"{_SAVE_MARK}old-", 1)
+            os.rename(target, retired)
+            try:
+                os.rename(staging, target)
+            except BaseException:
+                os.rename(retired, target)
+                raise
+            staging = retired
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _fsync_dir(os.path.dirname(target))
+    if cwd is not None:  # this process worked inside the old version; follow the path to the new one
+        os.chdir(cwd if os.path.isdir(cwd) else target)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically exchange directories ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where the
+    platform, C library or filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # glibc < 2.28, musl < 1.2.? : no wrapper
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}")
+
+
+def _cwd_inside(target: str) -> str | None:
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return None
+    return cwd if cwd == target or cwd.startswith(target + os.sep) else None
+
+
+def _owner_alive(owner: str, path: str) -> bool:
+    """Whether the save that left ``path`` (``owner`` = "<pid>-<token>") may still be running on this machine."""
+    pid = owner.partition("-")[0]
+    if os.name != "posix" or not pid.isdigit():
+        try:
+            return time.time() - os.path.getmtime(path) < _LEFTOVER_AGE
+        except OSError:
+            return False
+    return int(pid) != os.getpid() and pid_alive(int(pid))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (POSIX)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_tree(root: str) -> None:
+    """fsync every directory under ``root`` (bottom-up), so the names of everything in it are on disk."""
+    for directory, _, _ in os.walk(root, topdown=False):
+        _fsync_dir(directory)
+
+
+def _write_in_place(target: str, files: Mapping[str, bytes], replaced: Collection[str]) -> None:
+    """The fallback when ``target`` cannot be swapped: every file atomic on its own, stale ``replaced`` removed."""
+    for rel in files:
+        os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
+    atomic_write_files({os.path.join(target, rel): data for rel, data in files.items()})
+    for rel in replaced:
+        if rel not in files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(target, rel))
+
+
 # --- writing --------------------------------------------------------------------------------------------------------
 
-def write_adapter(
-    directory: str | os.PathLike, config_json: str, tensors: Mapping[str, torch.Tensor], safe_serialization: bool = True
-) -> None:
-    """Write one adapter into ``directory``: ``config_json`` as ``adapter_config.json`` and ``tensors`` as
-    ``adapter_model.safetensors`` (or a weights-only ``adapter_model.bin``), both atomically together (see
-    :func:`atomic_write_files`)."""
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+def adapter_files(
+    config_json: str, tensors: Mapping[str, torch.Tensor], safe_serialization: bool = True
+) -> dict[str, bytes]:
+    """The two files of one adapter: ``adapter_config.json`` and ``adapter_model.safetensors`` (or a weights-only
+    ``adapter_model.bin``), by file name."""
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     if safe_serialization:
         from safetensors.torch import save
@@ -321,7 +580,13 @@ def write_adapter(
         buffer = io.BytesIO()
         torch.save(owned, buffer)
         weights_name, payload = PICKLE_NAME, buffer.getvalue()
-    atomic_write_files({
-        os.path.join(directory, weights_name): payload,
-        os.path.join(directory, CONFIG_NAME): config_json.encode(),
-    })
+    return {weights_name: payload, CONFIG_NAME: config_json.encode()}
+
+
+def write_adapters(save_directory: str | os.PathLike, adapters: Mapping[str, Mapping[str, bytes]]) -> None:
+    """Write adapters (sub-folder, ``""`` for the top -> its :func:`adapter_files`) into ``save_directory``, all in
+    one :func:`replace_directory` swap: a reader sees all of them old or all new. Each adapter's previous files
+    (config, safetensors, pickle) go; everything else in ``save_directory`` stays."""
+    files = {os.path.join(sub, name): data for sub, named in adapters.items() for name, data in named.items()}
+    replaced = [os.path.join(sub, name) for sub in adapters for name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)]
+    replace_directory(save_directory, files, replaced)

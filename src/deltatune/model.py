@@ -24,7 +24,15 @@ from . import checkpoint, inject, prompt, status
 from .checkpoint import check_planned_size, naming_source, restore_base_on_error
 from .config import PeftConfig, TaskType, read_config_file
 from .errors import AdapterStateError, ConfigError
-from .files import BASE_ADAPTER, adapter_directory, read_weights, validate_adapter_name, write_adapter
+from .files import (
+    BASE_ADAPTER,
+    adapter_directory,
+    adapter_files,
+    directory_version,
+    read_weights,
+    validate_adapter_name,
+    write_adapters,
+)
 from .layers import adapter_layers, batch_adapters
 from .registry import LayerMethod, PromptMethod, get_method
 from .resolve import resolve
@@ -508,8 +516,12 @@ class PeftModel(nn.Module):
         is_main_process: bool = True,
         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
     ) -> None:
-        """Save adapters in peft's format: the default adapter (or the first selected) at the top of
-        ``save_directory``, every other adapter in a sub-folder named after it. Each write is atomic.
+        """Save adapters in peft's format: the default adapter at the top of ``save_directory``, every other adapter
+        in a sub-folder named after it.
+
+        The save is atomic as a whole (:func:`deltatune.files.write_adapters`): a reader, or a crash at any moment,
+        sees either all the previous files or all the new ones, never one adapter's new weights with its old config.
+        Other entries of ``save_directory`` are kept.
 
         Args:
             save_directory: Where to write.
@@ -541,13 +553,17 @@ class PeftModel(nn.Module):
                     f"are not LoRA"
                 )
             initial = read_weights(path_initial_model_for_weight_conversion)
+        adapters = {}
         for name in names:
-            directory = adapter_directory(save_directory, name)
+            adapter_directory(save_directory, name)  # refuses names and symlinks that lead outside
             config = dataclasses.replace(self.peft_config[name], inference_mode=True)
             tensors = self.adapter_state_dict(name, save_embedding_layers)
             if initial is not None:
                 config, tensors = mutated_init_to_lora(config, tensors, *initial)
-            write_adapter(directory, config.to_json_string(), tensors, safe_serialization)
+            adapters["" if name == "default" else name] = adapter_files(
+                config.to_json_string(), tensors, safe_serialization
+            )
+        write_adapters(save_directory, adapters)
 
     @classmethod
     def from_pretrained(
@@ -591,15 +607,11 @@ class PeftModel(nn.Module):
         hub = _hub_kwargs("from_pretrained", kwargs)
         _check_load_options("from_pretrained", ephemeral_gpu_offload, torch_device)
         validate_adapter_name(adapter_name)
-        if config is not None:
-            config, config_source = copy.deepcopy(config), "config passed to from_pretrained"
-        else:
-            config, config_source = read_config_file(model_id, **hub)
+        config, config_source, tensors, source = _read_adapter(model_id, config, safetensors_only, hub)
         config.inference_mode = not is_trainable
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
             target_cls = TASK_WRAPPERS.get(config.task_type, PeftModel)
-        tensors, source = read_weights(model_id, safetensors_only=safetensors_only, **hub)
         tensors = _remap(model, config, tensors, key_mapping)
         check_planned_size(model, config, tensors, source, config_source)
         with restore_base_on_error(model, config):
@@ -640,8 +652,7 @@ class PeftModel(nn.Module):
         hub = _hub_kwargs("load_adapter", kwargs)
         _check_load_options("load_adapter", ephemeral_gpu_offload, torch_device)
         validate_adapter_name(adapter_name)
-        config, config_source = read_config_file(model_id, **hub)
-        tensors, source = read_weights(model_id, safetensors_only=safetensors_only, **hub)
+        config, config_source, tensors, source = _read_adapter(model_id, None, safetensors_only, hub)
         tensors = _remap(self.get_base_model(), config, tensors, key_mapping)
         if adapter_name in self.peft_config:
             self._check_same_config(adapter_name, config, config_source)
@@ -682,6 +693,27 @@ def _remap(
     if key_mapping is None and not config.is_prompt_learning:
         key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
     return checkpoint.remap_keys(tensors, key_mapping) if key_mapping else tensors
+
+
+def _read_adapter(
+    model_id: str | os.PathLike, config: PeftConfig | None, safetensors_only: bool, hub: dict[str, Any]
+) -> tuple[PeftConfig, str, dict[str, torch.Tensor], str]:
+    """The config (``config`` if given) and weights of one saved version, with the paths they came from.
+
+    A save swaps the whole directory in (``files.replace_directory``); should one land between reading the config and
+    reading the weights, both are read again, so a pair never mixes two versions.
+    """
+    directory = os.path.join(os.fspath(model_id), hub.get("subfolder") or "")
+    for _ in range(5):
+        version = directory_version(directory)
+        if config is not None:
+            read, config_source = copy.deepcopy(config), "config passed to from_pretrained"
+        else:
+            read, config_source = read_config_file(model_id, **hub)
+        tensors, source = read_weights(model_id, safetensors_only=safetensors_only, **hub)
+        if directory_version(directory) == version:
+            break
+    return read, config_source, tensors, source
 
 
 class PeftModelForCausalLM(PeftModel):

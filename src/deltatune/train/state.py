@@ -11,9 +11,10 @@ Layout of a run directory::
     best/                     the adapter with the best eval loss (when evaluating during training)
     loss.png, summary.json    written at the end
 
-A checkpoint's files are written together with :func:`deltatune.files.atomic_write_files` into a directory of
-their own, and only then does ``LATEST`` move to it; a crash or a full disk at any point leaves the previous
-checkpoint complete and ``LATEST`` pointing at it.
+A checkpoint directory is written whole (:func:`deltatune.files.replace_directory`: a hidden sibling, fsync'ed, swapped
+in atomically), and only then does ``LATEST`` move to it; a crash, a SIGKILL or a full disk at any point leaves the
+previous checkpoint complete and ``LATEST`` pointing at it, and no checkpoint directory ever holds files of two
+writes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import LAYER_KEY_PREFIX
-from ..files import CONFIG_NAME, SAFETENSORS_NAME, atomic_write_files
+from ..files import CONFIG_NAME, SAFETENSORS_NAME, atomic_write_files, recover_leftovers, replace_directory
 from ..layers import Delta, adapter_layers
 from .options import TrainError, TrainOptions
 
@@ -38,6 +39,9 @@ RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
 TRAIN_STATE_NAME = "train_state.safetensors"
+# Every file a checkpoint may hold; rewriting a checkpoint replaces all of them.
+CHECKPOINT_FILES = (SAFETENSORS_NAME, CONFIG_NAME, TRAIN_STATE_NAME, "optimizer.pt", "scheduler.pt", "rng_state.pt",
+                    "trainer_state.json")
 
 
 @dataclass
@@ -218,18 +222,16 @@ def save_checkpoint(
     path = os.path.join(root, name)
     previous = latest_checkpoint(directory)
     try:
-        os.makedirs(path, exist_ok=True)
-        extra = {os.path.join(path, TRAIN_STATE_NAME): save(_cpu(train_state), metadata={"format": "pt"})} \
-            if train_state else {}
-        atomic_write_files({
+        extra = {TRAIN_STATE_NAME: save(_cpu(train_state), metadata={"format": "pt"})} if train_state else {}
+        replace_directory(path, {
             **extra,
-            os.path.join(path, SAFETENSORS_NAME): save(_cpu(adapter_tensors), metadata={"format": "pt"}),
-            os.path.join(path, CONFIG_NAME): adapter_config_json.encode(),
-            os.path.join(path, "optimizer.pt"): _torch_bytes(optimizer_state),
-            os.path.join(path, "scheduler.pt"): _torch_bytes(scheduler_state),
-            os.path.join(path, "rng_state.pt"): _torch_bytes(rng_states),
-            os.path.join(path, "trainer_state.json"): (json.dumps(asdict(state), indent=2) + "\n").encode(),
-        })
+            SAFETENSORS_NAME: save(_cpu(adapter_tensors), metadata={"format": "pt"}),
+            CONFIG_NAME: adapter_config_json.encode(),
+            "optimizer.pt": _torch_bytes(optimizer_state),
+            "scheduler.pt": _torch_bytes(scheduler_state),
+            "rng_state.pt": _torch_bytes(rng_states),
+            "trainer_state.json": (json.dumps(asdict(state), indent=2) + "\n").encode(),
+        }, replaced=CHECKPOINT_FILES)
         atomic_write_files({os.path.join(root, LATEST): (name + "\n").encode()})
     except OSError as exc:
         if previous != path:
@@ -254,6 +256,7 @@ def write_failure(directory: str, what: str, exc: OSError, previous: str | None 
 def prune_checkpoints(directory: str, keep: int) -> None:
     """Delete checkpoints older than the newest ``keep`` and leftovers of interrupted writes."""
     root = os.path.join(directory, CHECKPOINTS)
+    recover_leftovers(root)
     latest = latest_checkpoint(directory)
     names = sorted(n for n in os.listdir(root) if n.startswith("step-"))
     if latest is not None:
