@@ -146,3 +146,30 @@ def test_disk_full_is_one_line_and_keeps_the_checkpoint(files, tmp_path, capsys,
     assert code == 2 and errors == [err.splitlines()[-1]] and errors[0].startswith("deltatune train: error: ")
     assert "disk full" in err and "step-000001 is intact" in err and f"--resume {out}" in err
     assert (out / "checkpoints" / "LATEST").read_text().strip() == "step-000001"
+
+
+def test_a_second_run_into_the_same_out_is_refused_in_one_line(files, tmp_path, capsys):
+    from deltatune.train.state import LOCK_FILE, run_lock
+
+    out = tmp_path / "run"
+    with run_lock(str(out)):  # a run in progress
+        holder = json.loads((out / LOCK_FILE).read_text())
+        code, _, err = run(base_args(files, out), capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert f"--out {out} is in use by another run (pid {holder['pid']} on {holder['host']}, started" in err
+    assert not out.exists()  # the lock created the directory and removed it again
+    assert run(base_args(files, out), capsys)[0] == 0
+    assert not (out / LOCK_FILE).exists()  # released at the end of the run
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys):
+    from deltatune.train.state import LOCK_FILE, run_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 999999999, "host": "h", "started": "2026-01-01T00:00:00Z"}))
+    with run_lock(str(out)):
+        pass
+    err = capsys.readouterr().err
+    assert "the run that held it (pid 999999999 on h, started 2026-01-01T00:00:00Z) ended without releasing" in err
+    assert os.listdir(out) == []

@@ -52,6 +52,7 @@ from .state import (
     load_checkpoint,
     restore_adapter,
     restore_rng,
+    run_lock,
     save_checkpoint,
     write_failure,
     write_run,
@@ -89,13 +90,21 @@ def log(message: str, enabled: bool = True) -> None:
 def train(options: TrainOptions) -> RunResult:
     """Run (or resume) one training run as described by ``options``; returns paths and metrics.
 
+    The main process holds the run directory's lock (:func:`state.run_lock`) from start to end.
+
     Raises:
-        TrainError: bad input; nothing in the run directory was changed (except by ``--overwrite`` after all
-            inputs were checked).
+        TrainError: bad input, or another run holds ``options.out``; nothing in the run directory was changed
+            (except by ``--overwrite`` after all inputs were checked).
     """
     accelerator = start_accelerator(options)
-    main, world = accelerator.is_main_process, accelerator.num_processes
     assert options.out is not None
+    with run_lock(options.out) if accelerator.is_main_process else contextlib.nullcontext():
+        return _train(options, accelerator)
+
+
+def _train(options: TrainOptions, accelerator: Accelerator) -> RunResult:
+    """:func:`train` once the run directory is held."""
+    main, world = accelerator.is_main_process, accelerator.num_processes
     resume_from = check_run_dir(options)  # raises before anything is written
     for note in launch_notes(world):
         log(note, main)

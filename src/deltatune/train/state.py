@@ -3,6 +3,7 @@
 Layout of a run directory::
 
     run.json                  the options (what this run computes) — how a later command recognises the run
+    .deltatune-run.lock       held while a run trains here (pid, host, start time): one run per directory
     metrics.jsonl             one JSON object per logged step / evaluation
     checkpoints/LATEST        name of the newest complete checkpoint (written last, atomically)
     checkpoints/step-000040/  adapter (peft format) + optimizer + scheduler + RNG states + trainer state, and the
@@ -19,12 +20,17 @@ writes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
 import os
 import random
 import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,6 +45,7 @@ RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
 TRAIN_STATE_NAME = "train_state.safetensors"
+LOCK_FILE = ".deltatune-run.lock"
 # Every file a checkpoint may hold; rewriting a checkpoint replaces all of them.
 CHECKPOINT_FILES = (SAFETENSORS_NAME, CONFIG_NAME, TRAIN_STATE_NAME, "optimizer.pt", "scheduler.pt", "rng_state.pt",
                     "trainer_state.json")
@@ -102,7 +109,7 @@ def check_run_dir(options: TrainOptions) -> str | None:
         if stored is None:
             raise TrainError(f"--resume {directory}: not a run directory (no {RUN_FILE})")
         return latest_checkpoint(directory)
-    if not os.path.exists(directory) or (os.path.isdir(directory) and not os.listdir(directory)):
+    if not os.path.exists(directory) or (os.path.isdir(directory) and not set(os.listdir(directory)) - {LOCK_FILE}):
         return None
     if not os.path.isdir(directory):
         raise TrainError(f"--out {directory} is a file; choose a directory")
@@ -128,6 +135,76 @@ def check_run_dir(options: TrainOptions) -> str | None:
     )
 
 
+@contextlib.contextmanager
+def run_lock(directory: str) -> Iterator[None]:
+    """Hold ``directory`` for one run: a second run into it fails at once with one line naming the holder.
+
+    The lock is ``.deltatune-run.lock`` (the holder's pid, host and start time) under an exclusive ``flock``, which
+    the kernel releases when the holder exits in any way, SIGKILL included; a lock file left by such a run is taken
+    over with a note. Where ``flock`` is missing (Windows) the file's existence is the lock, and a leftover must be
+    removed by hand. Released (the file removed, and ``directory`` too if this created it and it is empty) on exit.
+
+    Raises:
+        TrainError: another live run holds ``directory``.
+    """
+    created = not os.path.exists(directory)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, LOCK_FILE)
+    fd, previous = _take_lock(path, directory)
+    try:
+        if previous:
+            print(f"note: {directory}: the run that held it ({previous}) ended without releasing its lock; "
+                  f"taking it over", file=sys.stderr, flush=True)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)  # only when empty: nothing else was written
+
+
+def _take_lock(path: str, directory: str) -> tuple[int, str]:
+    """Open and lock ``path``; returns the descriptor and a description of a previous holder that left it behind."""
+    try:
+        import fcntl
+    except ImportError:  # no flock: exclusive creation is the lock
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), ""
+        except FileExistsError:
+            raise TrainError(f"--out {directory} is in use by another run ({_holder(path)}); if none is running, "
+                             f"delete {path}") from None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TrainError(f"--out {directory} is in use by another run ({_holder(path)}); wait for it to end or "
+                             f"choose another --out") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder removed the file as we opened it: lock the new one
+            return fd, _holder(path) if os.fstat(fd).st_size else ""
+        os.close(fd)
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            info = json.load(fh)
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
 def describe_progress(directory: str) -> str:
     if os.path.isfile(os.path.join(directory, "adapter", CONFIG_NAME)):
         return "finished"
@@ -137,7 +214,7 @@ def describe_progress(directory: str) -> str:
 
 def clear_run_dir(directory: str) -> None:
     """Empty a run directory for ``--overwrite`` (only called on directories that hold a ``run.json``)."""
-    for name in os.listdir(directory):
+    for name in set(os.listdir(directory)) - {LOCK_FILE}:
         path = os.path.join(directory, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
