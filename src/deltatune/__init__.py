@@ -21,6 +21,7 @@ from .auto import (
 from .config import LayerConfig, PeftConfig, PeftType, PromptLearningConfig, TaskType
 from .errors import AdapterLoadError, AdapterStateError, ConfigError, DeltatuneError, RemoteCodeError, TargetError
 from .files import atomic_write_files
+from .fingerprint import BaseModelMismatchWarning
 from .functional import (
     get_layer_status,
     get_model_status,
@@ -56,6 +57,7 @@ _CORE_NAMES = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "BaseModelMismatchWarning",
     "ConfigError",
     "Delta",
     "DeltatuneError",

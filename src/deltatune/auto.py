@@ -36,7 +36,7 @@ AUTO_CLASS_FOR_TASK: dict[TaskType, str] = {
 }
 
 # Keyword arguments that address the adapter only; everything else not listed in ``_SHARED`` goes to the base model.
-_ADAPTER_ONLY = ("subfolder", "safetensors_only")
+_ADAPTER_ONLY = ("subfolder", "safetensors_only", "strict_base")
 # Hub access settings both loads use.
 _SHARED = ("token", "cache_dir", "local_files_only")
 
@@ -201,7 +201,7 @@ class _BaseAutoPeftModel:
             config: Use this config instead of reading ``adapter_config.json`` (weights are still read).
             revision: Hub revision of the adapter. The base model's revision is the config's ``revision`` field.
             trust_remote_code: Allow the base model's own Python code to run (see :func:`check_remote_code`).
-            **kwargs: ``subfolder`` and ``safetensors_only`` address the adapter; ``token``, ``cache_dir`` and
+            **kwargs: ``subfolder``, ``safetensors_only`` and ``strict_base`` apply to the adapter; ``token``, ``cache_dir`` and
                 ``local_files_only`` both loads; everything else (``dtype``/``torch_dtype``, ``device_map``,
                 ``attn_implementation``, ...) goes to the base model's ``from_pretrained``.
 

@@ -567,15 +567,18 @@ def _write_in_place(target: str, files: Mapping[str, bytes], replaced: Collectio
 # --- writing --------------------------------------------------------------------------------------------------------
 
 def adapter_files(
-    config_json: str, tensors: Mapping[str, torch.Tensor], safe_serialization: bool = True
+    config_json: str,
+    tensors: Mapping[str, torch.Tensor],
+    safe_serialization: bool = True,
+    metadata: Mapping[str, str] | None = None,
 ) -> dict[str, bytes]:
     """The two files of one adapter: ``adapter_config.json`` and ``adapter_model.safetensors`` (or a weights-only
-    ``adapter_model.bin``), by file name."""
+    ``adapter_model.bin``, which has no room for ``metadata``), by file name."""
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     if safe_serialization:
         from safetensors.torch import save
 
-        weights_name, payload = SAFETENSORS_NAME, save(owned, metadata={"format": "pt"})
+        weights_name, payload = SAFETENSORS_NAME, save(owned, metadata={**(metadata or {}), "format": "pt"})
     else:
         buffer = io.BytesIO()
         torch.save(owned, buffer)

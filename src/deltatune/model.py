@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
@@ -29,10 +30,12 @@ from .files import (
     adapter_directory,
     adapter_files,
     directory_version,
+    read_safetensors_header,
     read_weights,
     validate_adapter_name,
     write_adapters,
 )
+from .fingerprint import METADATA_KEY, base_fingerprint, check_base
 from .layers import adapter_layers, batch_adapters
 from .registry import LayerMethod, PromptMethod, get_method
 from .resolve import resolve
@@ -521,7 +524,8 @@ class PeftModel(nn.Module):
 
         The save is atomic as a whole (:func:`deltatune.files.write_adapters`): a reader, or a crash at any moment,
         sees either all the previous files or all the new ones, never one adapter's new weights with its old config.
-        Other entries of ``save_directory`` are kept.
+        Other entries of ``save_directory`` are kept. The safetensors metadata records the base model's fingerprint
+        (:mod:`deltatune.fingerprint`), which loading checks; peft ignores it.
 
         Args:
             save_directory: Where to write.
@@ -560,8 +564,12 @@ class PeftModel(nn.Module):
             tensors = self.adapter_state_dict(name, save_embedding_layers)
             if initial is not None:
                 config, tensors = mutated_init_to_lora(config, tensors, *initial)
+            # A converted PiSSA/OLoRA adapter applies to the original base, not to the residual this model holds:
+            # its fingerprint keeps the shapes only.
+            fingerprint = base_fingerprint(self.get_base_model(), name, values=initial is None)
+            fingerprint = json.dumps(fingerprint, separators=(",", ":"))
             adapters["" if name == "default" else name] = adapter_files(
-                config.to_json_string(), tensors, safe_serialization
+                config.to_json_string(), tensors, safe_serialization, {METADATA_KEY: fingerprint}
             )
         write_adapters(save_directory, adapters)
 
@@ -579,6 +587,7 @@ class PeftModel(nn.Module):
         key_mapping: dict[str, str] | None = None,
         safetensors_only: bool = False,
         torch_device: str | torch.device | None = None,
+        strict_base: bool = False,
         **kwargs: Any,
     ) -> PeftModel:
         """Attach a saved adapter (local directory or hub repo id with ``revision``/``subfolder``) to ``model``.
@@ -598,6 +607,9 @@ class PeftModel(nn.Module):
                 :func:`checkpoint.remap_keys`); by default the base model's ``_checkpoint_conversion_mapping``.
             safetensors_only: Refuse a pickled ``adapter_model.bin``.
             torch_device: See ``_check_load_options``.
+            strict_base: Refuse (:class:`AdapterLoadError`) an adapter whose saved base-model fingerprint
+                (:mod:`deltatune.fingerprint`) does not match ``model``; by default that only warns
+                (:class:`~deltatune.fingerprint.BaseModelMismatchWarning`). deltatune's own argument, not peft's.
             **kwargs: Only the hub keywords ``subfolder``, ``revision``, ``token``, ``cache_dir``,
                 ``local_files_only``.
 
@@ -607,7 +619,7 @@ class PeftModel(nn.Module):
         hub = _hub_kwargs("from_pretrained", kwargs)
         _check_load_options("from_pretrained", ephemeral_gpu_offload, torch_device)
         validate_adapter_name(adapter_name)
-        config, config_source, tensors, source = _read_adapter(model_id, config, safetensors_only, hub)
+        config, config_source, tensors, source, fingerprint = _read_adapter(model_id, config, safetensors_only, hub)
         config.inference_mode = not is_trainable
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
@@ -619,6 +631,7 @@ class PeftModel(nn.Module):
                 peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
             try:
                 peft_model.load_adapter_state_dict(tensors, adapter_name, source)
+                check_base(fingerprint, model, source, strict_base)
             except Exception:
                 peft_model.unload()
                 raise
@@ -635,6 +648,7 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         key_mapping: dict[str, str] | None = None,
         safetensors_only: bool = False,
+        strict_base: bool = False,
         **kwargs: Any,
     ) -> None:
         """Load a saved adapter under ``adapter_name`` (not made active); all or nothing. Arguments as in
@@ -643,7 +657,8 @@ class PeftModel(nn.Module):
         As in peft, an existing ``adapter_name`` gets the file's weights (what ``transformers.Trainer`` does to
         resume from a checkpoint or restore the best one): in place, so an optimizer holding the parameters keeps
         them, and only when the file's config equals the adapter's (else the weights would mean something else);
-        its trainability is unchanged.
+        its trainability is unchanged. A new adapter's base is checked against its fingerprint as in
+        :meth:`from_pretrained` (``strict_base``).
 
         Raises:
             ConfigError: the file's config differs from the existing adapter's.
@@ -652,7 +667,7 @@ class PeftModel(nn.Module):
         hub = _hub_kwargs("load_adapter", kwargs)
         _check_load_options("load_adapter", ephemeral_gpu_offload, torch_device)
         validate_adapter_name(adapter_name)
-        config, config_source, tensors, source = _read_adapter(model_id, None, safetensors_only, hub)
+        config, config_source, tensors, source, fingerprint = _read_adapter(model_id, None, safetensors_only, hub)
         tensors = _remap(self.get_base_model(), config, tensors, key_mapping)
         if adapter_name in self.peft_config:
             self._check_same_config(adapter_name, config, config_source)
@@ -665,6 +680,7 @@ class PeftModel(nn.Module):
                 self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
             try:
                 self.load_adapter_state_dict(tensors, adapter_name, source)
+                check_base(fingerprint, self.get_base_model(), source, strict_base)
             except Exception:
                 self._remove_adapter_modules(adapter_name)
                 del self.peft_config[adapter_name]
@@ -697,8 +713,9 @@ def _remap(
 
 def _read_adapter(
     model_id: str | os.PathLike, config: PeftConfig | None, safetensors_only: bool, hub: dict[str, Any]
-) -> tuple[PeftConfig, str, dict[str, torch.Tensor], str]:
-    """The config (``config`` if given) and weights of one saved version, with the paths they came from.
+) -> tuple[PeftConfig, str, dict[str, torch.Tensor], str, str | None]:
+    """The config (``config`` if given) and weights of one saved version, with the paths they came from, and the
+    base-model fingerprint saved with the weights (``None`` if there is none).
 
     A save swaps the whole directory in (``files.replace_directory``); should one land between reading the config and
     reading the weights, both are read again, so a pair never mixes two versions.
@@ -713,7 +730,8 @@ def _read_adapter(
         tensors, source = read_weights(model_id, safetensors_only=safetensors_only, **hub)
         if directory_version(directory) == version:
             break
-    return read, config_source, tensors, source
+    metadata = read_safetensors_header(source).get("__metadata__", {}) if source.endswith(".safetensors") else {}
+    return read, config_source, tensors, source, metadata.get(METADATA_KEY)
 
 
 class PeftModelForCausalLM(PeftModel):

@@ -1,7 +1,7 @@
 """``deltatune inspect PATH_OR_REPO``: describe an adapter from its files alone.
 
 Reads ``adapter_config.json`` as JSON and the header of ``adapter_model.safetensors`` (a length-checked JSON
-preamble); never loads the base model, never imports code a file names, and never unpickles: an adapter that only has
+preamble, which also holds the base-model fingerprint deltatune saves); never loads the base model, never imports code a file names, and never unpickles: an adapter that only has
 a pickled ``adapter_model.bin`` is reported with its weights marked "not inspected".
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 from ..config import PeftConfig
 from ..errors import ConfigError, DeltatuneError
 from ..files import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME, read_json_file, read_safetensors_header, resolve_file
+from ..fingerprint import METADATA_KEY, describe
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -130,6 +131,7 @@ def _weights(adapter: str, hub: dict) -> dict[str, Any]:
             "parameters": sum(math.prod(v["shape"]) for v in tensors.values()),
             "dtypes": dict(sorted(Counter(v["dtype"] for v in tensors.values()).items())),
             "file_bytes": os.path.getsize(path),
+            "base_fingerprint": describe(header.get("__metadata__", {}).get(METADATA_KEY)),
         }
     path = resolve_file(adapter, PICKLE_NAME, **hub)
     if path is not None:
@@ -153,6 +155,14 @@ def _names(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(str(v) for v in value)
     return repr(value)
+
+
+def _fingerprint(summary: dict[str, Any] | None) -> str:
+    if summary is None:
+        return "none (saved by peft or another tool: loading cannot check its base model)"
+    vocab = f", vocabulary {summary['vocab_size']}" if summary["vocab_size"] is not None else ""
+    return (f"{summary['architecture']} ({summary['model_type'] or 'no model_type'}{vocab}); {summary['weights']} "
+            f"targeted base weights, {summary['sampled']} sampled")
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -200,6 +210,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{os.path.basename(weights['file'])}: {weights['tensors']} tensors, {weights['parameters']:,} parameters"
             f" ({dtypes or 'none'}), {_size(weights['file_bytes'])}",
         ))
+        rows.append(("fingerprint", _fingerprint(weights["base_fingerprint"])))
     elif weights["format"] == "pickle":
         rows.append((
             "weights",
