@@ -503,3 +503,68 @@ def test_trainable_p_tuning_encoder_size_is_bounded(tmp_path: Path, changes: dic
     config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, encoder_hidden_size=16)
     _write_config(_save_method(tmp_path, config), **changes)
     _refused(tmp_path, error, match, is_trainable=True)
+
+
+# --- a bad adapter loaded into a model that already has adapters ----------------------------------------------------
+
+def _truncate_config(adapter: Path) -> None:
+    path = adapter / "adapter_config.json"
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _drop_a_tensor(adapter: Path) -> None:
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+
+
+def _weights_of_another_config(adapter: Path) -> None:
+    other = _save(adapter.parent, "other", r=2, lora_alpha=4)
+    (adapter / "adapter_model.safetensors").write_bytes((other / "adapter_model.safetensors").read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "error", "match"),
+    [
+        pytest.param(_truncate_config, ConfigError, "adapter_config.json: not a readable JSON", id="truncated-config"),
+        pytest.param(lambda a: _write_config(a, r=4), AdapterLoadError, "shape mismatch", id="mismatched-r"),
+        pytest.param(lambda a: _write_config(a, peft_type="NOT_A_METHOD"), ConfigError, "peft_type",
+                     id="unknown-peft-type"),
+        pytest.param(_drop_a_tensor, AdapterLoadError, "adapter_model.safetensors", id="missing-tensor"),
+        pytest.param(_weights_of_another_config, AdapterLoadError, "adapter_model.safetensors",
+                     id="weights-of-another-config"),
+        pytest.param(lambda a: (a / "adapter_model.safetensors").write_bytes(
+            (a / "adapter_model.safetensors").read_bytes()[:-7]), AdapterLoadError, "adapter_model.safetensors",
+            id="truncated-weights"),
+    ],
+)
+def test_a_bad_adapter_leaves_a_model_with_adapters_computing_as_before(tmp_path: Path, corrupt, error, match) -> None:
+    """load_adapter into a model holding two adapters: one clear error naming the file, and every existing adapter
+    (alone, combined, disabled) computes exactly what it computed before."""
+    _save(tmp_path, "first")
+    _save(tmp_path, "second", r=4, lora_alpha=3)
+    model = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "first")).eval()
+    model.load_adapter(str(tmp_path / "second"), "second")
+    batch = make_causal_lm_inputs(model)
+
+    def outputs() -> dict[str, torch.Tensor]:
+        out = {}
+        with torch.no_grad():
+            for names in (["default"], ["second"], ["default", "second"]):
+                model.set_adapter(names)
+                out["+".join(names)] = model(**batch).logits
+            with model.disable_adapter():
+                out["base"] = model(**batch).logits
+        model.set_adapter("default")
+        return out
+
+    expected, before = outputs(), _state(model)
+    bad = _save(tmp_path, "bad", r=8)
+    corrupt(bad)
+    with pytest.raises(error, match=match) as info:
+        model.load_adapter(str(bad), "third")
+    assert str(bad) in str(info.value)  # the message names the file
+    assert list(model.peft_config) == ["default", "second"]
+    _assert_untouched(model, before)
+    for key, value in outputs().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
