@@ -83,7 +83,9 @@ def atomic_write_files(files: Mapping[str, bytes]) -> None:
     """Write several files so that each is either fully the old or fully the new content.
 
     Every file is written to a temporary sibling and fsync'ed first; only when all are on disk are they renamed
-    into place, so a failure while serialising or writing leaves all previous files intact.
+    into place, so a failure while serialising or writing leaves all previous files intact. A crash *during* the
+    renames can still pair new files with old ones: files that must change together go through
+    :func:`replace_directory`.
     """
     temps: list[tuple[str, str]] = []
     try:
@@ -526,7 +528,7 @@ def _owner_alive(owner: str, path: str) -> bool:
             return time.time() - os.path.getmtime(path) < _LEFTOVER_AGE
         except OSError:
             return False
-    return int(pid) != os.getpid() and pid_alive(int(pid))
+    return pid_alive(int(pid))  # this process's own leftovers too: another thread may be saving
 
 
 def pid_alive(pid: int) -> bool:
