@@ -19,7 +19,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 
@@ -376,6 +376,33 @@ def replace_directory(
         shutil.rmtree(staging, ignore_errors=True)
         _write_in_place(target, files, replaced)
         return
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_in(staging, target)
+
+
+def publish_directory(target: str | os.PathLike, fill: Callable[[str], None]) -> None:
+    """Make ``target`` exactly what ``fill(staging)`` writes into a fresh hidden sibling, in one atomic swap (the
+    previous ``target``, if any, is replaced whole: nothing of it is kept). For outputs too large to hold in memory
+    (a merged model), which :func:`replace_directory` would need as bytes; the crash guarantees are the same, and
+    leftovers are recognised and cleaned the same way.
+
+    Raises:
+        OSError: ``fill`` or writing failed (disk full, permissions); the previous ``target`` is untouched.
+    """
+    target = os.path.realpath(os.fspath(target))
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    recover_directory(target)
+    staging = tempfile.mkdtemp(prefix=f".{name}{_SAVE_MARK}new-{os.getpid()}-", dir=parent)
+    try:
+        fill(staging)
+        for directory, _, names in os.walk(staging):  # ``fill`` wrote with ordinary, unsynced writes
+            for file_name in names:
+                with open(os.path.join(directory, file_name), "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_tree(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -40,29 +38,17 @@ def check_output_directory(out: str, flag: str, overwrite: bool) -> str:
 
 
 def replace_directory(out: str, fill: Callable[[str], None], what: str) -> None:
-    """Write directory ``out`` all at once: ``fill`` writes into a temporary sibling, which then takes ``out``'s place
-    (a previous ``out`` is removed only after that), so a failure leaves ``out`` as it was and no half-written
+    """Write directory ``out`` all at once (:func:`deltatune.files.publish_directory`): ``fill`` writes into a hidden
+    sibling that is then swapped in atomically, so a failure or a crash leaves ``out`` as it was and no half-written
     directory behind.
 
     Raises:
         TrainError: writing failed (``what`` names the content), with ``out`` unchanged.
     """
+    from ..files import publish_directory
     from ..train.options import TrainError
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
-        try:
-            fill(tmp)
-        except OSError as exc:
-            raise TrainError(f"could not write the {what} ({exc.strerror or exc}); {out} is unchanged") from None
-        old = None
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.rename(out, os.path.join(old, "previous"))
-        os.rename(tmp, out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish_directory(out, fill)
+    except OSError as exc:
+        raise TrainError(f"could not write the {what} ({exc.strerror or exc}); {out} is unchanged") from None
