@@ -40,6 +40,7 @@ _METHOD_MODULES: dict[str, str] = {
     "OFT": "deltatune.methods.oft",
     "VERA": "deltatune.methods.vera",
     "TRAINABLE_TOKENS": "deltatune.methods.trainable_tokens",
+    "HRA": "deltatune.methods.hra",
 }
 
 

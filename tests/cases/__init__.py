@@ -57,6 +57,8 @@ class MatrixCase:
             feed-forward modules) its model type lacks; ``kwargs`` override them.
         in_peft: peft has the same config class, so trainable-parameter counts are compared with peft's.
         mergeable: The delta folds into the base weights (merge / merge_and_unload).
+        exact_identity: A fresh adapter gives the base output bit for bit; ``False`` where its init is the identity
+            only in exact arithmetic (HRA's paired reflections cancel up to rounding).
     """
 
     config_class: str
@@ -68,6 +70,7 @@ class MatrixCase:
     remote_kwargs: dict[str, Any] = field(default_factory=dict)
     in_peft: bool = True
     mergeable: bool = True
+    exact_identity: bool = True
 
     def config_kwargs(self, family: str) -> dict[str, Any]:
         kwargs = self.kwargs(family) if callable(self.kwargs) else self.kwargs
