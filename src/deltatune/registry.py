@@ -41,6 +41,7 @@ _METHOD_MODULES: dict[str, str] = {
     "VERA": "deltatune.methods.vera",
     "TRAINABLE_TOKENS": "deltatune.methods.trainable_tokens",
     "HRA": "deltatune.methods.hra",
+    "MISS": "deltatune.methods.miss",
 }
 
 
