@@ -42,6 +42,7 @@ _METHOD_MODULES: dict[str, str] = {
     "TRAINABLE_TOKENS": "deltatune.methods.trainable_tokens",
     "HRA": "deltatune.methods.hra",
     "MISS": "deltatune.methods.miss",
+    "FOURIERFT": "deltatune.methods.fourierft",
 }
 
 
