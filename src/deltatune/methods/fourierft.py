@@ -1,9 +1,10 @@
 """FourierFT: learn a few entries of the weight update's 2-D spectrum and recover the update by an inverse DFT.
 
-Gao et al., 2024, "Parameter-Efficient Fine-Tuning with Discrete Fourier Transform", §3.1: ``ΔW = α · Re(IDFT₂(F))``
-where ``F ∈ C^{out×in}`` is zero except at ``n`` entries, whose (real) values are the only trainable parameters. The
-entries' positions are drawn at random once and shared by every layer of one shape, so a layer costs ``n``
-parameters however large it is; ``α`` (``scaling``) makes up for the ``1/(out·in)`` of the inverse transform.
+Gao et al., 2024, "Parameter-Efficient Fine-Tuning with Discrete Fourier Transform" (ICML 2024, arXiv:2405.03003), §3:
+``ΔW = α · Re(IDFT₂(F))`` where ``F ∈ C^{out×in}`` is zero except at ``n`` entries, whose (real) values are the only
+trainable parameters. The entries' positions are drawn at random once and shared by every layer of one shape, so a
+layer costs ``n`` parameters however large it is; ``α`` (``scaling``) makes up for the ``1/(out·in)`` of the inverse
+transform.
 
 What is stored and computed follows peft 0.21 so adapters load across libraries to equal outputs:
 

@@ -1,11 +1,11 @@
 """HRA: multiply the frozen weight by a chain of trainable Householder reflections.
 
-Yuan et al., 2024, "Bridging The Gap between Low-rank and Orthogonal Adaptation via Householder Reflection
-Adaptation", §3.2: ``W' = W H₁ H₂ ⋯ H_r`` with ``H_i = I − 2 u_i u_iᵀ / ‖u_i‖²``, the columns ``u_i`` of the
+Yuan et al., 2024, "Bridging The Gap between Low-rank and Orthogonal Adaptation via Householder Reflection Adaptation"
+(arXiv:2405.17484), §3: ``W' = W H₁ H₂ ⋯ H_r`` with ``H_i = I − 2 u_i u_iᵀ / ‖u_i‖²``, the columns ``u_i`` of the
 trainable ``U ∈ R^{d×r}`` (``d``: the dimension the weight reads). The product is orthogonal, so the update keeps the
-angles between the weight's rows (as OFT does) while ``W' − W`` has rank at most ``r`` (as LoRA's). §3.3's variant
-(``apply_GS``) first orthonormalises ``U`` by Gram-Schmidt into ``Q``, which makes the reflections commute:
-``W' = W (I − 2 Q Qᵀ)``.
+angles between the weight's rows (as OFT does) while ``W' − W`` has rank at most ``r`` (as LoRA's). The strictly
+orthogonal variant (``apply_GS``) first orthonormalises ``U`` by Gram-Schmidt into ``Q``, which makes the reflections
+commute: ``W' = W (I − 2 Q Qᵀ)``.
 
 What is stored and computed follows peft 0.21 so adapters load across libraries to equal outputs:
 
@@ -50,7 +50,7 @@ class HRAConfig(LayerConfig):
 
     Attributes:
         r: Number of Householder reflections per layer; even, for the default init to start at the base model.
-        apply_GS: Orthonormalise the reflection vectors by Gram-Schmidt (§3.3) before use.
+        apply_GS: Orthonormalise the reflection vectors by Gram-Schmidt before use.
         init_weights: ``True``: paired columns (the base model at init). ``False``: random columns, for tests.
         bias: Which biases train and are saved: ``"none"``, ``"all"`` or ``"hra_only"`` (biases of adapted layers).
     """
@@ -73,7 +73,7 @@ class HRAConfig(LayerConfig):
 
 def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
     """``(d, r) -> (d, r)``: orthonormal columns spanning ``u``'s, column ``i`` from ``u_i`` less its projections on
-    the ones before (§3.3)."""
+    the ones before."""
     basis = u[:, :1] / u[:, :1].norm()
     for i in range(1, u.shape[1]):
         v = u[:, i : i + 1]

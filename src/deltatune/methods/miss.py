@@ -1,10 +1,10 @@
 """MiSS: one trainable shard shared by every block of the weight (peft's successor of Bone).
 
-Kang et al., 2025, "MiSS: Revisiting the Trade-off in LoRA with an Efficient Shard-Sharing Structure" (first released
-as "Bone: Block-Affine Adaptation"), §3: split ``W ∈ R^{out×in}`` along its input into blocks of ``r`` columns and
-add the same trainable shard to every block. Its forward needs no ``out × in`` update: the input's ``r``-chunks are
-summed first, ``Δy = (Σ_k x_k) D`` with ``x_k ∈ R^r`` and ``D ∈ R^{r×out}``, so a layer costs ``r · out`` parameters and
-one ``r``-wide matmul. Three variants, chosen by ``init_weights`` as in peft:
+Kang, "MiSS: Revisiting the Trade-off in LoRA with an Efficient Shard-Sharing Structure" (arXiv:2409.15371, first
+released as "Bone: Block-Affine Adaptation of Large Language Models"), §3: split ``W ∈ R^{out×in}`` along its input
+into blocks of ``r`` columns and add the same trainable shard to every block. Its forward needs no ``out × in``
+update: the input's ``r``-chunks are summed first, ``Δy = (Σ_k x_k) D`` with ``x_k ∈ R^r`` and ``D ∈ R^{r×out}``, so a
+layer costs ``r · out`` parameters and one ``r``-wide matmul. Three variants, chosen by ``init_weights`` as in peft:
 
 * balance (``True``, or ``False`` for a random start): ``miss_block`` ``D`` is ``(r, out)``;
   ``ΔW[o, k·r + j] = D[j, o]``. An ``in`` that ``r`` does not divide is zero-padded to a multiple of ``r`` (the last
