@@ -33,8 +33,7 @@ def _miss(name: str, families: tuple[str, ...] = _FAMILIES, **kwargs: Any) -> Ma
 MATRIX = [
     _miss("miss_default", r=8),
     _miss("miss_bat_dropout", without_remote_code(_FAMILIES), r=4, init_weights="bat", miss_dropout=0.1),
-    _miss("miss_mini_all_linear", without_remote_code(_FAMILIES), r=8, init_weights="mini", mini_r=4,
-          target_modules="all-linear"),
+    _miss("miss_mini", without_remote_code(_FAMILIES), r=8, init_weights="mini", mini_r=4),
 ]
 
 
