@@ -37,6 +37,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
+from ._orthogonal import cayley, drop_blocks, rotate_rows
 from .common import adapter_dtype, check_dropout, check_size
 
 __all__ = ["OFTConfig"]  # exported from deltatune
@@ -121,32 +122,11 @@ def skew_symmetric(packed: torch.Tensor, block_size: int) -> torch.Tensor:
     return upper - upper.transpose(1, 2)
 
 
-def cayley(q: torch.Tensor, neumann_terms: int | None) -> torch.Tensor:
-    """(Near-)orthogonal ``(n, b, b)`` blocks from skew-symmetric ``q``: the exact Cayley transform for
-    ``neumann_terms=None``, else peft's truncated series (see the module docstring)."""
-    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q)
-    if neumann_terms is None:
-        return torch.linalg.solve(eye + q, eye - q, left=False)  # (I − Q)(I + Q)⁻¹
-    rot, power = eye + 2 * q, q
-    if neumann_terms == 2:
-        return rot
-    for _ in range(max(2, neumann_terms - 2) - 1):  # + 2Q², …, 2Qᵐ
-        power = power @ q
-        rot = rot + 2 * power
-    return rot + power @ q  # + Qᵐ⁺¹
-
-
 def project_coft(packed: torch.Tensor, eps: float) -> torch.Tensor:
     """Scale each block's ``Q`` back onto ``‖Q‖_F ≤ eps / √n`` (``‖Q‖_F = √2 ‖row‖`` for a packed row)."""
     radius = eps / packed.shape[0] ** 0.5
     norm = packed.norm(dim=1, keepdim=True) * 2**0.5  # (n, 1)
     return packed * (radius / norm).clamp(max=1.0)  # norm 0 gives inf, clamped: unchanged
-
-
-def rotate_rows(t: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``t @ diag(blocks)`` over the last dim: ``(..., n·b)`` with ``(n, b, b)`` blocks, without building the matrix."""
-    parts = t.unflatten(-1, (blocks.shape[0], blocks.shape[-1]))  # (..., n, b)
-    return torch.einsum("...nk,nkc->...nc", parts, blocks).flatten(-2)
 
 
 def nearest_divisor(n: int, wanted: int) -> int:
@@ -199,9 +179,7 @@ class OFTDelta(Delta):
                 self.packed.copy_(project_coft(self.packed, self.eps))
         rot = cayley(skew_symmetric(self.packed, self.block_size), self.neumann_terms)  # (rows, b, b)
         if dropout and self.training and self.module_dropout > 0 and rot.shape[0] > 1:
-            dropped = torch.randperm(rot.shape[0], device=rot.device)[: int(self.module_dropout * rot.shape[0])]
-            eye = torch.eye(self.block_size, device=rot.device, dtype=rot.dtype)
-            rot = rot.index_copy(0, dropped, eye.expand(len(dropped), -1, -1))
+            rot = drop_blocks(rot, self.module_dropout)
         return rot.expand(self.blocks, -1, -1)
 
     def weight_blocks(self, dropout: bool = False) -> torch.Tensor:
