@@ -43,6 +43,7 @@ _METHOD_MODULES: dict[str, str] = {
     "HRA": "deltatune.methods.hra",
     "MISS": "deltatune.methods.miss",
     "FOURIERFT": "deltatune.methods.fourierft",
+    "BOFT": "deltatune.methods.boft",
 }
 
 
