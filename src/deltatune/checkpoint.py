@@ -25,6 +25,7 @@ from torch import nn
 from . import prompt
 from .config import PeftConfig
 from .errors import AdapterLoadError, DeltatuneError
+from . import quant
 from .inject import build_deltas
 from .layers import AdapterLayer, ModulesToSaveWrapper, adapter_layers
 from .registry import LayerMethod, PromptMethod, get_method
@@ -355,7 +356,12 @@ def load_prompt_file_state(
 # --- load guards: nothing allocated for a config that does not fit its file, nothing changed by a failed load ------
 
 def _meta_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose tensors live on the meta device (shapes and dtypes only; nothing is allocated)."""
+    """A copy of ``module`` whose tensors live on the meta device (shapes and dtypes only; nothing is allocated). A
+    quantized layer becomes the dense ``nn.Linear`` its adapters see (``quant.delta_view``)."""
+    handler = quant.handler_for(module)
+    if handler is not None:
+        return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta",
+                         dtype=handler.dtype(module))
     memo: dict[int, Any] = {}
     for tensor in [*module.parameters(), *module.buffers()]:
         meta = torch.empty_like(tensor, device="meta")

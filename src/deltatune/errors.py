@@ -29,3 +29,7 @@ class AdapterStateError(DeltatuneError):
 
 class RemoteCodeError(ConfigError):
     """Loading a base model would execute custom code (``trust_remote_code``) that the caller has not opted in to."""
+
+
+class QuantizationError(TargetError):
+    """A quantized base layer that the adapters cannot work on, or an option that cannot work on a quantized layer."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import nn
 
+from . import quant
 from .errors import AdapterStateError, ConfigError
 from .layers import AdapterLayer, Delta, ModulesToSaveWrapper, adapter_layers, save_wrappers
 from .resolve import Resolved
@@ -34,13 +36,15 @@ def build_deltas(
         shared_state: The shared modules of the model's other adapters, which ``make_shared`` may reuse.
     """
     method, config = resolved.method, resolved.config
+    # a quantized target is seen through its dequantizing view (quant.delta_view), by every method alike
+    targets = {name: quant.delta_view(base) for name, base in resolved.targets.items()}
     shared = None
     if method.make_shared is not None:
-        shared = method.make_shared(config, dict(resolved.targets), dict(shared_state))
+        shared = method.make_shared(config, targets, dict(shared_state))
     extra = () if shared is None else (shared,)
-    deltas = {name: method.make_delta(config, base, name, *extra) for name, base in resolved.targets.items()}
+    deltas = {name: method.make_delta(config, base, name, *extra) for name, base in targets.items()}
     for name, (source, base) in resolved.tied.items():  # after every target: a twin reads its source's delta
-        deltas[name] = method.make_tied_delta(deltas[source], base, name)
+        deltas[name] = method.make_tied_delta(deltas[source], quant.delta_view(base), name)
     return deltas, shared
 
 
@@ -59,6 +63,7 @@ def add_layer_adapter(
             f"{resolved.config.peft_type.value} keeps tensors shared by all adapted layers, which live in the "
             f"PeftModel wrapper; use get_peft_model(model, config) instead"
         )
+    quant.guard_model(model)  # before the first forward through an adapter: no training on repacked 4-bit weights
     deltas, shared = build_deltas(resolved, shared_state if shared_state is not None else {})
     for name, delta in deltas.items():
         module = model.get_submodule(name)
@@ -138,25 +143,46 @@ def mark_trainable(model: nn.Module, trainable: Sequence[str], biases: BiasScope
                 param.requires_grad_(True)
 
 
-def merge(model: nn.Module, names: Sequence[str], safe_merge: bool = False) -> None:
+def merge(
+    model: nn.Module, names: Sequence[str], safe_merge: bool = False, max_quantized_error: float | None = None,
+    dequantize: bool = False,
+) -> dict[str, float]:
     """Fold the deltas of ``names`` into the base weights of every adapter layer, all or nothing.
 
     ``safe_merge`` checks every layer for NaN/inf before any weight changes, so a refusal leaves the weights bit for
     bit as they were (unmerging is exact only up to rounding). Any other failure unmerges the layers this call merged
     before the error propagates.
+
+    A quantized base layer is dequantized, merged and requantized (``AdapterLayer.merge``). Returns the measured
+    error of that requantization per quantized layer (``quant.merge_error``: the share of the adapter's effect on
+    the layer's outputs that was lost); with ``max_quantized_error``, a merge whose error would exceed it on any
+    layer is refused, naming the layer and the figure, before any weight changes.
     """
     named = list(adapter_layers(model))
+    pending = {path: [n for n in names if n in layer.deltas and n not in layer.merged_adapters] for path, layer in named}
     for path, layer in named:  # deltas that cannot merge at all refuse before any weight changes
-        for name in names:
-            if name in layer.deltas and name not in layer.merged_adapters:
-                try:
-                    layer.deltas[name].check_mergeable(layer.base_layer)
-                except AdapterStateError as exc:
-                    raise AdapterStateError(f"cannot merge adapter {name!r} into {path}: {exc}") from None
+        for name in pending[path]:
+            try:
+                layer.deltas[name].check_mergeable(layer.delta_base)
+            except AdapterStateError as exc:
+                raise AdapterStateError(f"cannot merge adapter {name!r} into {path}: {exc}") from None
     layers = [layer for _, layer in named]
     if safe_merge:
         for layer in layers:
             layer.check_finite_merge(names)
+    if max_quantized_error is not None:
+        for path, layer in named:
+            if layer.quant_handler is not None and pending[path]:
+                error = layer.quantized_merge(pending[path])[2]
+                if error > max_quantized_error:
+                    raise AdapterStateError(
+                        f"merging {pending[path]} into {path} ({layer.quant_handler.describe(layer.base_layer)}) "
+                        f"would lose {error:.1%} of the adapter's effect on the layer's outputs to requantization, "
+                        f"above max_merge_error={max_quantized_error}; the model is unchanged. Merge into a "
+                        f"dequantized base for an exact merge (merge_and_unload(quantized_base='dequantize'))"
+                    )
+    if dequantize:
+        dequantize_bases(model)
     before: list[tuple[AdapterLayer, int]] = []
     try:
         for layer in layers:
@@ -166,6 +192,27 @@ def merge(model: nn.Module, names: Sequence[str], safe_merge: bool = False) -> N
         for layer, count in before:
             layer.unmerge(keep=count)
         raise
+    return {
+        path: max(layer.merge_errors[n] for n in pending[path])
+        for path, layer in named if layer.quant_handler is not None and pending[path]
+    }
+
+
+def dequantize_bases(model: nn.Module) -> list[str]:
+    """Replace the quantized base layer of every adapter layer by a dense ``nn.Linear`` holding its dequantized
+    weight (``quant.dequantized_copy``), so that a following merge is exact; the paths changed. Adapter layers with
+    merged adapters are refused (their weights already hold a requantized merge)."""
+    named = [(path, layer) for path, layer in adapter_layers(model) if layer.quant_handler is not None]
+    for path, layer in named:
+        if layer.merged_adapters:
+            raise AdapterStateError(
+                f"{path} has adapters merged into its quantized weight; unmerge_adapter() before merging into a "
+                f"dequantized base"
+            )
+    with torch.no_grad():
+        for _, layer in named:
+            layer.set_base(quant.dequantized_copy(layer.base_layer))
+    return [path for path, _ in named]
 
 
 def unmerge(model: nn.Module) -> None:

@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from . import quant
 from .errors import AdapterStateError
 from .rows import BASE_ADAPTER, RowPlan, batch_adapters, current_row_plan
 
@@ -159,11 +160,33 @@ class AdapterLayer(_Wrapper):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        self.base_layer = base_layer
         self.deltas = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # The quantized weights each merge into a quantized base replaced (``quant.py``), so that unmerging restores
+        # them exactly; and the measured share of each such merge's effect that requantization lost.
+        self._quantized_before: list[object] = []
+        self.merge_errors: dict[str, float] = {}
+        self.set_base(base_layer)
+
+    def set_base(self, base_layer: nn.Module) -> None:
+        """Make ``base_layer`` the wrapped layer; what the deltas see of it is :attr:`delta_base`."""
+        self.base_layer = base_layer
+        # not a registered submodule: the view owns nothing and must not appear in state dicts
+        object.__setattr__(self, "_view", quant.delta_view(base_layer))
+
+    @property
+    def delta_base(self) -> nn.Module:
+        """What the deltas are built from and called with: the base layer, or for a quantized one its
+        :class:`~deltatune.quant.DequantizedLinear` view (``weight`` dequantized on read; its forward is the
+        quantized layer's)."""
+        return self._view
+
+    @property
+    def quant_handler(self) -> quant.QuantHandler | None:
+        view = self._view
+        return view.handler if isinstance(view, quant.DequantizedLinear) else None
 
     def _wrapped(self) -> nn.Module:
         return self.base_layer
@@ -197,6 +220,7 @@ class AdapterLayer(_Wrapper):
         if plan is not None:
             return self._mixed_forward(plan, x, *args, **kwargs)
         deltas = [self.deltas[n] for n in self.active_adapters if n not in self.merged_adapters]
+        view = self._view
         if deltas and deltas[0].run_layer is not None:  # the deltas run the layer themselves (Delta.run_layer)
             return deltas[0].run_layer(deltas, self.base_layer, x, *args, **kwargs)
         base_in = x
@@ -205,7 +229,7 @@ class AdapterLayer(_Wrapper):
                 base_in = delta.transform_input(base_in)
         out = self.base_layer(base_in, *args, **kwargs)
         for delta in deltas:
-            out = delta(x, out, self.base_layer)
+            out = delta(x, out, view)
         return out
 
     def _mixed_forward(self, plan: RowPlan, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -224,21 +248,24 @@ class AdapterLayer(_Wrapper):
                     input_side.append((delta, rows))
                 else:
                     by_class.setdefault(type(delta), []).append((delta, rows))
+        view = self._view
         for cls, groups in by_class.items():
-            out = cls.batched_forward(groups, x, out, self.base_layer)
+            out = cls.batched_forward(groups, x, out, view)
         if input_side:  # these rows need the base layer run again on their own transformed input
             parts = []
             for delta, rows in input_side:
                 x_rows = x.index_select(0, rows)
-                parts.append(delta(x_rows, self.base_layer(delta.transform_input(x_rows), *args, **kwargs),
-                                   self.base_layer))
+                parts.append(delta(x_rows, self.base_layer(delta.transform_input(x_rows), *args, **kwargs), view))
             out = out.index_copy(0, torch.cat([rows for _, rows in input_side]), torch.cat(parts))
         return out
 
     def _params(self, copy: bool) -> dict[str, torch.Tensor]:
         """The base layer's own parameters by name (what :meth:`Delta.merged_params` folds into), as their data;
-        cloned with ``copy``."""
-        return {n: p.data.clone() if copy else p.data for n, p in self.base_layer.named_parameters(recurse=False)}
+        cloned with ``copy``. A quantized base gives its weight dequantized (a new tensor either way)."""
+        params = {n: p.data.clone() if copy else p.data for n, p in self.base_layer.named_parameters(recurse=False)}
+        if self.quant_handler is not None:
+            params["weight"] = self._view.weight
+        return params
 
     @torch.no_grad()
     def check_finite_merge(self, names: Sequence[str]) -> None:
@@ -248,7 +275,7 @@ class AdapterLayer(_Wrapper):
         for name in names:
             if name in self.merged_adapters or name not in self.deltas:
                 continue
-            changed = self.deltas[name].merged_params(params, self.base_layer)
+            changed = self.deltas[name].merged_params(params, self._view)
             if not all(torch.isfinite(value).all() for value in changed.values()):
                 raise AdapterStateError(
                     f"merging adapter {name!r} would put NaN/inf into the base weights; the model is unchanged"
@@ -256,24 +283,60 @@ class AdapterLayer(_Wrapper):
             params.update(changed)
 
     @torch.no_grad()
+    def quantized_merge(self, names: Sequence[str]) -> tuple[object, dict[str, torch.Tensor], float]:
+        """For a quantized base, computed aside (the layer is not changed): the quantized weight that merging
+        ``names`` would store, the merged parameters (dense), and the measured error of that requantization
+        (:func:`deltatune.quant.merge_error`)."""
+        handler = self.quant_handler
+        assert handler is not None
+        params = self._params(copy=True)
+        before = params["weight"]
+        for name in names:
+            if name not in self.merged_adapters and name in self.deltas:
+                params.update(self.deltas[name].merged_params(params, self._view))
+        stored = handler.quantize(self.base_layer, params["weight"])
+        achieved = handler.dequantize_stored(self.base_layer, stored)
+        return stored, params, quant.merge_error(before, params["weight"], achieved)
+
+    @torch.no_grad()
     def merge(self, names: Sequence[str], safe_merge: bool = False) -> None:
         """Fold the named deltas into the base layer's parameters; ``safe_merge`` runs :meth:`check_finite_merge`
-        first."""
+        first. A quantized base is dequantized, merged and requantized, and the measured error is recorded in
+        :attr:`merge_errors`; its quantized weight before the merge is kept so that unmerging restores it exactly."""
         if safe_merge:
             self.check_finite_merge(names)
+        handler = self.quant_handler
         for name in names:
             if name in self.merged_adapters or name not in self.deltas:
                 continue
-            for key, value in self.deltas[name].merged_params(self._params(copy=True), self.base_layer).items():
-                getattr(self.base_layer, key).data.copy_(value)
+            if handler is None:
+                for key, value in self.deltas[name].merged_params(self._params(copy=True), self._view).items():
+                    getattr(self.base_layer, key).data.copy_(value)
+            else:
+                stored, params, error = self.quantized_merge([name])
+                bias = self.base_layer.bias
+                self._quantized_before.append((handler.current(self.base_layer),
+                                               None if bias is None else bias.data.clone()))
+                handler.store(self.base_layer, stored)
+                if bias is not None:
+                    bias.data.copy_(params["bias"])
+                self.merge_errors[name] = error
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self, keep: int = 0) -> None:
         """Undo merges, last merged first, until ``keep`` remain merged."""
+        handler = self.quant_handler
         while len(self.merged_adapters) > keep:
-            delta = self.deltas[self.merged_adapters.pop()]
-            for key, value in delta.unmerged_params(self._params(copy=False), self.base_layer).items():
+            name = self.merged_adapters.pop()
+            if handler is not None:
+                stored, bias = self._quantized_before.pop()
+                handler.store(self.base_layer, stored)
+                if bias is not None:
+                    self.base_layer.bias.data.copy_(bias)
+                self.merge_errors.pop(name, None)
+                continue
+            for key, value in self.deltas[name].unmerged_params(self._params(copy=False), self._view).items():
                 getattr(self.base_layer, key).data.copy_(value)
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import quant
 from .config import LayerConfig
 from .errors import TargetError
 from .layers import unwrap
@@ -63,9 +64,11 @@ def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resol
             ``feedforward_modules`` outside the targets).
     """
     target_modules, names = find_targets(model, config, method.default_targets)
+    rewrites = method.rewrites_base_weights is not None and method.rewrites_base_weights(config)
     targets: dict[str, nn.Module] = {}
     for name in names:
         base = unwrap(model.get_submodule(name))
+        quant.check_target(base, name, config.peft_type.value, _rewriting_option(config) if rewrites else None)
         if not isinstance(base, method.layer_types):
             raise TargetError(
                 f"module {name!r} is a {type(base).__name__}, which {config.peft_type.value} cannot adapt; "
@@ -81,8 +84,14 @@ def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resol
         resolved = method.resolve_config(resolved, model, view)
     if method.check_target is not None:
         for name, base in targets.items():
-            method.check_target(resolved, base, name)
+            method.check_target(resolved, quant.delta_view(base), name)
     return Resolved(resolved, method, view, MappingProxyType(tied))
+
+
+def _rewriting_option(config: LayerConfig) -> str:
+    """The config option that makes a method rewrite base weights, for messages (LoRA's PiSSA / OLoRA init)."""
+    init = getattr(config, "init_lora_weights", None)
+    return f"init_lora_weights={init!r}" if init is not None else f"this {config.peft_type.value} config"
 
 
 def _tied_twins(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict[str, tuple[str, nn.Module]]:
