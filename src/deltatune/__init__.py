@@ -19,7 +19,15 @@ from .auto import (
     AutoPeftModelForTokenClassification,
 )
 from .config import LayerConfig, PeftConfig, PeftType, PromptLearningConfig, TaskType
-from .errors import AdapterLoadError, AdapterStateError, ConfigError, DeltatuneError, RemoteCodeError, TargetError
+from .errors import (
+    AdapterLoadError,
+    AdapterStateError,
+    ConfigError,
+    DeltatuneError,
+    QuantizationError,
+    RemoteCodeError,
+    TargetError,
+)
 from .files import atomic_write_files
 from .fingerprint import BaseModelMismatchWarning
 from .functional import (
@@ -40,6 +48,7 @@ from .model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from .quant import QuantizedMergeWarning, prepare_model_for_kbit_training
 from .integrations import install as _install_integrations
 
 __version__ = "0.1.0"
@@ -73,6 +82,8 @@ _CORE_NAMES = [
     "PeftModelForTokenClassification",
     "PeftType",
     "PromptLearningConfig",
+    "QuantizationError",
+    "QuantizedMergeWarning",
     "RemoteCodeError",
     "TargetError",
     "TaskType",
@@ -82,6 +93,7 @@ _CORE_NAMES = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
 ]
 

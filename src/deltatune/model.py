@@ -15,13 +15,14 @@ import dataclasses
 import functools
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from . import checkpoint, inject, prompt, status
+from . import checkpoint, inject, prompt, quant, status
 from .checkpoint import check_planned_size, naming_source, restore_base_on_error
 from .config import PeftConfig, TaskType, read_config_file
 from .errors import AdapterStateError, ConfigError
@@ -388,9 +389,26 @@ class PeftModel(nn.Module):
         )
 
     # --- merging --------------------------------------------------------------------------------------------------
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters (default: the active ones) into the base weights; all layers or none."""
+    def merge_adapter(
+        self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False, *,
+        max_merge_error: float | None = None,
+    ) -> None:
+        """Fold adapters (default: the active ones) into the base weights; all layers or none.
+
+        On a quantized base (``docs/quantization.md``) each adapted layer is dequantized, merged and requantized; the
+        measured error of each layer's merge (the share of the adapter's effect on the layer's outputs that
+        requantization lost) is warned about and kept in :attr:`quantized_merge_errors`. ``max_merge_error`` (e.g.
+        ``0.1``) refuses, before any weight changes, a merge that would lose more than that on any layer.
+        """
+        self._merge(adapter_names, safe_merge, max_merge_error, dequantize=False)
+
+    def _merge(self, adapter_names: Sequence[str] | None, safe_merge: bool, max_merge_error: float | None,
+               dequantize: bool) -> None:
+        """:meth:`merge_adapter`; ``dequantize`` first replaces quantized bases by dense copies (exact)."""
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        if max_merge_error is not None and (isinstance(max_merge_error, bool) or not isinstance(
+                max_merge_error, (int, float)) or not max_merge_error >= 0):
+            raise ConfigError(f"max_merge_error must be a non-negative number or None, got {max_merge_error!r}")
         for name in names:
             self._check_exists(name)
             if name in self.prompt_encoder:
@@ -398,18 +416,45 @@ class PeftModel(nn.Module):
                     f"adapter {name!r} is {self.peft_config[name].peft_type.value}: prompt methods have no weights to "
                     f"merge (they feed the model inputs); keep using the PeftModel, or merge a layer adapter instead"
                 )
-        inject.merge(self.get_base_model(), names, safe_merge=safe_merge)
+        errors = inject.merge(self.get_base_model(), names, safe_merge=safe_merge,
+                              max_quantized_error=max_merge_error, dequantize=dequantize)
+        self.quantized_merge_errors = errors
+        if errors:
+            worst = max(errors, key=errors.__getitem__)
+            warnings.warn(
+                f"merged into {len(errors)} quantized layers by requantizing: up to {errors[worst]:.1%} of the "
+                f"adapter's effect on a layer's outputs was lost ({worst}); see quantized_merge_errors, or merge "
+                f"with merge_and_unload(quantized_base='dequantize') for an exact merge",
+                quant.QuantizedMergeWarning, stacklevel=3,
+            )
 
     def unmerge_adapter(self) -> None:
         inject.unmerge(self.get_base_model())
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None, *,
+        quantized_base: str = "requantize", max_merge_error: float | None = None,
     ) -> nn.Module:
         """Merge adapters into the weights and return the plain base model (``modules_to_save`` heads replaced by
-        their trained copies). The returned model no longer depends on deltatune."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        return inject.unload(self.get_base_model(), keep_trained_copies=True)
+        their trained copies). The returned model no longer depends on deltatune.
+
+        Args:
+            quantized_base: For adapted layers with a quantized base (``docs/quantization.md``): ``"requantize"``
+                keeps them quantized (the merge is lossy; the measured error per layer is warned about and left on
+                the returned model as ``quantized_merge_errors``), ``"dequantize"`` replaces them by dense
+                ``nn.Linear`` layers in the weight's original dtype holding ``W + ΔW`` (exact).
+            max_merge_error: With ``"requantize"``: refuse (nothing changes) when any layer would lose more than
+                this share of the adapter's effect; see :meth:`merge_adapter`.
+        """
+        if quantized_base not in ("requantize", "dequantize"):
+            raise ConfigError(f"quantized_base must be 'requantize' or 'dequantize', got {quantized_base!r}")
+        if quantized_base == "dequantize" and max_merge_error is not None:
+            raise ConfigError("max_merge_error applies to quantized_base='requantize'; a dequantized merge is exact")
+        self._merge(adapter_names, safe_merge, max_merge_error, dequantize=quantized_base == "dequantize")
+        model = inject.unload(self.get_base_model(), keep_trained_copies=True)
+        if self.quantized_merge_errors:
+            model.quantized_merge_errors = self.quantized_merge_errors
+        return model
 
     def unload(self) -> nn.Module:
         """Remove all adapters without merging and return the base model exactly as it was."""
