@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import quant
 from .errors import AdapterLoadError
 from .layers import AdapterLayer, adapter_layers
 
@@ -45,7 +46,7 @@ def base_fingerprint(base: nn.Module, adapter_name: str, values: bool = True) ->
     for path, layer in adapter_layers(base):
         if adapter_name in layer.deltas:
             weight, merged = _base_weight(layer)
-            if weight is not None:
+            if weight is not None:  # (a quantized weight: its shape, on the meta device)
                 sample = _sample(weight) if values and not merged else None
                 weights[_canonical(path)] = {"shape": list(weight.shape), "sample": sample}
     return {"version": _VERSION, **_identity(base), "weights": weights}
@@ -108,12 +109,15 @@ def _canonical(path: str) -> str:
 
 
 def _base_weight(module: nn.Module) -> tuple[torch.Tensor | None, bool]:
-    """The innermost base layer's floating-point weight (``None`` if it has none) and whether any adapter is merged
-    into it."""
+    """The innermost base layer's floating-point weight (``None`` if it has none) and whether its values are not to be
+    sampled: an adapter is merged into it, or it is quantized (then only its dense shape counts, as a meta tensor,
+    so that an adapter moves between a quantized base and the full-precision one without a mismatch)."""
     merged = False
     while isinstance(module, AdapterLayer):
         merged = merged or module.merged
         module = module.base_layer
+    if quant.is_quantized(module):
+        return torch.empty(module.out_features, module.in_features, device="meta"), True
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.is_meta:
         return None, merged
