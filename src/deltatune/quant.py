@@ -25,6 +25,7 @@ is what the layer computed with since).
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import warnings
 from typing import Any
@@ -36,7 +37,7 @@ from .errors import AdapterStateError, QuantizationError
 
 __all__ = [
     "HANDLERS", "DequantizedLinear", "QuantHandler", "QuantizedMergeWarning", "check_target", "delta_view",
-    "dequantized_copy", "guard_model", "handler_for", "is_quantized", "merge_error", "prepare_model_for_kbit_training",
+    "dequantized_copy", "guard_model", "handler_for", "is_quantized", "merge_error", "prepare_model_for_kbit_training", "transformers_config", "weight_bytes",
 ]
 
 INSTALL = "pip install 'deltatune[quant]'"
@@ -87,6 +88,10 @@ class QuantHandler:
 
     def current(self, module: nn.Module) -> Any:
         """The layer's quantized weight as :meth:`store` takes it (kept by a merge, to unmerge exactly)."""
+        raise NotImplementedError
+
+    def nbytes(self, module: nn.Module) -> int:
+        """Memory the quantized weight takes (codes and scales)."""
         raise NotImplementedError
 
 
@@ -163,6 +168,13 @@ class Bnb4bit(QuantHandler):
     def current(self, module: nn.Module) -> Any:
         return module.weight.data, module.weight.quant_state
 
+    def nbytes(self, module: nn.Module) -> int:
+        state = module.weight.quant_state
+        tensors = [module.weight.data, state.absmax, state.code]
+        if state.nested:
+            tensors += [state.state2.absmax, state.state2.code]
+        return sum(t.nbytes for t in tensors)
+
 
 def _unpack_cpu_layout(module: nn.Module) -> None:
     """Undo bitsandbytes' CPU inference repack of a ``Linear4bit`` in place. The codes are permuted back (lossless,
@@ -229,6 +241,9 @@ class Bnb8bit(QuantHandler):
     def current(self, module: nn.Module) -> Any:
         return module.weight.data, self._scale(module)
 
+    def nbytes(self, module: nn.Module) -> int:
+        return module.weight.data.nbytes + self._scale(module).nbytes
+
 
 class TorchAOInt8(QuantHandler):
     """torchao int8 weight-only (``Int8WeightOnlyConfig``, ``TorchAoConfig``): the weight parameter is an
@@ -291,6 +306,10 @@ class TorchAOInt8(QuantHandler):
 
     def current(self, module: nn.Module) -> Any:
         return module.weight.data
+
+    def nbytes(self, module: nn.Module) -> int:
+        weight = module.weight
+        return sum(t.nbytes for t in (weight.qdata, weight.scale, weight.zero_point) if t is not None)
 
 
 # The one list every method's adapters go through (order matters only if a layer could match two).
@@ -454,6 +473,51 @@ def prepare_model_for_kbit_training(
             model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
+
+
+def weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """``(bytes, dense bytes)``: the memory the parameters and buffers of ``model`` take, and what they would take
+    with every quantized weight dense in its dequantized dtype (the saving ``deltatune train --quantize`` reports)."""
+    quantized = {}
+    for module in model.modules():
+        handler = handler_for(module)
+        if handler is not None:
+            quantized[id(module.weight)] = (handler.nbytes(module), module.in_features * module.out_features
+                                            * handler.dtype(module).itemsize)
+    actual = dense = 0
+    seen: set[int] = set()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        small, full = quantized.get(id(tensor), (tensor.nbytes, tensor.nbytes))
+        actual, dense = actual + small, dense + full
+    return actual, dense
+
+
+# ``deltatune train --quantize`` choices
+CLI_QUANTIZATIONS = ("nf4", "int8", "torchao-int8")
+
+
+def transformers_config(kind: str, compute_dtype: torch.dtype = torch.float32) -> Any:
+    """The transformers ``quantization_config`` for a ``--quantize`` choice: ``nf4`` (bitsandbytes NF4 with double
+    quantization, the QLoRA recipe, §3), ``int8`` (bitsandbytes LLM.int8), ``torchao-int8`` (torchao int8
+    weight-only). Raises :class:`QuantizationError` naming what to install when the library is missing."""
+    if kind not in CLI_QUANTIZATIONS:
+        raise QuantizationError(f"unknown quantization {kind!r}; choose one of {', '.join(CLI_QUANTIZATIONS)}")
+    library = "torchao" if kind.startswith("torchao") else "bitsandbytes"
+    if importlib.util.find_spec(library) is None:
+        raise QuantizationError(f"--quantize {kind} needs {library}, which is not installed: {INSTALL}")
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    if kind == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
 
 
 def dequantized_copy(module: nn.Module, weight: torch.Tensor | None = None) -> nn.Linear:

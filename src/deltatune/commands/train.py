@@ -114,6 +114,9 @@ def register(subparsers) -> None:
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute activations in backward to save memory")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 mixed precision")
+    g.add_argument("--quantize", choices=["nf4", "int8", "torchao-int8"],
+                   help="QLoRA: load the base model quantized (bitsandbytes nf4 / LLM.int8, torchao int8 "
+                        "weight-only; pip install 'deltatune[quant]'); the adapter trains in float32")
     g.add_argument("--seed", type=int, help="seed for adapter init, data order and dropout (default 0)")
 
     g = p.add_argument_group("evaluation and checkpoints")

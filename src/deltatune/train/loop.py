@@ -34,7 +34,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from .. import get_peft_model
+from .. import get_peft_model, quant
 from ..errors import DeltatuneError
 from . import data as D
 from .evaluate import MAX_CHOICES, evaluate, forward_logits, loss_sum
@@ -257,7 +257,8 @@ def _build_model(
     from accelerate.utils import set_seed
 
     set_seed(options.seed)
-    base = load_model(inputs.model_dir, inputs.task, inputs.labels, inputs.tokenizer.pad_token_id)
+    base = load_model(inputs.model_dir, inputs.task, inputs.labels, inputs.tokenizer.pad_token_id,
+                      quantize=options.quantize, device=device)
     set_seed(options.seed)
     peft_config = build_peft_config(options, inputs.task, inputs.total_steps)
     try:
@@ -267,7 +268,8 @@ def _build_model(
     if options.gradient_checkpointing:
         # Non-reentrant checkpointing gives the adapters their gradients behind a frozen base.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
+    if options.quantize is None:  # a quantized base was loaded onto the device (bitsandbytes 8-bit cannot move)
+        model.to(device)
     optimizer = _optimizer(model, options)
     return model, optimizer, _scheduler(optimizer, options, inputs.total_steps)
 
@@ -703,6 +705,9 @@ def _write_summary(run: Run, before: Evaluation | None, after: Evaluation | None
                "tokens": state.tokens, "before": _metrics(before), "after": _metrics(after),
                "stopped_early": state.stopped_early, "best_eval_loss": state.best_eval_loss,
                "best_step": state.best_step}
+    if run.options.quantize is not None:
+        summary["quantize"] = run.options.quantize
+        summary["base_bytes"], summary["base_dense_bytes"] = quant.weight_bytes(run.model.get_base_model())
     try:
         with open(os.path.join(run.out, "summary.json"), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
@@ -719,6 +724,10 @@ def _report(run: Run, before: Evaluation | None, after: Evaluation | None, png: 
         f"({state.tokens / max(state.elapsed, 1e-9):.0f} tokens/s)"
         + (", stopped early" if state.stopped_early else "")
     )
+    if run.options.quantize is not None:
+        actual, dense = quant.weight_bytes(run.model.get_base_model())
+        lines.append(f"base model quantized {run.options.quantize}: {actual / 2**20:.1f} MiB of weights in memory, "
+                     f"{dense / 2**20:.1f} MiB unquantized ({dense / max(actual, 1):.1f}x less)")
     table = summary_table(_metrics(before), _metrics(after))
     if table:
         lines += ["", table]

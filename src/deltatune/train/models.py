@@ -59,8 +59,11 @@ def load_tokenizer(model_dir: str):
 
 
 def load_model(model_dir: str, task: str, labels: list[str] | None, pad_token_id: int | None = None,
-               dtype: torch.dtype = torch.float32):
-    """The base model with the head ``task`` needs (a fresh classification head sized for ``labels``)."""
+               dtype: torch.dtype = torch.float32, quantize: str | None = None, device: torch.device | None = None):
+    """The base model with the head ``task`` needs (a fresh classification head sized for ``labels``); with
+    ``quantize`` (a ``--quantize`` choice) loaded quantized onto ``device`` (default CPU) and prepared for training
+    (``quant.prepare_model_for_kbit_training``, without gradient checkpointing, which ``--gradient-checkpointing``
+    decides)."""
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSeq2SeqLM,
@@ -72,6 +75,14 @@ def load_model(model_dir: str, task: str, labels: list[str] | None, pad_token_id
         "seq-cls": AutoModelForSequenceClassification, "token-cls": AutoModelForTokenClassification,
     }[task]
     kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantize is not None:
+        from .. import quant
+
+        try:
+            kwargs["quantization_config"] = quant.transformers_config(quantize, dtype)
+        except DeltatuneError as exc:
+            raise TrainError(str(exc)) from None
+        kwargs["device_map"] = {"": str(device or "cpu")}
     if labels is not None:
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={name: i for i, name in enumerate(labels)})
@@ -85,6 +96,10 @@ def load_model(model_dir: str, task: str, labels: list[str] | None, pad_token_id
     if task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
         # decoder models classify from the last non-padding token, which they find with pad_token_id
         model.config.pad_token_id = pad_token_id if pad_token_id is not None else 0
+    if quantize is not None:
+        from .. import quant
+
+        quant.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 
 

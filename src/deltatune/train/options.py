@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DeltatuneError
+from ..quant import CLI_QUANTIZATIONS
 
 TASKS = ("causal-lm", "seq2seq", "seq-cls", "token-cls")
 SCHEDULES = ("linear", "cosine", "constant")
+QUANTIZATIONS = CLI_QUANTIZATIONS
 
 # Options that change where or how a run reports, not what it computes.
 NOT_IDENTITY = frozenset({"out", "resume", "overwrite", "progress", "preset"})
@@ -67,6 +69,9 @@ class TrainOptions:
         max_grad_norm: Clip the global gradient norm to this; 0 disables clipping.
         gradient_checkpointing: Recompute activations in backward to save memory.
         bf16: bfloat16 autocast (mixed precision); adapter weights stay float32.
+        quantize: Load the base model quantized (QLoRA, ``docs/quantization.md``): ``nf4`` (bitsandbytes 4-bit NF4
+            with double quantization), ``int8`` (bitsandbytes LLM.int8) or ``torchao-int8`` (torchao int8
+            weight-only); ``None``: full precision.
         seed: Seeds adapter init, data order and dropout.
         eval_steps: Evaluate every N optimizer steps (plus before and after training); 0: only before and after.
         early_stopping_patience: Stop after this many evaluations without a better eval loss; ``None``: never.
@@ -118,6 +123,7 @@ class TrainOptions:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     bf16: bool = False
+    quantize: str | None = None
     seed: int = 0
     eval_steps: int = 0
     early_stopping_patience: int | None = None
@@ -140,6 +146,8 @@ class TrainOptions:
         def bad(name: str, why: str) -> TrainError:
             return TrainError(f"--{name.replace('_', '-')} {why}")
 
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise bad("quantize", f"must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}")
         if self.task is not None and self.task not in TASKS:
             raise bad("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.lr_schedule not in SCHEDULES:
