@@ -53,6 +53,13 @@ def test_gradients_equal_fp32_model_of_the_dequantized_weights(kind, dora):
     assert quant.handler_for(base) is not None
 
 
+def test_parameter_counts_match_peft():
+    ours = dt.get_peft_model(load("nf4"), _lora())
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(load("nf4"), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
 def test_base_stays_quantized_without_a_dense_copy():
     quantized = load("nf4")
     floats_before = sum(p.numel() for p in quantized.parameters() if p.is_floating_point())

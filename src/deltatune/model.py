@@ -517,9 +517,11 @@ class PeftModel(nn.Module):
 
     # --- parameters -----------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts, adapters included in "all"."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        """(trainable, all) parameter counts, adapters included in "all"; a quantized weight counts the weights it
+        stands for (``quant.weight_counts``), as in peft."""
+        counts = quant.weight_counts(self)
+        sizes = [(counts.get(id(p), p.numel()), p.requires_grad) for p in self.parameters()]
+        return sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

@@ -37,7 +37,7 @@ from .errors import AdapterStateError, QuantizationError
 
 __all__ = [
     "HANDLERS", "DequantizedLinear", "QuantHandler", "QuantizedMergeWarning", "check_target", "delta_view",
-    "dequantized_copy", "guard_model", "handler_for", "is_quantized", "merge_error", "prepare_model_for_kbit_training", "transformers_config", "weight_bytes",
+    "dequantized_copy", "guard_model", "handler_for", "is_quantized", "merge_error", "prepare_model_for_kbit_training", "transformers_config", "weight_bytes", "weight_counts",
 ]
 
 INSTALL = "pip install 'deltatune[quant]'"
@@ -473,6 +473,12 @@ def prepare_model_for_kbit_training(
             model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
+
+
+def weight_counts(model: nn.Module) -> dict[int, int]:
+    """``id(weight) -> in · out`` for every quantized weight of ``model``: how many weights it stands for (a 4-bit
+    parameter holds two per byte), as parameter counts report them (peft's ``get_nb_trainable_parameters``)."""
+    return {id(m.weight): m.in_features * m.out_features for m in model.modules() if handler_for(m) is not None}
 
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:
