@@ -228,6 +228,13 @@ def test_unsupported_quantized_layer_names_type_and_fix():
         dt.get_peft_model(model, dt.LoraConfig(target_modules=["0"]))
 
 
+def test_quantized_modules_to_save_is_refused():
+    quantized = load("nf4")
+    with pytest.raises(dt.QuantizationError, match="modules_to_save 'model.layers.0.mlp.up_proj' is a quantized"):
+        dt.get_peft_model(quantized, dt.LoraConfig(target_modules=["q_proj"], modules_to_save=["mlp.up_proj"]))
+    assert all(not isinstance(m, dt.AdapterLayer) for m in quantized.modules())
+
+
 def test_torchao_activation_quantization_is_refused():
     torchao = pytest.importorskip("torchao")
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig
@@ -241,7 +248,14 @@ def test_torchao_activation_quantization_is_refused():
 @pytest.mark.parametrize("config", [
     dt.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False),
     dt.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False),
-], ids=["ia3", "loha"])
+    pytest.param(dt.LoKrConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False), marks=pytest.mark.slow),
+    pytest.param(dt.VeraConfig(r=4, target_modules=["q_proj", "o_proj"], init_weights=False),
+                 marks=pytest.mark.slow),
+    pytest.param(dt.OFTConfig(r=0, oft_block_size=16, target_modules=["q_proj", "v_proj"], init_weights=False),
+                 marks=pytest.mark.slow),
+    pytest.param(dt.AdaLoraConfig(r=4, target_modules=["q_proj", "v_proj"], total_step=10, init_lora_weights=False),
+                 marks=pytest.mark.slow),
+], ids=["ia3", "loha", "lokr", "vera", "oft", "adalora"])
 def test_other_layer_methods_train_on_the_same_dispatch(config):
     model, ref = _pair("nf4", config)
     errors = grad_errors(model, ref, IDS)

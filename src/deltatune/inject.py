@@ -78,6 +78,13 @@ def add_layer_adapter(
 def add_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: str) -> list[str]:
     """Give adapter ``adapter_name`` a trainable copy of each module selected by ``names``."""
     selected = find_modules_to_save(model, names)
+    for name in selected:  # before any change: a quantized layer cannot train in full
+        for path, module in model.get_submodule(name).named_modules(prefix=name):
+            if quant.is_quantized(module):
+                raise quant.QuantizationError(
+                    f"modules_to_save {path!r} is a quantized {type(module).__name__}, which cannot be trained in "
+                    f"full; adapt it with the method instead, or load that module unquantized"
+                )
     for name in selected:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSaveWrapper):

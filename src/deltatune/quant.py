@@ -36,7 +36,7 @@ from torch import nn
 from .errors import AdapterStateError, QuantizationError
 
 __all__ = [
-    "HANDLERS", "DequantizedLinear", "QuantHandler", "QuantizedMergeWarning", "check_target", "delta_view",
+    "HANDLERS", "QuantizationError", "DequantizedLinear", "QuantHandler", "QuantizedMergeWarning", "check_target", "delta_view",
     "dequantized_copy", "guard_model", "handler_for", "is_quantized", "merge_error", "prepare_model_for_kbit_training", "transformers_config", "weight_bytes", "weight_counts",
 ]
 
