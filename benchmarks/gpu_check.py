@@ -1,5 +1,6 @@
 """A short check on a CUDA machine: every layer method of the test matrix computes on the GPU what it computes on the
-CPU (forward, merge, mixed-adapter batch, cached generate), and the cost of mixed-adapter batches in bfloat16.
+CPU (forward, merge, mixed-adapter batch, cached generate), QLoRA on bitsandbytes' CUDA kernels (gradients against the
+float32 model of the dequantized weights, merge error, peak memory), and the cost of mixed-adapter batches in bfloat16.
 
 Run from the repository root on a machine with a GPU: ``python -m benchmarks.gpu_check``. It needs torch with CUDA and
 transformers, not peft. Not part of CI (no GPU there); the numbers it prints go to benchmarks/README.md by hand.
@@ -73,6 +74,45 @@ def correctness(family: str = "llama", device: str = "cuda") -> bool:
     return ok
 
 
+def qlora_check(device: str = "cuda") -> bool:
+    """LoRA and DoRA on quantized bases on ``device`` (bitsandbytes' CUDA kernels there): adapter gradients against
+    the float32 model of the dequantized weights, the measured error of a requantizing merge, and peak memory of a
+    training step against the float32 base (CUDA only). The same checks as ``tests/test_quant.py``, on the GPU."""
+    import warnings
+
+    from tests.quant_models import copy_trainable, dequantized_reference, grad_errors, load
+
+    ok = True
+    ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    for kind, dora in (("nf4", False), ("nf4", True), ("fp4", True), ("int8", False)):
+        lora = dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=dora)
+        model = dt.get_peft_model(load(kind, device=device), lora)
+        reference = dt.get_peft_model(dequantized_reference(model.get_base_model()), lora)
+        copy_trainable(model, reference)
+        worst = max(grad_errors(model, reference, ids).values())
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dt.QuantizedMergeWarning)
+            model.merge_adapter()
+        merge = max(model.quantized_merge_errors.values())
+        bad = worst > 1e-3 or not merge < 2
+        ok &= not bad
+        print(f"{'FAIL' if bad else 'ok  '} qlora {kind}{' dora' if dora else ''}: gradient rel. error {worst:.1e}, "
+              f"requantizing merge loses up to {merge:.1%} of the adapter's effect")
+    if device == "cuda":
+        peaks = {}
+        for kind in (None, "nf4"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            model = dt.get_peft_model(load(kind, device=device), dt.LoraConfig(r=4, target_modules="all-linear"))
+            model.train()
+            model(input_ids=ids, labels=ids).loss.backward()
+            peaks[kind] = torch.cuda.max_memory_allocated() / 2**20
+            del model
+        print(f"peak memory of a training step: float32 base {peaks[None]:.1f} MiB, nf4 base {peaks['nf4']:.1f} MiB")
+    return ok
+
+
 def _median_ms(fn, rounds: int = 10) -> float:
     for _ in range(3):
         fn()
@@ -129,5 +169,11 @@ if __name__ == "__main__":
     assert torch.cuda.is_available(), "no CUDA device"
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     passed = correctness() if "--perf-only" not in sys.argv else True
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        print("bitsandbytes not installed: QLoRA check skipped")
+    else:
+        passed &= qlora_check()
     mixed_batch_cost()
     raise SystemExit(0 if passed else 1)

@@ -47,18 +47,18 @@ def quantization_config(kind: str, dtype: torch.dtype = torch.float32):
     return TorchAoConfig(Int8WeightOnlyConfig())
 
 
-def load(kind: str | None, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+def load(kind: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LlamaForCausalLM:
     """The saved Llama, quantized as ``kind`` (``None``: full precision), in eval mode as from_pretrained leaves it."""
     if kind is None:
-        return LlamaForCausalLM.from_pretrained(saved_llama(), dtype=dtype)
+        return LlamaForCausalLM.from_pretrained(saved_llama(), dtype=dtype).to(device)
     return LlamaForCausalLM.from_pretrained(
-        saved_llama(), quantization_config=quantization_config(kind, dtype), device_map="cpu", dtype=dtype
+        saved_llama(), quantization_config=quantization_config(kind, dtype), device_map={"": device}, dtype=dtype
     )
 
 
 def dequantized_reference(quantized: torch.nn.Module) -> LlamaForCausalLM:
     """An fp32 Llama whose quantized layers hold the weights the quantized model's kernels compute with."""
-    reference = load(None)
+    reference = load(None, device=str(next(quantized.parameters()).device))
     with torch.no_grad():
         for name, module in quantized.named_modules():
             handler = quant.handler_for(module)
