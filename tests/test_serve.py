@@ -18,7 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from deltatune import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from deltatune.cli import build_parser, main
 from deltatune.commands.serve import start
-from deltatune.serve import MAX_BODY_BYTES, Api, Sampling, Scheduler
+from deltatune.engine import Request
+from deltatune.sampling import SamplingParams
+from deltatune.serve import MAX_BODY_BYTES, Api, Scheduler
 from tests.train_utils import write_llama
 
 PROMPTS = {
@@ -135,12 +137,13 @@ def test_each_answer_is_peft_model_generate_alone(server, expected):
         assert out["usage"]["prompt_tokens"] == len(prompt.split())
 
 
-def test_requests_for_different_adapters_share_one_generate_call(server, expected):
+def test_requests_for_different_adapters_share_one_batch(server, expected):
+    engine = server.scheduler.engine
     scheduler = server.scheduler
     started, gate = threading.Event(), threading.Event()
     scheduler.call(lambda: (started.set(), gate.wait(30)))  # hold the worker so that the three requests queue up
     assert started.wait(30)
-    calls, sizes = scheduler.generate_calls, len(scheduler.batch_sizes)
+    prefills, steps = len(engine.prefill_sizes), len(engine.decode_sizes)
     with ThreadPoolExecutor(3) as pool:
         futures = {name: pool.submit(complete, server, name, prompt) for name, prompt in PROMPTS.items()}
         deadline = time.monotonic() + 30
@@ -148,7 +151,8 @@ def test_requests_for_different_adapters_share_one_generate_call(server, expecte
             time.sleep(0.005)
         gate.set()
         answers = {name: f.result()["choices"][0]["text"] for name, f in futures.items()}
-    assert scheduler.generate_calls == calls + 1 and list(scheduler.batch_sizes)[sizes:] == [3]
+    assert list(engine.prefill_sizes)[prefills:] == [3]  # one forward over the three prompts
+    assert list(engine.decode_sizes)[steps:][0] == 3  # then they decode together, each row with its adapter
     assert answers == expected  # prompts of 2, 8 and 9 tokens: left padding changes no answer
 
 
@@ -180,22 +184,24 @@ def test_stop_strings_and_finish_reasons(server, files, expected):
     assert eos == ("stop" if ids[-1] == 2 else "length")
 
 
-def test_sampling_settings_split_batches_and_seeds_reproduce(files):
-    """Greedy and sampled rows never share a call; a seeded request runs alone, so it is reproducible."""
+def test_greedy_and_sampled_rows_share_a_batch_and_seeds_reproduce(files):
+    """Each row samples with its own settings and generator: greedy and seeded rows decode together, and a seeded
+    request gives the same answer alone."""
     tok = AutoTokenizer.from_pretrained(files["llama"])
     scheduler = Scheduler(AutoModelForCausalLM.from_pretrained(files["llama"]), tok, batch_wait_ms=2000,
-                          max_batch_size=2)
+                          max_batch_size=3)
     scheduler.load_adapter("sql", files["sql"])
     ids = tok(PROMPTS["sql"])["input_ids"]
-    greedy, hot = Sampling(0.0), Sampling(1.5, 0.9, seed=7)
+    greedy, hot = SamplingParams(max_tokens=6, temperature=0), SamplingParams(max_tokens=6, temperature=1.5,
+                                                                               top_p=0.9, seed=7)
     try:
-        scheduler.start()
-        futures = [scheduler.submit([ids], "sql", 6, greedy)[0]]  # waits for a second greedy row (max 2)
-        futures += [scheduler.submit([ids], "sql", 6, hot)[0], scheduler.submit([ids], "__base__", 6, greedy)[0]]
-        results = [f.result(30).text for f in futures]
-        assert list(scheduler.batch_sizes) == [2, 1]  # the two greedy rows together, then the sampled one
+        scheduler.start()  # the first request waits up to 2 s for two more
+        handles = [scheduler.submit(Request(ids, "sql", greedy)), scheduler.submit(Request(ids, "sql", hot)),
+                   scheduler.submit(Request(ids, "__base__", greedy))]
+        results = [h.result(30).choices[0].text for h in handles]
+        assert list(scheduler.engine.prefill_sizes) == [3]
         assert results[0] == solo(files, "sql", PROMPTS["sql"], 6) and results[2] == solo(files, None, PROMPTS["sql"], 6)
-        again = [scheduler.submit([ids], "sql", 6, hot)[0].result(30).text for _ in range(2)]
+        again = [scheduler.submit(Request(ids, "sql", hot)).result(30).choices[0].text for _ in range(2)]
         assert again == [results[1]] * 2
     finally:
         scheduler.close()
