@@ -160,6 +160,16 @@ def test_a_seeded_request_samples_the_same_whatever_its_neighbours(engine):
         h.result(60)
 
 
+def test_top_k_1_and_min_p_1_leave_only_the_most_likely_token(engine):
+    greedy = engine.submit(Request(PROMPTS[3], "ia3", SamplingParams(max_tokens=8, temperature=0)))
+    hot = [engine.submit(Request(PROMPTS[3], "ia3", SamplingParams(max_tokens=8, temperature=5.0, **knob)))
+           for knob in ({"top_k": 1}, {"min_p": 1.0}, {"top_p": 1e-6})]
+    want = greedy.result(60).choices[0].token_ids
+    assert [h.result(60).choices[0].token_ids for h in hot] == [want] * 3
+    loose = engine.submit(Request(PROMPTS[3], "ia3", SamplingParams(max_tokens=8, temperature=5.0, seed=0)))
+    assert loose.result(60).choices[0].token_ids != want  # at that temperature, sampling without them wanders
+
+
 def test_a_short_request_overtakes_a_long_one_submitted_earlier(engine):
     long = engine.submit(Request(PROMPTS[1], "lora", SamplingParams(max_tokens=80, temperature=0, ignore_eos=True)))
     next(iter(long))
@@ -216,6 +226,10 @@ def test_a_full_queue_refuses_and_close_drains(llama, tokenizer):
 def test_bad_requests_and_models_are_refused(engine, tokenizer):
     with pytest.raises(DeltatuneError, match="no adapter 'nope'"):
         engine.submit(Request(PROMPTS[0], "nope"))
+    with pytest.raises(DeltatuneError, match=f"from 0 to {vocab_size() - 1}"):
+        engine.submit(Request([3, vocab_size()], "lora"))
+    with pytest.raises(DeltatuneError, match="context of 128"):
+        engine.submit(Request([3] * 128, "lora"))
     with pytest.raises(DeltatuneError, match="'n' is 9"):
         engine.submit(Request(PROMPTS[0], "lora", SamplingParams(n=9)))
     with pytest.raises(DeltatuneError, match="encoder-decoder"):

@@ -31,6 +31,7 @@ its real tokens), so a row computes what it would compute alone. Decoder-only mo
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import threading
 import time
@@ -357,6 +358,7 @@ class Engine:
         self.batch_wait = batch_wait_ms / 1000
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.context_length: int | None = getattr(config, "max_position_embeddings", None)
+        self.vocab_size: int | None = getattr(config, "vocab_size", None)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
         self.eos = frozenset(e for e in [*eos, tokenizer.eos_token_id] if e is not None)
@@ -370,7 +372,7 @@ class Engine:
         self._drain = True
         self._batch: _Batch | None = None
         self._thread: threading.Thread | None = None
-        self._cache_arg: tuple[Any, str | None] = (None, None)  # (base model, its forward's cache argument)
+        self._signature: tuple[Any, str | None, bool] = (None, None, False)  # (base model, cache argument, keep)
 
     # --- the caller's side ----------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -387,8 +389,15 @@ class Engine:
         params = request.params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"Request.params must be a SamplingParams, got {type(params).__name__}")
-        if not request.prompt:
+        prompt = request.prompt
+        if not prompt:
             raise DeltatuneError("the prompt has no tokens")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < (self.vocab_size or t + 1)
+                   for t in prompt):
+            raise DeltatuneError(f"prompt token ids must be integers from 0 to {self.vocab_size - 1} (the vocabulary)")
+        if self.context_length is not None and len(prompt) >= self.context_length:
+            raise DeltatuneError(f"the prompt has {len(prompt)} tokens; the model's context of {self.context_length} "
+                                 f"leaves no room for an answer")
         if params.n > self.max_batch_size:
             raise DeltatuneError(f"'n' is {params.n} but at most {self.max_batch_size} rows decode together "
                                  f"(max_batch_size)")
@@ -526,11 +535,15 @@ class Engine:
         """The model's logits ``(B, T or 1, V)`` for ``ids`` (B, T) appended to ``cache``."""
         model = self.model
         base = model.get_base_model() if isinstance(model, PeftModel) else model
-        if self._cache_arg[0] is not base:
-            self._cache_arg = (base, cache_argument(base))
+        if self._signature[0] is not base:
+            keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+            self._signature = (base, cache_argument(base), keep)
+        _, cache_name, keep = self._signature
+        if cache_name is None:
+            raise DeltatuneError(f"{type(base).__name__}.forward takes no KV cache; the engine needs one")
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                                  "use_cache": True, self._cache_arg[1]: cache}
-        if not all_logits:
+                                  "use_cache": True, cache_name: cache}
+        if keep and not all_logits:
             kwargs["logits_to_keep"] = 1
         if isinstance(model, PeftModel):
             kwargs["adapter_names"] = adapters
