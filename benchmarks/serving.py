@@ -13,7 +13,7 @@ each with its own prompt length and answer length (greedy, ``ignore_eos``, so ev
 Reported per adapter count: generated tokens per second over the whole burst, and the p50 / p99 latency of a request
 (from the burst's start to its last token). No HTTP: the engine is used directly.
 
-    nice python -m benchmarks.serving            # ~2-4 min on 2 CPU threads
+    nice python -m benchmarks.serving            # a few minutes on one CPU thread
     nice python -m benchmarks.serving --quick    # a smoke run
     python -m benchmarks.serving --device cuda --requests 256 --batch 64
 """
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--batch", type=int, default=32, help="max rows decoding together (both ways)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared machine, spinning OpenMP "
+                   "threads turn tiny matmuls into milliseconds; see benchmarks/README.md)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:

@@ -208,6 +208,22 @@ def test_cancel_frees_the_rows_and_the_cache(engine):
     assert keys() is None  # the cache tensors are gone, not just unused
 
 
+def test_unloading_an_adapter_between_steps_fails_only_its_rows(tokenizer):
+    model = _llama()
+    engine = Engine(model, tokenizer, max_batch_size=4).start()
+    try:
+        long = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+        doomed, other = engine.submit(Request(PROMPTS[0], "ia3", long)), engine.submit(Request(PROMPTS[1], "lora", long))
+        next(iter(doomed))
+        engine.call(lambda: model.delete_adapter("ia3")).result(30)
+        with pytest.raises(DeltatuneError, match="adapter 'ia3' was unloaded while generating"):
+            doomed.result(30)
+        reference = _full_forward_loop(model, PROMPTS[1], "lora", 30)  # up to its end-of-sequence
+        assert other.result(30).choices[0].token_ids[: len(reference)] == reference
+    finally:
+        engine.close()
+
+
 def test_a_full_queue_refuses_and_close_drains(llama, tokenizer):
     engine = Engine(llama, tokenizer, max_batch_size=2, max_queue=1).start()
     gate = threading.Event()

@@ -401,7 +401,7 @@ class Engine:
         if params.n > self.max_batch_size:
             raise DeltatuneError(f"'n' is {params.n} but at most {self.max_batch_size} rows decode together "
                                  f"(max_batch_size)")
-        if request.adapter != BASE_ADAPTER and request.adapter not in self.adapters:
+        if self._missing(request.adapter):
             raise AdapterStateError(f"no adapter {request.adapter!r}; have {self.adapters}")
         handle = Handle(request)
         handle._engine = self
@@ -443,6 +443,8 @@ class Engine:
         """Refuse new requests; with ``drain`` finish the accepted ones, else abort them; stop the worker."""
         with self._cond:
             self._closing, self._drain = True, drain
+            if self._thread is None and not drain:  # never started: nothing will take them
+                self._abort_all()
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -470,6 +472,8 @@ class Engine:
             for task in tasks:  # outside inference mode: a task may create parameters (an adapter load)
                 self._run_task(task)
             with torch.inference_mode():
+                if tasks:
+                    self._drop_orphans()
                 self._drop_cancelled()
                 if joining:
                     self._prefill(joining)
@@ -504,17 +508,23 @@ class Engine:
             handle.finish_step = self.decode_steps
             self.requests_finished += 1
 
-    def _run_task(self, task: _Task) -> None:
+    @staticmethod
+    def _run_task(task: _Task) -> None:
         try:
             task.future.set_result(task.fn())
         except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
             task.future.set_exception(exc)
-        if self._batch is not None:  # rows whose adapter a task removed cannot go on
-            gone = [r for r in self._batch.rows if r.adapter != BASE_ADAPTER and r.adapter not in self.adapters]
-            for row in gone:
-                row.handle._fail(AdapterStateError(f"adapter {row.adapter!r} was unloaded while generating"))
-            if gone:
-                self._keep(lambda row: not row.handle.done)
+
+    def _missing(self, adapter: str) -> bool:
+        return adapter != BASE_ADAPTER and adapter not in self.adapters
+
+    def _drop_orphans(self) -> None:
+        """Fail the rows whose adapter a task removed: they cannot go on."""
+        gone = [r for r in self._batch.rows if self._missing(r.adapter)] if self._batch is not None else []
+        for row in gone:
+            row.handle._fail(AdapterStateError(f"adapter {row.adapter!r} was unloaded while generating"))
+        if gone:
+            self._keep(lambda row: not row.handle.done)
 
     def _drop_cancelled(self) -> None:
         if self._batch is None or not any(r.handle.cancelled for r in self._batch.rows):
@@ -554,10 +564,12 @@ class Engine:
         their first token, joined to the running batch."""
         from transformers import DynamicCache
 
+        for h in [h for h in handles if self._missing(h.request.adapter)]:  # unloaded since it was submitted
+            h._fail(AdapterStateError(f"no adapter {h.request.adapter!r}; have {self.adapters}"))
+            handles.remove(h)
+        if not handles:
+            return
         try:
-            for h in handles:
-                if h.request.adapter != BASE_ADAPTER and h.request.adapter not in self.adapters:
-                    raise AdapterStateError(f"no adapter {h.request.adapter!r}; have {self.adapters}")
             width = max(len(h.request.prompt) for h in handles)
             ids = torch.tensor([[0] * (width - len(h.request.prompt)) + list(h.request.prompt) for h in handles],
                                device=self.device)  # (R, T)
@@ -576,10 +588,10 @@ class Engine:
                 for i in range(h.request.params.n):
                     rows.append(self._row(h, i))
                     expand.append(r)
-            new = _Batch(list(range(len(handles))), cache, mask, mask.sum(dim=1), logits.shape[-1])
-            new.select(expand)  # n copies of each request's row (its cache too)
-            new.rows = rows
-            first = self._sample(new, logits[:, -1].float().index_select(0, torch.tensor(expand, device=self.device)))
+            index = torch.tensor(expand, device=self.device)
+            _map_cache(cache, lambda t: t.index_select(0, index))  # n copies of each request's row
+            new = _Batch(rows, cache, mask[index], mask.sum(dim=1)[index], logits.shape[-1])
+            first = self._sample(new, logits[:, -1].float()[index])
         except Exception as exc:  # noqa: BLE001 - the requests get the error; the running batch goes on
             for h in handles:
                 h._fail(exc)
