@@ -255,7 +255,9 @@ def test_torchao_activation_quantization_is_refused():
                  marks=pytest.mark.slow),
     pytest.param(dt.AdaLoraConfig(r=4, target_modules=["q_proj", "v_proj"], total_step=10, init_lora_weights=False),
                  marks=pytest.mark.slow),
-], ids=["ia3", "loha", "lokr", "vera", "oft", "adalora"])
+    pytest.param(dt.BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj"], init_weights=False),
+                 marks=pytest.mark.slow),
+], ids=["ia3", "loha", "lokr", "vera", "oft", "adalora", "boft"])
 def test_other_layer_methods_train_on_the_same_dispatch(config):
     model, ref = _pair("nf4", config)
     errors = grad_errors(model, ref, IDS)
