@@ -47,7 +47,7 @@ class Delta(nn.Module):
     constants: ClassVar[tuple[str, ...]] = ()
     # The escape hatch for a base layer whose output cannot be changed from outside because it reads its weights
     # itself (nn.MultiheadAttention uses ``in_proj_weight`` and ``out_proj.weight`` directly). ``None``: the layer
-    # runs as usual. A delta class that defines it as ``run_layer(deltas, base_layer, x, *args, **kwargs)`` runs the
+    # runs as usual. A delta class that defines it as ``run_layer(deltas, base_layer, *args, **kwargs)`` runs the
     # whole layer with every delta in ``deltas`` (the layer's active, unmerged ones, all of that class) instead, and
     # its ``forward`` is never called.
     run_layer: ClassVar[Callable[..., torch.Tensor] | None] = None
@@ -208,21 +208,33 @@ class AdapterLayer(_Wrapper):
     def set_active(self, names: Sequence[str]) -> None:
         self.active_adapters = [n for n in names if n in self.deltas]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """The base layer's forward with the active deltas applied. The layer's input is the first positional
+        argument; a module its parent calls by keyword only (transformers' attention modules: ``hidden_states=...``)
+        is passed through as called, which suits deltas that run the whole layer (:attr:`Delta.run_layer`)."""
         if self.disabled:
             # adapter layers inside the base layer whose forward it never calls (MultiheadAttention's out_proj, see
             # Delta.attach) cannot undo their merge themselves
             for layer in (self, *(m for m in self.base_layer.modules() if isinstance(m, AdapterLayer))):
                 if layer.merged_adapters:
                     layer.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_layer(*args, **kwargs)
         plan = current_row_plan()
         if plan is not None:
-            return self._mixed_forward(plan, x, *args, **kwargs)
+            if not args:
+                raise AdapterStateError(
+                    f"adapter_names (mixed-adapter batches) is not supported for the adapters on this "
+                    f"{type(self.base_layer).__name__} ({sorted({type(d).__name__ for d in self.deltas.values()})}); "
+                    f"run one adapter per batch"
+                )
+            return self._mixed_forward(plan, *args, **kwargs)
         deltas = [self.deltas[n] for n in self.active_adapters if n not in self.merged_adapters]
         view = self._view
         if deltas and deltas[0].run_layer is not None:  # the deltas run the layer themselves (Delta.run_layer)
-            return deltas[0].run_layer(deltas, self.base_layer, x, *args, **kwargs)
+            return deltas[0].run_layer(deltas, self.base_layer, *args, **kwargs)
+        if not deltas:
+            return self.base_layer(*args, **kwargs)
+        x, *args = args
         base_in = x
         for delta in deltas:
             if delta.transforms_input:

@@ -44,6 +44,7 @@ _METHOD_MODULES: dict[str, str] = {
     "MISS": "deltatune.methods.miss",
     "FOURIERFT": "deltatune.methods.fourierft",
     "BOFT": "deltatune.methods.boft",
+    "ADAPTION_PROMPT": "deltatune.methods.adaption_prompt",
 }
 
 
@@ -98,6 +99,12 @@ class LayerMethod:
             the weight itself: a module whose ``weight`` is the same tensor as a target's (an LM head tied to the
             input embedding) is that target's tied twin and gets this delta, built from the target's (sharing its
             parameters), so the two modules stay tied while unmerged. ``None``: tied modules are left alone.
+        find_targets: ``(model, config) -> (target_modules as the resolved config records it, full module names)``
+            for a method whose peft config selects modules by a rule of its own (adaption prompt: the last
+            ``adapter_layers`` modules named ``target_modules``); ``None`` uses the shared rules of
+            :func:`deltatune.targeting.find_targets`.
+        mixed_batches: Its adapters work in mixed-adapter batches (``adapter_names``, one adapter per row), which
+            ``deltatune serve`` needs; ``False`` where the layer refuses them (adaption prompts).
     """
 
     config_class: type  # a PeftConfig subclass
@@ -112,6 +119,8 @@ class LayerMethod:
     model_functions: dict[str, Callable[..., Any]] | None = None
     after_step: Callable[[nn.Module, int], None] | None = None
     make_tied_delta: Callable[[nn.Module, nn.Module, str], nn.Module] | None = None
+    find_targets: Callable[[nn.Module, Any], tuple[Any, list[str]]] | None = None
+    mixed_batches: bool = True
 
 
 @dataclass(frozen=True)
@@ -125,11 +134,13 @@ class PromptMethod:
         strategy: How the prompt reaches the model: ``deltatune.prompt.EMBEDDING_PROMPT`` (virtual tokens
             prepended to ``inputs_embeds``) or ``deltatune.prompt.PREFIX`` (per-layer key/value prefix in the KV
             cache).
+        mixed_batches: Always ``False``: a prompt adapter is used one at a time (no ``adapter_names`` rows).
     """
 
     config_class: type  # a PromptLearningConfig subclass
     make_encoder: Callable[[Any, nn.Module], nn.Module]
     strategy: Any  # a deltatune.prompt.PromptStrategy
+    mixed_batches: bool = False
 
 
 def get_method(peft_type: PeftType | str, *, source: str = "config") -> LayerMethod | PromptMethod:

@@ -63,7 +63,10 @@ def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resol
         ConfigError: ``resolve_config`` finds the config inconsistent with the model (e.g. IA3's
             ``feedforward_modules`` outside the targets).
     """
-    target_modules, names = find_targets(model, config, method.default_targets)
+    if method.find_targets is not None:
+        target_modules, names = method.find_targets(model, config)
+    else:
+        target_modules, names = find_targets(model, config, method.default_targets)
     rewrites = method.rewrites_base_weights is not None and method.rewrites_base_weights(config)
     targets: dict[str, nn.Module] = {}
     for name in names:
