@@ -116,17 +116,17 @@ def _gen_inputs(model, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _reference_greedy(model, ids, mask, steps: int, encoder_decoder: bool) -> torch.Tensor:
+def _reference_greedy(model, ids, mask, steps: int, encoder_decoder: bool, **call) -> torch.Tensor:
     """Greedy decoding by re-running the full forward, without any cache, at every step."""
     if encoder_decoder:
         start = model.get_base_model().config.decoder_start_token_id
         dec = torch.full((ids.shape[0], 1), start, dtype=torch.long)
         for _ in range(steps):
-            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False, **call).logits
             dec = torch.cat([dec, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         return dec
     for _ in range(steps):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **call).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         ids, mask = torch.cat([ids, nxt], dim=1), torch.cat([mask, torch.ones_like(nxt)], dim=1)
     return ids
@@ -144,22 +144,17 @@ def _until_eos(row: torch.Tensor, start: int, eos: int) -> list[int]:
 
 # --- (a) generation: cached generate() == repeated full forwards ------------------------------------------------------
 
-@pytest.mark.parametrize("family", sorted(GEN_FAMILIES))
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
-def test_greedy_generate_equals_full_forward_loop(family, method, padded):
-    factory, task = GEN_FAMILIES[family]
-    torch.manual_seed(0)
-    model = get_peft_model(factory(), _config(_deltatune(), method, task))
-    encoder_decoder = task == "SEQ_2_SEQ_LM"
+def _check_cached_equals_loop(model, encoder_decoder: bool, padded: bool, **call) -> None:
+    """Greedy ``generate()`` with the KV cache equals :func:`_reference_greedy` and differs from the base model;
+    ``call``: extra arguments for every forward and ``generate()`` (``task_ids``)."""
     ids, mask = _gen_inputs(model, padded)
     eos = model.get_base_model().generation_config.eos_token_id
     steps = 8
     with torch.no_grad():
-        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False)
-        reference = _reference_greedy(model, ids, mask, steps, encoder_decoder)
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, **call)
+        reference = _reference_greedy(model, ids, mask, steps, encoder_decoder, **call)
         with model.disable_adapter():
-            base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False)
+            base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, **call)
     start = 1 if encoder_decoder else ids.shape[1]
     new_tokens = []
     for row in range(ids.shape[0]):
@@ -169,6 +164,31 @@ def test_greedy_generate_equals_full_forward_loop(family, method, padded):
         new_tokens.append(got)
     assert any(len(set(tokens)) > 2 for tokens in new_tokens), f"the tiny model repeats itself: {new_tokens}"
     assert not torch.equal(generated, base), "the prompt had no effect on generation (dropped?)"
+
+
+@pytest.mark.parametrize("family", sorted(GEN_FAMILIES))
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+def test_greedy_generate_equals_full_forward_loop(family, method, padded):
+    factory, task = GEN_FAMILIES[family]
+    torch.manual_seed(0)
+    model = get_peft_model(factory(), _config(_deltatune(), method, task))
+    _check_cached_equals_loop(model, task == "SEQ_2_SEQ_LM", padded)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+def test_adaption_prompt_cached_generate_equals_full_forward_loop(family, padded):
+    """The gated prompt attention sits inside the top layers' attention, outside the cache: the invariant holds."""
+    factory, task = GEN_FAMILIES[family]
+    torch.manual_seed(0)
+    model = get_peft_model(factory(), _deltatune().AdaptionPromptConfig(task_type=task, adapter_len=T,
+                                                                        adapter_layers=2))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("adaption_gate"):
+                param.fill_(2.0)  # zero-init gates would leave generation at the base model's
+    _check_cached_equals_loop(model, False, padded)
 
 
 @pytest.mark.parametrize("family", sorted(GEN_FAMILIES))

@@ -74,6 +74,8 @@ class Scheduler:
         if isinstance(get_method(config.peft_type, source=source), PromptMethod):
             raise ConfigError(f"{source}: {config.peft_type.value} is a prompt-learning method; serving batches "
                               f"adapters per row, which only layer adapters (LoRA, IA3, ...) support")
+        if not get_method(config.peft_type, source=source).mixed_batches:  # e.g. adaption prompts
+            raise ConfigError(f"{source}: {config.peft_type.value} adapters cannot be batched per row, as serving does")
         if config.task_type not in (None, TaskType.CAUSAL_LM):
             raise ConfigError(f"{source}: a {config.task_type.value} adapter; serving generates text, which needs a "
                               f"{TaskType.CAUSAL_LM.value} adapter")
