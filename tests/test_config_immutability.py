@@ -24,6 +24,7 @@ _PROMPT_CONFIGS: dict[str, dict[str, Any]] = {
     "PromptTuningConfig": dict(num_virtual_tokens=2),
     "PromptEncoderConfig": dict(num_virtual_tokens=2, encoder_hidden_size=8),
     "PrefixTuningConfig": dict(num_virtual_tokens=2),
+    "MultitaskPromptTuningConfig": dict(num_virtual_tokens=2, num_tasks=2),
 }
 
 

@@ -73,6 +73,8 @@ def seed_specs() -> dict[str, dt.PeftConfig]:
         "prompt_tuning": dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
         "p_tuning": dt.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, encoder_hidden_size=16),
         "prefix_tuning": dt.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
+        "multitask_prompt_tuning": dt.MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2,
+                                                                  num_tasks=2),
     }
 
 
@@ -547,6 +549,8 @@ class Harness:
             # A wrapper without a token-label task (no task_type) cannot line per-token labels up with the virtual
             # tokens it prepends; a caller would not pass them there.
             inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if config.peft_type == PeftType.MULTITASK_PROMPT_TUNING:  # one task per row
+            inputs = {**inputs, "task_ids": torch.zeros(inputs["input_ids"].shape[0], dtype=torch.long)}
         with torch.no_grad():
             logits = model(**inputs).logits
         batch, length = self.inputs["input_ids"].shape

@@ -116,7 +116,8 @@ def _gen_inputs(model, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _reference_greedy(model, ids, mask, steps: int, encoder_decoder: bool, **call) -> torch.Tensor:
+def _reference_greedy(model, ids, mask, steps: int, encoder_decoder: bool, positions: bool = False,
+                      **call) -> torch.Tensor:
     """Greedy decoding by re-running the full forward, without any cache, at every step."""
     if encoder_decoder:
         start = model.get_base_model().config.decoder_start_token_id
@@ -126,6 +127,8 @@ def _reference_greedy(model, ids, mask, steps: int, encoder_decoder: bool, **cal
             dec = torch.cat([dec, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         return dec
     for _ in range(steps):
+        if positions:
+            call["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **call).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         ids, mask = torch.cat([ids, nxt], dim=1), torch.cat([mask, torch.ones_like(nxt)], dim=1)
@@ -144,15 +147,17 @@ def _until_eos(row: torch.Tensor, start: int, eos: int) -> list[int]:
 
 # --- (a) generation: cached generate() == repeated full forwards ------------------------------------------------------
 
-def _check_cached_equals_loop(model, encoder_decoder: bool, padded: bool, **call) -> None:
+def _check_cached_equals_loop(model, encoder_decoder: bool, padded: bool, positions: bool = False, **call) -> None:
     """Greedy ``generate()`` with the KV cache equals :func:`_reference_greedy` and differs from the base model;
-    ``call``: extra arguments for every forward and ``generate()`` (``task_ids``)."""
+    ``call``: extra arguments for every forward and ``generate()`` (``task_ids``); ``positions``: the loop passes
+    the position ids ``generate()`` derives from the mask (a layer adapter's forward is the model's own, which
+    counts left padding as positions)."""
     ids, mask = _gen_inputs(model, padded)
     eos = model.get_base_model().generation_config.eos_token_id
     steps = 8
     with torch.no_grad():
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, **call)
-        reference = _reference_greedy(model, ids, mask, steps, encoder_decoder, **call)
+        reference = _reference_greedy(model, ids, mask, steps, encoder_decoder, positions, **call)
         with model.disable_adapter():
             base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, **call)
     start = 1 if encoder_decoder else ids.shape[1]
@@ -188,7 +193,7 @@ def test_adaption_prompt_cached_generate_equals_full_forward_loop(family, padded
         for name, param in model.named_parameters():
             if name.endswith("adaption_gate"):
                 param.fill_(2.0)  # zero-init gates would leave generation at the base model's
-    _check_cached_equals_loop(model, False, padded)
+    _check_cached_equals_loop(model, False, padded, positions=True)
 
 
 @pytest.mark.parametrize("family", sorted(GEN_FAMILIES))

@@ -325,7 +325,8 @@ def prompt_file_state(root: nn.Module, adapter_name: str, encoder: nn.Module) ->
     sub-module, or ``[virtual tokens, num_layers * 2 * token_dim]`` for a key/value prefix) and the
     ``modules_to_save`` heads of ``root`` (the adapted model) as ``base_model.<path>``."""
     heads = layer_adapter_state_dict(root, adapter_name)
-    return {prompt.PROMPT_KEY: prompt.saved_table(encoder), **{BASE_MODEL_PREFIX + k: v for k, v in heads.items()}}
+    return {prompt.PROMPT_KEY: prompt.saved_table(encoder), **prompt.extra_state(encoder),
+            **{BASE_MODEL_PREFIX + k: v for k, v in heads.items()}}
 
 
 def load_prompt_file_state(
@@ -343,14 +344,16 @@ def load_prompt_file_state(
     """
     if prompt.PROMPT_KEY not in state_dict:
         raise AdapterLoadError(f"{source}: no {prompt.PROMPT_KEY!r} tensor; not a prompt-learning adapter file")
-    heads = {k: v for k, v in state_dict.items() if k != prompt.PROMPT_KEY}
+    own = getattr(encoder, "extra_keys", ())  # tensors the encoder keeps beside the table (multitask factors)
+    extra = {k: v for k, v in state_dict.items() if k in own}
+    heads = {k: v for k, v in state_dict.items() if k != prompt.PROMPT_KEY and k not in own}
     bad = next((k for k in heads if not k.startswith(BASE_MODEL_PREFIX)), None)
     if bad is not None:
         raise AdapterLoadError(f"{source}: unexpected key {bad!r} in a prompt-learning adapter file")
     load_layer_adapter_state_dict(
         root, {k[len(BASE_MODEL_PREFIX):]: v for k, v in heads.items()}, adapter_name, source
     )
-    return prompt.load_prompt_embeddings(encoder, state_dict[prompt.PROMPT_KEY], source)
+    return prompt.load_prompt_embeddings(encoder, state_dict[prompt.PROMPT_KEY], source, extra)
 
 
 # --- load guards: nothing allocated for a config that does not fit its file, nothing changed by a failed load ------

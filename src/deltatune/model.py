@@ -463,29 +463,33 @@ class PeftModel(nn.Module):
         return inject.unload(base, keep_trained_copies=False)
 
     # --- running --------------------------------------------------------------------------------------------------
-    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
-        """The base model's forward; ``adapter_names`` gives one adapter name per row (``"__base__"``: none)."""
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, task_ids: Any = None, **kwargs):
+        """The base model's forward; ``adapter_names`` gives one adapter name per row (``"__base__"``: none),
+        ``task_ids`` one task index per row for a multitask prompt adapter."""
         self._check_row_adapters(adapter_names)
-        call = self._prompt_call(adapter_names)
+        call = self._prompt_call(adapter_names, task_ids)
         if call is not None:
-            return prompt.prompt_forward(self.get_base_model(), *call, self.prompt_task, args, kwargs)
+            return prompt.prompt_forward(self.get_base_model(), *call, self.prompt_task, args, kwargs, task_ids)
         with batch_adapters(adapter_names):
             return self.base_model(*args, **kwargs)
 
-    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
-        """The base model's ``generate()`` (KV cache on), optionally with one adapter per input row."""
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, task_ids: Any = None, **kwargs):
+        """The base model's ``generate()`` (KV cache on), optionally with one adapter (``adapter_names``) or one
+        task (``task_ids``, multitask prompt tuning) per input row."""
         self._check_row_adapters(adapter_names)
-        call = self._prompt_call(adapter_names)
+        call = self._prompt_call(adapter_names, task_ids)
         if call is not None:
-            return prompt.prompt_generate(self.get_base_model(), *call, args, kwargs)
+            return prompt.prompt_generate(self.get_base_model(), *call, args, kwargs, task_ids)
         with batch_adapters(adapter_names):
             return self.get_base_model().generate(*args, **kwargs)
 
-    def _prompt_call(self, adapter_names: Sequence[str] | None) -> tuple | None:
+    def _prompt_call(self, adapter_names: Sequence[str] | None, task_ids: Any = None) -> tuple | None:
         """``(config, encoder, strategy)`` of the active prompt adapter, or ``None`` when a layer adapter (or none, or
-        ``disable_adapter()``) is in effect."""
+        ``disable_adapter()``) is in effect; ``task_ids`` are refused where no adapter reads them."""
         name = self._active[0] if self._active else None
         if name not in self.prompt_encoder or self._prompt_disabled:
+            if task_ids is not None and not self._prompt_disabled:
+                raise TypeError("task_ids selects the task of a multitask prompt adapter; the active adapter takes none")
             return None
         if adapter_names is not None:
             raise AdapterStateError("adapter_names (one adapter per row) is not supported with a prompt adapter")

@@ -34,7 +34,7 @@ import inspect
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -73,7 +73,18 @@ class PromptTask:
 class PromptTable(nn.Module):
     """A plain table of virtual tokens: ``forward(indices)`` looks rows up. Every prompt encoder keeps its input
     table as ``embedding`` (peft's name); this class is the encoder when the table *is* the prompt (prompt tuning,
-    prefix tuning without projection, and any adapter loaded from a file, which stores only the encoder's output)."""
+    prefix tuning without projection, and any adapter loaded from a file, which stores only the encoder's output).
+
+    Two optional traits of an encoder, read by the plumbing (defaults here; any encoder may set them):
+
+    * ``extra_keys``: names of its own parameters that peft's file holds beside ``prompt_embeddings``, under the same
+      top-level key (multitask prompt tuning's per-task factors);
+    * ``task_prompt(task_ids, batch) -> (B, rows, width)``: the prompt differs per row by a task index; the encoder
+      then sets ``takes_task_ids`` and ``forward(indices)`` stays the shared table that ``prompt_embeddings`` saves.
+    """
+
+    extra_keys: ClassVar[tuple[str, ...]] = ()
+    takes_task_ids: ClassVar[bool] = False
 
     def __init__(self, rows: int, width: int) -> None:
         super().__init__()
@@ -81,6 +92,49 @@ class PromptTable(nn.Module):
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         return self.embedding(indices)
+
+    def task_prompt(self, task_ids: Any, batch: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def check_task_ids(task_ids: Any, batch: int, num_tasks: int, what: str) -> torch.Tensor:
+    """``task_ids`` as a ``(batch,)`` long tensor of indices in ``[0, num_tasks)``.
+
+    Raises:
+        TypeError: ``task_ids`` is missing.
+        ConfigError: not one integer index per row, or an index out of range.
+    """
+    if task_ids is None:
+        raise TypeError(f"{what} needs task_ids: one task index per row, e.g. task_ids=torch.tensor([0, 2])")
+    ids = torch.as_tensor(task_ids)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or tuple(ids.shape) != (batch,):
+        raise ConfigError(
+            f"task_ids must hold one integer task index per row, shape ({batch},); got {ids.dtype} of shape "
+            f"{list(ids.shape)}"
+        )
+    if batch and (ids.min() < 0 or ids.max() >= num_tasks):
+        raise ConfigError(f"task_ids must lie in [0, {num_tasks}) (num_tasks={num_tasks}); got {ids.tolist()}")
+    return ids.long()
+
+
+def _refuse_task_ids(encoder: nn.Module, task_ids: Any) -> None:
+    if task_ids is not None and not getattr(encoder, "takes_task_ids", False):
+        raise TypeError(
+            "task_ids selects the task of multitask prompt tuning (and Poly); the active adapter takes none"
+        )
+
+
+def batch_prompt(encoder: nn.Module, batch: int, task_ids: Any) -> torch.Tensor:
+    """The prompt for a batch: ``(batch, rows, width)`` per task for an encoder with ``takes_task_ids``, else the
+    one table ``(1, rows, width)``; differentiable."""
+    if getattr(encoder, "takes_task_ids", False):
+        return encoder.task_prompt(task_ids, batch)
+    return prompt_table(encoder).unsqueeze(0)
+
+
+def extra_state(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The encoder's tensors saved beside ``prompt_embeddings`` (its ``extra_keys``), detached."""
+    return {key: getattr(encoder, key).detach() for key in getattr(encoder, "extra_keys", ())}
 
 
 def prompt_table(encoder: nn.Module) -> torch.Tensor:
@@ -307,11 +361,13 @@ class PromptStrategy:
         raise NotImplementedError
 
     def forward(self, model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, task: PromptTask,
-                kwargs: dict[str, Any]):
-        """Run ``model`` on ``kwargs`` (keywords only) with the prompt fed in."""
+                kwargs: dict[str, Any], task_ids: Any = None):
+        """Run ``model`` on ``kwargs`` (keywords only) with the prompt fed in; ``task_ids`` for an encoder that
+        takes them (checked before)."""
         raise NotImplementedError
 
-    def generate(self, model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, kwargs: dict[str, Any]):
+    def generate(self, model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, kwargs: dict[str, Any],
+                 task_ids: Any = None):
         """``model.generate(**kwargs)`` with the prompt fed in; ``kwargs`` has an ``attention_mask``."""
         raise NotImplementedError
 
@@ -347,8 +403,9 @@ class EmbeddingPrompt(PromptStrategy):
 
     @staticmethod
     def _prompted(model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, ids: torch.Tensor | None,
-                  embeds: torch.Tensor | None) -> torch.Tensor:
-        """``[P; X_e]``: the first ``T`` virtual-token embeddings in front of the embedded input, ``(B, T + S, d)``.
+                  embeds: torch.Tensor | None, task_ids: Any = None) -> torch.Tensor:
+        """``[P; X_e]``: the first ``T`` virtual-token embeddings in front of the embedded input, ``(B, T + S, d)``
+        (per row for an encoder that takes ``task_ids``).
 
         Encoder-decoder configs keep ``2T`` rows (``num_transformer_submodules=2``); as in peft, only the first
         ``T`` are fed (to the encoder), the others are saved but unused."""
@@ -356,12 +413,13 @@ class EmbeddingPrompt(PromptStrategy):
             if ids is None:
                 raise ConfigError("pass input_ids or inputs_embeds")
             embeds = input_embeddings(model)(ids)  # (B, S, d)
-        table = prompt_table(encoder)[: config.num_virtual_tokens].to(dtype=embeds.dtype, device=embeds.device)
-        return torch.cat([table.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds], dim=1)
+        table = batch_prompt(encoder, embeds.shape[0], task_ids)[:, : config.num_virtual_tokens]  # (B or 1, T, d)
+        table = table.to(dtype=embeds.dtype, device=embeds.device)
+        return torch.cat([table.expand(embeds.shape[0], -1, -1), embeds], dim=1)
 
-    def forward(self, model, config, encoder, task, kwargs):
+    def forward(self, model, config, encoder, task, kwargs, task_ids=None):
         """A call that passes a non-empty cache (decoder-only) or ``encoder_outputs`` (encoder-decoder) continues
-        from an earlier call whose virtual tokens are already in it."""
+        from an earlier call whose virtual tokens (of the rows' tasks) are already in it."""
         cache = _pop_cache(kwargs)
         encoder_decoder = _is_encoder_decoder(model)
         fed = kwargs.get("encoder_outputs") is not None if encoder_decoder else _cache_length(cache) > 0
@@ -369,7 +427,7 @@ class EmbeddingPrompt(PromptStrategy):
             prepend_positions(kwargs, config.num_virtual_tokens, in_input=False)
             return _run(model, kwargs, cache, task)
         ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
-        kwargs["inputs_embeds"] = self._prompted(model, config, encoder, ids, embeds)
+        kwargs["inputs_embeds"] = self._prompted(model, config, encoder, ids, embeds, task_ids)
         batch, total = kwargs["inputs_embeds"].shape[:2]
         length = total - config.num_virtual_tokens
         _check_length(model, config, total, f"an input of {length} tokens")
@@ -381,11 +439,13 @@ class EmbeddingPrompt(PromptStrategy):
                           token_labels=per_token and not encoder_decoder, span_keys=task.span_keys)
         return _run(model, kwargs, cache, task)
 
-    def generate(self, model, config, encoder, kwargs):
+    def generate(self, model, config, encoder, kwargs, task_ids=None):
         """Decoder-only ``generate()`` takes ``input_ids`` beside the prompted ``inputs_embeds`` (and returns the ids
-        followed by the new tokens); encoder-decoder ``generate()`` takes one of the two."""
+        followed by the new tokens); encoder-decoder ``generate()`` takes one of the two. The rows' task prompts are
+        in ``inputs_embeds``, which ``generate()`` expands with the rows for beams and ``num_return_sequences``."""
         ids = kwargs.pop("input_ids", None) if _is_encoder_decoder(model) else kwargs.get("input_ids")
-        kwargs["inputs_embeds"] = self._prompted(model, config, encoder, ids, kwargs.pop("inputs_embeds", None))
+        kwargs["inputs_embeds"] = self._prompted(model, config, encoder, ids, kwargs.pop("inputs_embeds", None),
+                                                 task_ids)
         prepend_positions(kwargs, config.num_virtual_tokens, in_input=True)
         return model.generate(**kwargs)
 
@@ -459,7 +519,7 @@ class Prefix(PromptStrategy):
         else:
             prepend_positions(kwargs, config.num_virtual_tokens, in_input=False)
 
-    def forward(self, model, config, encoder, task, kwargs):
+    def forward(self, model, config, encoder, task, kwargs, task_ids=None):
         """A call that passes a non-empty cache continues from an earlier call whose prefix is already in it."""
         cache = _pop_cache(kwargs)
         encoder_decoder = _is_encoder_decoder(model)
@@ -477,7 +537,7 @@ class Prefix(PromptStrategy):
             _check_consumed(cache, model, config)
         return output
 
-    def generate(self, model, config, encoder, kwargs):
+    def generate(self, model, config, encoder, kwargs, task_ids=None):
         """``input_ids`` stay the real tokens; the mask covers prefix + input, so ``generate()`` treats the ids as
         new tokens after the ``T`` cached ones and counts positions from ``T``. The encoder has no prefix."""
         if kwargs.get("prefill_chunk_size") is not None:
@@ -640,7 +700,7 @@ def make_prompt_encoder(model: nn.Module, config: PromptLearningConfig, method: 
             f"which has {limit} positions"
         )
     if config.inference_mode:
-        encoder = PromptTable(*strategy.table_shape(config))
+        encoder = (method.loaded_encoder or (lambda c: PromptTable(*strategy.table_shape(c))))(config)
     else:
         encoder = method.make_encoder(config, input_embeddings(model))
     reference = next(iter(model.parameters()), None)
@@ -649,8 +709,11 @@ def make_prompt_encoder(model: nn.Module, config: PromptLearningConfig, method: 
 
 # --- files ----------------------------------------------------------------------------------------------------------
 
-def load_prompt_embeddings(encoder: nn.Module, table: torch.Tensor, source: str) -> nn.Module:
-    """Put a saved ``prompt_embeddings`` table into ``encoder``; returns the encoder to keep.
+def load_prompt_embeddings(
+    encoder: nn.Module, table: torch.Tensor, source: str, extra: dict[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """Put a saved ``prompt_embeddings`` table (and the encoder's ``extra_keys`` tensors, ``extra``) into
+    ``encoder``; returns the encoder to keep.
 
     A :class:`PromptTable` takes the values directly. A reparameterised encoder (P-tuning's MLP/LSTM, prefix
     projection) cannot be inverted from its output, so it is replaced by a trainable table holding that output:
@@ -658,7 +721,8 @@ def load_prompt_embeddings(encoder: nn.Module, table: torch.Tensor, source: str)
     ``is_trainable=True`` for prompt adapters).
 
     Raises:
-        AdapterLoadError: the table's shape differs from the adapter's (different model or config).
+        AdapterLoadError: the table's shape differs from the adapter's (different model or config), or the file
+            lacks or has unknown extra tensors.
     """
     current = encoder.embedding.weight if isinstance(encoder, PromptTable) else prompt_table(encoder)
     want = tuple(current.shape)
@@ -667,6 +731,16 @@ def load_prompt_embeddings(encoder: nn.Module, table: torch.Tensor, source: str)
             f"{source}: shape mismatch for {PROMPT_KEY!r}: saved {list(table.shape)}, adapter has {list(want)}. "
             f"The adapter was saved for another base model or with another num_virtual_tokens/token_dim/num_layers."
         )
+    extra, expected = dict(extra or {}), extra_state(encoder)
+    if set(extra) != set(expected):
+        missing, unknown = sorted(set(expected) - set(extra)), sorted(set(extra) - set(expected))
+        raise AdapterLoadError(f"{source}: missing tensors {missing} / unexpected keys {unknown} for this adapter")
+    for key, value in extra.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise AdapterLoadError(
+                f"{source}: shape mismatch for {key!r}: saved {list(value.shape)}, adapter has "
+                f"{list(expected[key].shape)} (another num_tasks / num_ranks / num_virtual_tokens?)"
+            )
     if not isinstance(encoder, PromptTable):
         warnings.warn(
             f"{source}: a saved {type(encoder).__name__} holds only its output; continuing training on that output "
@@ -677,6 +751,8 @@ def load_prompt_embeddings(encoder: nn.Module, table: torch.Tensor, source: str)
         encoder = PromptTable(*want).to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         encoder.embedding.weight.copy_(table.to(encoder.embedding.weight))
+        for key, value in extra.items():
+            getattr(encoder, key).copy_(value.to(getattr(encoder, key)))
     return encoder
 
 
@@ -684,21 +760,24 @@ def load_prompt_embeddings(encoder: nn.Module, table: torch.Tensor, source: str)
 
 def prompt_forward(
     model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, strategy: PromptStrategy, task: PromptTask,
-    args: tuple, kwargs: dict[str, Any],
+    args: tuple, kwargs: dict[str, Any], task_ids: Any = None,
 ):
-    """Run ``model`` (the base transformers model) with the prompt fed in; returns the model's own output."""
-    return strategy.forward(model, config, encoder, task, _bind(model, args, kwargs))
+    """Run ``model`` (the base transformers model) with the prompt fed in; returns the model's own output.
+    ``task_ids``: one task index per row, for an encoder that takes them (multitask prompt tuning)."""
+    _refuse_task_ids(encoder, task_ids)
+    return strategy.forward(model, config, encoder, task, _bind(model, args, kwargs), task_ids)
 
 
 def prompt_generate(
     model: nn.Module, config: PromptLearningConfig, encoder: nn.Module, strategy: PromptStrategy, args: tuple,
-    kwargs: dict[str, Any],
+    kwargs: dict[str, Any], task_ids: Any = None,
 ):
     """``model.generate()`` with the prompt fed in and the KV cache on (unless the caller turns it off).
 
     Returns exactly what the base model's ``generate()`` returns for the same call: decoder-only models give the
     input ids followed by the new tokens (virtual tokens never appear in the output).
     """
+    _refuse_task_ids(encoder, task_ids)
     kwargs = dict(kwargs)
     if args:
         if len(args) > 1 or "inputs" in kwargs or "input_ids" in kwargs:
@@ -720,4 +799,4 @@ def prompt_generate(
     if kwargs.get("attention_mask") is None:
         source = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
         kwargs["attention_mask"] = torch.ones(batch, length, dtype=torch.long, device=source.device)
-    return strategy.generate(model, config, encoder, kwargs)
+    return strategy.generate(model, config, encoder, kwargs, task_ids)

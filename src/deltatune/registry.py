@@ -45,6 +45,7 @@ _METHOD_MODULES: dict[str, str] = {
     "FOURIERFT": "deltatune.methods.fourierft",
     "BOFT": "deltatune.methods.boft",
     "ADAPTION_PROMPT": "deltatune.methods.adaption_prompt",
+    "MULTITASK_PROMPT_TUNING": "deltatune.methods.multitask_prompt_tuning",
 }
 
 
@@ -134,12 +135,16 @@ class PromptMethod:
         strategy: How the prompt reaches the model: ``deltatune.prompt.EMBEDDING_PROMPT`` (virtual tokens
             prepended to ``inputs_embeds``) or ``deltatune.prompt.PREFIX`` (per-layer key/value prefix in the KV
             cache).
+        loaded_encoder: ``(config) -> nn.Module``: what a saved adapter loads into when its file holds more than
+            the encoder's output table (multitask prompt tuning's per-task factors); ``None``: a plain
+            ``deltatune.prompt.PromptTable``.
         mixed_batches: Always ``False``: a prompt adapter is used one at a time (no ``adapter_names`` rows).
     """
 
     config_class: type  # a PromptLearningConfig subclass
     make_encoder: Callable[[Any, nn.Module], nn.Module]
     strategy: Any  # a deltatune.prompt.PromptStrategy
+    loaded_encoder: Callable[[Any], nn.Module] | None = None
     mixed_batches: bool = False
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -57,15 +58,17 @@ class PromptTuningConfig(PromptLearningConfig):
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: dict | None = None
 
+    _inits: ClassVar[type[enum.Enum]] = PromptTuningInit  # the values prompt_tuning_init takes
+
     def __post_init__(self) -> None:
         super().__post_init__()
         try:
-            self.prompt_tuning_init = PromptTuningInit(str(self.prompt_tuning_init))
+            self.prompt_tuning_init = self._inits(str(self.prompt_tuning_init))
         except ValueError:
             raise ConfigError(
-                f"prompt_tuning_init={self.prompt_tuning_init!r}; use one of {[i.value for i in PromptTuningInit]}"
+                f"prompt_tuning_init={self.prompt_tuning_init!r}; use one of {[i.value for i in self._inits]}"
             ) from None
-        if self.prompt_tuning_init is PromptTuningInit.TEXT:
+        if self.prompt_tuning_init.value == "TEXT":
             if not self.tokenizer_name_or_path:
                 raise ConfigError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path (the tokenizer of the model)")
             if self.prompt_tuning_init_text is None:
@@ -80,13 +83,13 @@ class PromptEmbedding(PromptTable):
     def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Module) -> None:
         rows, width = EMBEDDING_PROMPT.table_shape(config)
         super().__init__(rows, width)
-        init = config.prompt_tuning_init
-        if init is PromptTuningInit.RANDOM:
-            return
-        if init is PromptTuningInit.SAMPLE_VOCAB:
+        init = str(config.prompt_tuning_init)  # also multitask prompt tuning's values, which share TEXT
+        if init == PromptTuningInit.SAMPLE_VOCAB.value:
             ids = torch.randint(0, word_embeddings.num_embeddings, (rows,))
-        else:
+        elif init == PromptTuningInit.TEXT.value:
             ids = _text_ids(config, rows)
+        else:
+            return
         device = word_embeddings.weight.device
         with torch.no_grad():
             self.embedding.weight.copy_(word_embeddings(ids.to(device)).float())
