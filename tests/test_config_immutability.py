@@ -25,7 +25,9 @@ _PROMPT_CONFIGS: dict[str, dict[str, Any]] = {
     "PromptEncoderConfig": dict(num_virtual_tokens=2, encoder_hidden_size=8),
     "PrefixTuningConfig": dict(num_virtual_tokens=2),
     "MultitaskPromptTuningConfig": dict(num_virtual_tokens=2, num_tasks=2),
+    "CPTConfig": dict(cpt_token_ids=[5, 6]),
 }
+_CAUSAL_ONLY = {"CPTConfig"}  # peft's CPT supports causal language models only
 
 
 def _cases() -> list[Any]:
@@ -36,6 +38,7 @@ def _cases() -> list[Any]:
     cells += [
         pytest.param(family, cls, dict(task_type=MATRIX_FAMILIES[family].task_type, **kwargs), id=f"{family}-{cls}")
         for cls, kwargs in _PROMPT_CONFIGS.items() for family in MATRIX_FAMILIES
+        if cls not in _CAUSAL_ONLY or MATRIX_FAMILIES[family].task_type == "CAUSAL_LM"
     ]
     return cells
 

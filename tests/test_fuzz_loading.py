@@ -75,6 +75,7 @@ def seed_specs() -> dict[str, dt.PeftConfig]:
         "prefix_tuning": dt.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
         "multitask_prompt_tuning": dt.MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2,
                                                                   num_tasks=2),
+        "cpt": dt.CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[5, 6, 7]),
     }
 
 

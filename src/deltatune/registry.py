@@ -46,6 +46,7 @@ _METHOD_MODULES: dict[str, str] = {
     "BOFT": "deltatune.methods.boft",
     "ADAPTION_PROMPT": "deltatune.methods.adaption_prompt",
     "MULTITASK_PROMPT_TUNING": "deltatune.methods.multitask_prompt_tuning",
+    "CPT": "deltatune.methods.cpt",
 }
 
 
