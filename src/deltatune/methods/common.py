@@ -36,9 +36,11 @@ def check_dropout(where: str, value: Any, *, allow_one: bool = False) -> None:
 def check_scale(where: str, value: Any) -> None:
     """Refuse a scale factor (``lora_alpha``, ``scaling``) that is not a finite number within float32's range: torch
     cannot apply a larger factor to a float32 tensor (``add(..., alpha=1e308)`` raises), and a NaN or infinite one
-    only turns every output into NaN."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= _FLOAT32_MAX:
-        raise ConfigError(f"{where} must be a finite number of magnitude at most {_FLOAT32_MAX:.4g}, got {value!r}")
+    only turns every output into NaN. An integer must also fit int64, which is how torch takes a Python int."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= _FLOAT32_MAX \
+            or (isinstance(value, int) and abs(value) >= 2**63):
+        raise ConfigError(f"{where} must be a finite number of magnitude at most {_FLOAT32_MAX:.4g} (an integer: "
+                          f"below 2**63), got {value!r}")
 
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
