@@ -26,6 +26,7 @@ _PROMPT_CONFIGS: dict[str, dict[str, Any]] = {
     "PrefixTuningConfig": dict(num_virtual_tokens=2),
     "MultitaskPromptTuningConfig": dict(num_virtual_tokens=2, num_tasks=2),
     "CPTConfig": dict(cpt_token_ids=[5, 6]),
+    "CartridgeConfig": dict(num_virtual_tokens=2),
 }
 _CAUSAL_ONLY = {"CPTConfig"}  # peft's CPT supports causal language models only
 

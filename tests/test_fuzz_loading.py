@@ -76,6 +76,7 @@ def seed_specs() -> dict[str, dt.PeftConfig]:
         "multitask_prompt_tuning": dt.MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2,
                                                                   num_tasks=2),
         "cpt": dt.CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[5, 6, 7]),
+        "cartridge": dt.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
     }
 
 
@@ -555,7 +556,7 @@ class Harness:
         with torch.no_grad():
             logits = model(**inputs).logits
         batch, length = self.inputs["input_ids"].shape
-        if config.is_prompt_learning and config.peft_type != PeftType.PREFIX_TUNING:
+        if config.is_prompt_learning and config.peft_type not in (PeftType.PREFIX_TUNING, PeftType.CARTRIDGE):
             length += config.num_virtual_tokens  # virtual tokens are prepended to the output as well
         if tuple(logits.shape) != (batch, length, 128):
             return f"forward gave shape {tuple(logits.shape)}"

@@ -138,7 +138,11 @@ def extra_state(encoder: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def prompt_table(encoder: nn.Module) -> torch.Tensor:
-    """The encoder's output for all its virtual tokens, ``(rows, width)``; differentiable."""
+    """The encoder's output for all its virtual tokens, ``(rows, width)``; differentiable. An encoder whose rows
+    live in several tensors (a cartridge's frozen and trainable tokens) gives them through its own ``table()``."""
+    own = getattr(encoder, "table", None)
+    if callable(own):
+        return own()
     rows = encoder.embedding.num_embeddings
     indices = torch.arange(rows, device=encoder.embedding.weight.device).unsqueeze(0)  # (1, rows)
     return encoder(indices)[0]
@@ -726,6 +730,7 @@ def load_prompt_embeddings(
     """
     current = encoder.embedding.weight if isinstance(encoder, PromptTable) else prompt_table(encoder)
     want = tuple(current.shape)
+    load_table = getattr(encoder, "load_table", None)  # an encoder that holds its output table in parts
     if tuple(table.shape) != want:
         raise AdapterLoadError(
             f"{source}: shape mismatch for {PROMPT_KEY!r}: saved {list(table.shape)}, adapter has {list(want)}. "
@@ -741,6 +746,9 @@ def load_prompt_embeddings(
                 f"{source}: shape mismatch for {key!r}: saved {list(value.shape)}, adapter has "
                 f"{list(expected[key].shape)} (another num_tasks / num_ranks / num_virtual_tokens?)"
             )
+    if callable(load_table):
+        load_table(table)
+        return encoder
     if not isinstance(encoder, PromptTable):
         warnings.warn(
             f"{source}: a saved {type(encoder).__name__} holds only its output; continuing training on that output "

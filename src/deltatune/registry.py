@@ -47,6 +47,7 @@ _METHOD_MODULES: dict[str, str] = {
     "ADAPTION_PROMPT": "deltatune.methods.adaption_prompt",
     "MULTITASK_PROMPT_TUNING": "deltatune.methods.multitask_prompt_tuning",
     "CPT": "deltatune.methods.cpt",
+    "CARTRIDGE": "deltatune.methods.cartridge",
 }
 
 
