@@ -125,3 +125,20 @@ def test_bad_input_is_named():
     prompt = dt.get_peft_model(tiny_llama(), dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     with pytest.raises(ConfigError, match="cartridge or a prefix-tuning adapter"):
         dt.initialize_kv_prefix_from_past_key_values(prompt, past_key_values=_cache(tiny_llama(), TEXT_IDS))
+
+
+@pytest.mark.slow
+def test_deltatune_train_trains_a_cartridge_and_refuses_what_it_cannot_train(tmp_path):
+    from deltatune.train import TrainError, TrainOptions, train
+    from tests.train_utils import sentiment_records, write_jsonl, write_llama
+
+    common = dict(model=write_llama(tmp_path / "llama"), data=write_jsonl(tmp_path / "d.jsonl", sentiment_records(16)),
+                  lr=5e-2, epochs=2, batch_size=8, eval_split=8, eval_generate=0, save_steps=0, progress=False)
+    result = train(TrainOptions(**common, method="cartridge", method_options={"num_virtual_tokens": 4},
+                                out=str(tmp_path / "run")))
+    assert result.after["eval_loss"] < result.before["eval_loss"]
+    saved = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+    assert saved["peft_type"] == "CARTRIDGE" and saved["num_frozen_tokens"] == 1
+    for method, options in (("multitask_prompt_tuning", {"num_virtual_tokens": 4}), ("cpt", {})):
+        with pytest.raises(TrainError, match=f"cannot train --method {method}"):
+            train(TrainOptions(**common, method=method, method_options=options, out=str(tmp_path / method)))

@@ -120,6 +120,13 @@ METHOD_FLAGS = {
 }
 
 
+# Methods whose training needs more than (input, labels) records: refused with the reason rather than trained wrongly.
+NOT_TRAINABLE_HERE = {
+    "MULTITASK_PROMPT_TUNING": "it needs a task id per record (task_ids), which the data format has no field for",
+    "CPT": "its loss covers the context's labels and input_type_mask, which the loop's token loss does not",
+}
+
+
 def build_peft_config(options: TrainOptions, task: str, total_steps: int | None = None):
     """The method's config from the options; refuses options the method does not have. ``total_steps`` (the run's
     optimizer steps) fills a ``total_step`` field the options leave open (AdaLoRA's budget schedule)."""
@@ -133,6 +140,10 @@ def build_peft_config(options: TrainOptions, task: str, total_steps: int | None 
 
         names = ", ".join(t.value.lower() for t in supported_types())
         raise TrainError(f"--method {options.method!r} is not available; choose one of: {names}") from None
+    reason = NOT_TRAINABLE_HERE.get(options.method.upper())
+    if reason is not None:
+        raise TrainError(f"deltatune train cannot train --method {options.method}: {reason}; train it in Python "
+                         f"(PeftModel forward with its arguments) instead")
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     values: dict[str, Any] = {"task_type": TASK_TYPES[task]}
     for option, names in METHOD_FLAGS.items():
