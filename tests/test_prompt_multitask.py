@@ -117,7 +117,8 @@ def test_cached_generate_with_task_ids_equals_full_forward_loop(family, padded):
         task_type=task, num_virtual_tokens=T, num_tasks=3, num_ranks=2))
     torch.manual_seed(1)
     with torch.no_grad():  # factors of size 1, so the task prompts are not ~0 (they are P* ∘ u vᵀ)
-        for param in (model.prompt_encoder["default"].prefix_task_cols, model.prompt_encoder["default"].prefix_task_rows):
+        encoder = model.prompt_encoder["default"]
+        for param in (encoder.prefix_task_cols, encoder.prefix_task_rows):
             param.normal_(0, 1)
     _check_cached_equals_loop(model, task == "SEQ_2_SEQ_LM", padded, task_ids=TASKS)
 

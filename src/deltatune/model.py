@@ -488,8 +488,8 @@ class PeftModel(nn.Module):
         ``disable_adapter()``) is in effect; ``task_ids`` are refused where no adapter reads them."""
         name = self._active[0] if self._active else None
         if name not in self.prompt_encoder or self._prompt_disabled:
-            if task_ids is not None and not self._prompt_disabled:
-                raise TypeError("task_ids selects the task of a multitask prompt adapter; the active adapter takes none")
+            if not self._prompt_disabled:
+                prompt.refuse_task_ids(None, task_ids)
             return None
         if adapter_names is not None:
             raise AdapterStateError("adapter_names (one adapter per row) is not supported with a prompt adapter")

@@ -93,9 +93,6 @@ class PromptTable(nn.Module):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         return self.embedding(indices)
 
-    def task_prompt(self, task_ids: Any, batch: int) -> torch.Tensor:
-        raise NotImplementedError
-
 
 def check_task_ids(task_ids: Any, batch: int, num_tasks: int, what: str) -> torch.Tensor:
     """``task_ids`` as a ``(batch,)`` long tensor of indices in ``[0, num_tasks)``.
@@ -117,10 +114,12 @@ def check_task_ids(task_ids: Any, batch: int, num_tasks: int, what: str) -> torc
     return ids.long()
 
 
-def _refuse_task_ids(encoder: nn.Module, task_ids: Any) -> None:
+def refuse_task_ids(encoder: nn.Module | None, task_ids: Any) -> None:
+    """Raise ``TypeError`` for ``task_ids`` given to an adapter (``encoder``; ``None``: a layer adapter) that takes
+    none, rather than ignore them."""
     if task_ids is not None and not getattr(encoder, "takes_task_ids", False):
         raise TypeError(
-            "task_ids selects the task of multitask prompt tuning (and Poly); the active adapter takes none"
+            "task_ids selects the task of a multitask prompt adapter; the active adapter takes none"
         )
 
 
@@ -772,7 +771,7 @@ def prompt_forward(
 ):
     """Run ``model`` (the base transformers model) with the prompt fed in; returns the model's own output.
     ``task_ids``: one task index per row, for an encoder that takes them (multitask prompt tuning)."""
-    _refuse_task_ids(encoder, task_ids)
+    refuse_task_ids(encoder, task_ids)
     return strategy.forward(model, config, encoder, task, _bind(model, args, kwargs), task_ids)
 
 
@@ -785,7 +784,7 @@ def prompt_generate(
     Returns exactly what the base model's ``generate()`` returns for the same call: decoder-only models give the
     input ids followed by the new tokens (virtual tokens never appear in the output).
     """
-    _refuse_task_ids(encoder, task_ids)
+    refuse_task_ids(encoder, task_ids)
     kwargs = dict(kwargs)
     if args:
         if len(args) > 1 or "inputs" in kwargs or "input_ids" in kwargs:
