@@ -27,7 +27,8 @@ from deltatune import (
     PromptTuningConfig,
     get_peft_model,
 )
-from deltatune.prompt import PromptTable, split_prefix
+from deltatune.prefix import split_prefix
+from deltatune.prompt import PromptTable
 from tests.models import (
     make_causal_lm_inputs,
     make_qa_inputs,
@@ -192,7 +193,7 @@ def test_adaption_prompt_cached_generate_equals_full_forward_loop(family, padded
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("adaption_gate"):
-                param.fill_(2.0)  # zero-init gates would leave generation at the base model's
+                param.fill_(1.0)  # zero-init gates would leave generation at the base model's
     _check_cached_equals_loop(model, False, padded, positions=True)
 
 

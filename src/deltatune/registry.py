@@ -135,7 +135,7 @@ class PromptMethod:
         make_encoder: ``(config, word_embeddings) -> nn.Module`` whose ``forward(indices)`` returns the prompt;
             it keeps its input table as ``embedding`` (an ``nn.Embedding``).
         strategy: How the prompt reaches the model: ``deltatune.prompt.EMBEDDING_PROMPT`` (virtual tokens
-            prepended to ``inputs_embeds``) or ``deltatune.prompt.PREFIX`` (per-layer key/value prefix in the KV
+            prepended to ``inputs_embeds``) or ``deltatune.prefix.PREFIX`` (per-layer key/value prefix in the KV
             cache).
         loaded_encoder: ``(config) -> nn.Module``: what a saved adapter loads into when its file holds more than
             the encoder's output table (multitask prompt tuning's per-task factors); ``None``: a plain

@@ -7,7 +7,7 @@ tokens works far better than random (§4.2), and freezing the first token keeps 
 compose by concatenation (§6).
 
 The table is prefix tuning's (``(T, num_layers · 2 · token_dim)``, laid out ``[layer][key|value][head][head_dim]``)
-and reaches the model through the same :data:`~deltatune.prompt.PREFIX` strategy, so caching, masks and positions
+and reaches the model through the same :data:`~deltatune.prefix.PREFIX` strategy, so caching, masks and positions
 are prefix tuning's: the real input continues at position ``T``, exactly where the context it was initialised from
 stopped. The first ``num_frozen_tokens`` rows are a separate parameter that never trains. Saved as peft does:
 ``prompt_embeddings``, the whole table.
@@ -30,7 +30,7 @@ from torch import nn
 from ..config import PeftType, PromptLearningConfig
 from ..errors import ConfigError
 from ..files import adapter_files, read_weights, write_adapters
-from ..prompt import PREFIX
+from ..prefix import PREFIX
 from ..registry import PromptMethod
 from .common import check_size
 

@@ -4,7 +4,7 @@ Li & Liang, 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation",
 positions are free parameters ``P_θ[i,:]`` for every layer; §4.3 reparameterises ``P_θ[i,:] = MLP_θ(P'_θ[i,:])``
 with a smaller matrix ``P'_θ`` for stable training (``prefix_projection=True``).
 
-The prefix reaches the model as a KV cache that already holds ``T`` tokens (:data:`~deltatune.prompt.PREFIX`), so
+The prefix reaches the model as a KV cache that already holds ``T`` tokens (:data:`~deltatune.prefix.PREFIX`), so
 attention, masks and positions stay the model's own. Saved as ``prompt_embeddings`` of shape
 ``(T, num_layers × 2 × token_dim)``, laid out ``[layer][key|value][head][head_dim]``;
 ``token_dim = head_dim × num_key_value_heads``.
@@ -20,7 +20,8 @@ from torch import nn
 
 from ..config import PeftType, PromptLearningConfig
 from ..errors import ConfigError
-from ..prompt import MAX_ENCODER_HIDDEN_SIZE, PREFIX, PromptTable, check_encoder_size
+from ..prefix import PREFIX
+from ..prompt import MAX_ENCODER_HIDDEN_SIZE, PromptTable, check_encoder_size
 from ..registry import PromptMethod
 
 __all__ = ["PrefixEncoder", "PrefixTuningConfig"]  # exported from deltatune
