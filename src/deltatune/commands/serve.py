@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING
@@ -12,14 +15,18 @@ from typing import TYPE_CHECKING
 from ._common import one_line_errors
 
 if TYPE_CHECKING:
-    from ..serve import Scheduler
+    from ..engine import Engine
+    from ..serve import Api
 
 DESCRIPTION = """\
 Serve a base model and any number of adapters over HTTP. A request names an adapter (or the base model) in its
 "model" field; requests for different adapters that arrive together are answered by one batched generate() call.
-Endpoints (OpenAI-compatible, as vLLM serves LoRA adapters): POST /v1/completions, POST /v1/chat/completions,
-GET /v1/models, GET /health, and POST /v1/load_lora_adapter with --allow-adapter-loading.
+Endpoints (OpenAI-compatible, as vLLM serves LoRA adapters): POST /v1/completions, POST /v1/chat/completions
+(both stream with "stream": true), GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics (Prometheus), and
+POST /v1/load_lora_adapter and /v1/unload_lora_adapter with --allow-adapter-loading.
 An adapter PATH is an adapter directory, a run directory (its final adapter) or a hub id in the local cache.
+vLLM's flags work too: --lora-modules, --max-loras, --max-cpu-loras, --max-lora-rank, --max-num-seqs, --enable-lora.
+SIGTERM stops accepting requests, finishes those in flight and exits.
 
 Examples:
   deltatune serve --model smollm2-135m-instruct --adapter sql=./adapters/sql --adapter chat=runs/chat --port 8000
@@ -28,6 +35,8 @@ Examples:
 """
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"half": "float16", "float": "float32", "auto": None}  # auto: the checkpoint's torch_dtype
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def register(subparsers) -> None:
@@ -38,16 +47,41 @@ def register(subparsers) -> None:
                         "base model; with no adapter, smollm2-135m-instruct as in `deltatune train`)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="serve the adapter at PATH as model NAME (repeatable)")
+    p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH|JSON",
+                   help="vLLM's spelling of --adapter: NAME=PATH or a JSON object {\"name\", \"path\", "
+                        "\"base_model_name\"}")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="accepted for vLLM compatibility; adapters are always served")
+    p.add_argument("--max-loras", type=int, metavar="N",
+                   help="at most N adapters on the device and in one batch; the least recently used idle one moves "
+                        "to CPU memory (default: no limit)")
+    p.add_argument("--max-cpu-loras", type=int, metavar="N",
+                   help="at most N adapters in memory; the least recently used idle one is freed and loaded again "
+                        "from its path when requested (default: no limit; at least --max-loras)")
+    p.add_argument("--max-lora-rank", type=int, metavar="R", help="refuse adapters of rank above R")
     p.add_argument("--served-model-name", metavar="NAME", help="the base model's name in requests (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="rows per generate() call (default 8)")
+    p.add_argument("--max-batch-size", "--max-num-seqs", type=int, default=8, metavar="N",
+                   help="rows decoding together (an n-answer request takes n; default 8)")
+    p.add_argument("--max-waiting", type=int, default=256, metavar="N",
+                   help="requests waiting to join the batch at most; beyond, requests get 503 with Retry-After "
+                        "(default 256)")
+    p.add_argument("--request-timeout", type=float, metavar="S",
+                   help="cancel a request not answered within S seconds (504; default: no limit)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/ endpoints (default: $DELTATUNE_API_KEY or "
+                        "$VLLM_API_KEY); needed to listen beyond localhost")
+    p.add_argument("--allow-no-api-key", action="store_true",
+                   help="listen on a non-local --host without an API key (only on a network you trust)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, metavar="MS",
-                   help="how long the first waiting request waits for others to batch with (default 10)")
-    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype of the base model (default float32)")
+                   help="when nothing runs, how long the first request waits for others to start with (default 10)")
+    p.add_argument("--dtype", choices=[*_DTYPES, *_DTYPE_ALIASES], default="float32",
+                   help="dtype of the base model (default float32; vLLM's half/float/auto also accepted)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--allow-adapter-loading", action="store_true",
-                   help="let clients load adapters from server paths with POST /v1/load_lora_adapter")
+                   help="let clients load adapters from server paths and unload them (POST /v1/load_lora_adapter, "
+                        "/v1/unload_lora_adapter); also on with VLLM_ALLOW_RUNTIME_LORA_UPDATING=true")
     p.add_argument("--quiet", action="store_true", help="do not log each request")
     p.set_defaults(func=run)
     one_line_errors(p)
@@ -55,9 +89,10 @@ def register(subparsers) -> None:
 
 @dataclass
 class Served:
-    """What :func:`start` built: the scheduler (already running) and the HTTP server (not yet serving)."""
+    """What :func:`start` built: the engine (already running), the API and the HTTP server (not yet serving)."""
 
-    scheduler: Scheduler
+    engine: Engine
+    api: Api
     httpd: ThreadingHTTPServer
     base_name: str
 
@@ -66,21 +101,47 @@ class Served:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
 
+    def drain(self, timeout: float | None = None) -> bool:
+        """Graceful stop, once ``serve_forever`` has returned: refuse new requests, let those in flight finish (up to
+        ``timeout`` seconds), then close the port and the engine. Returns whether everything finished."""
+        self.api.closing = True
+        idle = self.httpd.tracker.wait_idle(timeout)
+        self.close()
+        return idle
+
     def close(self) -> None:
         self.httpd.server_close()
-        self.scheduler.close()
+        self.engine.close()
 
 
-def _adapter_specs(values: list[str]) -> dict[str, str]:
+def _adapter_specs(values: list[str], lora_modules: list[str], base_names: set[str]) -> dict[str, str]:
+    """``--adapter NAME=PATH`` and vLLM's ``--lora-modules`` (``NAME=PATH`` or ``{"name", "path",
+    "base_model_name"}``) as ``{name: path}``."""
     from ..train.options import TrainError
 
+    pairs = [("--adapter", value) for value in values] + [("--lora-modules", value) for value in lora_modules]
     specs: dict[str, str] = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise TrainError(f"--adapter {value!r}: expected NAME=PATH, e.g. --adapter sql=./adapters/sql")
+    for flag, value in pairs:
+        if value.lstrip().startswith("{"):
+            try:
+                spec = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise TrainError(f"{flag} {value!r}: not valid JSON ({exc})") from None
+            unknown = set(spec) - {"name", "path", "base_model_name"} if isinstance(spec, dict) else {"?"}
+            if unknown or not isinstance(spec.get("name"), str) or not isinstance(spec.get("path"), str):
+                raise TrainError(f"{flag} {value!r}: expected {{\"name\": ..., \"path\": ..., "
+                                 f"\"base_model_name\": ...}}")
+            base = spec.get("base_model_name")
+            if base is not None and base not in base_names:
+                raise TrainError(f"{flag} {spec['name']}: base_model_name {base!r} is not the served base model "
+                                 f"({' / '.join(sorted(n for n in base_names if n))})")
+            name, path = spec["name"], spec["path"]
+        else:
+            name, sep, path = value.partition("=")
+            if not sep or not name or not path:
+                raise TrainError(f"{flag} {value!r}: expected NAME=PATH, e.g. {flag} sql=./adapters/sql")
         if name in specs:
-            raise TrainError(f"--adapter {name!r} is given twice; each adapter needs its own name")
+            raise TrainError(f"{flag} {name!r} is given twice; each adapter needs its own name")
         specs[name] = path
     return specs
 
@@ -95,22 +156,43 @@ def _checked(name: str, fn, *args) -> None:
         raise TrainError(f"--adapter {name}: {exc}") from None
 
 
+def _options(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """The API key and whether runtime adapter loading is on, from the flags and vLLM's environment variables;
+    refuses a non-local ``--host`` without a key (the API can load files from server paths and spend compute)."""
+    from ..train.options import TrainError
+
+    for flag in ("max_batch_size", "max_waiting", "max_loras", "max_cpu_loras", "max_lora_rank"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise TrainError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.batch_wait_ms < 0 or (args.request_timeout is not None and args.request_timeout <= 0):
+        raise TrainError("--batch-wait-ms must be at least 0 and --request-timeout above 0")
+    key = args.api_key or os.environ.get("DELTATUNE_API_KEY") or os.environ.get("VLLM_API_KEY") or None
+    if key is None and args.host not in _LOCAL_HOSTS and not args.allow_no_api_key:
+        raise TrainError(f"--host {args.host} accepts requests from other machines; pass --api-key (or set "
+                         f"DELTATUNE_API_KEY), or --allow-no-api-key on a network you trust")
+    allow = args.allow_adapter_loading or os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in (
+        "1", "true")
+    return key, allow
+
+
 def start(args: argparse.Namespace) -> Served:
-    """Check every input, load the model and adapters, start the scheduler and bind the port."""
+    """Check every input, load the model and adapters, start the engine and bind the port."""
     import torch
 
     from ..config import read_config_file
     from ..files import validate_adapter_name
-    from ..serve import Api, Scheduler, http_server
+    from ..engine import Engine
+    from ..serve import AdapterPool, Api, http_server
     from ..train.artifacts import locate
     from ..train.models import load_model, load_tokenizer
     from ..train.options import TrainError
     from ..train.presets import DEFAULT_PRESET, PRESETS, resolve_model
 
-    if args.max_batch_size < 1 or args.batch_wait_ms < 0:
-        raise TrainError("--max-batch-size must be at least 1 and --batch-wait-ms at least 0")
+    api_key, allow_loading = _options(args)
     adapters, bases = {}, set()
-    for name, path in _adapter_specs(args.adapter).items():
+    specs = _adapter_specs(args.adapter, args.lora_modules, {args.model, args.served_model_name})
+    for name, path in specs.items():
         validate_adapter_name(name)
         if os.path.isdir(path):  # a run or adapter directory: the run's adapter, the base it was trained on
             source = locate(path, args.model)
@@ -132,27 +214,42 @@ def start(args: argparse.Namespace) -> Served:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = resolve_model(model)
     tokenizer = load_tokenizer(model_dir)
-    base = load_model(model_dir, "causal-lm", None, dtype=getattr(torch, args.dtype)).to(device)
-    scheduler = Scheduler(base, tokenizer, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                          device=device)
-    for name, path in adapters.items():
-        _checked(name, scheduler.load_adapter, name, path)
-    api = Api(scheduler, base_name, allow_adapter_loading=args.allow_adapter_loading)
+    dtype = _DTYPE_ALIASES.get(args.dtype, args.dtype)
+    base = load_model(model_dir, "causal-lm", None, dtype="auto" if dtype is None else getattr(torch, dtype))
+    engine = Engine(base.to(device), tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_waiting,
+                    batch_wait_ms=args.batch_wait_ms, device=device).start()
     try:
-        httpd = http_server(api, args.host, args.port, quiet=args.quiet)
-    except OSError as exc:
-        raise TrainError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
-    return Served(scheduler.start(), httpd, base_name)
+        pool = AdapterPool(engine, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+                           max_lora_rank=args.max_lora_rank)
+        for name, path in adapters.items():
+            _checked(name, pool.add, name, path)
+        api = Api(engine, pool, base_name, allow_adapter_loading=allow_loading, api_key=api_key,
+                  request_timeout=args.request_timeout)
+        try:
+            httpd = http_server(api, args.host, args.port, quiet=args.quiet)
+        except OSError as exc:
+            raise TrainError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    except BaseException:
+        engine.close()
+        raise
+    return Served(engine, api, httpd, base_name)
 
 
 def run(args: argparse.Namespace) -> int:
     served = start(args)
-    names = ", ".join(served.scheduler.adapters) or "none"
-    print(f"serving {served.base_name} (adapters: {names}) on {served.url}; Ctrl-C stops", file=sys.stderr, flush=True)
+    names = ", ".join(served.api.pool.names) or "none"
+    print(f"serving {served.base_name} (adapters: {names}) on {served.url}; Ctrl-C or SIGTERM stops",
+          file=sys.stderr, flush=True)
+
+    def stop(*_) -> None:  # serve_forever runs on this thread: shut it down from another one
+        threading.Thread(target=served.httpd.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         served.httpd.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        served.close()
+        finished = served.drain(args.request_timeout)
+    print("stopped" + ("" if finished else "; some requests did not finish in time"), file=sys.stderr, flush=True)
     return 0
