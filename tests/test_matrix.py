@@ -82,7 +82,7 @@ def test_gradients_reach_only_trainable_adapter_parameters(family: str, key: str
     bias_all = CASES[key].config_kwargs(family).get("bias") == "all"
     for name, param in model.named_parameters():
         if param.requires_grad:
-            owned = ".deltas.default." in name or ".modules_to_save.default." in name
+            owned = any(f".{holder}.default." in name for holder in ("deltas", "modules_to_save", "shared_state"))
             assert owned or (bias_all and name.endswith("bias")), f"{name} trains but is not adapter-owned"
             assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reached {name}"
         else:

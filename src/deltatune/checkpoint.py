@@ -27,7 +27,7 @@ from .config import PeftConfig
 from .errors import AdapterLoadError, DeltatuneError
 from . import quant
 from .inject import build_deltas
-from .layers import AdapterLayer, ModulesToSaveWrapper, adapter_layers
+from .layers import AdapterLayer, Delta, ModulesToSaveWrapper, adapter_layers
 from .registry import LayerMethod, PromptMethod, get_method
 from .resolve import resolve
 from .targeting import BiasScope
@@ -146,6 +146,7 @@ def load_layer_adapter_state_dict(
             offending key (with both shapes) and what to do.
     """
     holders = adapter_holders(root)
+    state_dict = _from_saved_formats(state_dict, holders, adapter_name)
     mapping = to_model_keys(state_dict, holders, adapter_name)
     # every path of a shared parameter (a tied twin's delta holds its source's; peft saves it under both paths)
     params = dict(root.named_parameters(remove_duplicate=False))
@@ -195,6 +196,30 @@ def load_layer_adapter_state_dict(
     with torch.no_grad():
         for key, target in mapping.items():
             params[target].copy_(state_dict[key].to(dtype=params[target].dtype, device=params[target].device))
+
+
+def _from_saved_formats(
+    state_dict: Mapping[str, torch.Tensor], holders: Mapping[str, nn.Module], adapter_name: str
+) -> Mapping[str, torch.Tensor]:
+    """``state_dict`` with each delta's own tensors passed through its :meth:`~deltatune.layers.Delta.
+    state_from_saved` (a delta that saves in a format of its own turns it back into its ``state_dict()`` keys)."""
+    owned: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        path = next((".".join(parts[:cut]) for cut in range(len(parts) - 1, 0, -1) if ".".join(parts[:cut]) in holders),
+                    None)
+        holder = holders.get(path) if path is not None else None
+        if (isinstance(holder, AdapterLayer) and adapter_name in holder.deltas
+                and parts[len(path.split("."))] not in ("base_layer", "deltas")):
+            owned.setdefault(path, {})[key[len(path) + 1:]] = value
+        else:
+            rest[key] = value
+    if all(type(holders[p].deltas[adapter_name]).state_from_saved is Delta.state_from_saved for p in owned):
+        return state_dict
+    for path, saved in owned.items():
+        rest.update({f"{path}.{k}": v for k, v in holders[path].deltas[adapter_name].state_from_saved(saved).items()})
+    return rest
 
 
 def _shape_message(source: str, key: str, saved: tuple, current: tuple, tensor: torch.Tensor) -> str:

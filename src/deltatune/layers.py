@@ -128,6 +128,12 @@ class Delta(nn.Module):
         ``constants``, unless the file format differs further (AdaLoRA saves only the singular triplets it kept)."""
         return {k: v for k, v in self.state_dict().items() if k not in self.constants}
 
+    def state_from_saved(self, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`saved_state_dict` for a file format of the delta's own: ``saved`` (this delta's
+        tensors in a file, keys relative to it) as ``state_dict()`` keys and values; unchanged by default. Raises
+        :class:`~deltatune.errors.AdapterLoadError` for tensors it cannot convert (VB-LoRA's top-k form)."""
+        return saved
+
     def train_state(self) -> dict[str, torch.Tensor]:
         """What a training checkpoint holds for this delta besides the adapter file, so that a resumed run continues
         exactly (keys relative to the delta): nothing by default. A key that names a parameter holds it in full and

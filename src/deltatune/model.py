@@ -316,6 +316,8 @@ class PeftModel(nn.Module):
         inject.mark_trainable(base, trainable, biases)
         for name, encoder in self.prompt_encoder.items():
             encoder.requires_grad_(name in trainable)
+        for name, shared in self.base_model.shared_state.items():  # trainable shared tensors: VB-LoRA's bank
+            shared.requires_grad_(name in trainable)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
