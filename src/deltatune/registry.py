@@ -48,6 +48,7 @@ _METHOD_MODULES: dict[str, str] = {
     "MULTITASK_PROMPT_TUNING": "deltatune.methods.multitask_prompt_tuning",
     "CPT": "deltatune.methods.cpt",
     "CARTRIDGE": "deltatune.methods.cartridge",
+    "VBLORA": "deltatune.methods.vblora",
 }
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..config import validate_regex
 from ..errors import ConfigError
@@ -71,3 +73,10 @@ def channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[channel_dim] = -1
     return v.view(shape)
+
+
+def layer_features(base_layer: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of a Linear or a transformers ``Conv1D`` (whose weight is stored ``(in, out)``)."""
+    if isinstance(base_layer, Conv1D):
+        return base_layer.weight.shape[0], base_layer.weight.shape[1]
+    return base_layer.in_features, base_layer.out_features

@@ -1,0 +1,58 @@
+"""VB-LoRA: the shared matrix (a bank bound of 0 starts at the base model; the non-zero variant draws a real bank) and
+adapters exchanged with peft: logits saved in full and in the ``save_only_topk_weights`` form, on Linear and GPT-2's
+Conv1D, with ``bias="vblora_only"``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, without_remote_code
+from tests.models import (
+    make_causal_lm_inputs,
+    make_seq2seq_inputs,
+    make_seq_cls_inputs,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+)
+
+# every tiny model's layer sizes are multiples of 8
+_SMALL = dict(r=4, num_vectors=16, vector_length=8)
+
+
+def _vblora(name: str, kwargs: dict[str, Any], families: tuple[str, ...] = ALL_FAMILIES) -> MatrixCase:
+    # init_vector_bank_bound=0: an all-zero bank, so the fresh adapter is exactly the base (peft's default 0.02 is not)
+    return MatrixCase(
+        "VBLoRAConfig", name, dict(init_vector_bank_bound=0.0, **kwargs),
+        nonzero_kwargs=dict(init_vector_bank_bound=0.5, init_logits_std=1.0), families=families,
+        remote_kwargs=REMOTE_TARGETS,
+    )
+
+
+MATRIX = [
+    _vblora("vblora_default", _SMALL),
+    # (the save_only_topk_weights form reloads equal only up to rounding: exchanged with peft below, at 1e-5)
+    _vblora("vblora_top3_dropout", dict(_SMALL, topk=3, vblora_dropout=0.1), without_remote_code()),
+]
+
+
+def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
+    return InteropCase(name, "VBLoRAConfig", factory, make_inputs, dict(_SMALL, **kwargs))
+
+
+INTEROP = [
+    _exchanged("vblora-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", target_modules="all-linear"),
+    _exchanged("vblora-llama-topk", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", topk=3,
+               save_only_topk_weights=True),
+    _exchanged("vblora-gpt2", tiny_gpt2, make_causal_lm_inputs, task_type="CAUSAL_LM"),
+    _exchanged("vblora-bert-bias", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS",
+               bias="vblora_only", target_modules=["query", "value", "dense"]),
+    _exchanged("vblora-t5", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM"),
+]
+
+FUZZ_SEEDS = {
+    "vblora": FuzzSeed("VBLoRAConfig", dict(target_modules=["q_proj", "v_proj"], **_SMALL)),
+    "vblora_topk": FuzzSeed("VBLoRAConfig", dict(target_modules=["q_proj", "v_proj"], save_only_topk_weights=True,
+                                                 **_SMALL)),
+}
