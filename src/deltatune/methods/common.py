@@ -35,6 +35,12 @@ def check_dropout(where: str, value: Any, *, allow_one: bool = False) -> None:
         raise ConfigError(f"{where} must be in [0, 1), got {value!r}")
 
 
+def check_seed(where: str, value: Any) -> None:
+    """Refuse a seed that a torch generator cannot take: anything but an integer in ``[-2**63, 2**64)``."""
+    if not isinstance(value, int) or isinstance(value, bool) or not -(2**63) <= value < 2**64:
+        raise ConfigError(f"{where} must be an integer in [-2**63, 2**64) (a torch generator seed), got {value!r}")
+
+
 def check_scale(where: str, value: Any) -> None:
     """Refuse a scale factor (``lora_alpha``, ``scaling``) that is not a finite number within float32's range: torch
     cannot apply a larger factor to a float32 tensor (``add(..., alpha=1e308)`` raises), and a NaN or infinite one

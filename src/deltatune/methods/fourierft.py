@@ -35,7 +35,7 @@ from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
 from ..targeting import pattern_key_regex, pattern_value
-from .common import adapter_dtype, check_scale, check_size
+from .common import adapter_dtype, check_scale, check_seed, check_size, layer_features
 
 __all__ = ["FourierFTConfig"]  # exported from deltatune
 
@@ -70,11 +70,7 @@ class FourierFTConfig(LayerConfig):
         super().__post_init__()
         check_size("n_frequency", self.n_frequency)
         check_scale("scaling", self.scaling)
-        seed = self.random_loc_seed
-        if not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64:
-            raise ConfigError(
-                f"random_loc_seed must be an integer in [-2**63, 2**64) (a torch generator seed), got {seed!r}"
-            )
+        check_seed("random_loc_seed", self.random_loc_seed)
         if self.bias not in ("none", "all", "fourier_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'fourier_only', got {self.bias!r}")
         if not isinstance(self.n_frequency_pattern, dict):
@@ -84,13 +80,6 @@ class FourierFTConfig(LayerConfig):
             validate_regex(f"n_frequency_pattern key {key!r}", pattern_key_regex(key))
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights must be True (zero) or False (random), got {self.init_weights!r}")
-
-
-def _features(base_layer: nn.Module) -> tuple[int, int]:
-    """``(in, out)`` of a Linear or Conv1D (whose weight is stored ``(in, out)``)."""
-    if isinstance(base_layer, Conv1D):
-        return base_layer.weight.shape[0], base_layer.weight.shape[1]
-    return base_layer.in_features, base_layer.out_features
 
 
 def spectral_positions(out_features: int, in_features: int, n: int, seed: int) -> torch.Tensor:
@@ -104,7 +93,7 @@ class FourierFTDelta(Delta):
 
     def __init__(self, base_layer: nn.Module, n: int, scaling: float, positions: torch.Tensor) -> None:
         super().__init__()
-        self.in_features, self.out_features = _features(base_layer)
+        self.in_features, self.out_features = layer_features(base_layer)
         self.transposed = isinstance(base_layer, Conv1D)
         self.scaling = scaling
         self.fourierft_spectrum = nn.Parameter(torch.zeros(n))
@@ -135,7 +124,7 @@ def check_target(config: FourierFTConfig, base_layer: nn.Module, name: str) -> N
     Raises:
         TargetError: ``n_frequency`` (or this module's ``n_frequency_pattern`` value) exceeds ``in · out``.
     """
-    in_features, out_features = _features(base_layer)
+    in_features, out_features = layer_features(base_layer)
     n = pattern_value(config.n_frequency_pattern, name, config.n_frequency)
     if n > in_features * out_features:
         raise TargetError(
@@ -147,7 +136,7 @@ def check_target(config: FourierFTConfig, base_layer: nn.Module, name: str) -> N
 def make_delta(config: FourierFTConfig, base_layer: nn.Module, name: str) -> FourierFTDelta:
     """Build and initialise the FourierFT delta of ``base_layer`` (module ``name``)."""
     n = pattern_value(config.n_frequency_pattern, name, config.n_frequency)
-    in_features, out_features = _features(base_layer)
+    in_features, out_features = layer_features(base_layer)
     weight = base_layer.weight
     meta = weight.device.type == "meta"  # a dry run that only counts sizes
     positions = (

@@ -35,7 +35,8 @@ from ..errors import ConfigError, TargetError
 from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import adapter_dtype, check_dropout, check_scale, check_size
+from ._projections import SeededTensors, draw, existing, max_features
+from .common import check_dropout, check_scale, check_seed, check_size, layer_features
 
 __all__ = ["VeraConfig"]  # exported from deltatune
 
@@ -74,90 +75,89 @@ class VeraConfig(LayerConfig):
         super().__post_init__()
         check_size("r", self.r)
         check_scale("d_initial", self.d_initial)
-        key = self.projection_prng_key
-        if not isinstance(key, int) or isinstance(key, bool) or not -(2**63) <= key < 2**64:
-            raise ConfigError(
-                f"projection_prng_key must be an integer in [-2**63, 2**64) (a torch generator seed), got {key!r}"
-            )
+        check_seed("projection_prng_key", self.projection_prng_key)
         check_dropout("vera_dropout", self.vera_dropout)
         if self.bias not in ("none", "all", "vera_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'vera_only', got {self.bias!r}")
 
 
-def _features(base_layer: nn.Module) -> tuple[int, int]:
-    """``(in, out)`` of a Linear or Conv1D (whose weight is stored ``(in, out)``)."""
-    if isinstance(base_layer, Conv1D):
-        return base_layer.weight.shape[0], base_layer.weight.shape[1]
-    return base_layer.in_features, base_layer.out_features
-
-
-class VeraProjections(nn.Module):
+class VeraProjections(SeededTensors):
     """The frozen random pair ``A`` ``(r, max_in)`` / ``B`` ``(max_out, r)`` of one adapter, held once in the model's
     shared state; every layer reads its corner at call time, so it follows ``.to()`` without per-layer copies.
-    Buffers named as peft saves them; persistent (saved) only with ``save_projection``."""
+    Buffers named as peft saves them (``<prefix>_A`` / ``<prefix>_B``); persistent (saved) only with
+    ``save_projection``. PVeRA keeps the same pair under its own prefix."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, config: VeraConfig) -> None:
-        super().__init__()
-        self.register_buffer("vera_A", a, persistent=config.save_projection)
-        self.register_buffer("vera_B", b, persistent=config.save_projection)
-        self.prng_key, self.save_projection = config.projection_prng_key, config.save_projection
+    prefix: ClassVar[str] = "vera"
+    method: ClassVar[str] = "VeRA"
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, prng_key: int, save_projection: bool) -> None:
+        super().__init__({f"{self.prefix}_A": a, f"{self.prefix}_B": b}, prng_key, save_projection)
+
+    @property
+    def a(self) -> torch.Tensor:
+        return getattr(self, f"{self.prefix}_A")
+
+    @property
+    def b(self) -> torch.Tensor:
+        return getattr(self, f"{self.prefix}_B")
 
     @property
     def r(self) -> int:
-        return self.vera_A.shape[0]
+        return self.a.shape[0]
 
     def corner(self, in_features: int, out_features: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``A[:, :in]`` ``(r, in)`` and ``B[:out]`` ``(out, r)`` on ``like``'s device and dtype."""
-        a = self.vera_A[:, :in_features].to(device=like.device, dtype=like.dtype)
-        b = self.vera_B[:out_features].to(device=like.device, dtype=like.dtype)
+        a = self.a[:, :in_features].to(device=like.device, dtype=like.dtype)
+        b = self.b[:out_features].to(device=like.device, dtype=like.dtype)
         return a, b
 
     def check_fits(self, name: str, in_features: int, out_features: int) -> None:
         """Refuse (``TargetError``) module ``name`` when its corner would lie outside the pair."""
-        if in_features > self.vera_A.shape[1] or out_features > self.vera_B.shape[0]:
+        if in_features > self.a.shape[1] or out_features > self.b.shape[0]:
             raise TargetError(
-                f"{name}: a {in_features}->{out_features} layer does not fit the shared VeRA projections of "
-                f"{self.vera_A.shape[1]}->{self.vera_B.shape[0]} (made for the model's first VeRA adapter, which later "
+                f"{name}: a {in_features}->{out_features} layer does not fit the shared {self.method} projections of "
+                f"{self.a.shape[1]}->{self.b.shape[0]} (made for the model's first {self.method} adapter, which later "
                 f"ones share, as in peft); add the adapter with the larger targets first"
             )
+
+
+def make_pair(
+    kind: type[VeraProjections], config: VeraConfig, bases: Mapping[str, nn.Module], shared: Mapping[str, nn.Module]
+) -> VeraProjections:
+    """The adapter's projections (``kind``: VeRA's or PVeRA's): those of an existing adapter of the model's of the same
+    kind (peft shares one pair), after checking that they fit; otherwise a new pair drawn from
+    ``projection_prng_key`` (see the module docstring).
+
+    Raises:
+        ConfigError: ``r``, ``projection_prng_key`` or ``save_projection`` differ from the existing adapters'.
+        TargetError: a target is larger than the existing pair.
+    """
+    pair = existing(shared, kind)
+    if pair is not None:
+        pair.check_agrees(kind.method, [
+            ("r", config.r, pair.r),
+            ("projection_prng_key", config.projection_prng_key, pair.prng_key),
+            ("save_projection", config.save_projection, pair.save_projection),
+        ])
+        for name, base in bases.items():
+            pair.check_fits(name, *layer_features(base))
+        return pair
+    max_in, max_out = max_features(bases)
+
+    def sample(generator: torch.Generator) -> dict[str, torch.Tensor]:
+        a = nn.init.kaiming_uniform_(torch.empty(config.r, max_in), nonlinearity="relu", generator=generator)
+        b = nn.init.kaiming_uniform_(torch.empty(max_out, config.r), nonlinearity="relu", generator=generator)
+        return {"a": a, "b": b}
+
+    tensors = draw(bases, {"a": (config.r, max_in), "b": (max_out, config.r)}, config.projection_prng_key, sample)
+    return kind(tensors["a"], tensors["b"], config.projection_prng_key, config.save_projection)
 
 
 def make_projections(
     config: VeraConfig, bases: Mapping[str, nn.Module], shared: Mapping[str, nn.Module]
 ) -> VeraProjections:
-    """The adapter's projections: those of an existing VeRA adapter of the model (peft shares one pair), after
-    checking that they fit; otherwise a new pair drawn from ``projection_prng_key`` (see the module docstring).
-
-    Raises:
-        ConfigError: ``r``, ``projection_prng_key`` or ``save_projection`` differ from the existing VeRA adapters'.
-        TargetError: a target is larger than the existing pair.
-    """
-    existing = next((s for s in shared.values() if isinstance(s, VeraProjections)), None)
-    if existing is not None:
-        for what, ours, theirs in [
-            ("r", config.r, existing.r),
-            ("projection_prng_key", config.projection_prng_key, existing.prng_key),
-            ("save_projection", config.save_projection, existing.save_projection),
-        ]:
-            if ours != theirs:
-                raise ConfigError(
-                    f"{what}={ours!r} differs from the model's other VeRA adapters ({what}={theirs!r}); VeRA adapters "
-                    f"of one model share one pair of random projections (as in peft), so they must agree on it"
-                )
-        for name, base in bases.items():
-            existing.check_fits(name, *_features(base))
-        return existing
-    dims = [_features(base) for base in bases.values()]
-    max_in, max_out = max(d[0] for d in dims), max(d[1] for d in dims)
-    weight = next(iter(bases.values())).weight
-    dtype = adapter_dtype(weight.dtype)
-    if weight.device.type == "meta":  # a dry run that only counts sizes
-        a, b = torch.empty(config.r, max_in, device="meta"), torch.empty(max_out, config.r, device="meta")
-    else:
-        generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
-        a = nn.init.kaiming_uniform_(torch.empty(config.r, max_in), nonlinearity="relu", generator=generator)
-        b = nn.init.kaiming_uniform_(torch.empty(max_out, config.r), nonlinearity="relu", generator=generator)
-    return VeraProjections(a.to(weight.device, dtype), b.to(weight.device, dtype), config)
+    """VeRA's pair: see :func:`make_pair`."""
+    return make_pair(VeraProjections, config, bases, shared)
 
 
 class VeraDelta(Delta):
@@ -165,7 +165,7 @@ class VeraDelta(Delta):
 
     def __init__(self, base_layer: nn.Module, projections: VeraProjections, dropout: float) -> None:
         super().__init__()
-        self.in_features, self.out_features = _features(base_layer)
+        self.in_features, self.out_features = layer_features(base_layer)
         self.transposed = isinstance(base_layer, Conv1D)
         self.vera_lambda_b = nn.Parameter(torch.empty(self.out_features))
         self.vera_lambda_d = nn.Parameter(torch.empty(projections.r))
@@ -191,7 +191,7 @@ class VeraDelta(Delta):
 def make_delta(config: VeraConfig, base_layer: nn.Module, name: str, projections: VeraProjections) -> VeraDelta:
     """Build and initialise the VeRA delta of ``base_layer`` (module ``name``) on the adapter's ``projections``."""
     delta = VeraDelta(base_layer, projections, config.vera_dropout)
-    delta.to(device=base_layer.weight.device, dtype=projections.vera_A.dtype)
+    delta.to(device=base_layer.weight.device, dtype=projections.a.dtype)
     with torch.no_grad():
         if config.init_weights:
             delta.vera_lambda_b.zero_()
