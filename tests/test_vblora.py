@@ -104,16 +104,23 @@ def test_topk_file_keeps_indices_and_k_minus_1_weights_and_reloads_to_the_same_o
         loaded(**inputs)
 
 
-def test_a_topk_index_outside_the_bank_is_refused_and_the_model_is_unchanged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix, value, message", [
+    ("indices", 6, "outside the bank of 6 vectors"),
+    ("weights", float("nan"), "must be finite, non-negative and sum to at most 1"),
+    ("weights", 1.5, "must be finite, non-negative and sum to at most 1"),
+])
+def test_a_corrupt_topk_pair_is_refused_naming_the_file_and_the_model_is_unchanged(
+    suffix: str, value: float, message: str, tmp_path: Path
+) -> None:
     config = dt.VBLoRAConfig(**{**_SMALL, "save_only_topk_weights": True})
     dt.get_peft_model(tiny_llama(), config).save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    key = "base_model.model.model.layers.0.self_attn.q_proj.vblora_logits_B_topk_indices"
-    tensors[key] = torch.full_like(tensors[key], 6)
+    key = f"base_model.model.model.layers.0.self_attn.q_proj.vblora_logits_B_topk_{suffix}"
+    tensors[key] = torch.full_like(tensors[key], value)
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     model = dt.get_peft_model(tiny_llama(), dt.VBLoRAConfig(**_SMALL), adapter_name="kept")
     before = snapshot(model)
-    with pytest.raises(dt.AdapterLoadError, match="outside the bank of 6 vectors"):
+    with pytest.raises(dt.AdapterLoadError, match=f"adapter_model.safetensors.*{message}"):
         model.load_adapter(tmp_path, adapter_name="new")
     assert list(model.peft_config) == ["kept"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

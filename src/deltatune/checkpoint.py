@@ -134,9 +134,12 @@ def remap_keys(state_dict: Mapping[str, torch.Tensor], key_mapping: Mapping[str,
 
 
 def load_layer_adapter_state_dict(
-    root: nn.Module, state_dict: Mapping[str, torch.Tensor], adapter_name: str, source: str = "adapter"
+    root: nn.Module, state_dict: Mapping[str, torch.Tensor], adapter_name: str, source: str = "adapter",
+    shared_saved: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Copy a saved-format state dict into adapter ``adapter_name`` of ``root``, all or nothing.
+    """Copy a saved-format state dict into adapter ``adapter_name`` of ``root``, all or nothing. ``shared_saved``: the
+    same file's shared tensors (``base_model.<name>`` keys without the prefix), which a delta that saves copies of
+    them checks its own against (:meth:`~deltatune.layers.Delta.state_from_saved`).
 
     Every key is mapped and checked (exists, same shape) and every parameter of the adapter must be present before
     the first value is copied, so on error the model is exactly as before.
@@ -146,7 +149,7 @@ def load_layer_adapter_state_dict(
             offending key (with both shapes) and what to do.
     """
     holders = adapter_holders(root)
-    state_dict = _from_saved_formats(state_dict, holders, adapter_name)
+    state_dict = _from_saved_formats(state_dict, holders, adapter_name, source, shared_saved or {})
     mapping = to_model_keys(state_dict, holders, adapter_name)
     # every path of a shared parameter (a tied twin's delta holds its source's; peft saves it under both paths)
     params = dict(root.named_parameters(remove_duplicate=False))
@@ -199,7 +202,8 @@ def load_layer_adapter_state_dict(
 
 
 def _from_saved_formats(
-    state_dict: Mapping[str, torch.Tensor], holders: Mapping[str, nn.Module], adapter_name: str
+    state_dict: Mapping[str, torch.Tensor], holders: Mapping[str, nn.Module], adapter_name: str, source: str,
+    shared_saved: Mapping[str, torch.Tensor],
 ) -> Mapping[str, torch.Tensor]:
     """``state_dict`` with each delta's own tensors passed through its :meth:`~deltatune.layers.Delta.
     state_from_saved` (a delta that saves in a format of its own turns it back into its ``state_dict()`` keys)."""
@@ -218,7 +222,11 @@ def _from_saved_formats(
     if all(type(holders[p].deltas[adapter_name]).state_from_saved is Delta.state_from_saved for p in owned):
         return state_dict
     for path, saved in owned.items():
-        rest.update({f"{path}.{k}": v for k, v in holders[path].deltas[adapter_name].state_from_saved(saved).items()})
+        try:
+            state = holders[path].deltas[adapter_name].state_from_saved(saved, shared_saved)
+        except AdapterLoadError as exc:
+            raise AdapterLoadError(f"{source}: {path}: {exc}") from None
+        rest.update({f"{path}.{k}": v for k, v in state.items()})
     return rest
 
 
@@ -272,6 +280,11 @@ def shared_state_copies(
         if tuple(value.shape) != tuple(expected[key].shape):
             raise AdapterLoadError(_shape_message(source, BASE_MODEL_PREFIX + key, tuple(value.shape),
                                                   tuple(expected[key].shape), expected[key]))
+        if expected[key].is_floating_point() and not value.is_floating_point():
+            raise AdapterLoadError(
+                f"{source}: tensor '{BASE_MODEL_PREFIX}{key}' has dtype {value.dtype} but a floating-point tensor is "
+                f"required; the file is corrupt or was not written by an adapter library"
+            )
         copies.append((expected[key], value))
     return copies
 
@@ -338,7 +351,7 @@ def load_layer_file_state(
         )
     copies = shared_state_copies(shared, shared_saved, source) if shared is not None else []
     layers = {k[len(LAYER_KEY_PREFIX):]: v for k, v in state_dict.items() if k.startswith(LAYER_KEY_PREFIX)}
-    load_layer_adapter_state_dict(root, layers, adapter_name, source)
+    load_layer_adapter_state_dict(root, layers, adapter_name, source, shared_saved)
     with torch.no_grad():
         for destination, value in copies:
             destination.copy_(value.to(dtype=destination.dtype, device=destination.device))

@@ -12,7 +12,7 @@ adapter.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import ClassVar
 
 import torch
@@ -128,10 +128,14 @@ class Delta(nn.Module):
         ``constants``, unless the file format differs further (AdaLoRA saves only the singular triplets it kept)."""
         return {k: v for k, v in self.state_dict().items() if k not in self.constants}
 
-    def state_from_saved(self, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def state_from_saved(
+        self, saved: dict[str, torch.Tensor], shared: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """The inverse of :meth:`saved_state_dict` for a file format of the delta's own: ``saved`` (this delta's
-        tensors in a file, keys relative to it) as ``state_dict()`` keys and values; unchanged by default. Raises
-        :class:`~deltatune.errors.AdapterLoadError` for tensors it cannot convert (VB-LoRA's top-k form)."""
+        tensors in a file, keys relative to it) as ``state_dict()`` keys and values; unchanged by default. ``shared``
+        holds the same file's shared tensors (``LayerMethod.make_shared``; keys without ``base_model.``), for a delta
+        that saves copies of them (RandLoRA, as peft). Raises :class:`~deltatune.errors.AdapterLoadError` for
+        tensors it cannot convert (VB-LoRA's top-k form) or copies that disagree."""
         return saved
 
     def train_state(self) -> dict[str, torch.Tensor]:

@@ -49,6 +49,7 @@ _METHOD_MODULES: dict[str, str] = {
     "CPT": "deltatune.methods.cpt",
     "CARTRIDGE": "deltatune.methods.cartridge",
     "VBLORA": "deltatune.methods.vblora",
+    "RANDLORA": "deltatune.methods.randlora",
 }
 
 

@@ -1,17 +1,23 @@
-"""Small pieces the methods share: config checks (sizes, scales, dropout probabilities, peft's per-module
-``rank_pattern`` / ``alpha_pattern``), the adapter's dtype next to the base weight, and per-channel broadcasting.
+"""Small pieces the methods share: config checks (sizes, scales, seeds, dropout probabilities, peft's per-module
+``rank_pattern`` / ``alpha_pattern``), the adapter's dtype next to the base weight, per-channel broadcasting, the
+``(in, out)`` of a Linear or Conv1D, and :class:`FactoredDelta` for methods whose update is a product of two factors
+rebuilt at each call (VB-LoRA, RandLoRA).
 (Adding an update into an output is in :mod:`deltatune.kernels`, the row-to-adapter table of a mixed batch in
 :mod:`deltatune.rows`.)"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import validate_regex
+from ..kernels import add_low_rank, index_accumulate
+from ..layers import Delta
 from ..errors import ConfigError
 from ..targeting import pattern_key_regex
 
@@ -86,3 +92,41 @@ def layer_features(base_layer: nn.Module) -> tuple[int, int]:
     if isinstance(base_layer, Conv1D):
         return base_layer.weight.shape[0], base_layer.weight.shape[1]
     return base_layer.in_features, base_layer.out_features
+
+
+class FactoredDelta(Delta):
+    """``Δy = scaling · second(first(x))`` for a Linear or Conv1D, with ``first`` ``(k, in)`` and ``second``
+    ``(out, k)`` rebuilt from the method's parameters at every call (:meth:`factors`); ``ΔW = scaling · second ·
+    first`` (transposed for a Conv1D). Subclasses set ``scaling``, ``transposed`` and ``dropout`` and implement
+    :meth:`factors`."""
+
+    scaling: float = 1.0
+    transposed: bool = False
+    dropout: nn.Module
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(first, second)``: ``(k, in)`` and ``(out, k)``, in the adapter's dtype."""
+        raise NotImplementedError
+
+    def hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(first(dropout(x)), second)``: the ``(..., k)`` hidden state and the second factor."""
+        first, second = self.factors()
+        return F.linear(self.dropout(x.to(first.dtype)), first), second
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return add_low_rank(base_out, *self.hidden(x), self.scaling)
+
+    @classmethod
+    def batched_forward(
+        cls, groups: Sequence[tuple[Delta, torch.Tensor]], x: torch.Tensor, out: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
+        """Each group's update added straight into its rows of ``out``."""
+        for delta, rows in groups:
+            hidden, second = delta.hidden(x.index_select(0, rows))
+            out = index_accumulate(out, rows, F.linear(hidden, second), delta.scaling)
+        return out
+
+    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        first, second = self.factors()
+        weight = (second @ first) * self.scaling  # (out, in)
+        return (weight.T if self.transposed else weight).to(base_layer.weight.dtype)

@@ -23,20 +23,17 @@ Layer types: ``nn.Linear`` and transformers ``Conv1D`` (weight stored ``(in, out
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LayerConfig, PeftType
 from ..errors import AdapterLoadError, AdapterStateError, ConfigError, TargetError
-from ..kernels import add_low_rank, index_accumulate
-from ..layers import Delta
 from ..registry import LayerMethod
-from .common import adapter_dtype, check_dropout, check_scale, check_size, layer_features
+from .common import FactoredDelta, adapter_dtype, check_dropout, check_scale, check_size, layer_features
 
 __all__ = ["VBLoRAConfig"]  # exported from deltatune
 
@@ -154,7 +151,7 @@ def _index_dtype(num_vectors: int) -> torch.dtype:
 _LOGITS = ("vblora_logits_A", "vblora_logits_B")
 
 
-class VBLoRADelta(Delta):
+class VBLoRADelta(FactoredDelta):
     """``Δy = B A x`` with ``A`` ``(r, in)`` and ``B`` ``(out, r)`` assembled from the shared bank at every call."""
 
     def __init__(self, base_layer: nn.Module, bank: VectorBank, config: VBLoRAConfig) -> None:
@@ -182,29 +179,6 @@ class VBLoRADelta(Delta):
         b = _admix(self.vblora_logits_B, bank, self.topk).transpose(1, 2).reshape(-1, r)  # (out/L, L, r) -> (out, r)
         return a, b
 
-    def update(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x A^T, B)``: the ``(..., r)`` hidden state and ``B``."""
-        a, b = self.factors()
-        return F.linear(self.dropout(x.to(a.dtype)), a), b
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return add_low_rank(base_out, *self.update(x), 1.0)
-
-    @classmethod
-    def batched_forward(
-        cls, groups: Sequence[tuple[Delta, torch.Tensor]], x: torch.Tensor, out: torch.Tensor, base_layer: nn.Module
-    ) -> torch.Tensor:
-        """Each group's ``B A x`` added straight into its rows of ``out``."""
-        for delta, rows in groups:
-            hidden, b = delta.update(x.index_select(0, rows))
-            out = index_accumulate(out, rows, F.linear(hidden, b), 1.0)
-        return out
-
-    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
-        a, b = self.factors()
-        weight = b @ a  # (out, in)
-        return (weight.T if self.transposed else weight).to(base_layer.weight.dtype)
-
     def saved_state_dict(self) -> dict[str, torch.Tensor]:
         """The logits, or with ``save_only_topk_weights`` peft's ``_topk_indices`` / ``_topk_weights`` pair each."""
         state = super().saved_state_dict()
@@ -217,7 +191,9 @@ class VBLoRADelta(Delta):
             state[f"{key}_topk_weights"] = top.softmax(dim=-1)[..., :-1].contiguous()
         return state
 
-    def state_from_saved(self, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def state_from_saved(
+        self, saved: dict[str, torch.Tensor], shared: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """A top-k pair turned back into logits that select the same vectors with the same weights."""
         state = dict(saved)
         for key in _LOGITS:
@@ -236,7 +212,17 @@ class VBLoRADelta(Delta):
             if bool(((index < 0) | (index >= n)).any()):
                 raise AdapterLoadError(f"{key}_topk_indices: an index lies outside the bank of {n} vectors")
             weights = weights.float()
-            weights = torch.cat([weights, 1 - weights.sum(-1, keepdim=True)], dim=-1)  # (..., k)
+            if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) \
+                    or bool((weights.sum(-1) > 1 + 1e-5).any()):
+                raise AdapterLoadError(f"{key}_topk_weights: the first topk - 1 softmax weights must be finite, "
+                                       f"non-negative and sum to at most 1")
+            last = (1 - weights.sum(-1, keepdim=True)).clamp_min(0)  # rounding may leave it a hair below zero
+            weights = torch.cat([weights, last], dim=-1)  # (..., k)
+            # as topk writes them: distinct indices, weights in strictly decreasing order (so that the rebuilt logits
+            # select the same vectors in the same order)
+            if bool((index.sort(-1).values.diff(dim=-1) == 0).any()) or bool((weights.diff(dim=-1) >= 0).any()):
+                raise AdapterLoadError(f"{key}_topk_indices / _topk_weights: indices must be distinct and weights "
+                                       f"strictly decreasing, as a top-k selection writes them")
             logits = torch.full(shape, float("-inf")).scatter(-1, index, weights.log())
             state[key] = logits
         return state
