@@ -23,7 +23,7 @@ _SMALL = dict(r=3, num_vectors=6, vector_length=8, init_vector_bank_bound=0.5, i
 
 def _factor_by_hand(logits: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
     """``(..., tiles, N)`` logits -> ``(..., tiles · L)``: each tile is Σ softmax(top-k logits)ᵢ · bank[top-k index ᵢ]
-    (§3.2), computed one tile at a time."""
+    , computed one tile at a time."""
     flat = logits.reshape(-1, logits.shape[-1])
     tiles = []
     for row in flat:

@@ -50,6 +50,7 @@ _METHOD_MODULES: dict[str, str] = {
     "CARTRIDGE": "deltatune.methods.cartridge",
     "VBLORA": "deltatune.methods.vblora",
     "RANDLORA": "deltatune.methods.randlora",
+    "PVERA": "deltatune.methods.pvera",
 }
 
 

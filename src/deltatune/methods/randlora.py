@@ -1,7 +1,7 @@
 """RandLoRA: a full-rank update from many frozen random low-rank bases, each scaled by two small trainable diagonals.
 
 Albert et al., 2025, "RandLoRA: Full-rank parameter-efficient fine-tuning of large models" (ICLR 2025,
-arXiv:2502.00987), §3: ``ΔW = (α/r) Σ_{b=1}^{n} B_b Λ_b A Γ_b`` where the random bases ``B_b ∈ R^{max×r}`` (one per
+arXiv:2502.00987): ``ΔW = (α/r) Σ_{b=1}^{n} B_b Λ_b A Γ_b`` where the random bases ``B_b ∈ R^{max×r}`` (one per
 ``b``) and ``A ∈ R^{r×min}`` (one, shared) are frozen and shared by all layers, and only the diagonals ``Λ_b ∈ R^r``
 (``randlora_lambda`` ``(r, n)``) and ``Γ_b ∈ R^min`` (``randlora_gamma`` ``(n, min)``) train. ``n = ⌈min/r⌉`` bases
 make the sum full rank; ``min`` / ``max`` are the layer's smaller / larger dimension (``ΔW`` is transposed when the

@@ -1,9 +1,9 @@
 """VB-LoRA: every LoRA factor of the model assembled from one small trainable bank of vectors.
 
 Li et al., 2024, "VB-LoRA: Extreme Parameter Efficient Fine-Tuning with Vector Banks" (NeurIPS 2024,
-arXiv:2405.15179), §3: the factors ``A ∈ R^{r×in}`` and ``B ∈ R^{out×r}`` of ``ΔW = B A`` are cut into sub-vectors of
+arXiv:2405.15179): the factors ``A ∈ R^{r×in}`` and ``B ∈ R^{out×r}`` of ``ΔW = B A`` are cut into sub-vectors of
 length ``L`` (``vector_length``), and each sub-vector is a mixture of the ``k`` (``topk``) bank vectors its logits
-rank highest, weighted by the softmax of those ``k`` logits (§3.2, the "top-k admixture"). The bank ``(N, L)``
+rank highest, weighted by the softmax of those ``k`` logits (the "top-k admixture"). The bank ``(N, L)``
 (``num_vectors`` × ``vector_length``) is shared by every adapted layer of one adapter and trains with the logits.
 
 Per layer: ``vblora_logits_A`` ``(r, in/L, N)`` (row ``i`` of ``A`` is its ``in/L`` sub-vectors side by side) and
@@ -80,8 +80,8 @@ class VBLoRAConfig(LayerConfig):
             ``False``), as peft does; deltatune reads the layout from the layer type.
         bias: Which biases train and are saved: ``"none"``, ``"all"`` or ``"vblora_only"`` (biases of adapted
             layers).
-        init_vector_bank_bound: The bank starts ``U(-bound, bound)`` (§4: small, e.g. 0.02; zero gives no
-            gradients to the logits).
+        init_vector_bank_bound: The bank starts ``U(-bound, bound)`` (small, e.g. 0.02; zero gives no gradients
+            to the logits).
         init_logits_std: The logits start ``N(0, std²)``.
     """
 
