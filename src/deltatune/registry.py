@@ -51,6 +51,7 @@ _METHOD_MODULES: dict[str, str] = {
     "VBLORA": "deltatune.methods.vblora",
     "RANDLORA": "deltatune.methods.randlora",
     "PVERA": "deltatune.methods.pvera",
+    "GRALORA": "deltatune.methods.gralora",
 }
 
 
