@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import checkpoint, inject, prompt, quant, status
+from . import checkpoint, fast, inject, prompt, quant, status
 from .checkpoint import check_planned_size, naming_source, restore_base_on_error
 from .config import PeftConfig, TaskType, read_config_file
 from .errors import AdapterStateError, ConfigError
@@ -134,8 +134,10 @@ class AdapterModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         """The model's forward; in train mode :meth:`adapter_loss` joins ``outputs.loss``, where peft's tuner model
-        adds it (a loop that computes its own loss from the logits adds ``adapter_loss()`` itself)."""
-        outputs = self.model(*args, **kwargs)
+        adds it (a loop that computes its own loss from the logits adds ``adapter_loss()`` itself). With
+        :meth:`PeftModel.enable_fast_training` on, :func:`deltatune.fast.forward` runs it."""
+        state = self.__dict__.get("_fast_training")
+        outputs = self.model(*args, **kwargs) if state is None else fast.forward(state, self.model, args, kwargs)
         loss = getattr(outputs, "loss", None)
         if self.training and isinstance(loss, torch.Tensor):
             term = self.adapter_loss()
@@ -520,6 +522,48 @@ class PeftModel(nn.Module):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
+
+    def enable_fast_training(
+        self, *, chunked_loss: bool | str = "auto", compute_dtype: Any = "auto", checkpoint_every: int | None = None,
+        chunk_logits: int = fast.CHUNK_LOGITS,
+    ) -> fast.FastTraining:
+        """Compute the frozen base faster and leaner in training; what is trained and saved does not change
+        (``docs/fast-training.md``). Calling it again replaces the previous choice.
+
+        Args:
+            chunked_loss: ``model(..., labels=...)`` in train mode with gradients computes the loss chunk by chunk from
+                the LM head's input, never the full logits (:func:`deltatune.fast.linear_cross_entropy`), and returns
+                ``logits=None``; eval mode or ``torch.no_grad()`` returns logits as usual. ``"auto"``: where the loss
+                is known to equal transformers' (Llama-, Mistral-, Qwen-, GPT-2-, T5-type models); ``True`` raises
+                for other models.
+            compute_dtype: Store and compute the frozen base parameters in ``"bf16"`` / ``"fp16"`` (adapters, their
+                gradients and the optimizer stay float32). ``"auto"``: bfloat16 where matmuls in it are fast (CUDA
+                with bfloat16, else float16; a CPU with AVX512-BF16 / AMX), float32 elsewhere; ``None``: unchanged.
+                The cast rounds the base weights; :meth:`disable_fast_training` casts back, not to the old values.
+            checkpoint_every: Recompute the activations of every k-th decoder layer in backward (``1``: all), to trade
+                time for memory; ``None``: no checkpointing.
+            chunk_logits: How many logits (tokens x vocab) one loss chunk holds.
+
+        Returns:
+            What was switched on, with a note for each ``"auto"`` part that stayed off (``model.fast_training``).
+
+        Raises:
+            ConfigError: an option out of range, or a part asked for explicitly that this model does not support
+                (nothing is changed then).
+        """
+        return fast.enable_fast_training(
+            self, chunked_loss=chunked_loss, compute_dtype=compute_dtype, checkpoint_every=checkpoint_every,
+            chunk_logits=chunk_logits,
+        )
+
+    def disable_fast_training(self) -> None:
+        """Back to the standard training path (see :func:`deltatune.fast.disable_fast_training`)."""
+        fast.disable_fast_training(self)
+
+    @property
+    def fast_training(self) -> fast.FastTraining | None:
+        """What :meth:`enable_fast_training` switched on, or ``None``."""
+        return self.__dict__.get("_fast_training")
 
     # --- parameters -----------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
