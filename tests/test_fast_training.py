@@ -266,3 +266,29 @@ def test_bad_options_raise_and_change_nothing(options: dict, match: str) -> None
     assert all(p.dtype == before[n][0] and torch.equal(p, before[n][1]) for n, p in model.state_dict().items())
     with pytest.raises(TypeError):
         model.enable_fast_training(fuse_everything=True)
+
+
+# --- deltatune train --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_train_runs_fast_by_default_and_no_fast_computes_the_same_run(family: str, tmp_path, capsys) -> None:
+    from deltatune.train import TrainOptions, train
+    from tests.train_utils import read_losses, sentiment_records, write_jsonl, write_llama, write_t5
+
+    model_dir = (write_llama if family == "llama" else write_t5)(tmp_path / family)
+    data = write_jsonl(tmp_path / "data.jsonl", sentiment_records(16))
+    runs = {}
+    for fast_on in (True, False):
+        out = tmp_path / f"run-{fast_on}"
+        train(TrainOptions(model=model_dir, data=data, r=4, target="all-linear", lr=1e-2, max_steps=3, batch_size=4,
+                           eval_split=0, eval_generate=0, save_steps=0, progress=False, out=str(out), fast=fast_on))
+        runs[fast_on] = read_losses(out), load_file(out / "adapter" / "adapter_model.safetensors")
+    printed = capsys.readouterr()
+    assert "fast training: chunked loss" in printed.out + printed.err
+    (fast_losses, fast_adapter), (plain_losses, plain_adapter) = runs[True], runs[False]
+    assert sorted(fast_losses) == sorted(plain_losses) == [1, 2, 3]
+    for step in fast_losses:
+        assert fast_losses[step][0] == pytest.approx(plain_losses[step][0], rel=1e-5)
+    assert fast_adapter.keys() == plain_adapter.keys()
+    for key in fast_adapter:
+        torch.testing.assert_close(fast_adapter[key], plain_adapter[key], rtol=1e-3, atol=1e-5)  # Adam: ~1e-2 steps

@@ -117,6 +117,9 @@ def register(subparsers) -> None:
     g.add_argument("--quantize", choices=["nf4", "int8", "torchao-int8"],
                    help="QLoRA: load the base model quantized (bitsandbytes nf4 / LLM.int8, torchao int8 "
                         "weight-only; pip install 'deltatune[quant]'); the adapter trains in float32")
+    g.add_argument("--fast", action=argparse.BooleanOptionalAction,
+                   help="fast training path: chunked loss without full logits, bfloat16 frozen base where the "
+                        "hardware is fast at it (default on; --no-fast: the standard path)")
     g.add_argument("--seed", type=int, help="seed for adapter init, data order and dropout (default 0)")
 
     g = p.add_argument_group("evaluation and checkpoints")

@@ -36,6 +36,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from .. import get_peft_model, quant
 from ..errors import DeltatuneError
+from ..registry import get_method
 from . import data as D
 from .evaluate import MAX_CHOICES, evaluate, forward_logits, loss_sum
 from .launch import launch_notes, start_accelerator
@@ -243,6 +244,21 @@ def _count_steps(examples: int, options: TrainOptions, world: int) -> tuple[int,
 
 # --- model and optimizer --------------------------------------------------------------------------------------------
 
+def _loss_sum(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The micro-batch's summed loss: from the chunked loss of :meth:`PeftModel.enable_fast_training` where it is on
+    (no logits), else from the logits."""
+    task, state = run.inputs.task, run.model.fast_training
+    # A method with a loss term (AdaLoRA) gets it added to outputs.loss by the model; this loop adds it once per step.
+    has_term = any(getattr(get_method(c.peft_type), "loss_term", None) for c in run.model.peft_config.values())
+    if state is None or not state.chunked_loss or task not in ("causal-lm", "seq2seq") or has_term:
+        return loss_sum(task, forward_logits(run.wrapped, task, batch), batch["labels"])
+    labels = batch["labels"]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+    if task == "causal-lm":  # divided by one: the sum, as loss_sum gives it
+        return run.wrapped(**inputs, use_cache=False, num_items_in_batch=torch.ones((), device=labels.device)).loss
+    return run.wrapped(**inputs).loss * (labels != D.IGNORE).sum()  # seq2seq (T5): the mean, times its targets
+
+
 def _build_model(
     options: TrainOptions, inputs: Inputs, device: torch.device,
 ) -> tuple[PeftModel, Optimizer, LRScheduler]:
@@ -270,6 +286,8 @@ def _build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if options.quantize is None:  # a quantized base was loaded onto the device (bitsandbytes 8-bit cannot move)
         model.to(device)
+    if options.fast:  # after the move: the compute dtype follows the device; a quantized base keeps its own
+        model.enable_fast_training(**({"compute_dtype": None} if options.quantize else {}))
     optimizer = _optimizer(model, options)
     return model, optimizer, _scheduler(optimizer, options, inputs.total_steps)
 
@@ -357,6 +375,13 @@ def _log_start(options: TrainOptions, inputs: Inputs, model: PeftModel, world: i
     log(f"data: {len(inputs.train_set)} training / {len(inputs.eval_set)} held-out examples; {inputs.total_steps} "
         f"steps of {inputs.global_batch} examples ({world} process(es) x {options.batch_size} x {options.grad_accum} "
         f"accumulation)", main)
+    state = model.fast_training
+    if state is not None:
+        parts = [name for name, on in (("chunked loss", state.chunked_loss),
+                                       (f"{state.compute_dtype} base".replace("torch.", ""), state.compute_dtype))
+                 if on]
+        log(f"fast training: {', '.join(parts) or 'nothing applies'}"
+            + "".join(f"; {note}" for note in state.notes) + " (--no-fast: the standard path)", main)
 
 
 # --- held-out evaluation --------------------------------------------------------------------------------------------
@@ -600,7 +625,7 @@ def _step(run: Run, indices: list[int]) -> StepStats:
         local_tokens += int(batch["attention_mask"].sum())
         sync = contextlib.nullcontext() if a == options.grad_accum - 1 else accelerator.no_sync(run.wrapped)
         with sync, accelerator.autocast():
-            summed = loss_sum(inputs.task, forward_logits(run.wrapped, inputs.task, batch), batch["labels"])
+            summed = _loss_sum(run, batch)
             objective = summed * (world / targets)
             extra = run.model.base_model.adapter_loss()  # e.g. AdaLoRA's regulariser, once per step
             if extra is not None:

@@ -72,6 +72,8 @@ class TrainOptions:
         quantize: Load the base model quantized (QLoRA, ``docs/quantization.md``): ``nf4`` (bitsandbytes 4-bit NF4
             with double quantization), ``int8`` (bitsandbytes LLM.int8) or ``torchao-int8`` (torchao int8
             weight-only); ``None``: full precision.
+        fast: :meth:`PeftModel.enable_fast_training` with its defaults: the chunked loss where the model supports it,
+            the frozen base in bfloat16 where the hardware computes it fast (``docs/fast-training.md``).
         seed: Seeds adapter init, data order and dropout.
         eval_steps: Evaluate every N optimizer steps (plus before and after training); 0: only before and after.
         early_stopping_patience: Stop after this many evaluations without a better eval loss; ``None``: never.
@@ -124,6 +126,7 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     bf16: bool = False
     quantize: str | None = None
+    fast: bool = True
     seed: int = 0
     eval_steps: int = 0
     early_stopping_patience: int | None = None
