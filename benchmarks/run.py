@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     __package__ = "benchmarks"
 
 from benchmarks import (  # noqa: E402
-    checkpointing, forward, injection, memory, mixed_batch, other_methods, profiling, training,
+    checkpointing, forward, injection, memory, mixed_batch, other_methods, profiling, real_training, training,
 )
 from benchmarks.common import CPU, FULL, QUICK, THREADS, Results, Size, contention_probe, log, setup_torch  # noqa: E402
 
@@ -35,6 +35,7 @@ AREAS = {
     "inject": injection.run,
     "files": checkpointing.run,
     "methods": other_methods.run,
+    "real": real_training.run,
 }
 HERE = Path(__file__).resolve().parent
 
@@ -76,6 +77,11 @@ def goals(metrics: dict[str, float]) -> list[Goal]:
         Goal("DoRA training step >= 1.3x peft's DoRA speed", "train.dora_speedup", ">=", 1.3),
         Goal("saved activation memory of LoRA step <= peft's (ratio)", "mem.lora_dt_over_peft", "<=", 1.0),
         Goal("saved activation memory of DoRA <= 1.3x LoRA's (ratio)", "mem.dora_dt_over_lora_dt", "<=", 1.3),
+        Goal("real model: deltatune defaults >= 1.15x peft's step speed", "real.dt_speedup", ">=", 1.15),
+        Goal("real model: enable_fast_training() >= 1.8x peft's float32 step speed", "real.fast_speedup", ">=", 1.8),
+        Goal("real model: enable_fast_training() peak memory <= 0.4x peft's", "real.fast_peak_ratio", "<=", 0.4),
+        Goal("real model: fast checkpointed peak memory <= 0.4x peft's", "real.fast_ckpt_peak_ratio", "<=", 0.4),
+        Goal("real model: fast first-step loss within 1% of peft's float32 loss", "real.fast_loss_dev", "<=", 0.01),
     ]
     for g in gs:
         g.measured, g.by_cpu = metrics.get(g.key), metrics.get(g.key + CPU)

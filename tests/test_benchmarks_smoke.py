@@ -32,10 +32,10 @@ def test_quick_benchmark_suite_runs(tmp_path: Path) -> None:
 
     data = json.loads(out_json.read_text())
     areas = {row["area"] for row in data["rows"]}
-    assert {"forward", "train", "memory", "mixed", "inject", "files"} <= areas
+    assert {"forward", "train", "memory", "mixed", "inject", "files", "real"} <= areas
     for row in data["rows"]:
         assert math.isfinite(row["value"]) and row["value"] >= 0, row
-    assert len(data["goals"]) == 8
+    assert len(data["goals"]) == 13
     assert all(goal["status"] in ("PASS", "FAIL") for goal in data["goals"]), data["goals"]
     text = out_md.read_text()
     assert "## Goals" in text and "## Profile of deltatune" in text
