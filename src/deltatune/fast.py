@@ -171,6 +171,7 @@ class FastTraining:
         chunked_loss: The loss of ``model(..., labels=...)`` in training comes from :func:`linear_cross_entropy`.
         compute_dtype: The dtype the frozen base is stored and computed in (``None``: unchanged).
         checkpoint_every: Every k-th decoder layer recomputes its activations in backward (``None``: none).
+        chunk_logits: How many logits (tokens x vocab) one chunk of the loss holds.
         notes: Why an ``"auto"`` part stayed off, one line each.
     """
 
@@ -179,12 +180,8 @@ class FastTraining:
     checkpoint_every: int | None = None
     chunk_logits: int = CHUNK_LOGITS
     notes: tuple[str, ...] = ()
-    # (module, original dtype) of every base parameter that compute_dtype cast, to cast back on disable.
+    # (parameter, original dtype) of every base parameter that compute_dtype cast, to cast back on disable.
     _cast: tuple[tuple[nn.Parameter, torch.dtype], ...] = dataclasses.field(default=(), repr=False, compare=False)
-
-    @property
-    def active(self) -> bool:
-        return self.chunked_loss or self.compute_dtype is not None or self.checkpoint_every is not None
 
 
 def supports_chunked_loss(base: nn.Module) -> str | None:
