@@ -52,6 +52,7 @@ _METHOD_MODULES: dict[str, str] = {
     "RANDLORA": "deltatune.methods.randlora",
     "PVERA": "deltatune.methods.pvera",
     "GRALORA": "deltatune.methods.gralora",
+    "ROAD": "deltatune.methods.road",
 }
 
 
