@@ -30,12 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import LayerConfig, PeftType, validate_regex
+from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
 from ..targeting import pattern_key_regex, pattern_value
 from .common import adapter_dtype, check_scale, check_seed, check_size, layer_features
+from ..targeting import pattern_value
+from .common import adapter_dtype, check_scale, check_size, check_size_pattern
 
 __all__ = ["FourierFTConfig"]  # exported from deltatune
 
@@ -73,11 +75,7 @@ class FourierFTConfig(LayerConfig):
         check_seed("random_loc_seed", self.random_loc_seed)
         if self.bias not in ("none", "all", "fourier_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'fourier_only', got {self.bias!r}")
-        if not isinstance(self.n_frequency_pattern, dict):
-            raise ConfigError(f"n_frequency_pattern must be a dict, got {self.n_frequency_pattern!r}")
-        for key, value in self.n_frequency_pattern.items():
-            check_size(f"n_frequency_pattern[{key!r}]", value)
-            validate_regex(f"n_frequency_pattern key {key!r}", pattern_key_regex(key))
+        check_size_pattern("n_frequency_pattern", self.n_frequency_pattern)
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights must be True (zero) or False (random), got {self.init_weights!r}")
 
