@@ -53,6 +53,7 @@ _METHOD_MODULES: dict[str, str] = {
     "PVERA": "deltatune.methods.pvera",
     "GRALORA": "deltatune.methods.gralora",
     "ROAD": "deltatune.methods.road",
+    "C3A": "deltatune.methods.c3a",
 }
 
 
