@@ -54,6 +54,7 @@ _METHOD_MODULES: dict[str, str] = {
     "GRALORA": "deltatune.methods.gralora",
     "ROAD": "deltatune.methods.road",
     "C3A": "deltatune.methods.c3a",
+    "SHIRA": "deltatune.methods.shira",
 }
 
 
