@@ -71,24 +71,26 @@ def _bias_shape(base_layer: nn.Module) -> tuple[int, ...]:
     return (base_layer.weight.shape[1],)  # Conv1D: weight (in, out)
 
 
-class BitFitDelta(Delta):
-    """``y = f(x) + Δb``; ``Δb`` broadcasts over the trailing dims (channel dim 1 and spatial dims on a conv)."""
+class BiasDelta(Delta):
+    """An added bias ``y = f(x) + Δb`` (``Δb`` from :meth:`bias_delta`, broadcast over the trailing dims: channel dim 1
+    and spatial dims on a conv), folded into the layer's bias when merged. Shared by BitFit and peft's BEFT, which
+    differ only in their parameter's name and shape."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        ref = next(base_layer.parameters(), torch.empty(0))  # a LayerNorm without affine parameters has none
-        dtype = adapter_dtype(ref.dtype)
-        self.bitfit_bias = nn.Parameter(torch.zeros(_bias_shape(base_layer), dtype=dtype, device=ref.device))
-        self.spatial_dims = len(base_layer.kernel_size) if isinstance(base_layer, _CONV) else 0
+    method: str = ""  # for messages
+    spatial_dims: int = 0
+
+    def bias_delta(self) -> torch.Tensor:
+        """``Δb``, shaped like the layer's bias."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        bias = self.bitfit_bias.view(*self.bitfit_bias.shape, *[1] * self.spatial_dims)  # (C, 1, ...) on a conv
-        return accumulate(base_out, bias, 1.0)
+        bias = self.bias_delta()
+        return accumulate(base_out, bias.view(*bias.shape, *[1] * self.spatial_dims), 1.0)  # (C, 1, ...) on a conv
 
     def check_mergeable(self, base_layer: nn.Module) -> None:
         if not isinstance(getattr(base_layer, "bias", None), torch.Tensor):
             raise AdapterStateError(
-                f"this {type(base_layer).__name__} has no bias to fold BitFit's bias delta into; keep using the "
+                f"this {type(base_layer).__name__} has no bias to fold {self.method}'s bias delta into; keep using the "
                 f"PeftModel unmerged, or target only layers that have a bias"
             )
 
@@ -100,10 +102,26 @@ class BitFitDelta(Delta):
         return weight
 
     def merge_bias(self, bias: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return bias + self.bitfit_bias.to(bias.dtype)
+        return bias + self.bias_delta().to(bias.dtype)
 
     def unmerge_bias(self, bias: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return bias - self.bitfit_bias.to(bias.dtype)
+        return bias - self.bias_delta().to(bias.dtype)
+
+
+class BitFitDelta(BiasDelta):
+    """BitFit's ``Δb``: ``bitfit_bias``, shaped like the layer's bias."""
+
+    method = "BitFit"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        ref = next(base_layer.parameters(), torch.empty(0))  # a LayerNorm without affine parameters has none
+        dtype = adapter_dtype(ref.dtype)
+        self.bitfit_bias = nn.Parameter(torch.zeros(_bias_shape(base_layer), dtype=dtype, device=ref.device))
+        self.spatial_dims = len(base_layer.kernel_size) if isinstance(base_layer, _CONV) else 0
+
+    def bias_delta(self) -> torch.Tensor:
+        return self.bitfit_bias
 
 
 def make_delta(config: BitFitConfig, base_layer: nn.Module, name: str) -> BitFitDelta:
