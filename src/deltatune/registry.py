@@ -55,6 +55,7 @@ _METHOD_MODULES: dict[str, str] = {
     "ROAD": "deltatune.methods.road",
     "C3A": "deltatune.methods.c3a",
     "SHIRA": "deltatune.methods.shira",
+    "BEFT": "deltatune.methods.beft",
 }
 
 
