@@ -56,6 +56,7 @@ _METHOD_MODULES: dict[str, str] = {
     "C3A": "deltatune.methods.c3a",
     "SHIRA": "deltatune.methods.shira",
     "BEFT": "deltatune.methods.beft",
+    "DELORA": "deltatune.methods.delora",
 }
 
 
