@@ -5,7 +5,8 @@ Chen et al., 2025, "Parameter-Efficient Fine-Tuning via Circular Convolution" (a
 trains ``out · in / b`` numbers and its update is applied with FFTs, never formed. As peft computes it, block
 ``(i, j)`` with kernel ``w_ij`` is the circular cross-correlation
 
-    (ΔW x)_{i·b+t} = (1/in) Σ_j Σ_l w_ij[l] · x_{j·b + (t + l) mod b},   i.e.  ΔW[i·b+t, j·b+s] = w_ij[(s − t) mod b] / in,
+    (ΔW x)_{i·b+t} = (1/in) Σ_j Σ_l w_ij[l] · x_{j·b + (t + l) mod b},
+    i.e.  ΔW[i·b+t, j·b+s] = w_ij[(s − t) mod b] / in,
 
 computed per block row as ``irfft(Σ_j conj(rfft(w_ij)) ⊙ rfft(x_j))`` (the correlation theorem) in float32: the
 FFT needs it (half precision only on some GPUs, bfloat16 not at all), as in peft.

@@ -135,9 +135,10 @@ def check_target(config: ShiraConfig, base_layer: nn.Module, name: str) -> None:
     """
     in_features, out_features = base_layer.in_features, base_layer.out_features
     if _count(config, base_layer) > in_features * out_features:
+        largest = in_features * out_features // (in_features + out_features)
         raise TargetError(
             f"{name}: r={config.r} asks for r·(in+out) = {_count(config, base_layer)} trained entries, more than its "
-            f"{out_features} x {in_features} weight has; use r <= {in_features * out_features // (in_features + out_features)}"
+            f"{out_features} x {in_features} weight has; use r <= {largest}"
         )
 
 
