@@ -196,15 +196,6 @@ def load_layer_adapter_state_dict(
             f"{source}: the file lacks {len(missing)} tensor(s) the adapter needs, first {missing[0]!r}; "
             f"the file is incomplete or was saved with a different config"
         )
-    by_delta: dict[str, dict[str, torch.Tensor]] = {}  # values only a delta can judge (Delta.check_loaded)
-    for key, target in mapping.items():
-        path, marker, name = target.partition(f".deltas.{adapter_name}.")
-        if marker and isinstance(holders.get(path), AdapterLayer):
-            by_delta.setdefault(path, {})[name] = state_dict[key]
-    for path, tensors in by_delta.items():
-        reason = holders[path].deltas[adapter_name].check_loaded(tensors)
-        if reason is not None:
-            raise AdapterLoadError(f"{source}: {path}: {reason}; the file is corrupt or was not written for it")
     with torch.no_grad():
         for key, target in mapping.items():
             params[target].copy_(state_dict[key].to(dtype=params[target].dtype, device=params[target].device))

@@ -137,11 +137,6 @@ class Delta(nn.Module):
         that saves copies of them (RandLoRA, as peft). Raises :class:`~deltatune.errors.AdapterLoadError` for
         tensors it cannot convert (VB-LoRA's top-k form) or copies that disagree."""
         return saved
-    def check_loaded(self, tensors: dict[str, torch.Tensor]) -> str | None:
-        """Why the tensors a file holds for this delta (keys relative to it, shapes already checked) cannot be used,
-        or ``None``: a check of *values* that a shape cannot express (SHiRA's saved indices must point inside the
-        weight). Loading asks every delta before it copies anything, so a refusal leaves the model as it was."""
-        return None
 
     def train_state(self) -> dict[str, torch.Tensor]:
         """What a training checkpoint holds for this delta besides the adapter file, so that a resumed run continues

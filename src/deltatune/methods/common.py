@@ -73,6 +73,16 @@ def check_patterns(rank: Any, rank_pattern: dict[str, Any], alpha_pattern: dict[
             validate_regex(f"{name} key {key!r}", pattern_key_regex(key))
 
 
+def check_size_pattern(where: str, patterns: Any) -> None:
+    """A per-module size override (C3A's ``block_size_pattern``, WaveFT's ``n_frequency_pattern``): a dict whose keys
+    are regexes :func:`~deltatune.targeting.pattern_value` can use and whose values are sizes (:func:`check_size`)."""
+    if not isinstance(patterns, dict):
+        raise ConfigError(f"{where} must be a dict of module-name pattern -> size, got {patterns!r}")
+    for key, value in patterns.items():
+        check_size(f"{where}[{key!r}]", value)
+        validate_regex(f"{where} key {key!r}", pattern_key_regex(key))
+
+
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     """The dtype a new adapter's parameters take next to a base weight of ``base_dtype``: float32 beside a
     half-precision base (small tensors, trained and kept in full precision, as peft's ``autocast_adapter_dtype``),
@@ -130,11 +140,3 @@ class FactoredDelta(Delta):
         first, second = self.factors()
         weight = (second @ first) * self.scaling  # (out, in)
         return (weight.T if self.transposed else weight).to(base_layer.weight.dtype)
-def check_size_pattern(where: str, patterns: Any) -> None:
-    """A per-module size override (C3A's ``block_size_pattern``, WaveFT's ``n_frequency_pattern``): a dict whose keys
-    are regexes :func:`~deltatune.targeting.pattern_value` can use and whose values are sizes (:func:`check_size`)."""
-    if not isinstance(patterns, dict):
-        raise ConfigError(f"{where} must be a dict of module-name pattern -> size, got {patterns!r}")
-    for key, value in patterns.items():
-        check_size(f"{where}[{key!r}]", value)
-        validate_regex(f"{where} key {key!r}", pattern_key_regex(key))

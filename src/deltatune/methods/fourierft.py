@@ -34,10 +34,8 @@ from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
-from ..targeting import pattern_key_regex, pattern_value
-from .common import adapter_dtype, check_scale, check_seed, check_size, layer_features
 from ..targeting import pattern_value
-from .common import adapter_dtype, check_scale, check_size, check_size_pattern
+from .common import adapter_dtype, check_scale, check_seed, check_size, check_size_pattern, layer_features
 
 __all__ = ["FourierFTConfig"]  # exported from deltatune
 

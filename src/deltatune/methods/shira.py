@@ -22,6 +22,7 @@ on the config object (``config.mask_fn``), which a saved config cannot carry; it
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from ..config import LayerConfig, PeftType
-from ..errors import ConfigError, TargetError
+from ..errors import AdapterLoadError, ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
 from .common import adapter_dtype, check_size
@@ -107,17 +108,23 @@ class ShiraDelta(Delta):
         dense = self.shira_weight.new_zeros(self.out_features, self.in_features)
         return dense.index_put((rows, cols), self.shira_weight, accumulate=True).to(base_layer.weight.dtype)
 
-    def check_loaded(self, tensors: dict[str, torch.Tensor]) -> str | None:
-        indices = tensors.get("shira_indices")
-        if indices is None:
-            return None
+    def state_from_saved(self, saved: dict[str, torch.Tensor], shared: Mapping[str, torch.Tensor]
+                         ) -> dict[str, torch.Tensor]:
+        """The file's tensors unchanged, once its mask is known to lie inside the weight (a wrong shape is left to
+        the loader's shape check)."""
+        indices = saved.get("shira_indices")
+        if indices is None or indices.shape != self.shira_indices.shape:
+            return saved
         if indices.is_floating_point() and not torch.equal(indices, indices.round()):  # peft's Windows files: float
-            return "shira_indices holds non-integer values"
+            raise AdapterLoadError("shira_indices holds non-integer values; the file is corrupt")
         rows, cols = indices.to(torch.int64)
         if rows.numel() and not (0 <= rows.min() and rows.max() < self.out_features and 0 <= cols.min()
                                  and cols.max() < self.in_features):
-            return f"shira_indices points outside the {self.out_features} x {self.in_features} weight"
-        return None
+            raise AdapterLoadError(
+                f"shira_indices points outside the {self.out_features} x {self.in_features} weight; the file is "
+                f"corrupt or was not written for this model"
+            )
+        return saved
 
     def extra_repr(self) -> str:
         return f"entries={self.shira_weight.shape[0]} of {self.out_features}x{self.in_features}"
