@@ -114,12 +114,10 @@ def test_merging_mixed_batches_and_serving_are_refused_and_bad_configs_named(tmp
     with pytest.raises(AdapterStateError, match="mixed-adapter batches"):
         gpt2(**make_causal_lm_inputs(gpt2), adapter_names=["default", "__base__"])
     model.save_pretrained(tmp_path)
-    from deltatune.serve import Scheduler
-    from tests.train_utils import write_tokenizer
+    from deltatune.serve import check_servable
 
-    scheduler = Scheduler(tiny_llama(), write_tokenizer(tmp_path / "tok"))
     with pytest.raises(ConfigError, match="ADAPTION_PROMPT adapters cannot be batched per row"):
-        scheduler.load_adapter("ap", str(tmp_path))
+        check_servable(str(tmp_path))
     with pytest.raises(ConfigError, match="adapter_len"):
         dt.AdaptionPromptConfig(adapter_layers=1)
     with pytest.raises(ConfigError, match="one module name"):
