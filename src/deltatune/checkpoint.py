@@ -469,7 +469,10 @@ def _planned_layer_size(model: nn.Module, config: PeftConfig, method: LayerMetho
     same resolution as the real construction, then the deltas built on meta-device copies of the targets."""
     try:
         resolved = resolve(model, config, method)
-        on_meta = dataclasses.replace(resolved, targets={n: _meta_copy(b) for n, b in resolved.targets.items()})
+        on_meta = dataclasses.replace(
+            resolved, targets={n: _meta_copy(b) for n, b in resolved.targets.items()},
+            parameters={n: _meta_copy(b) for n, b in resolved.parameters.items()},
+        )
         with torch.device("meta"):
             deltas, shared = build_deltas(on_meta, {})
     except Exception:  # bad targets, an op without a meta kernel...: the real construction reports it

@@ -7,6 +7,7 @@ modules alike — because they only replace child modules by name and never subc
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -17,6 +18,8 @@ from .errors import AdapterStateError, ConfigError
 from .layers import AdapterLayer, Delta, ModulesToSaveWrapper, adapter_layers, save_wrappers
 from .resolve import Resolved
 from .targeting import BiasScope, find_modules_to_save
+
+_log = logging.getLogger("deltatune")
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -45,6 +48,8 @@ def build_deltas(
     deltas = {name: method.make_delta(config, base, name, *extra) for name, base in targets.items()}
     for name, (source, base) in resolved.tied.items():  # after every target: a twin reads its source's delta
         deltas[name] = method.make_tied_delta(deltas[source], quant.delta_view(base), name)
+    for name, owner in resolved.parameters.items():  # keyed "<module>.<parameter>", which no module name can be
+        deltas[name] = method.make_parameter_delta(config, owner, name.rpartition(".")[2], name)
     return deltas, shared
 
 
@@ -66,6 +71,9 @@ def add_layer_adapter(
     quant.guard_model(model)  # before the first forward through an adapter: no training on repacked 4-bit weights
     deltas, shared = build_deltas(resolved, shared_state if shared_state is not None else {})
     for name, delta in deltas.items():
+        if name in resolved.parameters:
+            _add_parameter_delta(model, name.rpartition(".")[0], adapter_name, delta)
+            continue
         module = model.get_submodule(name)
         if not isinstance(module, AdapterLayer):
             module = AdapterLayer(module)
@@ -73,6 +81,28 @@ def add_layer_adapter(
         module.add_delta(adapter_name, delta)
     if shared is not None:
         shared_state[adapter_name] = shared
+    if resolved.parameters:  # a targeting mistake (attention only, a few layers) shows in these numbers
+        params = [owner.get_parameter(n.rpartition(".")[2]) for n, owner in resolved.parameters.items()]
+        _log.info(
+            "adapter %r: target_parameters=%s adapted %d parameters (%d expert matrices): %s", adapter_name,
+            resolved.config.target_parameters, len(params), sum(p.shape[0] if p.dim() == 3 else 1 for p in params),
+            list(resolved.parameters),
+        )
+
+
+def _add_parameter_delta(model: nn.Module, module_name: str, adapter_name: str, delta: Delta) -> None:
+    """Put a parameter-target delta into the adapter layer around ``module_name`` that adapts the same parameter, or
+    into a new one wrapped around everything there so far (one layer per parameter: the first registered innermost,
+    as ``resolve`` orders them)."""
+    layer = model.get_submodule(module_name)
+    while isinstance(layer, AdapterLayer):
+        if any(d.parameter_name == delta.parameter_name for d in layer.deltas.values()):
+            layer.add_delta(adapter_name, delta)
+            return
+        layer = layer.base_layer
+    outer = AdapterLayer(model.get_submodule(module_name))
+    _set_child(model, module_name, outer)
+    outer.add_delta(adapter_name, delta)
 
 
 def add_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: str) -> list[str]:

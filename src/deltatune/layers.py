@@ -55,6 +55,12 @@ class Delta(nn.Module):
     # (so that a resized vocabulary travels with the adapter). False for a delta that holds the very rows it changes
     # (trainable tokens), which is the point of such an adapter, as in peft.
     saves_base_embedding: ClassVar[bool] = True
+    # The base layer's parameter this delta adapts, for a parameter target (LoRA's ``target_parameters``: MoE expert
+    # weights stored as fused 3-D ``nn.Parameter``s, which no layer type wraps); ``None``: the layer as a whole. Such
+    # deltas run the layer through ``run_layer`` with the updated parameter and merge into that parameter. Several
+    # targeted parameters of one module nest one adapter layer per parameter (the inner one first registered), which
+    # is what puts peft's saved keys (``<path>.base_layer.lora_A.weight``) in the same places.
+    parameter_name: str | None = None
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input the base layer sees, for a delta with ``transforms_input``."""
@@ -283,8 +289,11 @@ class AdapterLayer(_Wrapper):
 
     def _params(self, copy: bool) -> dict[str, torch.Tensor]:
         """The base layer's own parameters by name (what :meth:`Delta.merged_params` folds into), as their data;
-        cloned with ``copy``. A quantized base gives its weight dequantized (a new tensor either way)."""
-        params = {n: p.data.clone() if copy else p.data for n, p in self.base_layer.named_parameters(recurse=False)}
+        cloned with ``copy``. A quantized base gives its weight dequantized (a new tensor either way). For nested
+        parameter-target layers these are the innermost module's parameters (the attribute fallback of the wrappers
+        reaches them by name)."""
+        owner = unwrap(self.base_layer)
+        params = {n: p.data.clone() if copy else p.data for n, p in owner.named_parameters(recurse=False)}
         if self.quant_handler is not None:
             params["weight"] = self._view.weight
         return params
@@ -413,9 +422,12 @@ class ModulesToSaveWrapper(_Wrapper):
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The layer an adapter sees: ``module`` itself, or the ``base_layer`` of an ``AdapterLayer`` (a module that
-    already holds another adapter's delta gets the new one beside it, on the same base)."""
-    return module.base_layer if isinstance(module, AdapterLayer) else module
+    """The layer an adapter sees: ``module`` itself, or the innermost ``base_layer`` of the ``AdapterLayer``\ s
+    around it (a module that already holds another adapter's delta gets the new one beside it, on the same base;
+    parameter targets nest one adapter layer per parameter, see ``Delta.parameter_name``)."""
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return module
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:

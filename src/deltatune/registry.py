@@ -133,6 +133,7 @@ class LayerMethod:
     make_tied_delta: Callable[[nn.Module, nn.Module, str], nn.Module] | None = None
     find_targets: Callable[[nn.Module, Any], tuple[Any, list[str]]] | None = None
     mixed_batches: bool = True
+    make_parameter_delta: Callable[[Any, nn.Module, str, str], nn.Module] | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,11 @@ Everything about an adapter that depends on the model is derived here, once, int
 * the layer layout: ``fan_in_fan_out=True`` when a target is a transformers ``Conv1D`` (weight stored ``(in, out)``),
   recorded as peft records it for readers of the file (peft, vLLM); deltatune itself reads the layout from the layer
   type;
-* the method's model-dependent fields (``LayerMethod.resolve_config``: IA3's default ``feedforward_modules``).
+* the method's model-dependent fields (``LayerMethod.resolve_config``: IA3's default ``feedforward_modules``);
+* parameter targets (LoRA's ``target_parameters``): parameters adapted directly because no layer type wraps them,
+  above all the fused 3-D expert stacks of MoE layers (transformers' Mixtral, Qwen3-MoE, GPT-OSS keep every expert
+  of a layer in one ``nn.Parameter`` of shape ``(experts, ., .)``). A small, generic path beside the module targets:
+  the module holding the parameter gets one adapter layer per targeted parameter (``Delta.parameter_name``).
 
 The config in the result is a copy: the user's object is never modified, and the copy is what a ``PeftModel`` stores
 and saves. Building (``inject.add_layer_adapter``) and the meta-device dry run that bounds a loaded adapter's size
@@ -30,9 +34,9 @@ from transformers.pytorch_utils import Conv1D
 from . import quant
 from .config import LayerConfig
 from .errors import TargetError
-from .layers import unwrap
+from .layers import AdapterLayer, unwrap
 from .registry import LayerMethod
-from .targeting import find_targets, iter_candidates
+from .targeting import find_parameter_targets, find_targets, iter_candidates
 
 
 @dataclass(frozen=True)
@@ -46,12 +50,16 @@ class Resolved:
             contributes that layer's ``base_layer``), in model order; read-only.
         tied: For a method with ``make_tied_delta``: the tied twins, full module name -> (the target whose weight
             it shares, its base layer); empty otherwise.
+        parameters: Parameter targets (``target_parameters``): full parameter name ``<module>.<parameter>`` -> the
+            module that owns it (unwrapped), in model order and, within a module, in registration order (the order
+            their adapter layers nest in); read-only.
     """
 
     config: LayerConfig
     method: LayerMethod
     targets: Mapping[str, nn.Module]
     tied: Mapping[str, tuple[str, nn.Module]] = field(default_factory=lambda: MappingProxyType({}))
+    parameters: Mapping[str, nn.Module] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resolved:
@@ -72,6 +80,11 @@ def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resol
     for name in names:
         base = unwrap(model.get_submodule(name))
         quant.check_target(base, name, config.peft_type.value, _rewriting_option(config) if rewrites else None)
+        if _adapted_parameters(model.get_submodule(name)):
+            raise TargetError(
+                f"module {name!r} has parameters adapted through target_parameters by another adapter, so it cannot "
+                f"also be a target_modules target; narrow target_modules to exclude it"
+            )
         if not isinstance(base, method.layer_types):
             raise TargetError(
                 f"module {name!r} is a {type(base).__name__}, which {config.peft_type.value} cannot adapt; "
@@ -88,7 +101,8 @@ def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resol
     if method.check_target is not None:
         for name, base in targets.items():
             method.check_target(resolved, quant.delta_view(base), name)
-    return Resolved(resolved, method, view, MappingProxyType(tied))
+    parameters = _parameter_targets(model, resolved, method, targets)
+    return Resolved(resolved, method, view, MappingProxyType(tied), MappingProxyType(parameters))
 
 
 def _rewriting_option(config: LayerConfig) -> str:

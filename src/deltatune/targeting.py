@@ -179,17 +179,27 @@ def _target_patterns(
 
 def find_targets(
     model: nn.Module, config, default_targets: dict[str, list[str]] | None = None
-) -> tuple[list[str] | str, list[str]]:
+) -> tuple[list[str] | str | None, list[str]]:
     """The resolved ``target_modules`` (:func:`_target_patterns`) and the full names of the modules they select in
     ``model``, in model order; ``config`` is only read.
 
     Modules in ``config.modules_to_save`` (and everything inside them) are trained in full, so they are never also
-    adapted, as in peft (e.g. a classification head under ``"all-linear"``).
+    adapted, as in peft (e.g. a classification head under ``"all-linear"``). A config that also targets parameters
+    (LoRA's ``target_parameters``) may select no module: ``target_modules=[]``, or ``None`` for a model type without
+    default targets (then recorded as ``None``, as peft does).
 
     Raises:
         TargetError: no default targets, or nothing matches; the message lists the patterns and the model's
             candidate module names.
     """
+    if getattr(config, "target_parameters", None):
+        if config.target_modules == []:
+            return [], []
+        if config.target_modules is None:
+            try:
+                _target_patterns(model, config, default_targets)
+            except TargetError:
+                return None, []
     patterns = _target_patterns(model, config, default_targets)
     trained_in_full = [n for n, _ in iter_candidates(model) if name_matches(n, list(config.modules_to_save or []))]
     selected = []
@@ -211,6 +221,44 @@ def find_targets(
             f"Module names that can be targeted include: {_candidate_leaves(model)[:40]}"
         )
     return patterns, selected
+
+
+def find_parameter_targets(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str]]:
+    """The ``(module name, parameter name)`` pairs that ``target_parameters`` ``names`` select, in model order and,
+    within a module, in the order its parameters were registered (the order peft nests its wrappers in).
+
+    peft's rule: ``"<module>.<parameter>"`` equals an entry or ends with ``"." + entry``
+    (``"experts.gate_up_proj"`` selects ``model.layers.0.mlp.experts.gate_up_proj``). Only a module's own parameters
+    count; a module already wrapped by adapter layers is matched through them.
+
+    Raises:
+        TargetError: nothing matches; the message lists the parameter names that exist (3-D expert stacks first).
+    """
+    from .layers import unwrap
+
+    selected = []
+    for module_name, module in iter_candidates(model):
+        for param_name, _ in unwrap(module).named_parameters(recurse=False):
+            if name_matches(f"{module_name}.{param_name}", list(names)):
+                selected.append((module_name, param_name))
+    if not selected:
+        raise TargetError(
+            f"target_parameters {list(names)!r} matched no parameter of {type(model).__name__}. Parameter names "
+            f"that can be targeted include: {_candidate_parameters(model)[:40]}"
+        )
+    return selected
+
+
+def _candidate_parameters(model: nn.Module) -> list[str]:
+    """Distinct ``<module leaf>.<parameter>`` names of the model's parameters, the 3-D ones (fused MoE experts)
+    first: what ``target_parameters`` most likely meant."""
+    from .layers import unwrap
+
+    seen: dict[str, int] = {}
+    for module_name, module in iter_candidates(model):
+        for param_name, param in unwrap(module).named_parameters(recurse=False):
+            seen.setdefault(f"{module_name.rsplit('.', 1)[-1]}.{param_name}", param.dim())
+    return sorted(seen, key=lambda n: seen[n] != 3)
 
 
 def find_modules_to_save(model: nn.Module, names: Sequence[str]) -> list[str]:
