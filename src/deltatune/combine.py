@@ -269,6 +269,9 @@ def resolve_request(
         if config.lora_bias:
             raise ConfigError(f"adapter {name!r} has lora_bias=True, whose bias the combined A and B factors cannot "
                               f"carry; combine adapters without lora_bias, or merge_and_unload() them one by one")
+        if config.target_parameters:
+            raise ConfigError(f"adapter {name!r} uses target_parameters (per-expert factors), which "
+                              f"add_weighted_adapter cannot combine (peft refuses it too); merge_and_unload() instead")
     try:
         weights = tuple(float(w) for w in weights)
     except (TypeError, ValueError):

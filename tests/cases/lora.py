@@ -67,7 +67,44 @@ MATRIX = [
     MatrixCase("LoraConfig", "pissa", dict(init_lora_weights="pissa"), weight_init=True, families=_MATH_ONLY),
     MatrixCase("LoraConfig", "olora", dict(init_lora_weights="olora"), weight_init=True, families=_MATH_ONLY),
     MatrixCase("LoraConfig", "patterns", _PATTERN_TARGETS.__getitem__, nonzero_kwargs=dict(init_lora_weights=False)),
+    # LoRA on nn.Parameters: a 2-D weight (the MoE expert stacks are in INTEROP and tests/test_lora_moe.py)
+    _lora("target_parameters", ("llama",), target_modules=["q_proj"], target_parameters=["mlp.up_proj.weight"]),
 ]
+
+
+def _tiny_moe(kind: str) -> nn.Module:
+    """A two-layer MoE causal LM with 4 experts per layer, each projection a fused 3-D expert tensor: Mixtral and
+    Qwen3-MoE store ``(experts, out, in)``, GPT-OSS ``(experts, in, out)`` (``is_transposed``) with expert biases."""
+    import transformers as tr
+
+    common = dict(vocab_size=64, hidden_size=16, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8, num_experts_per_tok=2)
+    config = {
+        "mixtral": lambda: (tr.MixtralForCausalLM, tr.MixtralConfig(num_local_experts=4, **common)),
+        "qwen3_moe": lambda: (tr.Qwen3MoeForCausalLM, tr.Qwen3MoeConfig(num_experts=4, moe_intermediate_size=8,
+                                                                          **common)),
+        "gpt_oss": lambda: (tr.GptOssForCausalLM, tr.GptOssConfig(num_local_experts=4, layer_types=["full_attention"] * 2,
+                                                                  **common)),
+    }[kind]
+    cls, cfg = config()
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+def tiny_mixtral() -> nn.Module:
+    return _tiny_moe("mixtral")
+
+
+def tiny_qwen3_moe() -> nn.Module:
+    return _tiny_moe("qwen3_moe")
+
+
+def tiny_gpt_oss() -> nn.Module:
+    return _tiny_moe("gpt_oss")
+
+
+MOE_FACTORIES = {"mixtral": tiny_mixtral, "qwen3_moe": tiny_qwen3_moe, "gpt_oss": tiny_gpt_oss}
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
 class GroupedConvNet(nn.Module):
@@ -285,6 +322,20 @@ INTEROP = [
         dict(target_modules=["conv2d", "conv1d"], r=2, rank_pattern={"conv1d": 8}, use_rslora=True),
     ),
 ]
+
+# MoE experts (target_parameters): the fused 3-D expert tensors of each style, beside attention modules
+INTEROP += [
+    InteropCase(
+        f"{kind}-experts", "LoraConfig", factory, make_causal_lm_inputs,
+        dict(task_type="CAUSAL_LM", target_modules=["q_proj"], target_parameters=EXPERTS, r=2),
+    )
+    for kind, factory in MOE_FACTORIES.items()
+]
+INTEROP.append(InteropCase(
+    "llama-2d-parameter-rank-pattern", "LoraConfig", tiny_llama, make_causal_lm_inputs,
+    dict(task_type="CAUSAL_LM", target_modules=[], target_parameters=["up_proj.weight", "o_proj.weight"], r=2,
+         rank_pattern={"o_proj.weight": 4}, use_rslora=True),
+))
 
 # Seed adapters for tests/test_fuzz_loading.py: LoRA, and DoRA beside a fully trained output head.
 FUZZ_SEEDS = {

@@ -71,6 +71,11 @@ class LoraConfig(LayerConfig):
         rank_pattern: ``{module-name pattern: r}`` overriding ``r`` for matching modules (regex on the name suffix).
         alpha_pattern: ``{module-name pattern: alpha}`` overriding ``lora_alpha`` likewise.
         lora_bias: A trainable bias on ``lora_B`` (saved as ``lora_B.bias``), scaled like the update; zero at init.
+        target_parameters: Parameter names to adapt directly (peft's rule: ``"<module>.<parameter>"`` equals an
+            entry or ends with ``"." + entry``), for weights no layer type wraps: MoE experts stored as one 3-D
+            ``nn.Parameter`` per projection (``["experts.gate_up_proj", "experts.down_proj"]`` on Mixtral,
+            Qwen3-MoE, GPT-OSS). Each expert gets its own rank-``r`` update. Set ``target_modules=[]`` to adapt only
+            these. Not with ``lora_dropout``, ``use_dora``, ``lora_bias``, ``fan_in_fan_out`` or a data-driven init.
     """
 
     peft_type: PeftType = field(default=PeftType.LORA, init=False)
@@ -85,13 +90,14 @@ class LoraConfig(LayerConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_bias: bool = False
+    target_parameters: list[str] | None = None
 
     # peft LoRA features not implemented here; a file that switches one on is refused (see config.py).
     _unsupported: ClassVar[dict[str, Any]] = {
         **dict.fromkeys(
             (
                 "layer_replication", "loftq_config", "eva_config", "corda_config", "megatron_config",
-                "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "arrow_config",
+                "trainable_token_indices", "alora_invocation_tokens", "arrow_config",
                 "use_bdlora", "kasa_config", "monteclora_config", "velora_config", "lora_ga_config", "use_qalora",
                 "ensure_weight_tying",
             )
@@ -120,6 +126,35 @@ class LoraConfig(LayerConfig):
         if self.lora_bias and not isinstance(init, bool):  # peft's rule: the bias has no data-driven init
             raise ConfigError(
                 f"lora_bias=True supports init_lora_weights=True or False only, got init_lora_weights={init!r}"
+            )
+        self._check_target_parameters()
+
+    def _check_target_parameters(self) -> None:
+        """peft's limits for parameter targets: no module to apply dropout to the input of, nor a layer DoRA or a
+        bias could belong to; data-driven inits read a layer's ``weight``."""
+        names = self.target_parameters
+        if names is None:
+            return
+        if isinstance(names, str):  # peft: "must be a list of strings"; a regex is not implemented there either
+            raise TypeError(f"target_parameters must be a list of parameter names, not a string: {names!r}")
+        if not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(f"target_parameters must be non-empty strings, got {names!r}")
+        if isinstance(names, (set, tuple)):  # a set in meaning: the nesting follows the model's parameter order
+            self.target_parameters = names = sorted(names)
+        if not names:
+            return
+        clashes = {"lora_dropout": self.lora_dropout != 0, "use_dora": self.use_dora, "lora_bias": self.lora_bias,
+                   "fan_in_fan_out": self.fan_in_fan_out}
+        for name, clash in clashes.items():
+            if clash:
+                raise ConfigError(
+                    f"target_parameters cannot be combined with {name}={getattr(self, name)!r} (nor in peft): a "
+                    f"parameter target has no layer input to drop out nor a layer output to rescale or bias"
+                )
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(
+                f"target_parameters supports init_lora_weights=True, False or 'gaussian', got "
+                f"{self.init_lora_weights!r}"
             )
 
 
@@ -444,6 +479,110 @@ class LoraEmbedding(LoraDelta):
         return self.lora_embedding_B @ self.lora_embedding_A  # (dim, num_embeddings)
 
 
+class LoraParameter(LoraDelta):
+    """LoRA on one ``nn.Parameter`` of a module (``target_parameters``): a 2-D weight ``(out, in)``, or a 3-D stack
+    of ``E`` expert weights, each expert with its own rank-``r`` update ``ΔW_e = scaling · B_e A_e``.
+
+    Why a parameter and not a layer: transformers' MoE blocks (Mixtral, Qwen3-MoE, GPT-OSS) keep all experts of one
+    projection in one tensor and index it inside their own forward, so there is no per-expert ``nn.Linear`` to wrap;
+    the module is run (``run_layer``) on ``W + ΔW`` instead, differentiably, and a merge adds ``ΔW`` to the tensor.
+
+    peft's layout, kept for its saved keys: ``lora_A.weight`` is ``(E·r, in)`` with expert ``e`` in rows
+    ``e·r .. e·r+r-1``; ``lora_B.weight`` is ``(out, r·E)`` with expert ``e`` in columns ``e, e+E, e+2E, ...``
+    (``(out, r, E)`` flattened). A 3-D stack is ``(E, out, in)`` (used as ``x Wₑᵀ``), or ``(E, in, out)`` for a module
+    with ``is_transposed=True`` (GPT-OSS: ``x Wₑ``); a 2-D weight is ``(out, in)``.
+    """
+
+    def __init__(self, param: torch.Tensor, parameter_name: str, transposed: bool, r: int, alpha: float,
+                 use_rslora: bool) -> None:
+        super().__init__(r, alpha, 0.0, use_rslora)
+        self.parameter_name = parameter_name
+        self.num_experts = param.shape[0] if param.dim() == 3 else 1
+        self.stacked = param.dim() == 3
+        self.transposed = transposed and self.stacked
+        out_features, in_features = param.shape[-2:][::-1] if self.transposed else param.shape[-2:]
+        self.lora_A = nn.Linear(in_features, r * self.num_experts, bias=False)
+        self.lora_B = nn.Linear(r * self.num_experts, out_features, bias=False)
+
+    def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lhs, rhs)`` with ``ΔW = scaling · lhs @ rhs`` in the parameter's own layout, batched over experts:
+        ``B_e (E, out, r) @ A_e (E, r, in)``, or ``A_eᵀ (E, in, r) @ B_eᵀ (E, r, out)`` for a transposed stack."""
+        e = self.num_experts
+        a = self.lora_A.weight.view(e, self.r, -1)  # (E, r, in)
+        b = self.lora_B.weight.view(-1, self.r, e).permute(2, 0, 1)  # (E, out, r)
+        return (a.transpose(1, 2), b.transpose(1, 2)) if self.transposed else (b, a)
+
+    def add_to(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight + ΔW`` in one fused op (no separate ``ΔW`` the size of the whole expert stack)."""
+        lhs, rhs = self.expert_factors()
+        lhs, rhs = lhs.to(weight.dtype), rhs.to(weight.dtype)
+        if not self.stacked:
+            return torch.addmm(weight, lhs[0], rhs[0], alpha=self.scaling)
+        return torch.baddbmm(weight, lhs, rhs, alpha=self.scaling)
+
+    def lora_weight(self) -> torch.Tensor:
+        lhs, rhs = self.expert_factors()
+        product = lhs @ rhs
+        return product if self.stacked else product[0]
+
+    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        return self.lora_weight() * self.scaling
+
+    def factors(self) -> LowRank:
+        raise AdapterStateError(
+            "an adapter with target_parameters has per-expert factors, which add_weighted_adapter cannot combine "
+            "(peft refuses it too)"
+        )
+
+    def merged_params(self, params: dict[str, torch.Tensor], base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        weight = params[self.parameter_name]
+        return {self.parameter_name: self.add_to(weight)}
+
+    def unmerged_params(self, params: dict[str, torch.Tensor], base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        weight = params[self.parameter_name]
+        return {self.parameter_name: weight - self.delta_weight(base_layer).to(weight.dtype)}
+
+    @classmethod
+    def run_layer(cls, deltas: Sequence[LoraParameter], base_layer: nn.Module, x: torch.Tensor, *args,
+                  **kwargs) -> torch.Tensor:
+        """The module run on its parameter plus every active delta's update (``torch.func.functional_call``, so the
+        module's forward, whichever experts implementation it dispatches to, reads ``W + ΔW``). ``base_layer`` may
+        be the adapter layer of the module's next parameter: the path then goes through it, so that layer's update
+        applies too."""
+        name = deltas[0].parameter_name
+        weight = getattr(base_layer, name)  # the innermost module's tensor, through any wrappers
+        for delta in deltas:
+            weight = delta.add_to(weight)
+        path, module = name, base_layer
+        while isinstance(module, AdapterLayer):
+            path, module = "base_layer." + path, module.base_layer
+        return torch.func.functional_call(base_layer, {path: weight}, (x, *args), kwargs)
+
+    @classmethod
+    def batched_forward(
+        cls, groups: Sequence[tuple[Delta, torch.Tensor]], x: torch.Tensor, out: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
+        raise AdapterStateError(
+            "adapter_names (mixed-adapter batches) is not supported for target_parameters (nor in peft); run one "
+            "adapter per batch"
+        )
+
+
+def make_parameter_delta(config: LoraConfig, module: nn.Module, parameter_name: str, name: str) -> LoraParameter:
+    """The LoRA delta for parameter ``parameter_name`` of ``module`` (full name ``name``, which rank/alpha pattern
+    keys match, as in peft), initialised like ``nn.Linear`` LoRA."""
+    param = module.get_parameter(parameter_name)
+    r = pattern_value(config.rank_pattern, name, config.r)
+    alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
+    transposed = bool(getattr(module, "is_transposed", False))  # transformers' experts flag (GPT-OSS: True)
+    with torch.device("meta"):
+        delta = LoraParameter(param, parameter_name, transposed, r, alpha, config.use_rslora)
+    delta.to_empty(device=param.device).to(adapter_dtype(param.dtype))
+    if param.device.type != "meta":
+        _init_ab(delta, config.init_lora_weights)
+    return delta
+
+
 # --- initialisation ------------------------------------------------------------------------------------------------
 
 def _init_ab(delta: LoraDelta, scheme: bool | str) -> None:
@@ -644,4 +783,5 @@ METHOD = LayerMethod(
     layer_types=tuple(t for types, _ in _LAYER_CLASSES for t in types),
     check_target=check_target,
     rewrites_base_weights=rewrites_base_weights,
+    make_parameter_delta=make_parameter_delta,
 )
