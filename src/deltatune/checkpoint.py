@@ -183,14 +183,19 @@ def load_layer_adapter_state_dict(
                 f"{params[target].dtype}; a floating-point tensor is required. The file is corrupt or was not written "
                 f"by an adapter library."
             )
-    expected = set()
+    # every adapter parameter, with all the paths it has: one tensor shared by two deltas (a tied twin's rows) is
+    # present when the file holds it under any of them (peft's LoRA writes trainable tokens under the source only)
+    expected: dict[int, list[str]] = {}
     for path, holder in holders.items():
         container = getattr(holder, _CONTAINERS[type(holder)])
         if adapter_name in container:
             prefix = f"{path}.{_CONTAINERS[type(holder)]}.{adapter_name}."
             constants = getattr(container[adapter_name], "constants", ())  # never saved (Delta.constants)
-            expected.update(prefix + n for n, _ in container[adapter_name].named_parameters() if n not in constants)
-    missing = sorted(expected - set(mapping.values()))
+            for n, p in container[adapter_name].named_parameters(remove_duplicate=False):
+                if n not in constants:
+                    expected.setdefault(id(p), []).append(prefix + n)
+    loaded = set(mapping.values())
+    missing = sorted(paths[0] for paths in expected.values() if not loaded.intersection(paths))
     if missing:
         raise AdapterLoadError(
             f"{source}: the file lacks {len(missing)} tensor(s) the adapter needs, first {missing[0]!r}; "
@@ -472,6 +477,7 @@ def _planned_layer_size(model: nn.Module, config: PeftConfig, method: LayerMetho
         on_meta = dataclasses.replace(
             resolved, targets={n: _meta_copy(b) for n, b in resolved.targets.items()},
             parameters={n: _meta_copy(b) for n, b in resolved.parameters.items()},
+            extra={n: (_meta_copy(b), s) for n, (b, s) in resolved.extra.items()},
         )
         with torch.device("meta"):
             deltas, shared = build_deltas(on_meta, {})

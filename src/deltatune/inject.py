@@ -48,6 +48,8 @@ def build_deltas(
     deltas = {name: method.make_delta(config, base, name, *extra) for name, base in targets.items()}
     for name, (source, base) in resolved.tied.items():  # after every target: a twin reads its source's delta
         deltas[name] = method.make_tied_delta(deltas[source], quant.delta_view(base), name)
+    for name, (base, source) in resolved.extra.items():  # sources first: a twin shares its source's parameters
+        deltas[name] = method.make_extra_delta(config, base, name, None if source is None else deltas[source])
     for name, owner in resolved.parameters.items():  # keyed "<module>.<parameter>", which no module name can be
         deltas[name] = method.make_parameter_delta(config, owner, name.rpartition(".")[2], name)
     return deltas, shared

@@ -134,6 +134,8 @@ class LayerMethod:
     find_targets: Callable[[nn.Module, Any], tuple[Any, list[str]]] | None = None
     mixed_batches: bool = True
     make_parameter_delta: Callable[[Any, nn.Module, str, str], nn.Module] | None = None
+    extra_targets: Callable[[Any, nn.Module], list[str]] | None = None
+    make_extra_delta: Callable[[Any, nn.Module, str, Any], nn.Module] | None = None
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ class Resolved:
             contributes that layer's ``base_layer``), in model order; read-only.
         tied: For a method with ``make_tied_delta``: the tied twins, full module name -> (the target whose weight
             it shares, its base layer); empty otherwise.
+        extra: ``LayerMethod.extra_targets`` and the modules tied to them: full module name -> (its base layer, the
+            extra target whose weight it shares or ``None``), sources first; read-only.
         parameters: Parameter targets (``target_parameters``): full parameter name ``<module>.<parameter>`` -> the
             module that owns it (unwrapped), in model order and, within a module, in registration order (the order
             their adapter layers nest in); read-only.
@@ -60,6 +62,7 @@ class Resolved:
     targets: Mapping[str, nn.Module]
     tied: Mapping[str, tuple[str, nn.Module]] = field(default_factory=lambda: MappingProxyType({}))
     parameters: Mapping[str, nn.Module] = field(default_factory=lambda: MappingProxyType({}))
+    extra: Mapping[str, tuple[nn.Module, str | None]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resolved:
@@ -102,7 +105,31 @@ def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resol
         for name, base in targets.items():
             method.check_target(resolved, quant.delta_view(base), name)
     parameters = _parameter_targets(model, resolved, method, targets)
-    return Resolved(resolved, method, view, MappingProxyType(tied), MappingProxyType(parameters))
+    extra = _extra_targets(model, resolved, method, targets)
+    return Resolved(
+        resolved, method, view, MappingProxyType(tied), MappingProxyType(parameters), MappingProxyType(extra)
+    )
+
+
+def _extra_targets(
+    model: nn.Module, config: LayerConfig, method: LayerMethod, targets: Mapping[str, nn.Module]
+) -> dict[str, tuple[nn.Module, str | None]]:
+    """``LayerMethod.extra_targets`` and their tied twins, none of them a target (peft refuses the combination:
+    one delta kind per module and adapter)."""
+    if method.extra_targets is None:
+        return {}
+    sources = {name: unwrap(model.get_submodule(name)) for name in method.extra_targets(config, model)}
+    extra: dict[str, tuple[nn.Module, str | None]] = {name: (base, None) for name, base in sources.items()}
+    for name, (source, base) in _tied_twins(model, sources).items():
+        extra[name] = (base, source)
+    for name in extra:
+        if name in targets:
+            raise TargetError(
+                f"{name}: selected by target_modules and (itself or through a weight tied to it) by "
+                f"{method.config_class.__name__}'s extra targets; a module takes one kind of delta per adapter "
+                f"(peft refuses this too). Leave it out of target_modules."
+            )
+    return dict(sorted(extra.items(), key=lambda item: item[1][1] is not None))  # sources before twins
 
 
 def _rewriting_option(config: LayerConfig) -> str:
