@@ -337,6 +337,16 @@ INTEROP.append(InteropCase(
          rank_pattern={"o_proj.weight": 4}, use_rslora=True),
 ))
 
+# trainable_token_indices: rows every third token, so the random inputs read some of them; GPT-2's tied lm_head follows
+# the embedding's rows (peft saves them under the embedding only)
+_TOKENS = list(range(0, 128, 3))
+INTEROP += [
+    InteropCase("llama-trainable-tokens", "LoraConfig", tiny_llama, make_causal_lm_inputs,
+                dict(task_type="CAUSAL_LM", target_modules=["q_proj"], trainable_token_indices=_TOKENS)),
+    InteropCase("gpt2-trainable-tokens-tied", "LoraConfig", tiny_gpt2, make_causal_lm_inputs,
+                dict(task_type="CAUSAL_LM", target_modules=["c_attn"], trainable_token_indices={"wte": _TOKENS})),
+]
+
 # Seed adapters for tests/test_fuzz_loading.py: LoRA, and DoRA beside a fully trained output head.
 FUZZ_SEEDS = {
     "lora": FuzzSeed(

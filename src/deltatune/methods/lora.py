@@ -40,9 +40,10 @@ from ..errors import AdapterStateError, ConfigError, TargetError
 from ..kernels import LowRank, accumulate, add_low_rank, add_low_rank_rows, index_accumulate
 from ..layers import AdapterLayer, Delta, unwrap
 from ..registry import LayerMethod
-from ..targeting import pattern_value
+from ..targeting import iter_candidates, name_matches, pattern_value
 from .common import adapter_dtype, check_dropout, check_patterns, check_scale
 from .dora import DoraVariant
+from .trainable_tokens import check_rows, check_token_indices, input_embedding_name, make_token_adapter
 
 __all__ = ["LoraConfig"]  # exported from deltatune
 
@@ -76,6 +77,11 @@ class LoraConfig(LayerConfig):
             ``nn.Parameter`` per projection (``["experts.gate_up_proj", "experts.down_proj"]`` on Mixtral,
             Qwen3-MoE, GPT-OSS). Each expert gets its own rank-``r`` update. Set ``target_modules=[]`` to adapt only
             these. Not with ``lora_dropout``, ``use_dora``, ``lora_bias``, ``fan_in_fan_out`` or a data-driven init.
+        trainable_token_indices: Token rows of an embedding that train in full beside the LoRA update (new
+            tokens): a list of ids for the input embedding, or ``{embedding name: ids}``. peft's trainable tokens
+            (``methods/trainable_tokens.py``) inside this adapter, saved as ``<path>.token_adapter.
+            trainable_tokens_delta``; a head tied to the embedding follows its rows. Such an embedding cannot also be
+            a ``target_modules`` target (nor in peft).
     """
 
     peft_type: PeftType = field(default=PeftType.LORA, init=False)
@@ -91,13 +97,13 @@ class LoraConfig(LayerConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_bias: bool = False
     target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     # peft LoRA features not implemented here; a file that switches one on is refused (see config.py).
     _unsupported: ClassVar[dict[str, Any]] = {
         **dict.fromkeys(
             (
-                "layer_replication", "loftq_config", "eva_config", "corda_config", "megatron_config",
-                "trainable_token_indices", "alora_invocation_tokens", "arrow_config",
+                "layer_replication", "loftq_config", "eva_config", "corda_config", "megatron_config", "alora_invocation_tokens", "arrow_config",
                 "use_bdlora", "kasa_config", "monteclora_config", "velora_config", "lora_ga_config", "use_qalora",
                 "ensure_weight_tying",
             )
@@ -128,6 +134,14 @@ class LoraConfig(LayerConfig):
                 f"lora_bias=True supports init_lora_weights=True or False only, got init_lora_weights={init!r}"
             )
         self._check_target_parameters()
+        tokens = self.trainable_token_indices
+        if isinstance(tokens, dict):
+            if not tokens or not all(isinstance(k, str) and k for k in tokens):
+                raise ConfigError(f"trainable_token_indices must map embedding names to token ids, got {tokens!r}")
+            self.trainable_token_indices = {k: check_token_indices(f"trainable_token_indices[{k!r}]", v)
+                                            for k, v in tokens.items()}
+        elif tokens is not None:
+            self.trainable_token_indices = check_token_indices("trainable_token_indices", tokens)
 
     def _check_target_parameters(self) -> None:
         """peft's limits for parameter targets: no module to apply dropout to the input of, nor a layer DoRA or a
@@ -724,6 +738,51 @@ def _build(cls: type[LoraDelta], config: LoraConfig, base_layer: nn.Module, r: i
     return delta
 
 
+def token_targets(config: LoraConfig, model: nn.Module) -> list[str]:
+    """The embeddings ``trainable_token_indices`` trains rows of (``LayerMethod.extra_targets``): the input
+    embedding for a list, the modules each key names (exact name or dotted suffix) for a dict.
+
+    Raises:
+        TargetError: a key matching nothing, an index beyond the vocabulary, an embedding in ``modules_to_save``
+            or one another adapter adapts with LoRA itself (peft refuses both).
+    """
+    tokens = config.trainable_token_indices
+    if tokens is None:
+        return []
+    if not isinstance(tokens, dict):
+        tokens = {input_embedding_name(model)[0]: tokens}
+    names = []
+    for key, indices in tokens.items():
+        found = [n for n, _ in iter_candidates(model) if name_matches(n, [key])]
+        if not found:
+            raise TargetError(f"trainable_token_indices names {key!r}, which matches no module of "
+                              f"{type(model).__name__}")
+        for name in found:
+            module = model.get_submodule(name)
+            check_rows(indices, unwrap(module), name, "trainable_token_indices")
+            if name_matches(name, list(config.modules_to_save or [])):
+                raise TargetError(f"{name}: in modules_to_save and in trainable_token_indices; train the embedding "
+                                  f"fully or some of its rows, not both (peft refuses this too)")
+            if isinstance(module, AdapterLayer) and any(isinstance(d, LoraDelta) for d in module.deltas.values()):
+                raise TargetError(f"{name}: another adapter adapts this embedding with LoRA, so "
+                                  f"trainable_token_indices cannot wrap it (nor in peft)")
+            names.append(name)
+    return names
+
+
+def _token_indices_for(config: LoraConfig, name: str) -> list[int]:
+    tokens = config.trainable_token_indices
+    if not isinstance(tokens, dict):
+        return tokens
+    return next(v for k, v in tokens.items() if name_matches(name, [k]))
+
+
+def make_token_delta(config: LoraConfig, base_layer: nn.Module, name: str, source: Delta | None) -> Delta:
+    """The trainable-tokens delta of a ``trainable_token_indices`` embedding, or of a module tied to one."""
+    indices = _token_indices_for(config, name) if source is None else []
+    return make_token_adapter(base_layer, name, indices, source)
+
+
 def mutated_init_to_lora(
     config: LoraConfig, trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], source: str
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -784,4 +843,6 @@ METHOD = LayerMethod(
     check_target=check_target,
     rewrites_base_weights=rewrites_base_weights,
     make_parameter_delta=make_parameter_delta,
+    extra_targets=token_targets,
+    make_extra_delta=make_token_delta,
 )

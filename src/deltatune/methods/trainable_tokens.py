@@ -61,15 +61,23 @@ class TrainableTokensConfig(LayerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        indices = self.token_indices
-        if not isinstance(indices, (list, tuple)) or not indices:
-            raise ConfigError(f"token_indices must be a non-empty list of token ids, got {indices!r}")
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
-            raise ConfigError(f"token_indices must hold non-negative integers, got {list(indices)!r}")
-        if len(set(indices)) != len(indices):
-            twice = sorted(i for i in set(indices) if indices.count(i) > 1)
-            raise ConfigError(f"token_indices lists a token twice: {twice}")
-        self.token_indices = list(indices)
+        self.token_indices = check_token_indices("token_indices", self.token_indices)
+
+
+def check_token_indices(field_name: str, indices: object) -> list[int]:
+    """``indices`` as a list, checked: non-empty, distinct, non-negative integers.
+
+    Raises:
+        ConfigError: naming ``field_name``.
+    """
+    if not isinstance(indices, (list, tuple)) or not indices:
+        raise ConfigError(f"{field_name} must be a non-empty list of token ids, got {indices!r}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+        raise ConfigError(f"{field_name} must hold non-negative integers, got {list(indices)!r}")
+    if len(set(indices)) != len(indices):
+        twice = sorted(i for i in set(indices) if indices.count(i) > 1)
+        raise ConfigError(f"{field_name} lists a token twice: {twice}")
+    return list(indices)
 
 
 class TrainableTokensDelta(Delta):
@@ -141,7 +149,7 @@ class TiedHeadTokens(TrainableTokensDelta):
         return base_out.index_copy(base_out.ndim - 1, self.token_indices, logits.to(base_out.dtype))
 
 
-def _input_embedding_name(model: nn.Module) -> list[str]:
+def input_embedding_name(model: nn.Module) -> list[str]:
     """The default target: the module ``get_input_embeddings()`` returns (by its full name), else ``embed_tokens``."""
     get = getattr(model, "get_input_embeddings", None)
     embedding = None
@@ -156,17 +164,34 @@ def _input_embedding_name(model: nn.Module) -> list[str]:
 def check_target(config: TrainableTokensConfig, base_layer: nn.Module, name: str) -> None:
     """Raises:
     TargetError: a token index beyond the embedding's vocabulary."""
-    too_big = [i for i in config.token_indices if i >= base_layer.num_embeddings]
+    check_rows(config.token_indices, base_layer, name)
+
+
+def check_rows(indices: list[int], base_layer: nn.Module, name: str, field_name: str = "token_indices") -> None:
+    """Refuse ``indices`` that are not rows of the embedding ``base_layer`` (module ``name``).
+
+    Raises:
+        TargetError: ``base_layer`` is no ``nn.Embedding``, or an index is beyond its vocabulary.
+    """
+    if not isinstance(base_layer, nn.Embedding):
+        raise TargetError(f"{name}: {field_name} trains rows of an nn.Embedding, not of a {type(base_layer).__name__}")
+    too_big = [i for i in indices if i >= base_layer.num_embeddings]
     if too_big:
-        raise TargetError(f"{name}: token_indices {too_big} are beyond its {base_layer.num_embeddings} embeddings")
+        raise TargetError(f"{name}: {field_name} {too_big} are beyond its {base_layer.num_embeddings} embeddings")
 
 
 def make_delta(config: TrainableTokensConfig, base_layer: nn.Embedding, name: str) -> TrainableTokensDelta:
+    return make_rows(base_layer, config.token_indices, config.init_weights)
+
+
+def make_rows(base_layer: nn.Embedding, token_indices: list[int], init_weights: bool = True) -> TrainableTokensDelta:
+    """The delta training rows ``token_indices`` of ``base_layer``: the base rows (or N(0, 1) without
+    ``init_weights``)."""
     weight = base_layer.weight  # (vocab, dim)
-    indices = torch.tensor(config.token_indices, dtype=torch.long, device=weight.device)
+    indices = torch.tensor(token_indices, dtype=torch.long, device=weight.device)
     original = weight.detach()[indices].clone()  # (k, dim)
     dtype = adapter_dtype(weight.dtype)
-    if config.init_weights or weight.device.type == "meta":
+    if init_weights or weight.device.type == "meta":
         values = original.to(dtype)
     else:
         values = torch.randn(original.shape, dtype=dtype, device=weight.device)
@@ -184,11 +209,61 @@ def make_tied_delta(source: TrainableTokensDelta, base_layer: nn.Module, name: s
     return cls.tied_to(source, base_layer)
 
 
+class TokenAdapter(Delta):
+    """Trainable tokens inside another method's adapter (LoRA's ``trainable_token_indices``): the rows delta held
+    as ``token_adapter``, which puts it where peft's saved key has it (``<path>.token_adapter.trainable_tokens_delta``,
+    peft's ``TrainableTokensWrapper``). A tied twin's copy is not saved (peft writes only the source's), and loads
+    through the shared parameter."""
+
+    saves_base_embedding = False
+
+    def __init__(self, token_adapter: TrainableTokensDelta, saved: bool = True) -> None:
+        super().__init__()
+        self.token_adapter = token_adapter
+        self.saved = saved
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return self.token_adapter(x, base_out, base_layer)
+
+    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        return self.token_adapter.delta_weight(base_layer)
+
+    def merge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return self.token_adapter.merge_weight(weight, base_layer)
+
+    def unmerge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return self.token_adapter.unmerge_weight(weight, base_layer)
+
+    def saved_state_dict(self) -> dict[str, torch.Tensor]:
+        return super().saved_state_dict() if self.saved else {}
+
+
+class TiedHeadTokenAdapter(TokenAdapter):
+    """:class:`TokenAdapter` on a head tied to the embedding (runs the head as :class:`TiedHeadTokens` does)."""
+
+    @classmethod
+    def run_layer(cls, deltas: list[TiedHeadTokenAdapter], base_layer: nn.Module, x: torch.Tensor, *args,
+                  **kwargs) -> torch.Tensor:
+        return TiedHeadTokens.run_layer([d.token_adapter for d in deltas], base_layer, x, *args, **kwargs)
+
+
+def make_token_adapter(
+    base_layer: nn.Module, name: str, token_indices: list[int], source: TokenAdapter | None
+) -> TokenAdapter:
+    """The :class:`TokenAdapter` for an embedding whose rows ``token_indices`` train, or (``source`` given) for a
+    module tied to such an embedding, sharing ``source``'s rows."""
+    if source is None:
+        return TokenAdapter(make_rows(base_layer, token_indices))
+    twin = make_tied_delta(source.token_adapter, base_layer, name)
+    cls = TiedHeadTokenAdapter if isinstance(twin, TiedHeadTokens) else TokenAdapter
+    return cls(twin, saved=False)
+
+
 METHOD = LayerMethod(
     config_class=TrainableTokensConfig,
     make_delta=make_delta,
     layer_types=(nn.Embedding,),
-    default_targets=_input_embedding_name,
+    default_targets=input_embedding_name,
     check_target=check_target,
     make_tied_delta=make_tied_delta,
 )
