@@ -189,13 +189,22 @@ def test_dora_merge_and_unmerge_round_trip(target: str) -> None:
     torch.testing.assert_close(_layer(model, target).base_layer.weight, weight, rtol=1e-5, atol=1e-6)
 
 
-def test_dora_on_an_embedding_is_refused_and_the_model_left_untouched() -> None:
-    model = tiny_convnet()
-    before = snapshot(model)
-    with pytest.raises(dt.TargetError, match="embed.*DoRA.*not Embedding"):
-        dt.get_peft_model(model, dt.LoraConfig(target_modules=["fc1", "embed"], use_dora=True))
-    assert_same_state(before, model)
-    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+def test_dora_on_an_embedding_rescales_each_embedding_dimension_and_merges() -> None:
+    model = dt.get_peft_model(tiny_convnet(), dt.LoraConfig(target_modules=["embed"], use_dora=True, r=2,
+                                                            init_lora_weights=False))
+    layer = _layer(model, "embed")
+    base, delta = layer.base_layer, layer.deltas["default"]
+    with torch.no_grad():
+        delta.lora_magnitude_vector.mul_(torch.linspace(0.5, 1.5, base.embedding_dim))
+    a, b = delta.lora_embedding_A, delta.lora_embedding_B  # (r, vocab), (dim, r)
+    update = delta.scaling * (b @ a).T  # (vocab, dim)
+    norm = (base.weight + update).norm(dim=0)  # (dim,): over the vocabulary, per embedding dimension (peft's)
+    ids = torch.tensor([[1, 4, 7]])
+    expected = delta.lora_magnitude_vector / norm * (base.weight + update)[ids]
+    with torch.no_grad():
+        _close(layer(ids), expected)
+        model.merge_adapter()
+        _close(layer(ids), expected)
 
 
 # --- grouped convolutions: B is grouped (peft's layout), the update is not, so it never merges -----------------------
@@ -215,12 +224,30 @@ def test_grouped_conv_update_is_a_full_conv_then_a_grouped_pointwise_conv(target
     assert (expected - base(x)).abs().max() > 1e-3
 
 
+def test_dora_on_a_grouped_conv_rescales_the_grouped_update_by_peft_s_norm() -> None:
+    model = dt.get_peft_model(grouped_convnet(), dt.LoraConfig(target_modules=["conv2d"], use_dora=True, r=4,
+                                                               init_lora_weights=False))
+    layer = _layer(model, "conv2d")
+    base, delta = layer.base_layer, layer.deltas["default"]
+    with torch.no_grad():
+        delta.lora_magnitude_vector.mul_(torch.linspace(0.5, 1.5, base.out_channels).view(1, -1, 1, 1))
+    a, b = delta.lora_A.weight, delta.lora_B.weight  # (4, 4, 3, 3), (8, 2, 1, 1)
+    stand_in = (b.reshape(-1, 4) @ a.reshape(4, -1)).reshape(base.weight.shape)  # peft's B·A for the norm
+    norm = (base.weight + delta.scaling * stand_in).flatten(1).norm(dim=1)  # (8,)
+    scale = (delta.lora_magnitude_vector.flatten() / norm).view(1, -1, 1, 1)
+    x = torch.randn(2, 4, 6, 6)
+    update = F.conv2d(F.conv2d(x, a, padding=1), b, groups=2)
+    expected = scale * (F.conv2d(x, base.weight, padding=1, groups=2) + delta.scaling * update)
+    expected = expected + base.bias.view(1, -1, 1, 1)
+    with torch.no_grad():
+        _close(layer(x), expected)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(r=3), "groups=2 needs a rank divisible by 2.*r=3"),
-     (dict(r=4, rank_pattern={"conv1d": 2}), "conv1d.*groups=4 needs a rank divisible by 4.*r=2"),
-     (dict(r=4, use_dora=True), "DoRA is not supported on grouped convolutions")],
-    ids=["rank", "rank-pattern", "dora"],
+     (dict(r=4, rank_pattern={"conv1d": 2}), "conv1d.*groups=4 needs a rank divisible by 4.*r=2")],
+    ids=["rank", "rank-pattern"],
 )
 def test_grouped_conv_configs_peft_cannot_run_are_refused_before_any_change(kwargs, message) -> None:
     model = grouped_convnet()

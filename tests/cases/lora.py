@@ -167,6 +167,27 @@ def bias_net_inputs(model: nn.Module, batch: int = 2) -> dict[str, torch.Tensor]
     return {"x": torch.randn(batch, 6, generator=torch.Generator().manual_seed(0))}
 
 
+class Groups8Net(nn.Module):
+    """``x (B, 8, 5, 5)`` -> ``conv`` (3×3, groups=8, 8 -> 16 channels) -> mean -> ``head`` -> ``(B, 3)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, kernel_size=3, padding=1, groups=8)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+def groups8_net() -> Groups8Net:
+    torch.manual_seed(0)
+    return Groups8Net()
+
+
+def groups8_inputs(model: nn.Module, batch: int = 2) -> dict[str, torch.Tensor]:
+    return {"x": torch.randn(batch, 8, 5, 5, generator=torch.Generator().manual_seed(0))}
+
+
 def grouped_convnet() -> GroupedConvNet:
     torch.manual_seed(0)
     return GroupedConvNet()
@@ -345,6 +366,18 @@ INTEROP += [
                 dict(task_type="CAUSAL_LM", target_modules=["q_proj"], trainable_token_indices=_TOKENS)),
     InteropCase("gpt2-trainable-tokens-tied", "LoraConfig", tiny_gpt2, make_causal_lm_inputs,
                 dict(task_type="CAUSAL_LM", target_modules=["c_attn"], trainable_token_indices={"wte": _TOKENS})),
+]
+
+# DoRA where peft has it beyond Linear/Conv: embeddings (the magnitude per embedding dimension) and grouped convolutions
+# (groups 2, 4 and 8; the norm from peft's reshaped B·A)
+INTEROP += [
+    InteropCase("convnet-dora-embedding", "LoraConfig", tiny_convnet, convnet_inputs,
+                dict(target_modules=["embed"], r=2, use_dora=True),
+                extra_ours=frozenset({"base_model.model.embed.base_layer.weight"})),
+    InteropCase("grouped-conv-dora", "LoraConfig", grouped_convnet, grouped_convnet_inputs,
+                dict(target_modules=["conv2d", "conv1d"], r=8, use_dora=True)),
+    InteropCase("groups8-conv-dora", "LoraConfig", groups8_net, groups8_inputs,
+                dict(target_modules=["conv"], r=8, use_dora=True)),
 ]
 
 # Seed adapters for tests/test_fuzz_loading.py: LoRA, and DoRA beside a fully trained output head.

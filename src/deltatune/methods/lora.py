@@ -376,6 +376,7 @@ class LoraConv(LoraDelta):
             base_layer.dilation, bias=False,
         )
         self.lora_B = conv(r, base_layer.out_channels, 1, 1, groups=base_layer.groups, bias=lora_bias)  # (out, r/g, 1…)
+        self.groups = base_layer.groups
 
     def check_mergeable(self, base_layer: nn.Module) -> None:
         if base_layer.groups > 1:
@@ -388,8 +389,13 @@ class LoraConv(LoraDelta):
         return self.lora_B(self.lora_A(x))
 
     def lora_weight(self) -> torch.Tensor:
-        a, b = self.lora_A.weight, self.lora_B.weight  # (r, in, *k), (out, r, 1...)
-        return torch.einsum("or,ri...->oi...", b.flatten(1), a)
+        """``B A`` as a weight of the base's shape ``(out, in/g, *k)``: the factors flattened to ``(·, r)`` and
+        ``(r, ·)``, multiplied, reshaped. Without groups this is the update exactly; on a grouped convolution the
+        update mixes input groups and has no such weight (so it never merges), and this is peft's stand-in, which
+        DoRA's per-channel norm reads, so that magnitudes interchange with peft's."""
+        a, b = self.lora_A.weight, self.lora_B.weight  # (r, in, *k), (out, r/g, 1...)
+        out, in_per_group = b.shape[0], a.shape[1] // self.groups
+        return (b.reshape(-1, self.r) @ a.reshape(self.r, -1)).reshape(out, in_per_group, *a.shape[2:])
 
     def base_no_bias(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return base_layer._conv_forward(x, base_layer.weight.to(x.dtype), None)
@@ -458,7 +464,9 @@ class LoraMultiheadAttention(LoraLinear):
 
 
 class LoraEmbedding(LoraDelta):
-    """LoRA on ``nn.Embedding``: ``ΔW = (B A)ᵀ``, looked up like the base table. DoRA is not supported here."""
+    """LoRA on ``nn.Embedding``: ``ΔW = (B A)ᵀ``, looked up like the base table. With DoRA (as peft) the "output
+    channels" are the embedding dimensions: the magnitude ``(dim,)`` rescales each dimension of the looked-up rows by
+    ``m / ‖W₀ + ΔW‖`` taken over the vocabulary."""
 
     def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
         super().__init__(r, alpha, dropout, use_rslora)
@@ -491,6 +499,9 @@ class LoraEmbedding(LoraDelta):
 
     def lora_weight(self) -> torch.Tensor:
         return self.lora_embedding_B @ self.lora_embedding_A  # (dim, num_embeddings)
+
+    def base_no_bias(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return F.embedding(x, base_layer.weight, **self._lookup)
 
 
 class LoraParameter(LoraDelta):
@@ -670,8 +681,8 @@ def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
     target before the first :func:`make_delta`, because PiSSA / OLoRA initialisation rewrites the base weight.
 
     Raises:
-        TargetError: a grouped convolution whose groups do not divide the rank or with DoRA, DoRA or lora_bias on an
-            embedding or MultiheadAttention, a MultiheadAttention with separate q/k/v weights or a non-Linear
+        TargetError: a grouped convolution whose groups do not divide the rank, DoRA on MultiheadAttention,
+            lora_bias on an embedding or MultiheadAttention, a MultiheadAttention with separate q/k/v weights or a non-Linear
             ``out_proj``, or
             PiSSA / OLoRA on a layer other than Linear/Conv1D.
     """
@@ -683,8 +694,6 @@ def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
                 f"{name}: LoRA on a convolution with groups={groups} needs a rank divisible by {groups} (peft's rule), "
                 f"got r={r}; choose another r (or a rank_pattern entry for this layer) or leave it out of target_modules"
             )
-        if config.use_dora:  # the update is not a grouped weight, so ‖W₀ + ΔW‖ has no per-channel meaning here
-            raise TargetError(f"{name}: DoRA is not supported on grouped convolutions (groups={groups})")
     if isinstance(base_layer, nn.MultiheadAttention):
         if not base_layer._qkv_same_embed_dim:
             raise TargetError(
@@ -700,8 +709,6 @@ def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
             f"{name}: lora_bias=True supports Linear, Conv1D and Conv layers, not {type(base_layer).__name__} "
             f"(peft refuses it there too); leave the layer out of target_modules or set lora_bias=False"
         )
-    if config.use_dora and isinstance(base_layer, nn.Embedding):
-        raise TargetError(f"{name}: DoRA supports Linear, Conv1D and Conv layers, not Embedding")
     if rewrites_base_weights(config) and not isinstance(base_layer, (nn.Linear, Conv1D)):
         raise TargetError(f"{name}: init_lora_weights={scheme!r} supports Linear and Conv1D layers only")
 
