@@ -29,7 +29,7 @@ from .checkpoint import (
 )
 from .config import PeftConfig
 from .errors import AdapterStateError, ConfigError
-from .inject import add_layer_adapter, add_modules_to_save, mark_trainable, set_active
+from .inject import add_layer_adapter, add_modules_to_save, mark_trainable, prepared_model, set_active
 from .layers import adapter_layers
 from .model import PeftModel
 from .registry import LayerMethod, get_method
@@ -70,8 +70,9 @@ def inject_adapter_in_model(
         )
     if any(adapter_name in layer.deltas for _, layer in adapter_layers(model)):
         raise AdapterStateError(f"the model already has an adapter named {adapter_name!r}; choose another name")
-    resolved = resolve(model, peft_config, method)  # a copy: the caller's config is never modified
-    add_layer_adapter(model, resolved, adapter_name)
+    with prepared_model(model, peft_config, method):
+        resolved = resolve(model, peft_config, method)  # a copy: the caller's config is never modified
+        add_layer_adapter(model, resolved, adapter_name)
     config = resolved.config
     if config.modules_to_save:
         add_modules_to_save(model, config.modules_to_save, adapter_name)

@@ -7,15 +7,18 @@ modules alike — because they only replace child modules by name and never subc
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from . import quant
+from .config import LayerConfig
 from .errors import AdapterStateError, ConfigError
 from .layers import AdapterLayer, Delta, ModulesToSaveWrapper, adapter_layers, save_wrappers
+from .registry import LayerMethod
 from .resolve import Resolved
 from .targeting import BiasScope, find_modules_to_save
 
@@ -25,6 +28,19 @@ _log = logging.getLogger("deltatune")
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+@contextlib.contextmanager
+def prepared_model(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Iterator[None]:
+    """Run the method's ``prepare_model`` (LoRA's ``layer_replication``) before an adapter is resolved and built in
+    the block; undone if the block fails, so that a refused adapter leaves the model as it was."""
+    undo = method.prepare_model(config, model) if method.prepare_model is not None else None
+    try:
+        yield
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
 
 
 def build_deltas(

@@ -263,8 +263,9 @@ class PeftModel(nn.Module):
         if isinstance(method, PromptMethod):
             self.prompt_encoder[adapter_name] = prompt.make_prompt_encoder(base, config, method)
         else:
-            resolved = resolve(base, config, method)
-            inject.add_layer_adapter(base, resolved, adapter_name, self.base_model.shared_state)
+            with inject.prepared_model(base, config, method):
+                resolved = resolve(base, config, method)
+                inject.add_layer_adapter(base, resolved, adapter_name, self.base_model.shared_state)
             config = resolved.config
         try:
             if names:

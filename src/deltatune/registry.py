@@ -136,6 +136,7 @@ class LayerMethod:
     make_parameter_delta: Callable[[Any, nn.Module, str, str], nn.Module] | None = None
     extra_targets: Callable[[Any, nn.Module], list[str]] | None = None
     make_extra_delta: Callable[[Any, nn.Module, str, Any], nn.Module] | None = None
+    prepare_model: Callable[[Any, nn.Module], Callable[[], None] | None] | None = None
 
 
 @dataclass(frozen=True)
