@@ -380,6 +380,12 @@ INTEROP += [
                 dict(target_modules=["conv"], r=8, use_dora=True)),
 ]
 
+# layer_replication: layers 0 1 1 (the copy shares layer 1's weights, with an adapter of its own)
+INTEROP.append(InteropCase(
+    "llama-layer-replication", "LoraConfig", tiny_llama, make_causal_lm_inputs,
+    dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [1, 2]]),
+))
+
 # Seed adapters for tests/test_fuzz_loading.py: LoRA, and DoRA beside a fully trained output head.
 FUZZ_SEEDS = {
     "lora": FuzzSeed(

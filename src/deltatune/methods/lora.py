@@ -23,10 +23,11 @@ Layer types: ``nn.Linear``, transformers ``Conv1D`` (weight stored ``(in, out)``
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -82,6 +83,10 @@ class LoraConfig(LayerConfig):
             (``methods/trainable_tokens.py``) inside this adapter, saved as ``<path>.token_adapter.
             trainable_tokens_delta``; a head tied to the embedding follows its rows. Such an embedding cannot also be
             a ``target_modules`` target (nor in peft).
+        layer_replication: ``[[start, end), ...]`` ranges of decoder layers stacked into a new, deeper layer list
+            before the adapter is added (``[[0, 4], [2, 5]]`` turns layers 0-4 into 0 1 2 3 2 3 4), as peft does: the
+            copies share the base weights, each copy gets its own adapter, and the model stays that deep (also after
+            ``unload``). Such an adapter does not merge (the copies' updates would meet in one shared weight).
     """
 
     peft_type: PeftType = field(default=PeftType.LORA, init=False)
@@ -98,12 +103,13 @@ class LoraConfig(LayerConfig):
     lora_bias: bool = False
     target_parameters: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    layer_replication: list[list[int]] | None = None
 
     # peft LoRA features not implemented here; a file that switches one on is refused (see config.py).
     _unsupported: ClassVar[dict[str, Any]] = {
         **dict.fromkeys(
             (
-                "layer_replication", "loftq_config", "eva_config", "corda_config", "megatron_config", "alora_invocation_tokens", "arrow_config",
+                "loftq_config", "eva_config", "corda_config", "megatron_config", "alora_invocation_tokens", "arrow_config",
                 "use_bdlora", "kasa_config", "monteclora_config", "velora_config", "lora_ga_config", "use_qalora",
                 "ensure_weight_tying",
             )
@@ -134,6 +140,17 @@ class LoraConfig(LayerConfig):
                 f"lora_bias=True supports init_lora_weights=True or False only, got init_lora_weights={init!r}"
             )
         self._check_target_parameters()
+        replication = self.layer_replication
+        if replication is not None and not (
+            isinstance(replication, (list, tuple)) and replication
+            and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                          for i in p) and 0 <= p[0] < p[1]
+                    for p in replication)
+        ):
+            raise ConfigError(f"layer_replication must be a non-empty list of [start, end) layer ranges with "
+                              f"0 <= start < end, got {replication!r}")
+        if replication is not None:
+            self.layer_replication = [list(p) for p in replication]
         tokens = self.trainable_token_indices
         if isinstance(tokens, dict):
             if not tokens or not all(isinstance(k, str) and k for k in tokens):
@@ -187,6 +204,7 @@ class LoraDelta(Delta):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.dora: DoraVariant | None = None
+        self.replicated = False  # the adapter of a layer_replication copy: its base weight is shared, it never merges
 
     # --- what a layer type supplies -------------------------------------------------------------------------
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,6 +297,11 @@ class LoraDelta(Delta):
         return getattr(b, "bias", None)
 
     def check_mergeable(self, base_layer: nn.Module) -> None:
+        if self.replicated:
+            raise AdapterStateError(
+                "this adapter uses layer_replication: the copies of a layer share its weight, so their updates cannot "
+                "be merged into it (peft refuses this too); keep the adapter unmerged"
+            )
         if self.lora_bias is not None and getattr(base_layer, "bias", None) is None:
             raise AdapterStateError(
                 f"this adapter has lora_bias=True but the {type(base_layer).__name__} it adapts has no bias to fold "
@@ -742,7 +765,83 @@ def _build(cls: type[LoraDelta], config: LoraConfig, base_layer: nn.Module, r: i
         _init_ab(delta, scheme)
     if config.use_dora:
         delta.dora = DoraVariant.for_delta(delta, base_layer)
+    delta.replicated = bool(config.layer_replication)
     return delta
+
+
+def _decoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
+    """Where the decoder layers are: peft's places (under any chain of ``.model``, then ``.bert``): ``layers``,
+    ``encoder.layer`` or ``h``; returns the module holding the ``nn.ModuleList`` and its attribute."""
+    while hasattr(model, "model"):
+        model = model.model
+    model = getattr(model, "bert", model)
+    for path in ("layers", "encoder.layer", "h"):
+        holder_path, _, attr = path.rpartition(".")
+        holder = model.get_submodule(holder_path) if holder_path else model
+        if isinstance(getattr(holder, attr, None), nn.ModuleList):
+            return holder, attr
+    raise ConfigError(
+        f"layer_replication: found no decoder layer list in {type(model).__name__} (looked for 'layers', "
+        f"'encoder.layer' and 'h', as peft does)"
+    )
+
+
+def replicate_layers(config: LoraConfig, model: nn.Module) -> Callable[[], None] | None:
+    """``layer_replication`` (``LayerMethod.prepare_model``): the decoder layer list rebuilt from the ranges, each
+    entry a copy of its source layer holding the very same parameters (so the copies cost no base memory), with
+    ``layer_idx`` renumbered (the KV cache indexes by it) and ``num_hidden_layers`` updated. Returns the undo.
+
+    A second adapter with the same ranges finds the model already replicated and changes nothing.
+
+    Raises:
+        ConfigError: no layer list, a range beyond it, other adapters present, or different ranges than the
+            adapter that replicated the model.
+    """
+    layer_map = config.layer_replication
+    if not layer_map:
+        return None
+    done = getattr(model, "_deltatune_layer_replication", None)
+    if done is not None:
+        if done != layer_map:
+            raise ConfigError(f"layer_replication={layer_map} differs from {done}, with which the model's layers were "
+                              f"already replicated; use the same ranges for every adapter")
+        return None
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise ConfigError("layer_replication must come with the model's first adapter (it copies the layers, and "
+                          "the other adapters' layers would be copied with them)")
+    holder, attr = _decoder_layers(model)
+    layers = getattr(holder, attr)
+    beyond = [pair for pair in layer_map if pair[1] > len(layers)]
+    if beyond:
+        raise ConfigError(f"layer_replication ranges {beyond} go beyond the model's {len(layers)} layers")
+    copies = []
+    for start, end in layer_map:
+        for index in range(start, end):
+            copy_ = _shared_copy(layers[index])
+            for module in copy_.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = len(copies)
+            copies.append(copy_)
+    model_config = getattr(holder, "config", None) or getattr(model, "config", None)
+    depth = getattr(model_config, "num_hidden_layers", None)
+    setattr(holder, attr, nn.ModuleList(copies))
+    if depth is not None:
+        model_config.num_hidden_layers = len(copies)
+    model._deltatune_layer_replication = [list(p) for p in layer_map]
+
+    def undo() -> None:
+        setattr(holder, attr, layers)
+        if depth is not None:
+            model_config.num_hidden_layers = depth
+        del model._deltatune_layer_replication
+
+    return undo
+
+
+def _shared_copy(layer: nn.Module) -> nn.Module:
+    """A deep copy of ``layer`` whose every parameter is the original's tensor (weights shared, modules not)."""
+    memo = {id(p): p for p in layer.parameters()}
+    return copy.deepcopy(layer, memo)
 
 
 def token_targets(config: LoraConfig, model: nn.Module) -> list[str]:
@@ -852,4 +951,5 @@ METHOD = LayerMethod(
     make_parameter_delta=make_parameter_delta,
     extra_targets=token_targets,
     make_extra_delta=make_token_delta,
+    prepare_model=replicate_layers,
 )

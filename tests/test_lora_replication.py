@@ -1,0 +1,75 @@
+"""LoRA's ``layer_replication`` (peft's meaning): decoder layers stacked deeper, copies sharing the base weights, one
+adapter per copy. Interop with peft runs in tests/test_interop_peft.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.errors import AdapterStateError, ConfigError, TargetError
+from tests.models import make_causal_lm_inputs, tiny_llama
+
+MAP = [[0, 2], [1, 2]]  # layers 0 1 1
+
+
+def _adapter(**kwargs) -> dt.PeftModel:
+    config = dict(target_modules=["q_proj"], layer_replication=MAP, init_lora_weights=False)
+    return dt.get_peft_model(tiny_llama(), dt.LoraConfig(**{**config, **kwargs}))
+
+
+def test_copies_share_the_base_weights_and_get_their_own_adapter() -> None:
+    model = _adapter()
+    layers = model.get_base_model().model.layers
+    assert len(layers) == 3 and model.get_base_model().config.num_hidden_layers == 3
+    assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2]
+    first, second = layers[1].self_attn.q_proj, layers[2].self_attn.q_proj
+    assert first.base_layer.weight is second.base_layer.weight
+    assert layers[1].mlp.up_proj.weight is layers[2].mlp.up_proj.weight
+    assert first.deltas["default"].lora_A.weight is not second.deltas["default"].lora_A.weight
+    # the copy computes layer 1 again on layer 1's output: the base model with layer 1 applied twice
+    base = tiny_llama()
+    with torch.no_grad():
+        model.disable_adapter_layers()
+        inputs = make_causal_lm_inputs(model)
+        base.model.layers = torch.nn.ModuleList([base.model.layers[0], base.model.layers[1], base.model.layers[1]])
+        for index, layer in enumerate(base.model.layers):
+            layer.self_attn.layer_idx = index  # the same module twice: the cache needs its index per call
+        base.config.num_hidden_layers = 3
+        expected = base(**inputs, use_cache=False).logits
+        torch.testing.assert_close(model(**inputs, use_cache=False).logits, expected)
+
+
+def test_cached_generation_equals_uncached_and_merging_is_refused() -> None:
+    model = _adapter()
+    ids = make_causal_lm_inputs(model)["input_ids"][:1]
+    cached = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(cached, model.generate(input_ids=ids, max_new_tokens=4, do_sample=False,
+                                                      use_cache=False))
+    with pytest.raises(AdapterStateError, match="layer_replication"):
+        model.merge_adapter()
+
+
+def test_a_refused_adapter_leaves_the_layers_as_they_were() -> None:
+    model = tiny_llama()
+    layers = model.model.layers
+    with pytest.raises(TargetError):
+        dt.get_peft_model(model, dt.LoraConfig(target_modules=["nope"], layer_replication=MAP))
+    assert model.model.layers is layers and model.config.num_hidden_layers == 2
+    with pytest.raises(ConfigError, match="beyond the model's 2 layers"):
+        dt.get_peft_model(model, dt.LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 3]]))
+    assert model.model.layers is layers
+
+
+def test_a_second_adapter_shares_the_replication_or_is_refused() -> None:
+    model = _adapter()
+    model.add_adapter("other", dt.LoraConfig(target_modules=["v_proj"], layer_replication=MAP))
+    assert len(model.get_base_model().model.layers) == 3
+    with pytest.raises(ConfigError, match="differs"):
+        model.add_adapter("third", dt.LoraConfig(target_modules=["v_proj"], layer_replication=[[0, 2]]))
+
+
+@pytest.mark.parametrize("bad", [[], [[1, 1]], [[0]], [[-1, 2]], [[0, "2"]]])
+def test_bad_ranges_are_refused_by_name(bad) -> None:
+    with pytest.raises(ConfigError, match="layer_replication"):
+        dt.LoraConfig(layer_replication=bad)
