@@ -366,6 +366,9 @@ INTEROP += [
                 dict(task_type="CAUSAL_LM", target_modules=["q_proj"], trainable_token_indices=_TOKENS)),
     InteropCase("gpt2-trainable-tokens-tied", "LoraConfig", tiny_gpt2, make_causal_lm_inputs,
                 dict(task_type="CAUSAL_LM", target_modules=["c_attn"], trainable_token_indices={"wte": _TOKENS})),
+    InteropCase("gpt2-trainable-tokens-ensure-tying", "LoraConfig", tiny_gpt2, make_causal_lm_inputs,
+                dict(task_type="CAUSAL_LM", target_modules=["c_attn"], trainable_token_indices=_TOKENS,
+                     ensure_weight_tying=True)),
 ]
 
 # DoRA where peft has it beyond Linear/Conv: embeddings (the magnitude per embedding dimension) and grouped convolutions

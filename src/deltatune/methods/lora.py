@@ -27,7 +27,7 @@ import copy
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -41,7 +41,7 @@ from ..errors import AdapterStateError, ConfigError, TargetError
 from ..kernels import LowRank, accumulate, add_low_rank, add_low_rank_rows, index_accumulate
 from ..layers import AdapterLayer, Delta, unwrap
 from ..registry import LayerMethod
-from ..targeting import iter_candidates, name_matches, pattern_value
+from ..targeting import find_modules_to_save, iter_candidates, name_matches, pattern_value
 from .common import adapter_dtype, check_dropout, check_patterns, check_scale
 from .dora import DoraVariant
 from .trainable_tokens import check_rows, check_token_indices, input_embedding_name, make_token_adapter
@@ -87,6 +87,10 @@ class LoraConfig(LayerConfig):
             before the adapter is added (``[[0, 4], [2, 5]]`` turns layers 0-4 into 0 1 2 3 2 3 4), as peft does: the
             copies share the base weights, each copy gets its own adapter, and the model stays that deep (also after
             ``unload``). Such an adapter does not merge (the copies' updates would meet in one shared weight).
+        ensure_weight_tying: Keep the adapters of tied layers (an LM head sharing the input embedding's weight)
+            tied. For ``trainable_token_indices`` deltatune always does (the head follows the rows); tied layers in
+            ``target_modules`` or ``modules_to_save`` (where peft shares LoRA factors or copies between them) are not
+            implemented and refused with this flag; without tied layers in the adapter it changes nothing.
     """
 
     peft_type: PeftType = field(default=PeftType.LORA, init=False)
@@ -104,6 +108,7 @@ class LoraConfig(LayerConfig):
     target_parameters: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     layer_replication: list[list[int]] | None = None
+    ensure_weight_tying: bool = False
 
     # peft LoRA features not implemented here; a file that switches one on is refused (see config.py).
     _unsupported: ClassVar[dict[str, Any]] = {
@@ -111,7 +116,6 @@ class LoraConfig(LayerConfig):
             (
                 "loftq_config", "eva_config", "corda_config", "megatron_config", "alora_invocation_tokens", "arrow_config",
                 "use_bdlora", "kasa_config", "monteclora_config", "velora_config", "lora_ga_config", "use_qalora",
-                "ensure_weight_tying",
             )
         ),
         "qalora_group_size": 16,
@@ -844,6 +848,33 @@ def _shared_copy(layer: nn.Module) -> nn.Module:
     return copy.deepcopy(layer, memo)
 
 
+def check_weight_tying(config: LoraConfig, model: nn.Module, targets: Mapping[str, nn.Module]) -> LoraConfig:
+    """``ensure_weight_tying`` (``LayerMethod.resolve_config``): refused where it would change what is built here,
+    i.e. where a ``target_modules`` or ``modules_to_save`` module shares its weight with another module.
+
+    Raises:
+        ConfigError: naming the field and the tied module.
+    """
+    if not config.ensure_weight_tying:
+        return config
+    owners: dict[int, list[str]] = {}
+    for name, module in iter_candidates(model):
+        weight = getattr(unwrap(module), "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners.setdefault(id(weight), []).append(name)
+    saved = find_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
+    for name in [*targets, *saved]:
+        weight = getattr(unwrap(model.get_submodule(name)), "weight", None)
+        tied = [n for n in owners.get(id(weight), []) if n != name]
+        if tied:
+            raise ConfigError(
+                f"ensure_weight_tying=True with {name} (tied to {tied}) in target_modules or modules_to_save is not "
+                f"implemented; leave ensure_weight_tying off (each module then trains its own adapter, peft's "
+                f"default) or use trainable_token_indices, whose rows the tied modules always share"
+            )
+    return config
+
+
 def token_targets(config: LoraConfig, model: nn.Module) -> list[str]:
     """The embeddings ``trainable_token_indices`` trains rows of (``LayerMethod.extra_targets``): the input
     embedding for a list, the modules each key names (exact name or dotted suffix) for a dict.
@@ -952,4 +983,5 @@ METHOD = LayerMethod(
     extra_targets=token_targets,
     make_extra_delta=make_token_delta,
     prepare_model=replicate_layers,
+    resolve_config=check_weight_tying,
 )
