@@ -102,6 +102,11 @@ class AdaLoraConfig(LoraConfig):
             raise ConfigError("AdaLoRA supports neither DoRA nor init schemes other than init_lora_weights=True/False")
         if self.lora_bias:  # peft's AdaLoRA layers ignore the field; refused rather than silently dropped
             raise ConfigError("AdaLoRA does not support lora_bias=True; use LoraConfig for a bias on lora_B")
+        # LoraConfig fields implemented for LoRA only (the hooks live on LoRA's method): refused, never ignored
+        lora_only = ("target_parameters", "trainable_token_indices", "layer_replication", "ensure_weight_tying")
+        used = [f for f in lora_only if getattr(self, f)]
+        if used:
+            raise ConfigError(f"AdaLoRA does not support {used} here; use LoraConfig for them")
         ignored = [f for f, off in (("r", 8), ("use_rslora", False), ("alpha_pattern", {})) if getattr(self, f) != off]
         if ignored:
             warnings.warn(f"AdaLoRA ignores {ignored} (set init_r for the starting rank)", stacklevel=3)
