@@ -701,3 +701,13 @@ def test_combining_a_lora_bias_adapter_is_refused() -> None:
     model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(task_type="CAUSAL_LM", lora_bias=True))
     with pytest.raises(dt.ConfigError, match="lora_bias=True"):
         model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("target_parameters", ["mlp.up_proj.weight"]), ("trainable_token_indices", [1]),
+     ("layer_replication", [[0, 1]]), ("ensure_weight_tying", True)],
+)
+def test_adalora_refuses_the_lora_only_fields_by_name(field: str, value) -> None:
+    with pytest.raises(dt.ConfigError, match=field):
+        dt.AdaLoraConfig(total_step=10, **{field: value})
