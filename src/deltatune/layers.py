@@ -422,7 +422,7 @@ class ModulesToSaveWrapper(_Wrapper):
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The layer an adapter sees: ``module`` itself, or the innermost ``base_layer`` of the ``AdapterLayer``\ s
+    """The layer an adapter sees: ``module`` itself, or the innermost ``base_layer`` of the adapter layers
     around it (a module that already holds another adapter's delta gets the new one beside it, on the same base;
     parameter targets nest one adapter layer per parameter, see ``Delta.parameter_name``)."""
     while isinstance(module, AdapterLayer):
