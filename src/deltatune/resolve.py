@@ -132,6 +132,68 @@ def _extra_targets(
     return dict(sorted(extra.items(), key=lambda item: item[1][1] is not None))  # sources before twins
 
 
+def _parameter_targets(
+    model: nn.Module, config: LayerConfig, method: LayerMethod, targets: Mapping[str, nn.Module]
+) -> dict[str, nn.Module]:
+    """The parameters ``config.target_parameters`` selects, checked: full name -> owning module.
+
+    A parameter target is a floating-point 2-D weight or 3-D stack of per-expert weights, on a module that is not
+    also a module target; where other adapters already adapt parameters of that module, the new adapter must target
+    the same ones (peft's rule: the nesting order of the wrappers is what the saved keys encode).
+    """
+    names = getattr(config, "target_parameters", None)
+    if not names:
+        return {}
+    if method.make_parameter_delta is None:
+        raise TargetError(f"{config.peft_type.value} cannot adapt parameters directly (target_parameters)")
+    selected: dict[str, list[str]] = {}
+    for module_name, param_name in find_parameter_targets(model, names):
+        selected.setdefault(module_name, []).append(param_name)
+    out: dict[str, nn.Module] = {}
+    for module_name, param_names in selected.items():
+        wrapper, owner = model.get_submodule(module_name), unwrap(model.get_submodule(module_name))
+        if any(n == module_name or n.startswith(module_name + ".") for n in targets):
+            raise TargetError(
+                f"{module_name}: target_parameters selects its parameters {param_names} while target_modules selects "
+                f"it (or a module inside it); a module is adapted either as a layer or through its parameters (peft "
+                f"refuses this too). Narrow one of them."
+            )
+        existing = _adapted_parameters(wrapper)
+        if existing is None:
+            raise TargetError(
+                f"{module_name}: another adapter adapts this module as a layer (target_modules), so its parameters "
+                f"{param_names} cannot also be targeted through target_parameters"
+            )
+        if existing and existing != param_names:
+            raise TargetError(
+                f"{module_name}: other adapters adapt its parameters {existing}, this config {param_names}; all "
+                f"adapters that use target_parameters must target the same parameters (peft's rule: the nesting of "
+                f"the adapted parameters decides the saved keys)"
+            )
+        for param_name in param_names:
+            param = getattr(owner, param_name)
+            if not param.is_floating_point() or param.dim() not in (2, 3):
+                raise TargetError(
+                    f"{module_name}.{param_name}: target_parameters adapts floating-point 2-D weights and 3-D stacks "
+                    f"of expert weights, got a {param.dim()}-D {param.dtype} tensor of shape {list(param.shape)}"
+                )
+            out[f"{module_name}.{param_name}"] = owner
+    return out
+
+
+def _adapted_parameters(module: nn.Module) -> list[str] | None:
+    """The parameters that adapter layers around ``module`` already adapt, innermost first; ``None`` when an adapter
+    layer there adapts the module as a whole."""
+    names: list[str] = []
+    while isinstance(module, AdapterLayer):
+        params = {getattr(d, "parameter_name", None) for d in module.deltas.values()}
+        if None in params:
+            return None
+        names.extend(sorted(params))
+        module = module.base_layer
+    return names[::-1]
+
+
 def _rewriting_option(config: LayerConfig) -> str:
     """The config option that makes a method rewrite base weights, for messages (LoRA's PiSSA / OLoRA init)."""
     init = getattr(config, "init_lora_weights", None)
