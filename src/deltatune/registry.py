@@ -117,6 +117,17 @@ class LayerMethod:
             :func:`deltatune.targeting.find_targets`.
         mixed_batches: Its adapters work in mixed-adapter batches (``adapter_names``, one adapter per row), which
             ``deltatune serve`` needs; ``False`` where the layer refuses them (adaption prompts).
+        make_parameter_delta: ``(config, module, parameter_name, full_name) -> Delta`` for a method that adapts
+            parameters directly (LoRA's ``target_parameters``, for MoE experts stored as 3-D tensors): the delta sets
+            ``Delta.parameter_name``. ``None``: the method has no parameter targets.
+        extra_targets: ``(config, model) -> module names`` an adapter wraps besides its ``target_modules``, with a
+            delta of another kind (LoRA's ``trainable_token_indices``: trainable rows of embeddings); they may not
+            also be targets, and modules tied to them (by weight identity) follow them.
+        make_extra_delta: ``(config, base_layer, module_name, source) -> Delta`` for an extra target (``source`` is
+            ``None``) or for a module tied to one (``source``: that target's delta, whose parameters it shares).
+        prepare_model: ``(config, model) -> undo`` run before an adapter is resolved and built, for a config that
+            changes the model's structure first (LoRA's ``layer_replication``); the returned callable (or ``None``)
+            undoes it when adding the adapter fails.
     """
 
     config_class: type  # a PeftConfig subclass
