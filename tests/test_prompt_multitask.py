@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import deltatune as dt
 from deltatune import AdapterLoadError, ConfigError
-from tests.models import make_causal_lm_inputs, tiny_llama, tiny_t5
+from tests.models import make_causal_lm_inputs, tiny_llama
 from tests.test_prompt_methods import GEN_FAMILIES, _check_cached_equals_loop
 
 T = 3

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import deltatune as dt
-from deltatune.layers import AdapterLayer
 from tests.adapter_utils import assert_mixed_batch_equals_each_row_alone, logits, snapshot
 from tests.models import make_causal_lm_inputs, make_mlp_inputs, tiny_gpt2, tiny_llama, tiny_mlp
 

@@ -32,6 +32,29 @@ ALL_FAMILIES = tuple(sorted(MATRIX_FAMILIES))
 REMOTE_TARGETS: dict[str, Any] = dict(target_modules=list(REMOTE_CODE_LINEAR))
 
 
+#: The families whose adapted layers are ``nn.Linear``: GPT-2's ``Conv1D`` projections are no target of the methods
+#: that adapt Linear layers only (in peft either).
+LINEAR_FAMILIES = tuple(f for f in ALL_FAMILIES if f != "gpt2")
+#: The tiny BERT's classifier logits barely move with only query/value adapted; its dense layers make a delta visible.
+BERT_DENSE_TARGETS: dict[str, Any] = dict(target_modules=["query", "value", "dense"])
+
+
+def linear_cases(config_class: str, *, defaults: dict[str, Any] | None = None,
+                 **options: Any) -> Callable[..., MatrixCase]:
+    """The case builder of a method that adapts Linear layers: ``build(name, families=LINEAR_FAMILIES, **kwargs)``
+    gives a :class:`MatrixCase` with ``kwargs`` (over ``defaults``) on every family, BERT's dense layers added to its
+    targets, the remote-code model's Linear layers as targets, and ``options`` (``nonzero_kwargs``,
+    ``exact_identity``, ...) as given."""
+
+    def build(name: str, families: tuple[str, ...] = LINEAR_FAMILIES, **kwargs: Any) -> MatrixCase:
+        def family_kwargs(family: str) -> dict[str, Any]:
+            return {**(BERT_DENSE_TARGETS if family == "bert" else {}), **(defaults or {}), **kwargs}
+
+        return MatrixCase(config_class, name, family_kwargs, families=families, remote_kwargs=REMOTE_TARGETS, **options)
+
+    return build
+
+
 def without_remote_code(families: tuple[str, ...] = ALL_FAMILIES) -> tuple[str, ...]:
     """``families`` less the remote-code model, for a method's variants that differ from its first case only in the
     math: the remote-code family then runs a representative subset (every method, and the targeting variants),

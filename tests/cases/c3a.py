@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, convnet_inputs
+from tests.cases import FuzzSeed, InteropCase, convnet_inputs
 from tests.cases import without_remote_code
+from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS, LINEAR_FAMILIES as _FAMILIES, linear_cases
 from tests.models import (
     make_causal_lm_inputs,
     make_seq2seq_inputs,
@@ -18,17 +19,8 @@ from tests.models import (
     tiny_t5,
 )
 
-_FAMILIES = tuple(f for f in ALL_FAMILIES if f != "gpt2")
-# The tiny BERT's classifier logits barely move with only query/value adapted; its dense layers make the delta visible.
-_BERT_TARGETS = dict(target_modules=["query", "value", "dense"])
 
-
-def _c3a(name: str, families: tuple[str, ...] = _FAMILIES, **kwargs: Any) -> MatrixCase:
-    def family_kwargs(family: str) -> dict[str, Any]:
-        return {**(_BERT_TARGETS if family == "bert" else {}), "init_weights": True, **kwargs}
-
-    return MatrixCase("C3AConfig", name, family_kwargs, nonzero_kwargs=dict(init_weights="xavier_uniform"),
-                      families=families, remote_kwargs=REMOTE_TARGETS)
+_c3a = linear_cases("C3AConfig", defaults=dict(init_weights=True), nonzero_kwargs=dict(init_weights="xavier_uniform"))
 
 
 MATRIX = [

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, convnet_inputs
+from tests.cases import FuzzSeed, InteropCase, convnet_inputs
 from tests.cases import without_remote_code
+from tests.cases import LINEAR_FAMILIES as _FAMILIES, linear_cases
 from tests.models import (
     make_causal_lm_inputs,
     make_seq2seq_inputs,
@@ -17,20 +18,9 @@ from tests.models import (
     tiny_t5,
 )
 
-_FAMILIES = tuple(f for f in ALL_FAMILIES if f != "gpt2")
-# The tiny BERT's classifier logits barely move when only query/value rotate; its dense layers make the delta visible.
-_BERT_TARGETS = dict(target_modules=["query", "value", "dense"])
 
-
-def _hra(name: str, families: tuple[str, ...] = _FAMILIES, **kwargs: Any) -> MatrixCase:
-    def family_kwargs(family: str) -> dict[str, Any]:
-        return {**(_BERT_TARGETS if family == "bert" else {}), **kwargs}
-
-    # init_weights=False: random, unpaired reflections (the default's pairs cancel, up to rounding)
-    return MatrixCase(
-        "HRAConfig", name, family_kwargs, nonzero_kwargs=dict(init_weights=False), families=families,
-        remote_kwargs=REMOTE_TARGETS, exact_identity=False,
-    )
+# init_weights=False: random, unpaired reflections (the default's pairs cancel, up to rounding)
+_hra = linear_cases("HRAConfig", nonzero_kwargs=dict(init_weights=False), exact_identity=False)
 
 
 MATRIX = [

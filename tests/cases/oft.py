@@ -8,20 +8,17 @@ The 1×1 convolution below is where peft's unmerged forward and the merged kerne
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import nn
 
 from tests.cases import (
-    ALL_FAMILIES,
-    REMOTE_TARGETS,
     FuzzSeed,
     InteropCase,
-    MatrixCase,
     convnet_inputs,
     without_remote_code,
 )
+from tests.cases import LINEAR_FAMILIES as _FAMILIES, linear_cases
 from tests.models import (
     make_causal_lm_inputs,
     make_seq2seq_inputs,
@@ -32,19 +29,8 @@ from tests.models import (
     tiny_t5,
 )
 
-_FAMILIES = tuple(f for f in ALL_FAMILIES if f != "gpt2")
-# The tiny BERT's classifier logits barely move when only query/value rotate; its dense layers make the delta visible.
-_BERT_TARGETS = dict(target_modules=["query", "value", "dense"])
 
-
-def _oft(name: str, families: tuple[str, ...] = _FAMILIES, **kwargs: Any) -> MatrixCase:
-    def family_kwargs(family: str) -> dict[str, Any]:
-        return {**(_BERT_TARGETS if family == "bert" else {}), **kwargs}
-
-    return MatrixCase(
-        "OFTConfig", name, family_kwargs, nonzero_kwargs=dict(init_weights=False), families=families,
-        remote_kwargs=REMOTE_TARGETS,
-    )
+_oft = linear_cases("OFTConfig", nonzero_kwargs=dict(init_weights=False))
 
 
 _MATH_ONLY = without_remote_code(_FAMILIES)
