@@ -41,7 +41,7 @@ from ..kernels import LowRank, add_low_rank
 from ..layers import adapter_layers
 from ..registry import LayerMethod
 from ..targeting import DEFAULT_ATTENTION_TARGETS
-from .common import adapter_dtype, check_scale
+from .common import check_scale, place_delta
 from .lora import LoraConfig, LoraDelta, LoraLinear
 
 __all__ = ["AdaLoraConfig"]  # exported from deltatune
@@ -295,9 +295,7 @@ def make_delta(config: AdaLoraConfig, base_layer: nn.Module, name: str) -> AdaLo
         nn.init.normal_(param, std=std)
     if config.init_lora_weights:
         nn.init.zeros_(delta.lora_E)
-    weight = base_layer.weight
-    delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
-    return delta
+    return place_delta(delta, base_layer.weight)
 
 
 def _deltas(model: nn.Module, adapter_name: str) -> dict[str, AdaLoraDelta]:

@@ -23,7 +23,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import ConfigError
 from ..registry import LayerMethod
 from .bitfit import BiasDelta
-from .common import adapter_dtype
+from .common import place_delta
 
 __all__ = ["BeftConfig"]  # exported from deltatune
 
@@ -73,12 +73,11 @@ class BeftDelta(BiasDelta):
 def make_delta(config: BeftConfig, base_layer: nn.Module, name: str) -> BeftDelta:
     """Build the BEFT delta of ``base_layer`` (module ``name``): zero, or random if not ``init_weights``."""
     delta = BeftDelta(base_layer.out_features)
-    weight = base_layer.weight
-    if not config.init_weights and weight.device.type != "meta":
-        with torch.no_grad():
-            delta.beft_bias.normal_()
-    delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
-    return delta
+    return place_delta(delta, base_layer.weight, None if config.init_weights else _randomize)
+
+
+def _randomize(delta: BeftDelta) -> None:
+    delta.beft_bias.normal_()
 
 
 METHOD = LayerMethod(

@@ -44,7 +44,7 @@ from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
 from ._orthogonal import cayley, drop_blocks, rotate_rows
-from .common import adapter_dtype, channel_view, check_dropout, check_size
+from .common import channel_view, check_dropout, check_size, place_delta
 
 __all__ = ["BOFTConfig"]  # exported from deltatune
 
@@ -232,13 +232,12 @@ def make_delta(config: BOFTConfig, base_layer: nn.Module, name: str) -> BOFTDelt
     conv = isinstance(base_layer, nn.Conv2d)
     cls = BOFTConv2d if conv else BOFTLinear
     delta = cls(config.boft_n_butterfly_factor, blocks, size, base_layer.weight.shape[0], conv, config.boft_dropout)
-    weight = base_layer.weight
-    if not config.init_weights and weight.device.type != "meta":
-        with torch.no_grad():
-            nn.init.normal_(delta.boft_R, mean=0.0, std=0.1)
-            nn.init.normal_(delta.boft_s, mean=1.0, std=0.1)
-    delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
-    return delta
+    return place_delta(delta, base_layer.weight, None if config.init_weights else _randomize)
+
+
+def _randomize(delta: BOFTDelta) -> None:
+    nn.init.normal_(delta.boft_R, mean=0.0, std=0.1)
+    nn.init.normal_(delta.boft_s, mean=1.0, std=0.1)
 
 
 METHOD = LayerMethod(

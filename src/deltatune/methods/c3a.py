@@ -36,7 +36,7 @@ from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
 from ..targeting import pattern_value
-from .common import adapter_dtype, check_size, check_size_pattern
+from .common import check_size, check_size_pattern, place_delta
 
 __all__ = ["C3AConfig"]  # exported from deltatune
 
@@ -131,19 +131,18 @@ def make_delta(config: C3AConfig, base_layer: nn.Module, name: str) -> C3ADelta:
     b = _block_size(config, name)
     in_features, out_features = base_layer.in_features, base_layer.out_features
     delta = C3ADelta(out_features // b, in_features // b, b)
-    weight = base_layer.weight
-    if config.init_weights is not True and weight.device.type != "meta":
-        with torch.no_grad():
-            if config.init_weights == "gaussian":
-                delta.c3a_kernel.normal_()
-            elif config.init_weights == "kaiming_uniform":
-                bound = math.sqrt(1.0 / in_features)
-                delta.c3a_kernel.uniform_(-bound, bound)
-            else:  # "xavier_uniform" or False
-                bound = math.sqrt(3.0) * math.sqrt(2.0 / (in_features + out_features))
-                delta.c3a_kernel.uniform_(-bound, bound)
-    delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
-    return delta
+
+    def randomize(delta: C3ADelta) -> None:
+        if config.init_weights == "gaussian":
+            delta.c3a_kernel.normal_()
+        elif config.init_weights == "kaiming_uniform":
+            bound = math.sqrt(1.0 / in_features)
+            delta.c3a_kernel.uniform_(-bound, bound)
+        else:  # "xavier_uniform" or False
+            bound = math.sqrt(3.0) * math.sqrt(2.0 / (in_features + out_features))
+            delta.c3a_kernel.uniform_(-bound, bound)
+
+    return place_delta(delta, base_layer.weight, None if config.init_weights is True else randomize)
 
 
 METHOD = LayerMethod(

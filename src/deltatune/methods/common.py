@@ -1,14 +1,14 @@
 """Small pieces the methods share: config checks (sizes, scales, seeds, dropout probabilities, peft's per-module
-``rank_pattern`` / ``alpha_pattern``), the adapter's dtype next to the base weight, per-channel broadcasting, the
-``(in, out)`` of a Linear or Conv1D, and :class:`FactoredDelta` for methods whose update is a product of two factors
-rebuilt at each call (VB-LoRA, RandLoRA).
+``rank_pattern`` / ``alpha_pattern``), the adapter's dtype next to the base weight and :func:`place_delta` (the common
+tail of every ``make_delta``), per-channel broadcasting, the ``(in, out)`` of a Linear or Conv1D, and
+:class:`FactoredDelta` for methods whose update is a product of two factors rebuilt at each call (VB-LoRA, RandLoRA).
 (Adding an update into an output is in :mod:`deltatune.kernels`, the row-to-adapter table of a mixed batch in
 :mod:`deltatune.rows`.)"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,19 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     half-precision base (small tensors, trained and kept in full precision, as peft's ``autocast_adapter_dtype``),
     else the base's own."""
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+D = TypeVar("D", bound=Delta)
+
+
+def place_delta(delta: D, weight: torch.Tensor, init: Callable[[D], None] | None = None) -> D:
+    """The last step of every ``make_delta``: fill ``delta``'s parameters with ``init`` (without autograd; skipped on
+    the meta device, where a dry run only counts sizes), then move it next to the base ``weight`` in the
+    :func:`adapter_dtype` of ``weight``'s dtype. ``init=None`` keeps the values the delta was built with."""
+    if init is not None and weight.device.type != "meta":
+        with torch.no_grad():
+            init(delta)
+    return delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
 
 
 def channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:

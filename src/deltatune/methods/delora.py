@@ -33,7 +33,7 @@ from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
 from ..targeting import pattern_key_regex, pattern_value
-from .common import adapter_dtype, check_dropout, check_scale, check_size, check_size_pattern
+from .common import check_dropout, check_scale, check_size, check_size_pattern, place_delta
 
 __all__ = ["DeloraConfig"]  # exported from deltatune
 
@@ -117,15 +117,15 @@ def make_delta(config: DeloraConfig, base_layer: nn.Module, name: str) -> Delora
     r = pattern_value(config.rank_pattern, name, config.r)
     delta = DeloraDelta(base_layer.in_features, base_layer.out_features, r, config.module_dropout)
     weight = base_layer.weight
-    if weight.device.type != "meta":
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(delta.delora_A, a=math.sqrt(5))
-            if not config.init_weights:
-                nn.init.kaiming_uniform_(delta.delora_B, a=math.sqrt(5))
-            delta.delora_lambda.fill_(float(pattern_value(config.lambda_pattern, name, config.delora_lambda)))
-            delta.delora_w_norm.copy_(weight.detach().float().norm(dim=0))  # (in,): each input column's norm
-    delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
-    return delta
+
+    def init(delta: DeloraDelta) -> None:
+        nn.init.kaiming_uniform_(delta.delora_A, a=math.sqrt(5))
+        if not config.init_weights:
+            nn.init.kaiming_uniform_(delta.delora_B, a=math.sqrt(5))
+        delta.delora_lambda.fill_(float(pattern_value(config.lambda_pattern, name, config.delora_lambda)))
+        delta.delora_w_norm.copy_(weight.detach().float().norm(dim=0))  # (in,): each input column's norm
+
+    return place_delta(delta, weight, init)
 
 
 METHOD = LayerMethod(

@@ -35,7 +35,7 @@ from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
 from ..targeting import pattern_value
-from .common import adapter_dtype, check_scale, check_seed, check_size, check_size_pattern, layer_features
+from .common import check_scale, check_seed, check_size, check_size_pattern, layer_features, place_delta
 
 __all__ = ["FourierFTConfig"]  # exported from deltatune
 
@@ -141,11 +141,11 @@ def make_delta(config: FourierFTConfig, base_layer: nn.Module, name: str) -> Fou
         else spectral_positions(out_features, in_features, n, config.random_loc_seed)
     )
     delta = FourierFTDelta(base_layer, n, config.scaling, positions)
-    if not meta and not config.init_weights:
-        with torch.no_grad():
-            delta.fourierft_spectrum.normal_()
-    delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
-    return delta
+    return place_delta(delta, weight, None if config.init_weights else _randomize)
+
+
+def _randomize(delta: FourierFTDelta) -> None:
+    delta.fourierft_spectrum.normal_()
 
 
 def resolve_config(

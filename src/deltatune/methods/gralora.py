@@ -39,7 +39,7 @@ from ..errors import ConfigError, TargetError
 from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import adapter_dtype, check_dropout, check_scale, check_size, layer_features
+from .common import check_dropout, check_scale, check_size, layer_features, place_delta
 
 __all__ = ["GraloraConfig"]  # exported from deltatune
 
@@ -157,17 +157,15 @@ def _kaiming(t: torch.Tensor, fan_in: int) -> None:
 def make_delta(config: GraloraConfig, base_layer: nn.Module, name: str) -> GraloraDelta:
     """Build and initialise the GraLoRA delta of ``base_layer`` (module ``name``)."""
     delta = GraloraDelta(base_layer, config)
-    weight = base_layer.weight
-    if weight.device.type != "meta":
-        with torch.no_grad():
-            _kaiming(delta.gralora_A, delta.in_features // config.gralora_k)
-            if not config.init_weights:
-                _kaiming(delta.gralora_B, config.r)
-            if delta.gralora_A_general is not None:  # A already Kaiming-uniform (nn.Linear's own init)
-                if config.init_weights:
-                    delta.gralora_B_general.weight.zero_()
-    delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
-    return delta
+
+    def init(delta: GraloraDelta) -> None:
+        _kaiming(delta.gralora_A, delta.in_features // config.gralora_k)
+        if not config.init_weights:
+            _kaiming(delta.gralora_B, config.r)
+        if delta.gralora_A_general is not None and config.init_weights:  # A: nn.Linear's own Kaiming init
+            delta.gralora_B_general.weight.zero_()
+
+    return place_delta(delta, base_layer.weight, init)
 
 
 def resolve_config(config: GraloraConfig, model: nn.Module, targets: Mapping[str, nn.Module]) -> GraloraConfig:

@@ -39,7 +39,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import adapter_dtype, check_size
+from .common import check_size, place_delta
 
 __all__ = ["HRAConfig"]  # exported from deltatune
 
@@ -174,22 +174,21 @@ def make_delta(config: HRAConfig, base_layer: nn.Module, name: str) -> HRADelta:
     """Build and initialise the HRA delta of ``base_layer`` (module ``name``); see the module docstring's init."""
     cls = HRAConv2d if isinstance(base_layer, nn.Conv2d) else HRALinear
     delta = cls(_features(base_layer), config)
-    weight = base_layer.weight
-    if weight.device.type != "meta":
+
+    def init(delta: HRADelta) -> None:
         u = delta.hra_u
-        with torch.no_grad():
-            if config.init_weights and config.r % 2 == 0:
-                half = nn.init.kaiming_uniform_(torch.zeros(u.shape[0], config.r // 2), a=math.sqrt(5))
-                u.copy_(half.repeat_interleave(2, dim=1))
-            else:
-                if config.init_weights:
-                    warnings.warn(
-                        f"{name}: HRA's identity init pairs equal reflections, which an odd r={config.r} cannot do; "
-                        f"starting from random reflections (the adapter changes the model at init), as peft does"
-                    )
-                nn.init.kaiming_uniform_(u, a=math.sqrt(5))
-    delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
-    return delta
+        if config.init_weights and config.r % 2 == 0:
+            half = nn.init.kaiming_uniform_(torch.zeros(u.shape[0], config.r // 2), a=math.sqrt(5))
+            u.copy_(half.repeat_interleave(2, dim=1))
+        else:
+            if config.init_weights:
+                warnings.warn(
+                    f"{name}: HRA's identity init pairs equal reflections, which an odd r={config.r} cannot do; "
+                    f"starting from random reflections (the adapter changes the model at init), as peft does"
+                )
+            nn.init.kaiming_uniform_(u, a=math.sqrt(5))
+
+    return place_delta(delta, base_layer.weight, init)
 
 
 METHOD = LayerMethod(

@@ -35,7 +35,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import adapter_dtype, check_dropout, check_size
+from .common import check_dropout, check_size, place_delta
 
 __all__ = ["MissConfig"]  # exported from deltatune
 
@@ -177,12 +177,11 @@ def make_delta(config: MissConfig, base_layer: nn.Module, name: str) -> MissDelt
         delta = MissDelta((r, config.mini_r), out_features, config.miss_dropout)
     else:
         delta = MissDelta((r, out_features), out_features, config.miss_dropout)
-    weight = base_layer.weight
-    if config.init_weights is False and weight.device.type != "meta":
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(delta.miss_block, a=math.sqrt(5))
-    delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
-    return delta
+    return place_delta(delta, base_layer.weight, _randomize if config.init_weights is False else None)
+
+
+def _randomize(delta: MissDelta) -> None:
+    nn.init.kaiming_uniform_(delta.miss_block, a=math.sqrt(5))
 
 
 METHOD = LayerMethod(

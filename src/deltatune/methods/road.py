@@ -37,7 +37,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import adapter_dtype, check_size
+from .common import check_size, place_delta
 
 __all__ = ["RoadConfig"]  # exported from deltatune
 
@@ -145,13 +145,12 @@ def check_target(config: RoadConfig, base_layer: nn.Module, name: str) -> None:
 def make_delta(config: RoadConfig, base_layer: nn.Module, name: str) -> RoadDelta:
     """Build the RoAd delta of ``base_layer`` (module ``name``): the identity, or random if not ``init_weights``."""
     delta = RoadDelta(config.variant, config.group_size, base_layer.out_features)
-    weight = base_layer.weight
-    if not config.init_weights and weight.device.type != "meta":
-        with torch.no_grad():
-            delta.road_theta.normal_(0.0, 0.5)
-            delta.road_alpha.normal_(1.0, 0.5)
-    delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
-    return delta
+    return place_delta(delta, base_layer.weight, None if config.init_weights else _randomize)
+
+
+def _randomize(delta: RoadDelta) -> None:
+    delta.road_theta.normal_(0.0, 0.5)
+    delta.road_alpha.normal_(1.0, 0.5)
 
 
 METHOD = LayerMethod(

@@ -33,7 +33,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import AdapterLoadError, ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import adapter_dtype, check_size
+from .common import check_size, place_delta
 
 __all__ = ["ShiraConfig"]  # exported from deltatune
 
@@ -159,11 +159,11 @@ def make_delta(config: ShiraConfig, base_layer: nn.Module, name: str) -> ShiraDe
     else:
         indices = random_mask_indices(out_features, in_features, k, config.random_seed)
     delta = ShiraDelta(indices, out_features, in_features)
-    if not config.init_weights and weight.device.type != "meta":
-        with torch.no_grad():
-            delta.shira_weight.normal_()
-    delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
-    return delta
+    return place_delta(delta, weight, None if config.init_weights else _randomize)
+
+
+def _randomize(delta: ShiraDelta) -> None:
+    delta.shira_weight.normal_()
 
 
 METHOD = LayerMethod(
