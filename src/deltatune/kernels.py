@@ -66,6 +66,15 @@ def index_accumulate(out: torch.Tensor, rows: torch.Tensor, update: torch.Tensor
     return out.index_add_(0, rows, update, alpha=alpha)
 
 
+def add_sparse(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+               values: torch.Tensor) -> torch.Tensor:
+    """``out + x ΔWᵀ`` for a sparse ``ΔW`` holding ``values[k]`` at ``(rows[k], cols[k])``: one gather of the
+    inputs and one ``index_add`` (``K`` products per row, no dense ``(out, in)`` update). ``out`` is ``(..., out)``,
+    ``x`` ``(..., in)``, the other three ``(K,)``; computed in ``values``' dtype (SHiRA, Super-Tuning)."""
+    products = x.to(values.dtype).index_select(-1, cols) * values  # (..., K)
+    return out.index_add(-1, rows, products.to(out.dtype))  # (..., out)
+
+
 @dataclass(frozen=True)
 class LowRank:
     """One adapter's update ``scaling · B A``: ``a`` ``(r, in, ...)`` with the rank on dim 0, ``b`` ``(out, r, ...)``

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import LayerConfig, PeftType
 from ..errors import AdapterLoadError, ConfigError, TargetError
+from ..kernels import add_sparse
 from ..layers import Delta
 from ..registry import LayerMethod
 from .common import check_size, place_delta
@@ -99,9 +100,7 @@ class ShiraDelta(Delta):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         rows, cols = self.shira_indices.long()
-        w = self.shira_weight
-        products = x.to(w.dtype).index_select(-1, cols) * w  # (..., K)
-        return base_out.index_add(-1, rows, products.to(base_out.dtype))  # (..., out)
+        return add_sparse(base_out, x, rows, cols, self.shira_weight)
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         rows, cols = self.shira_indices.long()
