@@ -57,6 +57,7 @@ _METHOD_MODULES: dict[str, str] = {
     "SHIRA": "deltatune.methods.shira",
     "BEFT": "deltatune.methods.beft",
     "DELORA": "deltatune.methods.delora",
+    "SUPERTUNING": "deltatune.methods.supertuning",
 }
 
 
