@@ -586,7 +586,6 @@ def test_adapter_weights_stay_float32_on_a_half_precision_base() -> None:
     assert out.dtype == torch.bfloat16
 
 
-
 # --- lora_bias -------------------------------------------------------------------------------------------------------
 
 _BIAS_TARGETS = ["linear", "conv1d_gpt2", "conv2d", "conv3d"]

@@ -209,7 +209,6 @@ def test_adalora_run_allocates_its_budget_and_peft_loads_the_result(files, tmp_p
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
 
 
-
 def test_adalora_run_interrupted_after_pruning_resumes_exactly(files, tmp_path, monkeypatch):
     from deltatune.train import loop
 

@@ -262,7 +262,6 @@ class LayerConfig(PeftConfig):
             if isinstance(pattern, str) and pattern != "all-linear":
                 validate_regex(name, pattern)
 
-
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         for name in self._not_in_peft:

@@ -20,7 +20,8 @@ from torch import nn
 
 from . import quant
 from .errors import AdapterStateError
-from .rows import BASE_ADAPTER, RowPlan, batch_adapters, current_row_plan
+from .files import BASE_ADAPTER
+from .rows import RowPlan, batch_adapters, current_row_plan
 
 __all__ = [
     "BASE_ADAPTER", "AdapterLayer", "Delta", "ModulesToSaveWrapper", "RowPlan", "adapter_layers", "batch_adapters",

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import torch
 
 from .errors import AdapterStateError
-from .files import BASE_ADAPTER  # in ``adapter_names``: this row uses no adapter (a reserved adapter name)
 
 T = TypeVar("T")
 

@@ -39,16 +39,18 @@ LINEAR_FAMILIES = tuple(f for f in ALL_FAMILIES if f != "gpt2")
 BERT_DENSE_TARGETS: dict[str, Any] = dict(target_modules=["query", "value", "dense"])
 
 
-def linear_cases(config_class: str, *, defaults: dict[str, Any] | None = None,
+def linear_cases(config_class: str, *, families: tuple[str, ...] = LINEAR_FAMILIES,
+                 bert_kwargs: dict[str, Any] = BERT_DENSE_TARGETS, defaults: dict[str, Any] | None = None,
                  **options: Any) -> Callable[..., MatrixCase]:
-    """The case builder of a method that adapts Linear layers: ``build(name, families=LINEAR_FAMILIES, **kwargs)``
-    gives a :class:`MatrixCase` with ``kwargs`` (over ``defaults``) on every family, BERT's dense layers added to its
-    targets, the remote-code model's Linear layers as targets, and ``options`` (``nonzero_kwargs``,
-    ``exact_identity``, ...) as given."""
+    """The case builder of a method that adapts Linear layers (and GPT-2's Conv1D where ``families`` has it):
+    ``build(name, families=families, **kwargs)`` gives a :class:`MatrixCase` with ``kwargs`` (over ``defaults``) on
+    every family, ``bert_kwargs`` added on BERT (by default its dense layers as targets), the remote-code model's
+    Linear layers as targets, and ``options`` (``nonzero_kwargs``, ``exact_identity``, ...) as given."""
+    default_families = families
 
-    def build(name: str, families: tuple[str, ...] = LINEAR_FAMILIES, **kwargs: Any) -> MatrixCase:
+    def build(name: str, families: tuple[str, ...] = default_families, **kwargs: Any) -> MatrixCase:
         def family_kwargs(family: str) -> dict[str, Any]:
-            return {**(BERT_DENSE_TARGETS if family == "bert" else {}), **(defaults or {}), **kwargs}
+            return {**(bert_kwargs if family == "bert" else {}), **(defaults or {}), **kwargs}
 
         return MatrixCase(config_class, name, family_kwargs, families=families, remote_kwargs=REMOTE_TARGETS, **options)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, without_remote_code
+from tests.cases import ALL_FAMILIES, FuzzSeed, InteropCase, linear_cases, without_remote_code
 from tests.models import (
     make_causal_lm_inputs,
     make_seq2seq_inputs,
@@ -17,16 +17,13 @@ from tests.models import (
 )
 
 
-def _gralora(name: str, kwargs: dict[str, Any], families: tuple[str, ...] = ALL_FAMILIES) -> MatrixCase:
-    # init_weights=False: Kaiming-uniform B, a clearly non-zero delta (the default starts with B = 0)
-    return MatrixCase("GraloraConfig", name, kwargs, nonzero_kwargs=dict(init_weights=False), families=families,
-                      remote_kwargs=REMOTE_TARGETS)
+# init_weights=False: Kaiming-uniform B, a clearly non-zero delta (the default starts with B = 0)
+_gralora = linear_cases("GraloraConfig", families=ALL_FAMILIES, bert_kwargs={}, nonzero_kwargs=dict(init_weights=False))
 
 
 MATRIX = [
-    _gralora("gralora_default", dict(r=8, alpha=16)),
-    _gralora("gralora_hybrid_k4", dict(r=8, alpha=16, gralora_k=4, hybrid_r=2, gralora_dropout=0.1),
-             without_remote_code()),
+    _gralora("gralora_default", r=8, alpha=16),
+    _gralora("gralora_hybrid_k4", without_remote_code(), r=8, alpha=16, gralora_k=4, hybrid_r=2, gralora_dropout=0.1),
 ]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, without_remote_code
+from tests.cases import ALL_FAMILIES, FuzzSeed, InteropCase, linear_cases, without_remote_code
 from tests.models import (
     make_causal_lm_inputs,
     make_seq2seq_inputs,
@@ -18,16 +18,14 @@ from tests.models import (
 )
 
 
-def _pvera(name: str, kwargs: dict[str, Any], families: tuple[str, ...] = ALL_FAMILIES) -> MatrixCase:
-    # init_weights=False: b = 1 and d ~ N(0, 1), a clearly non-zero delta (the default starts with b = 0)
-    return MatrixCase("PveraConfig", name, kwargs, nonzero_kwargs=dict(init_weights=False), families=families,
-                      remote_kwargs=REMOTE_TARGETS)
+# init_weights=False: b = 1 and d ~ N(0, 1), a clearly non-zero delta (the default starts with b = 0)
+_pvera = linear_cases("PveraConfig", families=ALL_FAMILIES, bert_kwargs={}, nonzero_kwargs=dict(init_weights=False))
 
 
 MATRIX = [
-    _pvera("pvera_default", dict(r=8)),
-    _pvera("pvera_prng_dropout", dict(r=4, save_projection=False, projection_prng_key=9, pvera_dropout=0.1,
-                                      generator_seed=3), without_remote_code()),
+    _pvera("pvera_default", r=8),
+    _pvera("pvera_prng_dropout", without_remote_code(), r=4, save_projection=False, projection_prng_key=9,
+           pvera_dropout=0.1, generator_seed=3),
 ]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, without_remote_code
+from tests.cases import ALL_FAMILIES, FuzzSeed, InteropCase, linear_cases, without_remote_code
 from tests.models import (
     make_causal_lm_inputs,
     make_seq2seq_inputs,
@@ -18,18 +18,17 @@ from tests.models import (
 )
 
 
-def _randlora(name: str, kwargs: dict[str, Any], families: tuple[str, ...] = ALL_FAMILIES) -> MatrixCase:
-    # init_weights=False: Λ ~ N(0, 1), a clearly non-zero delta (the default starts with Λ = 0)
-    return MatrixCase("RandLoraConfig", name, kwargs, nonzero_kwargs=dict(init_weights=False), families=families,
-                      remote_kwargs=REMOTE_TARGETS)
+# init_weights=False: Λ ~ N(0, 1), a clearly non-zero delta (the default starts with Λ = 0)
+_randlora = linear_cases("RandLoraConfig", families=ALL_FAMILIES, bert_kwargs={},
+                         nonzero_kwargs=dict(init_weights=False))
 
 
 # randlora_alpha: peft's 640 / r scales a random start so far that T5's unscaled attention amplifies float32 rounding
 # beyond the matrix's tolerance (merged vs unmerged); a smaller alpha keeps the comparison meaningful
 MATRIX = [
-    _randlora("randlora_default", dict(r=8, randlora_alpha=16)),
-    _randlora("randlora_sparse_prng", dict(r=16, randlora_alpha=32, sparse=True, save_projection=False, projection_prng_key=3,
-                                           randlora_dropout=0.1), without_remote_code()),
+    _randlora("randlora_default", r=8, randlora_alpha=16),
+    _randlora("randlora_sparse_prng", without_remote_code(), r=16, randlora_alpha=32, sparse=True,
+              save_projection=False, projection_prng_key=3, randlora_dropout=0.1),
 ]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, without_remote_code
+from tests.cases import ALL_FAMILIES, FuzzSeed, InteropCase, linear_cases, without_remote_code
 from tests.models import (
     make_causal_lm_inputs,
     make_seq2seq_inputs,
@@ -21,19 +21,15 @@ from tests.models import (
 _SMALL = dict(r=4, num_vectors=16, vector_length=8)
 
 
-def _vblora(name: str, kwargs: dict[str, Any], families: tuple[str, ...] = ALL_FAMILIES) -> MatrixCase:
-    # init_vector_bank_bound=0: an all-zero bank, so the fresh adapter is exactly the base (peft's default 0.02 is not)
-    return MatrixCase(
-        "VBLoRAConfig", name, dict(init_vector_bank_bound=0.0, **kwargs),
-        nonzero_kwargs=dict(init_vector_bank_bound=0.5, init_logits_std=1.0), families=families,
-        remote_kwargs=REMOTE_TARGETS,
-    )
+# init_vector_bank_bound=0: an all-zero bank, so the fresh adapter is exactly the base (peft's default 0.02 is not)
+_vblora = linear_cases("VBLoRAConfig", families=ALL_FAMILIES, bert_kwargs={}, defaults=dict(init_vector_bank_bound=0.0),
+                       nonzero_kwargs=dict(init_vector_bank_bound=0.5, init_logits_std=1.0))
 
 
 MATRIX = [
-    _vblora("vblora_default", _SMALL),
+    _vblora("vblora_default", **_SMALL),
     # (the save_only_topk_weights form reloads equal only up to rounding: exchanged with peft below, at 1e-5)
-    _vblora("vblora_top3_dropout", dict(_SMALL, topk=3, vblora_dropout=0.1), without_remote_code()),
+    _vblora("vblora_top3_dropout", without_remote_code(), **_SMALL, topk=3, vblora_dropout=0.1),
 ]
 
 

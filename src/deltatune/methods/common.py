@@ -1,13 +1,14 @@
 """Small pieces the methods share: config checks (sizes, scales, seeds, dropout probabilities, peft's per-module
-``rank_pattern`` / ``alpha_pattern``), the adapter's dtype next to the base weight and :func:`place_delta` (the common
-tail of every ``make_delta``), per-channel broadcasting, the ``(in, out)`` of a Linear or Conv1D, and
-:class:`FactoredDelta` for methods whose update is a product of two factors rebuilt at each call (VB-LoRA, RandLoRA).
-(Adding an update into an output is in :mod:`deltatune.kernels`, the row-to-adapter table of a mixed batch in
-:mod:`deltatune.rows`.)"""
+``rank_pattern`` / ``alpha_pattern``), the adapter's dtype next to the base weight and :func:`place_delta` (the
+common tail of every ``make_delta``), per-channel broadcasting, the ``(in, out)`` of a Linear or Conv1D and peft's
+record of ``fan_in_fan_out``, and :class:`FactoredDelta` for methods whose update is a product of two factors rebuilt
+at each call (VB-LoRA, RandLoRA). (Adding an update into an output is in :mod:`deltatune.kernels`, the row-to-adapter
+table of a mixed batch in :mod:`deltatune.rows`.)"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -101,6 +102,16 @@ def place_delta(delta: D, weight: torch.Tensor, init: Callable[[D], None] | None
         with torch.no_grad():
             init(delta)
     return delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
+
+
+C = TypeVar("C")
+
+
+def record_fan_in_fan_out(config: C, model: nn.Module, targets: Mapping[str, nn.Module]) -> C:
+    """A method's ``resolve_config`` that records ``fan_in_fan_out`` as peft does for the methods on Linear and
+    Conv1D: from the layout of the *last* target (``Conv1D``: ``True``; ``Linear``: ``False``, even where the user
+    wrote ``True``), so the saved config reads as peft's."""
+    return dataclasses.replace(config, fan_in_fan_out=isinstance(list(targets.values())[-1], Conv1D))
 
 
 def channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:

@@ -21,8 +21,6 @@ Layer types: ``nn.Linear`` and transformers ``Conv1D``, as in peft.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +33,9 @@ from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
 from ..targeting import pattern_value
-from .common import check_scale, check_seed, check_size, check_size_pattern, layer_features, place_delta
+from .common import (
+    check_scale, check_seed, check_size, check_size_pattern, layer_features, place_delta, record_fan_in_fan_out,
+)
 
 __all__ = ["FourierFTConfig"]  # exported from deltatune
 
@@ -148,19 +148,10 @@ def _randomize(delta: FourierFTDelta) -> None:
     delta.fourierft_spectrum.normal_()
 
 
-def resolve_config(
-    config: FourierFTConfig, model: nn.Module, targets: Mapping[str, nn.Module]
-) -> FourierFTConfig:
-    """``config`` with ``fan_in_fan_out`` recorded as peft records it: from the layout of the last target
-    (``Conv1D``: ``True``; ``Linear``: ``False``, even where the user wrote ``True``)."""
-    last = list(targets.values())[-1]
-    return dataclasses.replace(config, fan_in_fan_out=isinstance(last, Conv1D))
-
-
 METHOD = LayerMethod(
     config_class=FourierFTConfig,
     make_delta=make_delta,
     layer_types=(nn.Linear, Conv1D),
     check_target=check_target,
-    resolve_config=resolve_config,
+    resolve_config=record_fan_in_fan_out,
 )

@@ -24,9 +24,7 @@ both sizes.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -39,7 +37,7 @@ from ..errors import ConfigError, TargetError
 from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import check_dropout, check_scale, check_size, layer_features, place_delta
+from .common import check_dropout, check_scale, check_size, layer_features, place_delta, record_fan_in_fan_out
 
 __all__ = ["GraloraConfig"]  # exported from deltatune
 
@@ -168,15 +166,10 @@ def make_delta(config: GraloraConfig, base_layer: nn.Module, name: str) -> Gralo
     return place_delta(delta, base_layer.weight, init)
 
 
-def resolve_config(config: GraloraConfig, model: nn.Module, targets: Mapping[str, nn.Module]) -> GraloraConfig:
-    """``config`` with ``fan_in_fan_out`` recorded as peft records it: from the layout of the last target."""
-    return dataclasses.replace(config, fan_in_fan_out=isinstance(list(targets.values())[-1], Conv1D))
-
-
 METHOD = LayerMethod(
     config_class=GraloraConfig,
     make_delta=make_delta,
     layer_types=(nn.Linear, Conv1D),
     check_target=check_target,
-    resolve_config=resolve_config,
+    resolve_config=record_fan_in_fan_out,
 )

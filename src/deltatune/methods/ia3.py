@@ -99,7 +99,6 @@ class IA3Config(LayerConfig):
         check_feedforward_subset(self)
 
 
-
 def check_feedforward_subset(config: IA3Config) -> None:
     """Raise :class:`ConfigError` unless a list ``feedforward_modules`` names only entries of a list
     ``target_modules`` (peft's rule; regex forms are not compared)."""

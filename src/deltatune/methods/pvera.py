@@ -25,7 +25,6 @@ Layer types: ``nn.Linear`` and transformers ``Conv1D`` (weight stored ``(in, out
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -41,7 +40,7 @@ from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
 from ._projections import draw, existing, max_features
-from .common import check_dropout, check_scale, check_seed, check_size, layer_features
+from .common import check_dropout, check_scale, check_seed, check_size, layer_features, record_fan_in_fan_out
 from .vera import VeraProjections
 
 __all__ = ["PveraConfig"]  # exported from deltatune
@@ -182,15 +181,10 @@ def make_delta(config: PveraConfig, base_layer: nn.Module, name: str, projection
     return delta
 
 
-def resolve_config(config: PveraConfig, model: nn.Module, targets: Mapping[str, nn.Module]) -> PveraConfig:
-    """``config`` with ``fan_in_fan_out`` recorded as peft records it: from the layout of the last target."""
-    return dataclasses.replace(config, fan_in_fan_out=isinstance(list(targets.values())[-1], Conv1D))
-
-
 METHOD = LayerMethod(
     config_class=PveraConfig,
     make_delta=make_delta,
     layer_types=(nn.Linear, Conv1D),
-    resolve_config=resolve_config,
+    resolve_config=record_fan_in_fan_out,
     make_shared=make_projections,
 )

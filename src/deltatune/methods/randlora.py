@@ -35,7 +35,6 @@ Layer types: ``nn.Linear`` and transformers ``Conv1D`` (weight stored ``(in, out
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,7 +48,9 @@ from ..config import LayerConfig, PeftType
 from ..errors import AdapterLoadError, ConfigError
 from ..registry import LayerMethod
 from ._projections import SeededTensors, draw, existing, max_features
-from .common import FactoredDelta, check_dropout, check_scale, check_seed, check_size, layer_features
+from .common import (
+    FactoredDelta, check_dropout, check_scale, check_seed, check_size, layer_features, record_fan_in_fan_out,
+)
 
 __all__ = ["RandLoraConfig"]  # exported from deltatune
 
@@ -242,15 +243,10 @@ def make_delta(config: RandLoraConfig, base_layer: nn.Module, name: str, bases: 
     return delta
 
 
-def resolve_config(config: RandLoraConfig, model: nn.Module, targets: Mapping[str, nn.Module]) -> RandLoraConfig:
-    """``config`` with ``fan_in_fan_out`` recorded as peft records it: from the layout of the last target."""
-    return dataclasses.replace(config, fan_in_fan_out=isinstance(list(targets.values())[-1], Conv1D))
-
-
 METHOD = LayerMethod(
     config_class=RandLoraConfig,
     make_delta=make_delta,
     layer_types=(nn.Linear, Conv1D),
-    resolve_config=resolve_config,
+    resolve_config=record_fan_in_fan_out,
     make_shared=make_bases,
 )

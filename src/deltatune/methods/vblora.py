@@ -22,7 +22,6 @@ Layer types: ``nn.Linear`` and transformers ``Conv1D`` (weight stored ``(in, out
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -33,7 +32,9 @@ from transformers.pytorch_utils import Conv1D
 from ..config import LayerConfig, PeftType
 from ..errors import AdapterLoadError, AdapterStateError, ConfigError, TargetError
 from ..registry import LayerMethod
-from .common import FactoredDelta, adapter_dtype, check_dropout, check_scale, check_size, layer_features
+from .common import (
+    FactoredDelta, adapter_dtype, check_dropout, check_scale, check_size, layer_features, record_fan_in_fan_out,
+)
 
 __all__ = ["VBLoRAConfig"]  # exported from deltatune
 
@@ -256,17 +257,12 @@ def make_delta(config: VBLoRAConfig, base_layer: nn.Module, name: str, bank: Vec
     return delta
 
 
-def resolve_config(config: VBLoRAConfig, model: nn.Module, targets: Mapping[str, nn.Module]) -> VBLoRAConfig:
-    """``config`` with ``fan_in_fan_out`` recorded as peft records it: from the layout of the last target."""
-    return dataclasses.replace(config, fan_in_fan_out=isinstance(list(targets.values())[-1], Conv1D))
-
-
 METHOD = LayerMethod(
     config_class=VBLoRAConfig,
     make_delta=make_delta,
     layer_types=(nn.Linear, Conv1D),
     default_targets=DEFAULT_TARGETS,
     check_target=check_target,
-    resolve_config=resolve_config,
+    resolve_config=record_fan_in_fan_out,
     make_shared=make_bank,
 )

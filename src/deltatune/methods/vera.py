@@ -20,7 +20,6 @@ Layer types: ``nn.Linear`` and transformers ``Conv1D`` (weight stored ``(in, out
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -36,7 +35,7 @@ from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
 from ._projections import SeededTensors, draw, existing, max_features
-from .common import check_dropout, check_scale, check_seed, check_size, layer_features
+from .common import check_dropout, check_scale, check_seed, check_size, layer_features, record_fan_in_fan_out
 
 __all__ = ["VeraConfig"]  # exported from deltatune
 
@@ -202,17 +201,10 @@ def make_delta(config: VeraConfig, base_layer: nn.Module, name: str, projections
     return delta
 
 
-def resolve_config(config: VeraConfig, model: nn.Module, targets: Mapping[str, nn.Module]) -> VeraConfig:
-    """``config`` with ``fan_in_fan_out`` recorded both ways, as peft's VeRA records it: from the layout of the last
-    target (``Conv1D``: ``True``; ``Linear``: ``False``, even where the user wrote ``True``)."""
-    last = list(targets.values())[-1]
-    return dataclasses.replace(config, fan_in_fan_out=isinstance(last, Conv1D))
-
-
 METHOD = LayerMethod(
     config_class=VeraConfig,
     make_delta=make_delta,
     layer_types=(nn.Linear, Conv1D),
-    resolve_config=resolve_config,
+    resolve_config=record_fan_in_fan_out,
     make_shared=make_projections,
 )
