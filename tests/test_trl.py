@@ -82,6 +82,26 @@ def test_sft_trains_and_saves_only_the_adapter(tmp_path: Path) -> None:
     assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
 
 
+def test_sft_on_the_fast_path_trains_exactly_as_without_it(tmp_path: Path) -> None:
+    # TRL's own fused LM head (fused_lm_head=True) needs the labels; the fast path must let it through, and with a
+    # float32 base the two runs are the same computation.
+    runs = []
+    for fast in (False, True):
+        model = _model()
+        if fast:
+            model.enable_fast_training(compute_dtype=None)
+        trainer = trl.SFTTrainer(
+            model=model, args=_args(trl.SFTConfig, tmp_path / str(fast), logging_steps=1),
+            train_dataset=_text_dataset(), processing_class=_tokenizer(),
+        )
+        trainer.train()
+        runs.append(([h["loss"] for h in trainer.state.log_history if "loss" in h], model.adapter_state_dict()))
+    (slow_losses, slow_state), (fast_losses, fast_state) = runs
+    assert len(fast_losses) == 2 and fast_losses == pytest.approx(slow_losses, rel=1e-5)
+    for key, value in slow_state.items():
+        torch.testing.assert_close(fast_state[key], value, rtol=1e-4, atol=1e-6)
+
+
 def test_sft_refuses_an_adapter_on_the_lm_head(tmp_path: Path) -> None:
     # TRL's fused head reads lm_head.weight directly, so an adapter there would never train: TRL refuses it, as for peft.
     with pytest.raises(ValueError, match="lm_head"):

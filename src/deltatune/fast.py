@@ -326,9 +326,10 @@ def forward(state: FastTraining, base: nn.Module, args: tuple, kwargs: dict[str,
     model trains with gradients and ``labels`` are given; ``outputs.logits`` is then ``None``."""
     labels = kwargs.get("labels")
     # A mixed-adapter batch keeps the standard loss: an adapted head's checkpointed chunks would rerun in backward,
-    # outside the batch's row plan.
+    # outside the batch's row plan. TRL's SFTTrainer asks for its own fused head (``fused_lm_head=True``: per-token
+    # log-probabilities without full logits, from the labels it needs to see), which already does what ours would.
     if (not state.chunked_loss or labels is None or not base.training or not torch.is_grad_enabled()
-            or current_row_plan() is not None):
+            or current_row_plan() is not None or kwargs.get("fused_lm_head")):
         return base(*args, **kwargs)
     kwargs = dict(kwargs)
     del kwargs["labels"]
