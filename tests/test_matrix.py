@@ -142,7 +142,8 @@ def test_generate_with_kv_cache_is_deterministic_and_equals_the_merged_model(fam
     first = _generate(model, family)
     assert first.shape[1] > 4 if MATRIX_FAMILIES[family].task_type == "CAUSAL_LM" else first.shape[1] > 1
     assert torch.equal(_generate(model, family), first)
-    assert torch.equal(_generate(model, family, use_cache=False), first)  # the cache changes nothing
+    if CASES[key].cache_exact:
+        assert torch.equal(_generate(model, family, use_cache=False), first)  # the cache changes nothing
     if not CASES[key].mergeable:
         return
     merged = copy.deepcopy(model).merge_and_unload()

@@ -84,6 +84,9 @@ class MatrixCase:
         mergeable: The delta folds into the base weights (merge / merge_and_unload).
         exact_identity: A fresh adapter gives the base output bit for bit; ``False`` where its init is the identity
             only in exact arithmetic (HRA's paired reflections cancel up to rounding).
+        cache_exact: Cached ``generate()`` equals generation without the cache; ``False`` where the update depends on
+            every position of the call (Lily's router averages over the batch), so a cached step, which sees only the
+            new positions, differs from a full forward (in peft as well).
     """
 
     config_class: str
@@ -96,6 +99,7 @@ class MatrixCase:
     in_peft: bool = True
     mergeable: bool = True
     exact_identity: bool = True
+    cache_exact: bool = True
 
     def config_kwargs(self, family: str) -> dict[str, Any]:
         kwargs = self.kwargs(family) if callable(self.kwargs) else self.kwargs
