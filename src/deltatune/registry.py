@@ -58,6 +58,7 @@ _METHOD_MODULES: dict[str, str] = {
     "BEFT": "deltatune.methods.beft",
     "DELORA": "deltatune.methods.delora",
     "SUPERTUNING": "deltatune.methods.supertuning",
+    "LILY": "deltatune.methods.lily",
 }
 
 
