@@ -62,6 +62,12 @@ class Delta(nn.Module):
     # targeted parameters of one module nest one adapter layer per parameter (the inner one first registered), which
     # is what puts peft's saved keys (``<path>.base_layer.lora_A.weight``) in the same places.
     parameter_name: str | None = None
+    # An update computed from the base parameters as they were before any merge (HiRA's ``W0 ⊙ BA``, GLoRA's
+    # ``W0 ⊙ A``): several such adapters merged into one layer must each read ``W0``, as they do unmerged, not what
+    # earlier merges left. For such a delta the layer keeps its parameters from before its first merge while anything
+    # is merged, passes them to ``merged_params(params, base_layer, original=...)``, and unmerges by restoring them
+    # (then re-merging the adapters that stay merged), so no inverse is needed.
+    merges_from_original: ClassVar[bool] = False
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input the base layer sees, for a delta with ``transforms_input``."""
@@ -185,6 +191,9 @@ class AdapterLayer(_Wrapper):
         # them exactly; and the measured share of each such merge's effect that requantization lost.
         self._quantized_before: list[object] = []
         self.merge_errors: dict[str, float] = {}
+        # The parameters before the first merge, kept while anything is merged when a delta here reads them
+        # (Delta.merges_from_original).
+        self._original: dict[str, torch.Tensor] | None = None
         self.set_base(base_layer)
 
     def set_base(self, base_layer: nn.Module) -> None:
@@ -304,10 +313,11 @@ class AdapterLayer(_Wrapper):
         """Raise :class:`AdapterStateError` if merging ``names`` would put NaN/inf into the base layer's parameters;
         the merged tensors are computed aside and the layer is not changed."""
         params = self._params(copy=True)  # name -> its value after the merges so far
+        original = self._original_params(params)
         for name in names:
             if name in self.merged_adapters or name not in self.deltas:
                 continue
-            changed = self.deltas[name].merged_params(params, self._view)
+            changed = self._merged_params(name, params, original)
             if not all(torch.isfinite(value).all() for value in changed.values()):
                 raise AdapterStateError(
                     f"merging adapter {name!r} would put NaN/inf into the base weights; the model is unchanged"
@@ -323,9 +333,10 @@ class AdapterLayer(_Wrapper):
         assert handler is not None
         params = self._params(copy=True)
         before = params["weight"]
+        original = self._original_params(params)
         for name in names:
             if name not in self.merged_adapters and name in self.deltas:
-                params.update(self.deltas[name].merged_params(params, self._view))
+                params.update(self._merged_params(name, params, original))
         stored = handler.quantize(self.base_layer, params["weight"])
         achieved = handler.dequantize_stored(self.base_layer, stored)
         return stored, params, quant.merge_error(before, params["weight"], achieved)
@@ -338,11 +349,14 @@ class AdapterLayer(_Wrapper):
         if safe_merge:
             self.check_finite_merge(names)
         handler = self.quant_handler
+        if not self.merged_adapters and any(d.merges_from_original for d in self.deltas.values()):
+            self._original = self._params(copy=True)
         for name in names:
             if name in self.merged_adapters or name not in self.deltas:
                 continue
             if handler is None:
-                for key, value in self.deltas[name].merged_params(self._params(copy=True), self._view).items():
+                params = self._params(copy=True)
+                for key, value in self._merged_params(name, params, self._original_params(params)).items():
                     getattr(self.base_layer, key).data.copy_(value)
             else:
                 stored, params, error = self.quantized_merge([name])
@@ -359,6 +373,14 @@ class AdapterLayer(_Wrapper):
     def unmerge(self, keep: int = 0) -> None:
         """Undo merges, last merged first, until ``keep`` remain merged."""
         handler = self.quant_handler
+        if handler is None and self._original is not None and len(self.merged_adapters) > keep:
+            # Delta.merges_from_original: back to the kept parameters, then merge again what stays merged
+            remerge, self.merged_adapters = self.merged_adapters[:keep], []
+            for key, value in self._original.items():
+                getattr(self.base_layer, key).data.copy_(value)
+            self._original = None
+            self.merge(remerge)
+            return
         while len(self.merged_adapters) > keep:
             name = self.merged_adapters.pop()
             if handler is not None:
@@ -370,6 +392,28 @@ class AdapterLayer(_Wrapper):
                 continue
             for key, value in self.deltas[name].unmerged_params(self._params(copy=False), self._view).items():
                 getattr(self.base_layer, key).data.copy_(value)
+        if not self.merged_adapters:
+            self._original = None
+
+    def _original_params(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The parameters before any merge (:attr:`Delta.merges_from_original`): those kept at the first merge, or
+        ``params`` themselves (a shallow copy) while nothing is merged."""
+        if self._original is not None:
+            return self._original
+        return dict(params)
+
+    def _merged_params(self, name: str, params: dict[str, torch.Tensor], original: dict[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+        """``deltas[name].merged_params``, given ``original`` where the delta reads the unmerged parameters."""
+        delta = self.deltas[name]
+        if not delta.merges_from_original:
+            return delta.merged_params(params, self._view)
+        if self._original is None and self.merged_adapters:
+            raise AdapterStateError(
+                f"adapter {name!r} is merged from the layer's weights before any merge, which were not kept because "
+                f"it joined after {self.merged_adapters} were merged; unmerge them first"
+            )
+        return delta.merged_params(params, self._view, original=original)
 
 
 class ModulesToSaveWrapper(_Wrapper):
