@@ -59,6 +59,7 @@ _METHOD_MODULES: dict[str, str] = {
     "DELORA": "deltatune.methods.delora",
     "SUPERTUNING": "deltatune.methods.supertuning",
     "LILY": "deltatune.methods.lily",
+    "GLORA": "deltatune.methods.glora",
 }
 
 
