@@ -16,6 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from deltatune import IA3Config, LoraConfig, get_peft_model
 from deltatune.engine import Engine, EngineClosed, QueueFull, Request
 from deltatune.errors import DeltatuneError
+from deltatune.rows import RowPlan
 from deltatune.sampling import SamplingParams
 from tests.models import tiny_t5
 from tests.train_utils import vocab_size, write_tokenizer
@@ -168,6 +169,25 @@ def test_top_k_1_and_min_p_1_leave_only_the_most_likely_token(engine):
     assert [h.result(60).choices[0].token_ids for h in hot] == [want] * 3
     loose = engine.submit(Request(PROMPTS[3], "ia3", SamplingParams(max_tokens=8, temperature=5.0, seed=0)))
     assert loose.result(60).choices[0].token_ids != want  # at that temperature, sampling without them wanders
+
+
+def test_decode_steps_share_one_row_plan_while_the_rows_stay_the_same(llama, tokenizer, monkeypatch):
+    # Grouping rows by adapter (and the stacked adapter weights memoised on the plan) is done once per batch
+    # composition, not at every decode step.
+    from deltatune import engine as engine_module
+
+    plans = []
+    monkeypatch.setattr(engine_module, "RowPlan", lambda names: plans.append(list(names)) or RowPlan(names))
+    engine = Engine(llama, tokenizer, max_batch_size=4, batch_wait_ms=1000).start()
+    try:
+        handles = [engine.submit(Request(p, a, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))
+                   for p, a, n in zip(PROMPTS, ADAPTERS, [12, 12, 12, 5])]
+        for h in handles:
+            h.result(60)
+    finally:
+        engine.close()
+    assert list(engine.prefill_sizes) == [4] and list(engine.decode_sizes) == [4] * 4 + [3] * 7
+    assert plans == [ADAPTERS, ADAPTERS[:3]]  # one plan for 4 rows, a new one when the 5-token row left
 
 
 def test_a_short_request_overtakes_a_long_one_submitted_earlier(engine):

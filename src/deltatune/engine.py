@@ -48,6 +48,7 @@ from .errors import AdapterStateError, DeltatuneError
 from .files import BASE_ADAPTER
 from .model import PeftModel
 from .prompt import cache_argument
+from .rows import RowPlan
 from .sampling import Detokenizer, SamplingParams, StopText, knobs, penalize, pick, restrict
 
 __all__ = ["Engine", "EngineClosed", "Handle", "QueueFull", "Request", "RequestOutput", "TokenEvent",
@@ -281,6 +282,7 @@ class _Batch:
         self.vocab = vocab
         self.penalties: tuple[torch.Tensor, torch.Tensor] | None = None  # (counts, seen), each (B, V), when needed
         self.knobs: torch.Tensor | None = None
+        self.plan: RowPlan | None = None  # the rows' adapters, grouped once while the rows stay the same
 
     def select(self, keep: list[int]) -> None:
         """Keep rows ``keep`` (in that order; an index may repeat) and cut columns no kept row uses."""
@@ -290,7 +292,7 @@ class _Batch:
         cut = self.mask.shape[1] - int(self.mask.sum(dim=1).max())  # leading columns that are padding in every row
         _map_cache(self.cache, lambda t: t.index_select(0, index)[:, :, cut:])
         self.mask = self.mask[:, cut:]
-        self.penalties, self.knobs = None, None
+        self.penalties, self.knobs, self.plan = None, None, None
 
     def extend(self, other: _Batch) -> None:
         """Append ``other``'s rows, padding the narrower cache on the left."""
@@ -303,7 +305,7 @@ class _Batch:
         self.positions = torch.cat([self.positions, other.positions])
         self.next = torch.cat([self.next, other.next])
         self.rows += other.rows
-        self.penalties, self.knobs = None, None
+        self.penalties, self.knobs, self.plan = None, None, None
 
     def penalty_state(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(counts, seen)``: generated-token counts and prompt-or-generated flags, (B, V); built from the rows'
@@ -540,8 +542,8 @@ class Engine:
         elif len(keep) < len(self._batch.rows):
             self._batch.select(keep)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, adapters: list[str],
-                 all_logits: bool) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
+                 adapters: list[str] | RowPlan, all_logits: bool) -> torch.Tensor:
         """The model's logits ``(B, T or 1, V)`` for ``ids`` (B, T) appended to ``cache``."""
         model = self.model
         base = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -631,8 +633,10 @@ class Engine:
         batch = self._batch
         try:
             batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
-            logits = self._forward(batch.next[:, None], batch.mask, batch.positions[:, None], batch.cache,
-                                   [r.adapter for r in batch.rows], False)
+            if batch.plan is None:
+                batch.plan = RowPlan([r.adapter for r in batch.rows])
+            logits = self._forward(batch.next[:, None], batch.mask, batch.positions[:, None], batch.cache, batch.plan,
+                                   False)
             batch.positions = batch.positions + 1
             self.decode_steps += 1
             self.decode_sizes.append(len(batch.rows))

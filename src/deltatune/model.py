@@ -469,8 +469,9 @@ class PeftModel(nn.Module):
 
     # --- running --------------------------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Sequence[str] | None = None, task_ids: Any = None, **kwargs):
-        """The base model's forward; ``adapter_names`` gives one adapter name per row (``"__base__"``: none),
-        ``task_ids`` one task index per row for a multitask prompt adapter."""
+        """The base model's forward; ``adapter_names`` gives one adapter name per row (``"__base__"``: none; a
+        :class:`~deltatune.rows.RowPlan` to share its groups across calls), ``task_ids`` one task index per row for a
+        multitask prompt adapter."""
         self._check_row_adapters(adapter_names)
         call = self._prompt_call(adapter_names, task_ids)
         if call is not None:

@@ -24,13 +24,20 @@ class RowPlan:
 
     The grouping of rows by adapter is the same for every adapted layer of a forward (and for every step of a
     ``generate()``), so it is built once per batch size and device and then shared, instead of being rebuilt as index
-    tensors in each of the model's layers.
+    tensors in each of the model's layers. A caller that runs many forwards over the same rows (the serving engine's
+    decode steps) passes one plan as ``adapter_names`` to all of them, so what it memoises is built once.
     """
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = list(names)
         self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
         self._memo: dict[tuple[Any, ...], tuple[tuple[Any, ...], Any]] = {}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
     def memo(self, owners: tuple[Any, ...], make: Callable[[], T], extra: tuple[Any, ...] = ()) -> T:
         """``make()``, computed once per plan for the same ``owners`` (compared by identity: the row-index tensors
@@ -74,10 +81,11 @@ def current_row_plan() -> RowPlan | None:
 
 
 @contextlib.contextmanager
-def batch_adapters(names: Sequence[str] | None) -> Iterator[None]:
+def batch_adapters(names: Sequence[str] | RowPlan | None) -> Iterator[None]:
     """Within the block, row ``i`` of every batch uses adapter ``names[i]`` (``"__base__"``: none); see
-    :meth:`RowPlan.groups` for batches that are a multiple of ``len(names)``."""
-    token = _batch_adapters.set(RowPlan(names) if names is not None else None)
+    :meth:`RowPlan.groups` for batches that are a multiple of ``len(names)``. A :class:`RowPlan` is used as it is."""
+    plan = names if isinstance(names, RowPlan) or names is None else RowPlan(names)
+    token = _batch_adapters.set(plan)
     try:
         yield
     finally:
