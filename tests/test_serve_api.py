@@ -300,8 +300,30 @@ def test_api_key_metrics_queue_and_timeout(files, expected_sql):  # noqa: F811
         assert metrics['deltatune_adapter_requests_total{model="sql"}'] == 4
         assert metrics['deltatune_generation_tokens_total{model="sql"}'] >= 2 * len(expected_sql.split())
         assert metrics["deltatune_requests_waiting"] == 0 and metrics["deltatune_adapters_loaded"] == 1
+        # latency histograms count the two answered requests, not the two that timed out
+        for name in ("time_to_first_token", "e2e_request_latency", "time_per_output_token"):
+            prefix = f"deltatune_{name}_seconds"
+            assert metrics[f'{prefix}_count{{model="sql"}}'] == 2
+            assert metrics[f'{prefix}_bucket{{model="sql",le="+Inf"}}'] == 2
+            assert metrics[f'{prefix}_sum{{model="sql"}}'] > 0
+        assert (metrics['deltatune_time_to_first_token_seconds_sum{model="sql"}']
+                < metrics['deltatune_e2e_request_latency_seconds_sum{model="sql"}'])
     finally:
         _stop(served, thread)
+
+
+def test_latency_histograms_render_cumulative_buckets_as_prometheus_reads_them():
+    from deltatune.serve import Metrics
+
+    metrics = Metrics()
+    name = "deltatune_e2e_request_latency_seconds"
+    for seconds in (0.2, 0.3, 0.9, 3.0, 9000.0):  # 0.3 is in the bucket le="0.3" (bounds are inclusive)
+        metrics.observe(name, seconds, model="a")
+    lines = dict(line.rpartition(" ")[::2] for line in metrics.render({}, {}).splitlines() if not line.startswith("#"))
+    bucket = lambda le: int(lines[f'{name}_bucket{{model="a",le="{le}"}}'])  # noqa: E731
+    assert [bucket(le) for le in ("0.3", "0.5", "1.0", "2.5", "5.0", "7680.0", "+Inf")] == [2, 2, 3, 3, 4, 4, 5]
+    assert float(lines[f'{name}_sum{{model="a"}}']) == pytest.approx(9004.4)
+    assert int(lines[f'{name}_count{{model="a"}}']) == 5
 
 
 def _complete(c: openai.OpenAI, expected: str) -> str:

@@ -14,9 +14,11 @@ boundaries, each row with its own adapter and sampling settings. This module is 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import gc
 import hmac
+import itertools
 import json
 import os
 import queue
@@ -877,6 +879,8 @@ class _Answer:
             self.answers.cancel()
         self.api._release(self.job)
         self.api.metrics.count("deltatune_generation_tokens_total", sum(self.tokens), model=self.job.model)
+        for handle in self.answers.handles:
+            self.api.metrics.observe_request(handle, self.job.model)
 
     def _echo(self, index: int) -> str:
         return "" if self.job.echo is None else self.job.echo[index // self.n]
@@ -1005,11 +1009,50 @@ def _sse(payload: dict) -> bytes:
 
 
 class Metrics:
-    """Counters by label in Prometheus' text format (``# TYPE`` lines, ``name{label="value"} number``)."""
+    """Counters and latency histograms by label in Prometheus' text format (``# TYPE`` lines,
+    ``name{label="value"} number``; a histogram as cumulative ``_bucket{le=...}`` counts, ``_sum`` and ``_count``)."""
 
     def __init__(self) -> None:
         self._counts: dict[str, Counter[tuple[tuple[str, str], ...]]] = {}
+        # name -> labels -> [count per bucket (the last one +Inf), sum of the observed values]
+        self._hists: dict[str, dict[tuple[tuple[str, str], ...], list]] = {}
         self._lock = threading.Lock()
+
+    #: Seconds; the bucket bounds vLLM uses for the same three quantities, so dashboards built for it read these.
+    HISTOGRAMS = {
+        "deltatune_time_to_first_token_seconds": (
+            "time from a request's arrival to its first token, by model",
+            (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+             80.0, 160.0, 640.0, 2560.0)),
+        "deltatune_time_per_output_token_seconds": (
+            "mean time between a request's output tokens after the first, by model",
+            (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+             80.0)),
+        "deltatune_e2e_request_latency_seconds": (
+            "time from a request's arrival to its last token, by model",
+            (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+             960.0, 1920.0, 7680.0)),
+    }
+
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        bounds = self.HISTOGRAMS[name][1]
+        with self._lock:
+            entry = self._hists.setdefault(name, {}).setdefault(tuple(sorted(labels.items())),
+                                                                [[0] * (len(bounds) + 1), 0.0])
+            entry[0][bisect.bisect_left(bounds, seconds)] += 1  # the first bucket whose bound is >= seconds
+            entry[1] += seconds
+
+    def observe_request(self, handle: Handle, model: str) -> None:
+        """The latencies of one engine request that finished (not cancelled, not failed)."""
+        if handle.error is not None or handle.cancelled or handle.finish_time is None:
+            return
+        self.observe("deltatune_time_to_first_token_seconds", handle.first_token_time - handle.arrival_time,
+                     model=model)
+        self.observe("deltatune_e2e_request_latency_seconds", handle.finish_time - handle.arrival_time, model=model)
+        tokens = max(len(c.token_ids) for c in handle.choices)
+        if tokens > 1:
+            self.observe("deltatune_time_per_output_token_seconds",
+                         (handle.finish_time - handle.first_token_time) / (tokens - 1), model=model)
 
     _HELP = {
         "deltatune_requests_total": "HTTP requests answered, by endpoint and status",
@@ -1035,9 +1078,18 @@ class Metrics:
             for name, help_text in self._HELP.items():
                 lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
                 for labels, value in sorted(self._counts.get(name, Counter()).items()):
-                    inner = ",".join(f'{k}="{_label(v)}"' for k, v in labels)
-                    lines.append(f"{name}{{{inner}}} {value}")
+                    lines.append(f"{name}{_labels(labels)} {value}")
+            for name, (help_text, bounds) in self.HISTOGRAMS.items():
+                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+                for labels, (counts, total) in sorted(self._hists.get(name, {}).items()):
+                    for bound, cumulative in zip((*map(str, bounds), "+Inf"), itertools.accumulate(counts)):
+                        lines.append(f"{name}_bucket{_labels((*labels, ('le', bound)))} {cumulative}")
+                    lines += [f"{name}_sum{_labels(labels)} {total}", f"{name}_count{_labels(labels)} {sum(counts)}"]
         return "\n".join(lines) + "\n"
+
+
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+    return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels) + "}"
 
 
 def _label(value: str) -> str:
