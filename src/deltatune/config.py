@@ -142,7 +142,8 @@ class PeftConfig:
         return False
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict with peft's field names; sets become sorted lists and enums their values."""
+        """JSON-ready dict with peft's field names; sets become sorted lists, enums their values and sub-configs
+        dicts."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -150,6 +151,8 @@ class PeftConfig:
                 value = value.value
             elif isinstance(value, set):
                 value = sorted(value)
+            elif dataclasses.is_dataclass(value):  # a sub-config (LoRA's kasa_config, ...): peft writes asdict()
+                value = dataclasses.asdict(value)
             out[f.name] = value
         return out
 

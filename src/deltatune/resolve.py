@@ -195,7 +195,11 @@ def _adapted_parameters(module: nn.Module) -> list[str] | None:
 
 
 def _rewriting_option(config: LayerConfig) -> str:
-    """The config option that makes a method rewrite base weights, for messages (LoRA's PiSSA / OLoRA init)."""
+    """The config option that makes a method rewrite base weights, for messages (LoRA's PiSSA / OLoRA init): the
+    config's own ``rewriting_option`` where it has one (LoRA's KaSA)."""
+    named = getattr(config, "rewriting_option", None)
+    if named:
+        return named
     init = getattr(config, "init_lora_weights", None)
     return f"init_lora_weights={init!r}" if init is not None else f"this {config.peft_type.value} config"
 
