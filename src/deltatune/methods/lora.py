@@ -11,6 +11,8 @@ Variants, each a small piece on top of the same delta:
 * ``lora_bias``: a trainable bias on B (peft's ``lora_B.bias``), so the update is ``(α/r)·(BAx + b)``, for LoRA
   extracted from a full fine-tune whose biases changed too; zero at init, folded into the base bias on merge (a base
   layer without a bias cannot merge it). Linear, Conv1D and Conv layers; not with DoRA.
+* The variants of ``methods/lora_variants.py`` (KaSA, VeLoRA, MonteCLoRA, BD-LoRA, QALoRA; one file each), selected
+  by their config field, each a strategy a Linear / Conv1D delta (:class:`LoraVariantLinear`) hands its update to.
 * Init schemes: ``True`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r)), ``False`` (both random: a
   non-zero delta, for tests), ``"pissa"`` / ``"pissa_niter_N"`` (Meng et al., 2024: A, B from the top-r singular
   triplets of W₀; W₀ keeps the residual), ``"olora"`` (Büyükakyüz, 2024: A, B from a QR decomposition of W₀).
@@ -43,10 +45,16 @@ from ..layers import AdapterLayer, Delta, unwrap
 from ..registry import LayerMethod
 from ..targeting import find_modules_to_save, iter_candidates, name_matches, pattern_value
 from .common import adapter_dtype, check_dropout, check_patterns, check_scale
+from . import lora_variants
+from ._lora_variant import LoraVariant
 from .dora import DoraVariant
+from .lora_bdlora import BdLoraConfig
+from .lora_kasa import KasaConfig, check_model as _check_kasa_model, kasa_loss
+from .lora_monteclora import MontecloraConfig, monteclora_loss
+from .lora_velora import VeloraConfig
 from .trainable_tokens import check_rows, check_token_indices, input_embedding_name, make_token_adapter
 
-__all__ = ["LoraConfig"]  # exported from deltatune
+__all__ = ["BdLoraConfig", "KasaConfig", "LoraConfig", "MontecloraConfig", "VeloraConfig"]  # exported from deltatune
 
 _INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora")
 # Subspace iterations of fast PiSSA; a handful is the practice (peft's docs use 4-16). The bound stops a config file
@@ -91,6 +99,17 @@ class LoraConfig(LayerConfig):
             tied. For ``trainable_token_indices`` deltatune always does (the head follows the rows); tied layers in
             ``target_modules`` or ``modules_to_save`` (where peft shares LoRA factors or copies between them) are not
             implemented and refused with this flag; without tied layers in the adapter it changes nothing.
+        kasa_config: KaSA (``KasaConfig``, ``methods/lora_kasa.py``): the base weight loses its ``r`` weakest singular
+            directions and the update is ``B diag(ΔΣ) A``. nn.Linear only.
+        velora_config: VeLoRA (``VeloraConfig``, ``methods/lora_velora.py``): ``A``'s backward keeps compressed
+            activations. Linear / Conv1D.
+        monteclora_config: MonteCLoRA (``MontecloraConfig``, ``methods/lora_monteclora.py``): ``A`` is a Monte Carlo
+            average of perturbations while training. Linear / Conv1D.
+        use_bdlora: BD-LoRA (``BdLoraConfig``, ``methods/lora_bdlora.py``): a block-diagonal ``A`` or ``B``. nn.Linear.
+        use_qalora: QALoRA (``methods/lora_qalora.py``): ``A`` reads the input pooled over ``qalora_group_size``
+            features. Linear / Conv1D, quantized or not.
+        qalora_group_size: Features pooled into one by QALoRA.
+        Of these (and ``use_dora``), an adapter uses at most one.
     """
 
     peft_type: PeftType = field(default=PeftType.LORA, init=False)
@@ -109,16 +128,21 @@ class LoraConfig(LayerConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     layer_replication: list[list[int]] | None = None
     ensure_weight_tying: bool = False
+    kasa_config: KasaConfig | dict | None = None
+    velora_config: VeloraConfig | dict | None = None
+    monteclora_config: MontecloraConfig | dict | None = None
+    use_bdlora: BdLoraConfig | dict | None = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
 
     # peft LoRA features not implemented here; a file that switches one on is refused (see config.py).
     _unsupported: ClassVar[dict[str, Any]] = {
         **dict.fromkeys(
             (
                 "loftq_config", "eva_config", "corda_config", "megatron_config", "alora_invocation_tokens", "arrow_config",
-                "use_bdlora", "kasa_config", "monteclora_config", "velora_config", "lora_ga_config", "use_qalora",
+                "lora_ga_config",
             )
         ),
-        "qalora_group_size": 16,
     }
 
     def __post_init__(self) -> None:
@@ -144,6 +168,7 @@ class LoraConfig(LayerConfig):
                 f"lora_bias=True supports init_lora_weights=True or False only, got init_lora_weights={init!r}"
             )
         self._check_target_parameters()
+        lora_variants.check_config(self)
         replication = self.layer_replication
         if replication is not None and not (
             isinstance(replication, (list, tuple)) and replication
@@ -163,6 +188,11 @@ class LoraConfig(LayerConfig):
                                             for k, v in tokens.items()}
         elif tokens is not None:
             self.trainable_token_indices = check_token_indices("trainable_token_indices", tokens)
+
+    @property
+    def rewriting_option(self) -> str | None:
+        """The option that rewrites base weights when it is not the init scheme (for messages; ``resolve.py``)."""
+        return "kasa_config (which truncates the base weight)" if self.kasa_config is not None else None
 
     def _check_target_parameters(self) -> None:
         """peft's limits for parameter targets: no module to apply dropout to the input of, nor a layer DoRA or a
@@ -382,6 +412,44 @@ class LoraLinear(LoraDelta):
 
     def base_no_bias(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return F.linear(x, self.canonical(base_layer.weight, base_layer).to(x.dtype))
+
+
+class LoraVariantLinear(LoraLinear):
+    """LoRA on a Linear / Conv1D whose adapter uses a variant (``methods/lora_variants.py``): the update, its weight
+    and the layer's output are the variant's (``variant``, set by :func:`_build`); the fused and batched plain-LoRA
+    paths, which read ``A`` and ``B`` as plain factors, are not taken."""
+
+    variant: LoraVariant
+
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.variant.lora_forward(self, x)
+
+    def lora_weight(self) -> torch.Tensor:
+        return self.variant.lora_weight(self)
+
+    add_update = LoraDelta.add_update
+    add_lora_weight = LoraDelta.add_lora_weight
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return self.variant.forward(self, self.adapter_input(x), base_out, base_layer)
+
+    def gatherable(self) -> bool:
+        return False
+
+    def factors(self) -> LowRank:
+        raise AdapterStateError(f"add_weighted_adapter cannot combine adapters with {self.variant.field}: their "
+                                f"update is not the plain product B A it combines")
+
+    def check_mergeable(self, base_layer: nn.Module) -> None:
+        super().check_mergeable(base_layer)
+        if self.variant.merge_refusal is not None:
+            raise AdapterStateError(self.variant.merge_refusal)
+
+    @classmethod
+    def batched_forward(
+        cls, groups: Sequence[tuple[Delta, torch.Tensor]], x: torch.Tensor, out: torch.Tensor, base_layer: nn.Module
+    ) -> torch.Tensor:
+        return Delta.batched_forward.__func__(cls, groups, x, out, base_layer)  # each group's own forward
 
 
 class LoraConv(LoraDelta):
@@ -696,11 +764,17 @@ _LAYER_CLASSES: tuple[tuple[tuple[type[nn.Module], ...], type[LoraDelta]], ...] 
 )
 
 
-def rewrites_base_weights(config: LoraConfig) -> bool:
+def _init_from_base(config: LoraConfig) -> bool:
     """Whether the init scheme is computed from the base weight (PiSSA / OLoRA), which then keeps the residual
-    ``W₀ − BA``: a failed load must put the base weights back."""
+    ``W₀ − BA``."""
     scheme = config.init_lora_weights
     return isinstance(scheme, str) and scheme != "gaussian"
+
+
+def rewrites_base_weights(config: LoraConfig) -> bool:
+    """Whether building the adapter writes to the base weight (PiSSA / OLoRA's residual, KaSA's truncation): a failed
+    load must put the base weights back."""
+    return _init_from_base(config) or config.kasa_config is not None
 
 
 def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
@@ -736,7 +810,9 @@ def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
             f"{name}: lora_bias=True supports Linear, Conv1D and Conv layers, not {type(base_layer).__name__} "
             f"(peft refuses it there too); leave the layer out of target_modules or set lora_bias=False"
         )
-    if rewrites_base_weights(config) and not isinstance(base_layer, (nn.Linear, Conv1D)):
+    linear_like = isinstance(base_layer, (nn.Linear, Conv1D))
+    lora_variants.check_target(config, base_layer, name, linear_like)
+    if _init_from_base(config) and not linear_like:
         raise TargetError(f"{name}: init_lora_weights={scheme!r} supports Linear and Conv1D layers only")
 
 
@@ -744,16 +820,18 @@ def make_delta(config: LoraConfig, base_layer: nn.Module, name: str) -> LoraDelt
     """Build and initialise the LoRA delta for ``base_layer`` (module ``name``, which :func:`check_target` has
     accepted), honouring rank/alpha patterns."""
     cls = next(c for types, c in _LAYER_CLASSES if isinstance(base_layer, types))
+    if cls is LoraLinear and lora_variants.selected(config) is not None:
+        cls = LoraVariantLinear
     r = pattern_value(config.rank_pattern, name, config.r)
     alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
     parts = ()
     if cls is LoraMultiheadAttention:  # out_proj takes the attention module's rank and alpha, as in peft
         parts = (_build(LoraLinear, config, unwrap(base_layer.out_proj), r, alpha),)
-    return _build(cls, config, base_layer, r, alpha, *parts)
+    return _build(cls, config, base_layer, r, alpha, *parts, name=name)
 
 
 def _build(cls: type[LoraDelta], config: LoraConfig, base_layer: nn.Module, r: int, alpha: float,
-           *parts: LoraDelta) -> LoraDelta:
+           *parts: LoraDelta, name: str = "") -> LoraDelta:
     """A ``cls`` delta for ``base_layer``, initialised; ``parts`` go to its constructor before ``r``."""
     weight = cls.base_weight(base_layer)
     dtype = adapter_dtype(weight.dtype)
@@ -763,12 +841,14 @@ def _build(cls: type[LoraDelta], config: LoraConfig, base_layer: nn.Module, r: i
         delta = cls(base_layer, *parts, r, alpha, config.lora_dropout, config.use_rslora, **extra)
     delta.to_empty(device=weight.device).to(dtype)
     scheme = config.init_lora_weights
-    if rewrites_base_weights(config):
+    if _init_from_base(config):
         _init_from_weight(delta, base_layer, scheme)
     elif weight.device.type != "meta":
         _init_ab(delta, scheme)
     if config.use_dora:
         delta.dora = DoraVariant.for_delta(delta, base_layer)
+    if isinstance(delta, LoraVariantLinear):
+        delta.variant = lora_variants.selected(config).attach(config, delta, base_layer, name)
     delta.replicated = bool(config.layer_replication)
     return delta
 
@@ -873,6 +953,13 @@ def check_weight_tying(config: LoraConfig, model: nn.Module, targets: Mapping[st
                 f"default) or use trainable_token_indices, whose rows the tied modules always share"
             )
     return config
+
+
+def resolve_config(config: LoraConfig, model: nn.Module, targets: Mapping[str, nn.Module]) -> LoraConfig:
+    """``LayerMethod.resolve_config``: the checks against the model, ``ensure_weight_tying`` and KaSA's rule that
+    KaSA and other adapters do not share a model."""
+    _check_kasa_model(config, model)
+    return check_weight_tying(config, model, targets)
 
 
 def token_targets(config: LoraConfig, model: nn.Module) -> list[str]:
@@ -983,5 +1070,6 @@ METHOD = LayerMethod(
     extra_targets=token_targets,
     make_extra_delta=make_token_delta,
     prepare_model=replicate_layers,
-    resolve_config=check_weight_tying,
+    resolve_config=resolve_config,
+    model_functions={"_get_kasa_loss": kasa_loss, "_get_monteclora_loss": monteclora_loss},
 )
