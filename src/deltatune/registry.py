@@ -60,6 +60,7 @@ _METHOD_MODULES: dict[str, str] = {
     "SUPERTUNING": "deltatune.methods.supertuning",
     "LILY": "deltatune.methods.lily",
     "GLORA": "deltatune.methods.glora",
+    "DEFT": "deltatune.methods.deft",
 }
 
 
