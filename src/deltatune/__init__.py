@@ -18,6 +18,7 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
+from .conversion import convert_to_lora, save_as_lora
 from .config import LayerConfig, PeftConfig, PeftType, PromptLearningConfig, TaskType
 from .errors import (
     AdapterLoadError,
@@ -88,12 +89,14 @@ _CORE_NAMES = [
     "TargetError",
     "TaskType",
     "atomic_write_files",
+    "convert_to_lora",
     "get_layer_status",
     "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "prepare_model_for_kbit_training",
+    "save_as_lora",
     "set_peft_model_state_dict",
 ]
 
