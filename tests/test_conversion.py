@@ -131,6 +131,9 @@ def test_what_cannot_convert_is_refused_by_name_and_the_model_is_unchanged():
     with pytest.raises(dt.AdapterStateError, match="unmerge first"):
         dt.convert_to_lora(model, rank=2)
 
+    pissa = _adapted(dt.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+    with pytest.raises(dt.ConfigError, match="init_lora_weights='pissa', which rewrote the base weights"):
+        dt.convert_to_lora(pissa, rank=2)
     biased = _adapted(dt.LoraConfig(r=4, target_modules=["q_proj"], bias="all"))
     with pytest.raises(dt.ConfigError, match="bias='all'"):
         dt.convert_to_lora(biased, rank=2)

@@ -26,7 +26,8 @@ from .files import adapter_files, write_adapters
 from .functional import get_peft_model_state_dict
 from .layers import AdapterLayer, adapter_layers, save_wrappers
 from .model import PeftModel
-from .registry import get_method
+from .registry import LayerMethod, get_method
+from .resolve import rewriting_option
 
 __all__ = ["convert_to_lora", "save_as_lora"]
 
@@ -56,6 +57,11 @@ def convert_to_lora(
     root = model.get_base_model() if isinstance(model, PeftModel) else model
     prefix = LAYER_KEY_PREFIX if isinstance(model, PeftModel) else ""
     source = getattr(model, "peft_config", {}).get(adapter_name)
+    method = get_method(source.peft_type) if source is not None else None
+    if isinstance(method, LayerMethod) and method.rewrites_base_weights and method.rewrites_base_weights(source):
+        raise ConfigError(f"convert_to_lora: adapter {adapter_name!r} was built with {rewriting_option(source)}, which "
+                          f"rewrote the base weights; a LoRA converted from it would only be right on those rewritten "
+                          f"weights (save it with path_initial_model_for_weight_conversion for a LoRA on the original)")
     if source is not None and getattr(source, "bias", "none") != "none":
         raise ConfigError(f"convert_to_lora: adapter {adapter_name!r} has bias={source.bias!r}; a LoRA adapter cannot "
                           f"carry the bias terms it trained (only bias='none' converts)")

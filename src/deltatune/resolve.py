@@ -82,7 +82,7 @@ def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resol
     targets: dict[str, nn.Module] = {}
     for name in names:
         base = unwrap(model.get_submodule(name))
-        quant.check_target(base, name, config.peft_type.value, _rewriting_option(config) if rewrites else None)
+        quant.check_target(base, name, config.peft_type.value, rewriting_option(config) if rewrites else None)
         if _adapted_parameters(model.get_submodule(name)):
             raise TargetError(
                 f"module {name!r} has parameters adapted through target_parameters by another adapter, so it cannot "
@@ -194,7 +194,7 @@ def _adapted_parameters(module: nn.Module) -> list[str] | None:
     return names[::-1]
 
 
-def _rewriting_option(config: LayerConfig) -> str:
+def rewriting_option(config: LayerConfig) -> str:
     """The config option that makes a method rewrite base weights, for messages (LoRA's PiSSA / OLoRA init): the
     config's own ``rewriting_option`` where it has one (LoRA's KaSA)."""
     named = getattr(config, "rewriting_option", None)
