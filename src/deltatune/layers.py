@@ -97,6 +97,14 @@ class Delta(nn.Module):
         parts = [delta(x.index_select(0, rows), out.index_select(0, rows), base_layer) for delta, rows in groups]
         return out.index_copy(0, torch.cat([rows for _, rows in groups]), torch.cat(parts))
 
+    def weighted_forward(
+        self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """``base_out`` plus this delta's additive update scaled per token by ``weight`` (broadcast against the
+        update, e.g. ``(B, T, 1)``): how a routing method (X-LoRA) mixes experts token by token
+        (:attr:`AdapterLayer.token_weights`). Only methods whose update is additive implement it."""
+        raise AdapterStateError(f"{type(self).__name__} cannot be weighted per token (it is not an additive update)")
+
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         """The additive change to ``base_layer.weight``, in that weight's own layout and dtype."""
         raise NotImplementedError
@@ -194,6 +202,10 @@ class AdapterLayer(_Wrapper):
         # The parameters before the first merge, kept while anything is merged when a delta here reads them
         # (Delta.merges_from_original).
         self._original: dict[str, torch.Tensor] | None = None
+        # Per-token weights of some active deltas, set by a routing method (X-LoRA): called on every forward, it
+        # returns ``{adapter name: weight}`` (``None``: none now), and those deltas run through
+        # :meth:`Delta.weighted_forward`.
+        self.token_weights: Callable[[AdapterLayer], Mapping[str, torch.Tensor] | None] | None = None
         self.set_base(base_layer)
 
     def set_base(self, base_layer: nn.Module) -> None:
@@ -254,7 +266,8 @@ class AdapterLayer(_Wrapper):
                     f"run one adapter per batch"
                 )
             return self._mixed_forward(plan, *args, **kwargs)
-        deltas = [self.deltas[n] for n in self.active_adapters if n not in self.merged_adapters]
+        names = [n for n in self.active_adapters if n not in self.merged_adapters]
+        deltas = [self.deltas[n] for n in names]
         view = self._view
         if deltas and deltas[0].run_layer is not None:  # the deltas run the layer themselves (Delta.run_layer)
             return deltas[0].run_layer(deltas, self.base_layer, *args, **kwargs)
@@ -266,8 +279,10 @@ class AdapterLayer(_Wrapper):
             if delta.transforms_input:
                 base_in = delta.transform_input(base_in)
         out = self.base_layer(base_in, *args, **kwargs)
-        for delta in deltas:
-            out = delta(x, out, view)
+        weights = self.token_weights(self) if self.token_weights is not None else None
+        for name, delta in zip(names, deltas):
+            weight = None if weights is None else weights.get(name)
+            out = delta(x, out, view) if weight is None else delta.weighted_forward(x, out, view, weight)
         return out
 
     def _mixed_forward(self, plan: RowPlan, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -306,6 +306,20 @@ class LoraDelta(Delta):
             return self.dora.forward(self, x, base_out, base_layer)
         return self.add_update(base_out, x)
 
+    def weighted_forward(
+        self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """``base_out + weight · scaling · B A x``: a per-token weight ``(..., 1)`` commutes with the linear factors
+        (X-LoRA scales the input, ``B A (w x)``, which is the same). Not for DoRA or ``lora_bias`` (not additive in
+        ``x`` alone), which are refused."""
+        if self.dora is not None or self.lora_bias is not None:
+            raise AdapterStateError(
+                f"a LoRA adapter with {'use_dora' if self.dora is not None else 'lora_bias'}=True cannot be weighted "
+                f"per token (its update is not B A x alone); use plain LoRA adapters"
+            )
+        update = self.lora_forward(self.adapter_input(x))  # (..., out)
+        return accumulate(base_out, update * weight.to(update.dtype), self.scaling)
+
     @classmethod
     def batched_forward(
         cls, groups: Sequence[tuple[Delta, torch.Tensor]], x: torch.Tensor, out: torch.Tensor, base_layer: nn.Module
