@@ -28,7 +28,7 @@ from .errors import AdapterLoadError, DeltatuneError
 from . import quant
 from .inject import build_deltas
 from .layers import AdapterLayer, Delta, ModulesToSaveWrapper, adapter_layers
-from .registry import LayerMethod, PromptMethod, get_method
+from .registry import LayerMethod, PromptMethod, RouterMethod, get_method
 from .resolve import resolve
 from .targeting import BiasScope
 
@@ -427,11 +427,13 @@ def check_planned_size(
     A prompt adapter's planned size is its saved table (``num_virtual_tokens × token_dim × ...``).
     """
     method = get_method(config.peft_type)
-    if not isinstance(method, LayerMethod):  # a prompt method: the saved table is what loading allocates
+    if isinstance(method, RouterMethod):  # its own module; the experts are loaded (and checked) as adapters
+        planned: int | None = method.planned_size(config)
+    elif not isinstance(method, LayerMethod):  # a prompt method: the saved table is what loading allocates
         try:
             planned_config = copy.deepcopy(config)
             prompt.fill_dimensions(planned_config, model, method.strategy)
-            planned: int | None = math.prod(method.strategy.table_shape(planned_config))
+            planned = math.prod(method.strategy.table_shape(planned_config))
         except Exception:  # dimensions it cannot read: building the encoder reports them
             return
         _check_prompt_encoder_size(model, planned_config, method, config_source)

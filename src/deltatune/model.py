@@ -38,7 +38,7 @@ from .files import (
 )
 from .fingerprint import METADATA_KEY, base_fingerprint, check_base
 from .layers import adapter_layers, batch_adapters
-from .registry import LayerMethod, PromptMethod, get_method
+from .registry import LayerMethod, PromptMethod, RouterMethod, get_method
 from .resolve import resolve
 from .targeting import trained_biases
 
@@ -153,8 +153,9 @@ class AdapterModel(nn.Module):
         except AttributeError:
             if name in ("model", "peft_config"):
                 raise
-            for _, _, method in self._layer_methods():
-                if name in (method.model_functions or {}):
+            methods = [get_method(c.peft_type) for c in getattr(self, "peft_config", {}).values()]
+            for method in methods:
+                if not isinstance(method, PromptMethod) and name in (method.model_functions or {}):
                     return functools.partial(method.model_functions[name], self)
             return getattr(self.model, name)
 
@@ -262,6 +263,9 @@ class PeftModel(nn.Module):
             config.modules_to_save = names = names + [n for n in self.default_modules_to_save if n not in names]
         if isinstance(method, PromptMethod):
             self.prompt_encoder[adapter_name] = prompt.make_prompt_encoder(base, config, method)
+        elif isinstance(method, RouterMethod):  # loads its experts as adapters of their own first
+            directory = config.__dict__.pop("_read_from", None)
+            self.base_model.shared_state[adapter_name] = method.attach(self, adapter_name, config, directory)
         else:
             with inject.prepared_model(base, config, method):
                 resolved = resolve(base, config, method)
@@ -290,7 +294,12 @@ class PeftModel(nn.Module):
         self._refresh()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an inactive adapter; a router adapter (X-LoRA) takes its experts with it, and an expert cannot be
+        deleted while its router exists."""
         self._check_exists(adapter_name)
+        owner = next((n for n, router in self._routers() if adapter_name in router.experts), None)
+        if owner is not None:
+            raise AdapterStateError(f"adapter {adapter_name!r} is an expert of {owner!r}; delete {owner!r} instead")
         if adapter_name in self._active:
             raise AdapterStateError(
                 f"adapter {adapter_name!r} is active; set_adapter() to another adapter before deleting it"
@@ -300,11 +309,24 @@ class PeftModel(nn.Module):
         self._refresh()
 
     def _remove_adapter_modules(self, adapter_name: str) -> None:
+        router = dict(self._routers()).get(adapter_name)
+        if router is not None:
+            router.detach()
+            for expert in router.experts:
+                if expert in self.peft_config:
+                    inject.remove_adapter(self.get_base_model(), expert)
+                    del self.peft_config[expert]
         inject.remove_adapter(self.get_base_model(), adapter_name)
         if adapter_name in self.prompt_encoder:
             del self.prompt_encoder[adapter_name]
         if adapter_name in self.base_model.shared_state:
             del self.base_model.shared_state[adapter_name]
+
+    def _routers(self) -> Iterator[tuple[str, nn.Module]]:
+        """``(adapter name, router module)`` of each router adapter (``registry.RouterMethod``: X-LoRA)."""
+        for name, config in self.peft_config.items():
+            if isinstance(get_method(config.peft_type), RouterMethod) and name in self.base_model.shared_state:
+                yield name, self.base_model.shared_state[name]
 
     def _check_exists(self, name: str) -> None:
         if name not in self.peft_config:
@@ -313,8 +335,14 @@ class PeftModel(nn.Module):
     def _refresh(self) -> None:
         """Re-derive per-layer active sets and ``requires_grad`` from the active adapters and their configs."""
         base = self.get_base_model()
-        inject.set_active(base, self._active)
-        trainable = [n for n in self._active if not self.peft_config[n].inference_mode]
+        routers = dict(self._routers())
+        # an active router's experts are active too (weighted by the router; they train when it trains them)
+        active = [e for n in self._active for e in (n, *(routers[n].experts if n in routers else ()))]
+        active = [n for n in active if n in self.peft_config]  # a router's experts load before its own config
+        inject.set_active(base, active)
+        for name, router in routers.items():
+            router.set_active(name in self._active)
+        trainable = [n for n in active if not self.peft_config[n].inference_mode]
         biases = next((trained_biases(self.peft_config[n]) for n in trainable), "none")
         inject.mark_trainable(base, trainable, biases)
         for name, encoder in self.prompt_encoder.items():
@@ -421,6 +449,12 @@ class PeftModel(nn.Module):
                     f"adapter {name!r} is {self.peft_config[name].peft_type.value}: prompt methods have no weights to "
                     f"merge (they feed the model inputs); keep using the PeftModel, or merge a layer adapter instead"
                 )
+            routed = [n for n, router in self._routers() if n == name or n in self._active and name in router.experts]
+            if routed:
+                raise AdapterStateError(
+                    f"adapter {name!r} cannot be merged: {routed[0]!r} ({self.peft_config[routed[0]].peft_type.value}) "
+                    f"weighs its experts per token, which no merged weight can express; keep it unmerged"
+                )
         errors = inject.merge(self.get_base_model(), names, safe_merge=safe_merge,
                               max_quantized_error=max_merge_error, dequantize=dequantize)
         self.quantized_merge_errors = errors
@@ -464,6 +498,8 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove all adapters without merging and return the base model exactly as it was."""
         base = self.get_base_model()
+        for _, router in self._routers():
+            router.detach()
         inject.unmerge(base)
         return inject.unload(base, keep_trained_copies=False)
 
@@ -829,6 +865,8 @@ def _read_adapter(
         tensors, source = read_weights(model_id, safetensors_only=safetensors_only, **hub)
         if directory_version(directory) == version:
             break
+    if isinstance(get_method(read.peft_type), RouterMethod):  # its experts are saved beside it (RouterMethod.attach)
+        read.__dict__["_read_from"] = directory
     metadata = read_safetensors_header(source).get("__metadata__", {}) if source.endswith(".safetensors") else {}
     return read, config_source, tensors, source, metadata.get(METADATA_KEY)
 

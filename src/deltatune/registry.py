@@ -1,10 +1,10 @@
 """The one place a method is registered: its ``peft_type`` -> the module that implements it.
 
-Each method module defines a module-level ``METHOD`` (a :class:`LayerMethod` or :class:`PromptMethod`) and lists its
-public names (its config, ...) in ``__all__``, which ``deltatune`` exports. Modules are imported lazily so that
-importing deltatune stays cheap and a broken optional method cannot break the others. Adding a method is one file in
-``methods/`` plus one line in ``_METHOD_MODULES``; :data:`PeftType` takes its members from those lines. This module
-imports no config (configs import it), so it names methods by string.
+Each method module defines a module-level ``METHOD`` (a :class:`LayerMethod`, :class:`PromptMethod` or
+:class:`RouterMethod`) and lists its public names (its config, ...) in ``__all__``, which ``deltatune`` exports.
+Modules are imported lazily so that importing deltatune stays cheap and a broken optional method cannot break the
+others. Adding a method is one file in ``methods/`` plus one line in ``_METHOD_MODULES``; :data:`PeftType` takes its
+members from those lines. This module imports no config (configs import it), so it names methods by string.
 """
 
 from __future__ import annotations
@@ -178,7 +178,34 @@ class PromptMethod:
     mixed_batches: bool = False
 
 
-def get_method(peft_type: PeftType | str, *, source: str = "config") -> LayerMethod | PromptMethod:
+@dataclass(frozen=True)
+class RouterMethod:
+    """A method whose adapter routes between adapters of another method, each loaded from files of its own, with a
+    small module of its own (X-LoRA: a classifier that weighs LoRA experts per token).
+
+    Attributes:
+        config_class: The method's config dataclass.
+        attach: ``(peft_model, adapter_name, config, directory) -> router``: load the experts into ``peft_model`` as
+            adapters of their own (``router.experts`` names them; ``directory``: where a saved router adapter was read
+            from, ``None`` for a new one), install what routing needs and return the router module, which the
+            ``PeftModel`` keeps in ``base_model.shared_state[adapter_name]``: its ``state_dict()`` is the adapter's
+            file (``base_model.<key>``). The router also has ``set_active(active: bool)``, called whenever the active
+            adapters change (an active router's experts are active in the layers and train with it), and
+            ``detach()``, called before it is removed, which undoes what ``attach`` installed.
+        planned_size: ``(config) -> int``: the parameters of the router's own module, which the loading guard
+            compares with the file before anything is allocated.
+        model_functions: As :attr:`LayerMethod.model_functions` (X-LoRA's ``get_latest_scalings``, ...).
+        mixed_batches: Always ``False``: routing weighs the experts per token, not per row.
+    """
+
+    config_class: type
+    attach: Callable[..., nn.Module]
+    planned_size: Callable[[Any], int]
+    model_functions: dict[str, Callable[..., Any]] | None = None
+    mixed_batches: bool = False
+
+
+def get_method(peft_type: PeftType | str, *, source: str = "config") -> LayerMethod | PromptMethod | RouterMethod:
     """The implementation registered for ``peft_type``.
 
     Raises:
