@@ -47,8 +47,12 @@ def _cases() -> list[Any]:
 CELLS = _cases()
 
 
+# Routers load their experts from files under fixed adapter names, which a static config cannot provide here.
+_COVERED_ELSEWHERE = {"XLoraConfig": "tests/test_xlora.py::test_no_api_modifies_the_users_config"}
+
+
 def test_every_registered_method_is_covered() -> None:
-    classes = {cell.values[1] for cell in CELLS}
+    classes = {cell.values[1] for cell in CELLS} | set(_COVERED_ELSEWHERE)
     assert {getattr(dt, cls).peft_type for cls in classes} == set(supported_types())
 
 

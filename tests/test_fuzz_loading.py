@@ -96,7 +96,7 @@ def _seed_adapters(root: Path) -> dict[str, Files]:
                 if "default" in param_name and param.is_floating_point():
                     param.add_(torch.randn_like(param) * 0.1)
         model.save_pretrained(root / name)
-        seeds[name] = {p.name: p.read_bytes() for p in (root / name).iterdir()}
+        seeds[name] = {p.name: p.read_bytes() for p in (root / name).iterdir() if p.is_file()}  # not X-LoRA's experts
     tensors = st_load(seeds["lora"][ST])
     buffer = io.BytesIO()
     torch.save(tensors, buffer)

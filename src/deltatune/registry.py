@@ -61,6 +61,7 @@ _METHOD_MODULES: dict[str, str] = {
     "LILY": "deltatune.methods.lily",
     "GLORA": "deltatune.methods.glora",
     "DEFT": "deltatune.methods.deft",
+    "XLORA": "deltatune.methods.xlora",
 }
 
 
