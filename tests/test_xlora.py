@@ -217,3 +217,8 @@ def test_no_api_modifies_the_users_config(experts, tmp_path) -> None:
     assert config == before and loaded.peft_config["default"] is not config
     loaded.set_topk_lora(2)
     assert config == before and loaded.peft_config["default"].top_k_lora == 2
+
+
+def test_inject_adapter_in_model_is_refused(experts) -> None:
+    with pytest.raises(ConfigError, match="not a layer method"):
+        dt.inject_adapter_in_model(dt.XLoraConfig(**_kwargs(experts)), tiny_llama())

@@ -54,7 +54,8 @@ def inject_adapter_in_model(
         state_dict: Adapter weights in the saved format (``<path>.lora_A.weight``, ...) to load right away.
 
     Raises:
-        ConfigError: ``peft_config`` belongs to a prompt method, or ``low_cpu_mem_usage`` without ``state_dict``.
+        ConfigError: ``peft_config`` belongs to a prompt or router method, or ``low_cpu_mem_usage`` without
+            ``state_dict``.
         TargetError: the targets match nothing or a module the method cannot adapt.
     """
     if low_cpu_mem_usage and state_dict is None:
@@ -65,8 +66,9 @@ def inject_adapter_in_model(
     method = get_method(peft_config.peft_type)
     if not isinstance(method, LayerMethod):
         raise ConfigError(
-            f"{peft_config.peft_type.value} is a prompt method: it feeds the model extra inputs, which needs the "
-            f"PeftModel wrapper; use get_peft_model(model, config) instead of inject_adapter_in_model"
+            f"{peft_config.peft_type.value} is not a layer method (prompt methods feed the model extra inputs, "
+            f"routers such as X-LoRA load experts and run a second pass), which needs the PeftModel wrapper; use "
+            f"get_peft_model(model, config) instead of inject_adapter_in_model"
         )
     if any(adapter_name in layer.deltas for _, layer in adapter_layers(model)):
         raise AdapterStateError(f"the model already has an adapter named {adapter_name!r}; choose another name")

@@ -127,7 +127,8 @@ class XLoraConfig(PeftConfig):
         if self.enable_softmax_topk and self.top_k_lora is None:
             warnings.warn("enable_softmax_topk without top_k_lora renormalises all scalings (as in peft)", stacklevel=3)
         if self.enable_softmax_topk and self.enable_softmax:
-            warnings.warn("enable_softmax_topk and enable_softmax are both on: two softmaxes (as in peft)", stacklevel=3)
+            warnings.warn("enable_softmax_topk and enable_softmax are both on: two softmaxes (as in peft)",
+                          stacklevel=3)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
