@@ -385,8 +385,11 @@ def attach(peft_model: nn.Module, adapter_name: str, config: XLoraConfig, direct
         for layer in layers:
             for name in loaded:
                 if name in layer.deltas and type(layer.deltas[name]) not in (LoraLinear, LoraEmbedding):
-                    raise ConfigError(f"X-LoRA expert {name!r} adapts a {type(layer.base_layer).__name__}; X-LoRA "
-                                      f"weighs LoRA on Linear, Conv1D and Embedding layers only")
+                    variant = getattr(layer.deltas[name], "variant", None)
+                    what = f"the LoRA variant {variant.field}" if variant is not None else \
+                        f"LoRA on a {type(layer.base_layer).__name__}"
+                    raise ConfigError(f"X-LoRA expert {name!r} uses {what}; X-LoRA weighs plain LoRA on Linear, "
+                                      f"Conv1D and Embedding layers only (as peft, which reads A and B directly)")
         weight = next(p for p in model.parameters() if p.is_floating_point())
         router = XLoraRouter(config, loaded, layers, weight.dtype, weight.device)
     except BaseException:
