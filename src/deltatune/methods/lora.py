@@ -44,6 +44,7 @@ from ..kernels import LowRank, accumulate, add_low_rank, add_low_rank_rows, inde
 from ..layers import AdapterLayer, Delta, unwrap
 from ..registry import LayerMethod
 from ..targeting import find_modules_to_save, iter_candidates, name_matches, pattern_value
+from .alora import ActivatedLora, check_invocation_tokens
 from .common import adapter_dtype, check_dropout, check_patterns, check_scale
 from . import lora_variants
 from ._lora_variant import LoraVariant
@@ -95,6 +96,10 @@ class LoraConfig(LayerConfig):
             before the adapter is added (``[[0, 4], [2, 5]]`` turns layers 0-4 into 0 1 2 3 2 3 4), as peft does: the
             copies share the base weights, each copy gets its own adapter, and the model stays that deep (also after
             ``unload``). Such an adapter does not merge (the copies' updates would meet in one shared weight).
+        alora_invocation_tokens: Activated LoRA (``methods/alora.py``): the token ids that invoke the adapter; it
+            applies only from the start of their last occurrence in each row on, so everything before (and its KV
+            cache) is the base model's. Linear / Conv1D targets only; not merged; not with DoRA or a data-driven
+            init. ``forward`` / ``generate`` also take peft's ``alora_offsets`` (per row, counted from the end).
         ensure_weight_tying: Keep the adapters of tied layers (an LM head sharing the input embedding's weight)
             tied. For ``trainable_token_indices`` deltatune always does (the head follows the rows); tied layers in
             ``target_modules`` or ``modules_to_save`` (where peft shares LoRA factors or copies between them) are not
@@ -134,12 +139,13 @@ class LoraConfig(LayerConfig):
     use_bdlora: BdLoraConfig | dict | None = None
     use_qalora: bool = False
     qalora_group_size: int = 16
+    alora_invocation_tokens: list[int] | None = None
 
     # peft LoRA features not implemented here; a file that switches one on is refused (see config.py).
     _unsupported: ClassVar[dict[str, Any]] = {
         **dict.fromkeys(
             (
-                "loftq_config", "eva_config", "corda_config", "megatron_config", "alora_invocation_tokens", "arrow_config",
+                "loftq_config", "eva_config", "corda_config", "megatron_config", "arrow_config",
                 "lora_ga_config",
             )
         ),
@@ -169,6 +175,7 @@ class LoraConfig(LayerConfig):
             )
         self._check_target_parameters()
         lora_variants.check_config(self)
+        self.alora_invocation_tokens = check_invocation_tokens(self, rewrites_base_weights(self))
         replication = self.layer_replication
         if replication is not None and not (
             isinstance(replication, (list, tuple)) and replication
@@ -209,7 +216,7 @@ class LoraConfig(LayerConfig):
         if not names:
             return
         clashes = {"lora_dropout": self.lora_dropout != 0, "use_dora": self.use_dora, "lora_bias": self.lora_bias,
-                   "fan_in_fan_out": self.fan_in_fan_out}
+                   "fan_in_fan_out": self.fan_in_fan_out, "alora_invocation_tokens": self.alora_invocation_tokens}
         for name, clash in clashes.items():
             if clash:
                 raise ConfigError(
@@ -238,6 +245,7 @@ class LoraDelta(Delta):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.dora: DoraVariant | None = None
+        self.alora: ActivatedLora | None = None  # aLoRA: the update applies from the invocation tokens on
         self.replicated = False  # the adapter of a layer_replication copy: its base weight is shared, it never merges
 
     # --- what a layer type supplies -------------------------------------------------------------------------
@@ -304,6 +312,8 @@ class LoraDelta(Delta):
         x = self.adapter_input(x)
         if self.dora is not None:
             return self.dora.forward(self, x, base_out, base_layer)
+        if self.alora is not None:
+            return self.alora.apply(base_out, self.lora_forward(x) * self.scaling)
         return self.add_update(base_out, x)
 
     def weighted_forward(
@@ -328,7 +338,10 @@ class LoraDelta(Delta):
         of the group's inputs, one indexed add; no copy of the whole output per adapter). DoRA groups, whose output
         is a rescaling rather than an addition, take the generic path."""
         for delta, rows in groups:
-            if delta.dora is None:
+            if delta.alora is not None:  # its rows' own invocation offsets
+                update = delta.lora_forward(delta.adapter_input(x.index_select(0, rows))) * delta.scaling
+                out = out.index_copy(0, rows, delta.alora.apply(out.index_select(0, rows), update, len(x), rows))
+            elif delta.dora is None:
                 update = delta.lora_forward(delta.adapter_input(x.index_select(0, rows)))  # (rows, ..., out)
                 out = index_accumulate(out, rows, update, delta.scaling)
         return super().batched_forward([(d, rows) for d, rows in groups if d.dora is not None], x, out, base_layer)
@@ -345,6 +358,8 @@ class LoraDelta(Delta):
         return getattr(b, "bias", None)
 
     def check_mergeable(self, base_layer: nn.Module) -> None:
+        if self.alora is not None:
+            self.alora.check_mergeable()
         if self.replicated:
             raise AdapterStateError(
                 "this adapter uses layer_replication: the copies of a layer share its weight, so their updates cannot "
@@ -398,7 +413,7 @@ class LoraLinear(LoraDelta):
     def gatherable(self) -> bool:
         """Whether this delta's rows can join the gathered batched matmul of a mixed batch: plain LoRA without
         ``lora_bias``, no dropout mask to draw, both factors in one dtype."""
-        return (self.dora is None and not self.dropout_active() and self.lora_B.bias is None
+        return (self.dora is None and self.alora is None and not self.dropout_active() and self.lora_B.bias is None
                 and self.lora_A.weight.dtype == self.lora_B.weight.dtype)
 
     @classmethod
@@ -826,6 +841,9 @@ def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
         )
     linear_like = isinstance(base_layer, (nn.Linear, Conv1D))
     lora_variants.check_target(config, base_layer, name, linear_like)
+    if config.alora_invocation_tokens and not linear_like:
+        raise TargetError(f"{name}: alora_invocation_tokens supports Linear and Conv1D layers only (as peft), not "
+                          f"{type(base_layer).__name__}; leave the layer out of target_modules")
     if _init_from_base(config) and not linear_like:
         raise TargetError(f"{name}: init_lora_weights={scheme!r} supports Linear and Conv1D layers only")
 
@@ -863,6 +881,8 @@ def _build(cls: type[LoraDelta], config: LoraConfig, base_layer: nn.Module, r: i
         delta.dora = DoraVariant.for_delta(delta, base_layer)
     if isinstance(delta, LoraVariantLinear):
         delta.variant = lora_variants.selected(config).attach(config, delta, base_layer, name)
+    if config.alora_invocation_tokens:
+        delta.alora = ActivatedLora(config.alora_invocation_tokens)
     delta.replicated = bool(config.layer_replication)
     return delta
 
