@@ -509,21 +509,42 @@ class PeftModel(nn.Module):
         :class:`~deltatune.rows.RowPlan` to share its groups across calls), ``task_ids`` one task index per row for a
         multitask prompt adapter."""
         self._check_row_adapters(adapter_names)
+        scope = self._alora_scope(args, kwargs, "input_ids")
         call = self._prompt_call(adapter_names, task_ids)
         if call is not None:
             return prompt.prompt_forward(self.get_base_model(), *call, self.prompt_task, args, kwargs, task_ids)
-        with batch_adapters(adapter_names):
+        with batch_adapters(adapter_names), scope:
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, task_ids: Any = None, **kwargs):
         """The base model's ``generate()`` (KV cache on), optionally with one adapter (``adapter_names``) or one
         task (``task_ids``, multitask prompt tuning) per input row."""
         self._check_row_adapters(adapter_names)
+        scope = self._alora_scope(args, kwargs, "input_ids", "inputs")
         call = self._prompt_call(adapter_names, task_ids)
         if call is not None:
             return prompt.prompt_generate(self.get_base_model(), *call, args, kwargs, task_ids)
-        with batch_adapters(adapter_names):
+        with batch_adapters(adapter_names), scope:  # offsets from the prompt, for every step (methods/alora.py)
             return self.get_base_model().generate(*args, **kwargs)
+
+    def _alora_scope(self, args: tuple, kwargs: dict[str, Any], *id_keys: str) -> contextlib.AbstractContextManager:
+        """Where aLoRA adapters find their invocation in this call (:func:`~deltatune.methods.alora.invocation_scope`:
+        the token ids, or peft's ``alora_offsets`` popped from ``kwargs``); nothing for a model without one.
+
+        Raises:
+            ConfigError: ``alora_offsets`` for a model with no aLoRA adapter (it would change nothing).
+        """
+        offsets = kwargs.pop("alora_offsets", None)
+        if not any(getattr(c, "alora_invocation_tokens", None) for c in self.peft_config.values()):
+            if offsets is not None:
+                raise ConfigError("alora_offsets given, but no adapter of this model has alora_invocation_tokens")
+            return contextlib.nullcontext()
+        from .methods.alora import invocation_scope  # loaded already with LoRA; `import deltatune` loads no method
+
+        ids = next((kwargs[k] for k in id_keys if kwargs.get(k) is not None), None)
+        if ids is None and args and isinstance(args[0], torch.Tensor):
+            ids = args[0]
+        return invocation_scope(ids, offsets)
 
     def _prompt_call(self, adapter_names: Sequence[str] | None, task_ids: Any = None) -> tuple | None:
         """``(config, encoder, strategy)`` of the active prompt adapter, or ``None`` when a layer adapter (or none, or
