@@ -61,6 +61,9 @@ def check_servable(path: str, max_rank: int | None = None) -> None:
                           f"adapters per row, which only layer adapters (LoRA, IA3, ...) support")
     if not method.mixed_batches:  # e.g. adaption prompts
         raise ConfigError(f"{source}: {config.peft_type.value} adapters cannot be batched per row, as serving does")
+    if getattr(config, "alora_invocation_tokens", None):  # the engine's decode steps do not carry the prompt's offsets
+        raise ConfigError(f"{source}: an activated LoRA (alora_invocation_tokens) cannot be served yet; use "
+                          f"PeftModel.generate")
     if config.task_type not in (None, TaskType.CAUSAL_LM):
         raise ConfigError(f"{source}: a {config.task_type.value} adapter; serving generates text, which needs a "
                           f"{TaskType.CAUSAL_LM.value} adapter")
