@@ -240,6 +240,82 @@ def test_checkpoint_every_second_layer_recomputes_the_same_gradients() -> None:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def _deep_llama(checkpoint_every: int | None = None) -> tuple[dt.PeftModel, dict]:
+    """A 6-layer Llama with LoRA everywhere, and a training batch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = dt.get_peft_model(LlamaForCausalLM(config), dt.LoraConfig(r=4, target_modules="all-linear"))
+    model.enable_fast_training(compute_dtype=None, checkpoint_every=checkpoint_every)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    return model, {"input_ids": ids, "labels": ids}
+
+
+def _held_after_forward(model: nn.Module, batch: dict) -> int:
+    """Net bytes the CPU allocator handed out during a training forward and still holds at its end (what backward
+    will read), from ``torch.profiler``'s allocation records: an account independent of autograd's saved tensors."""
+    from torch._C._profiler import _ExtraFields_Allocation
+    from torch.profiler import ProfilerActivity, profile
+
+    model.train()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        outputs = model(**batch)
+    total, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if isinstance(node.extra_fields, _ExtraFields_Allocation):
+            total += node.extra_fields.alloc_size
+    del outputs
+    return total
+
+
+def test_the_activation_profile_predicts_what_each_checkpointing_choice_holds() -> None:
+    model, batch = _deep_llama()
+    profile = fast.profile_activations(model, batch)
+    trained = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert profile.static == sum(p.numel() * 4 for p in model.parameters()) + 3 * trained
+    for every in (None, 3, 1):
+        checkpointed, _ = _deep_llama(every)
+        held = _held_after_forward(checkpointed, batch)
+        # within 3% of the step's memory (parameters, gradients, AdamW state and activations)
+        assert abs(profile.saved(every) - held) <= 0.03 * (profile.static + held), (every, profile.saved(every), held)
+    assert profile.saved(None) > profile.saved(3) > profile.saved(1)
+
+
+def test_a_memory_budget_takes_the_least_checkpointing_that_fits() -> None:
+    model, batch = _deep_llama()
+    profile = fast.profile_activations(model, batch)
+    model.disable_fast_training()
+    budget = profile.static + profile.saved(2) + 1  # every 2nd layer fits; every 3rd does not
+    assert profile.static + profile.saved(3) > budget
+    state = model.enable_fast_training(compute_dtype=None, memory_budget=budget, sample_batch=batch)
+    assert state.checkpoint_every == 2
+    assert [layer.gradient_checkpointing for layer in model.get_base_model().model.layers] == [False, True] * 3
+    state = model.enable_fast_training(compute_dtype=None, memory_budget="1GiB", sample_batch=batch)
+    assert state.checkpoint_every is None
+
+
+def test_a_budget_too_small_for_any_checkpointing_is_refused_with_the_figures() -> None:
+    model, batch = _deep_llama()
+    model.disable_fast_training()
+    before = {n: (p.dtype, p.detach().clone()) for n, p in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"memory_budget 0 MiB is too small .* it needs about \d"):
+        model.enable_fast_training(compute_dtype="bf16", memory_budget=1000, sample_batch=batch)
+    assert model.fast_training is None
+    assert all(p.dtype == before[n][0] and torch.equal(p, before[n][1]) for n, p in model.state_dict().items())
+
+
+def test_memory_sizes_parse_as_people_write_them() -> None:
+    assert fast.parse_bytes("6GiB", "b") == 6 * 2**30 and fast.parse_bytes("512 MiB", "b") == 512 * 2**20
+    assert fast.parse_bytes("2GB", "b") == 2 * 10**9 and fast.parse_bytes(4096, "b") == 4096
+    for bad in ("lots", "-1GiB", "0", "3 parsecs", 0, True):
+        with pytest.raises(ConfigError, match="memory_budget must be a positive number of bytes"):
+            fast.parse_bytes(bad, "memory_budget")
+
+
 # --- choices and errors -----------------------------------------------------------------------------------------------
 
 def test_auto_follows_the_hardware_and_the_model() -> None:
@@ -256,6 +332,9 @@ def test_auto_follows_the_hardware_and_the_model() -> None:
     ({"compute_dtype": "int8"}, "compute_dtype"),
     ({"checkpoint_every": 0}, "checkpoint_every"),
     ({"chunk_logits": 0}, "chunk_logits"),
+    ({"memory_budget": "lots"}, "memory_budget must be"),
+    ({"memory_budget": "1GiB"}, "give sample_batch"),
+    ({"sample_batch": {}}, "sample_batch is only read with memory_budget"),
 ])
 def test_bad_options_raise_and_change_nothing(options: dict, match: str) -> None:
     model = dt.get_peft_model(tiny_bert(), dt.LoraConfig(task_type="SEQ_CLS", r=2))

@@ -16,14 +16,17 @@ base is computed, without changing what is trained or saved. Each part is an opt
   (float16 on GPUs without bfloat16) while every adapter parameter, its gradient and the optimizer stay float32; the
   adapters compute in float32 on the rounded activations (the methods' mixed-dtype rule, ``methods/common.py``).
 * **Selective activation checkpointing** (``checkpoint_every``): every k-th decoder layer recomputes its activations
-  in backward (transformers' own per-layer checkpointing, non-reentrant, switched on only for those layers).
+  in backward (transformers' own per-layer checkpointing, non-reentrant, switched on only for those layers). Given a
+  ``memory_budget`` and a sample batch instead, :func:`profile_activations` measures what one forward saves for
+  backward, per layer, and the largest ``k`` whose predicted step memory fits is taken.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -241,7 +244,8 @@ def _decoder_layers(base: nn.Module) -> list[list[nn.Module]]:
 
 def enable_fast_training(
     model: nn.Module, *, chunked_loss: bool | str = "auto", compute_dtype: Any = "auto",
-    checkpoint_every: int | None = None, chunk_logits: int = CHUNK_LOGITS,
+    checkpoint_every: int | None = None, chunk_logits: int = CHUNK_LOGITS, memory_budget: int | str | None = None,
+    sample_batch: Mapping[str, Any] | None = None,
 ) -> FastTraining:
     """Implements :meth:`PeftModel.enable_fast_training` on the ``PeftModel`` ``model`` (whose docstring describes the
     options); checks every option before changing anything."""
@@ -256,6 +260,12 @@ def enable_fast_training(
     if checkpoint_every is not None and (
             not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1):
         raise ConfigError(f"checkpoint_every must be None or an int >= 1; got {checkpoint_every!r}")
+    budget = None if memory_budget is None else parse_bytes(memory_budget, "memory_budget")
+    if budget is not None and (checkpoint_every is not None or sample_batch is None):
+        raise ConfigError("memory_budget chooses checkpoint_every from a sample_batch: give sample_batch (a batch as "
+                          "large as the training batches) and no checkpoint_every")
+    if sample_batch is not None and budget is None:
+        raise ConfigError("sample_batch is only read with memory_budget")
     dtype = _parse_dtype(compute_dtype)
     if chunked_loss:
         why = "prompt adapters run the base model themselves" if model.prompt_encoder else supports_chunked_loss(base)
@@ -269,19 +279,153 @@ def enable_fast_training(
         dtype, why = fast_dtype(device)
         if why:
             notes.append(f"compute dtype float32: {why}")
-    stacks = _decoder_layers(base) if checkpoint_every is not None else []
-    if checkpoint_every is not None and not stacks:
-        raise ConfigError(f"checkpoint_every: {type(base).__name__} has no transformers checkpointable layers")
+    stacks = _decoder_layers(base) if checkpoint_every is not None or budget is not None else []
+    if (checkpoint_every is not None or budget is not None) and not stacks:
+        raise ConfigError(f"{'checkpoint_every' if budget is None else 'memory_budget'}: {type(base).__name__} has "
+                          f"no transformers checkpointable layers")
+    # the profile runs on the cast model; a budget it cannot meet must leave the weights as they were, not rounded
+    originals = [p.data for p in model.parameters()] if budget is not None and dtype is not None else []
     cast = _cast_frozen_base(model, dtype) if dtype is not None else ()
+    state = FastTraining(bool(chunked_loss), dtype, None, chunk_logits, tuple(notes), cast)
+    _install(model, state)
+    if budget is not None:
+        try:
+            checkpoint_every = _fit_budget(model, profile_activations(model, sample_batch), budget)
+        except BaseException:
+            disable_fast_training(model)
+            for param, data in zip(model.parameters(), originals):
+                param.data = data
+            raise
+        del originals
     if checkpoint_every is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for layers in stacks:
             for i, layer in enumerate(layers):
                 layer.gradient_checkpointing = i % checkpoint_every == checkpoint_every - 1
-    state = FastTraining(bool(chunked_loss), dtype, checkpoint_every, chunk_logits, tuple(notes), cast)
+        state = dataclasses.replace(state, checkpoint_every=checkpoint_every)
+        _install(model, state)
+    return state
+
+
+def _install(model: nn.Module, state: FastTraining) -> None:
     model.__dict__["_fast_training"] = state
     model.base_model.__dict__["_fast_training"] = state
-    return state
+
+
+# --- checkpointing to a memory budget ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ActivationProfile:
+    """What one training forward saved for backward, by storage (parameters excluded: they are there anyway).
+
+    Attributes:
+        sizes: Bytes of each saved storage, by storage id.
+        savers: For each storage, the checkpointable layers (``(stack, index)``) that saved it, ``None`` for the rest
+            of the model (embeddings, loss).
+        inputs: For each layer, the storages of its tensor inputs: what non-reentrant checkpointing keeps of it.
+        static: Bytes of the parameters, plus three times the trainable ones (gradient and AdamW's two moments).
+    """
+
+    sizes: dict[int, int]
+    savers: dict[int, frozenset]
+    inputs: dict[tuple[int, int], frozenset[int]]
+    static: int
+
+    def saved(self, every: int | None) -> int:
+        """Bytes saved for backward with every ``every``-th layer of each stack checkpointed (``None``: none): what
+        only checkpointed layers save is recomputed instead, and their inputs are kept."""
+        chosen = {layer for layer in self.inputs if every is not None and layer[1] % every == every - 1}
+        live = {s for s, who in self.savers.items() if not who <= chosen}
+        live.update(s for layer in chosen for s in self.inputs[layer])
+        return sum(self.sizes[s] for s in live)
+
+
+def profile_activations(model: nn.Module, batch: Mapping[str, Any]) -> ActivationProfile:
+    """Run one training forward of ``model`` (a ``PeftModel``) on ``batch`` without backward, recording every tensor
+    autograd saves and which checkpointable layer saved it."""
+    base = model.get_base_model()
+    stacks = _decoder_layers(base)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    sizes: dict[int, int] = {}
+    savers: dict[int, set] = {}
+    inputs: dict[tuple[int, int], frozenset[int]] = {}
+    current: list[tuple[int, int] | None] = [None]
+
+    def storage(t: torch.Tensor) -> int | None:
+        s = t.untyped_storage()
+        key = s.data_ptr()
+        if key in params or s.device.type == "meta":
+            return None
+        sizes[key] = s.nbytes()
+        return key
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = storage(t)
+        if key is not None:
+            savers.setdefault(key, set()).add(current[0])
+        return t
+
+    def enter(where: tuple[int, int]):
+        def hook(_module, args, kwargs):
+            current[0] = where
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            tensors += [t for a in (*args, *kwargs.values()) if isinstance(a, tuple) for t in a
+                        if isinstance(t, torch.Tensor)]
+            inputs[where] = frozenset(k for k in map(storage, tensors) if k is not None)
+        return hook
+
+    def leave(_module, _args, _output):
+        current[0] = None
+
+    handles = []
+    for s, layers in enumerate(stacks):
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(enter((s, i)), with_kwargs=True))
+            handles.append(layer.register_forward_hook(leave))
+    was_training = model.training
+    try:
+        model.train()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return ActivationProfile(sizes, {k: frozenset(v) for k, v in savers.items()}, inputs,
+                             parameters + 3 * trained)
+
+
+def _fit_budget(model: nn.Module, profile: ActivationProfile, budget: int) -> int | None:
+    """The largest ``checkpoint_every`` (the least recomputation; ``None``: none at all) whose predicted step memory
+    (parameters, gradients and AdamW state, plus what the forward saves) fits ``budget``."""
+    depth = max(i for _, i in profile.inputs) + 1
+    for every in (None, *range(depth, 0, -1)):
+        if profile.static + profile.saved(every) <= budget:
+            return every
+    need = profile.static + profile.saved(1)
+    raise ConfigError(f"memory_budget {_mib(budget)} is too small for this batch even with every layer checkpointed: "
+                      f"it needs about {_mib(need)} ({_mib(profile.static)} parameters, gradients and AdamW state, "
+                      f"{_mib(profile.saved(1))} saved activations); use a smaller batch or a larger budget")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(value: int | str, where: str) -> int:
+    """``value`` in bytes: an int, or a string such as ``"6GiB"``, ``"512 MiB"``, ``"2GB"``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value) if isinstance(value, str) else None
+    if match is None or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"{where} must be a positive number of bytes or a size like '6GiB' / '512MiB'; "
+                          f"got {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
 
 
 def disable_fast_training(model: nn.Module) -> None:

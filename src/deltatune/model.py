@@ -16,7 +16,7 @@ import functools
 import json
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -584,7 +584,8 @@ class PeftModel(nn.Module):
 
     def enable_fast_training(
         self, *, chunked_loss: bool | str = "auto", compute_dtype: Any = "auto", checkpoint_every: int | None = None,
-        chunk_logits: int = fast.CHUNK_LOGITS,
+        chunk_logits: int = fast.CHUNK_LOGITS, memory_budget: int | str | None = None,
+        sample_batch: Mapping[str, Any] | None = None,
     ) -> fast.FastTraining:
         """Compute the frozen base faster and leaner in training; what is trained and saved does not change
         (``docs/fast-training.md``). Calling it again replaces the previous choice.
@@ -602,6 +603,10 @@ class PeftModel(nn.Module):
             checkpoint_every: Recompute the activations of every k-th decoder layer in backward (``1``: all), to trade
                 time for memory; ``None``: no checkpointing.
             chunk_logits: How many logits (tokens x vocab) one loss chunk holds.
+            memory_budget: Choose ``checkpoint_every`` instead: bytes (or ``"6GiB"``) that a training step's
+                parameters, gradients, AdamW state and saved activations should fit in; one forward on
+                ``sample_batch`` (as large as the training batches) measures the activations, and the largest ``k``
+                that fits is taken (none where everything fits).
 
         Returns:
             What was switched on, with a note for each ``"auto"`` part that stayed off (``model.fast_training``).
@@ -612,7 +617,7 @@ class PeftModel(nn.Module):
         """
         return fast.enable_fast_training(
             self, chunked_loss=chunked_loss, compute_dtype=compute_dtype, checkpoint_every=checkpoint_every,
-            chunk_logits=chunk_logits,
+            chunk_logits=chunk_logits, memory_budget=memory_budget, sample_batch=sample_batch,
         )
 
     def disable_fast_training(self) -> None:
