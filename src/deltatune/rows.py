@@ -1,14 +1,17 @@
-"""Mixed-adapter batches: which adapter each batch row uses (``adapter_names=``), grouped once per batch.
+"""Per-row data of a batch: which adapter each row uses (``adapter_names=``), grouped once per batch, and which task
+each row belongs to (``task_ids=``, for methods that route by task: Poly).
 
 ``batch_adapters(names)`` opens a block in which row ``i`` of every batch uses adapter ``names[i]``; every adapted
-layer reads the block's :class:`RowPlan` (:func:`current_row_plan`) for its groups of rows. This module knows
-nothing of layers or methods: it sits below ``layers.py`` and the kernels, which both read it.
+layer reads the block's :class:`RowPlan` (:func:`current_row_plan`) for its groups of rows. ``batch_tasks(ids)`` does
+the same for task indices (:func:`row_tasks`). This module knows nothing of layers or methods: it sits below
+``layers.py`` and the kernels, which both read it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -61,15 +64,19 @@ class RowPlan:
         return self._groups[key]
 
     def _build(self, batch_size: int) -> list[tuple[str, torch.Tensor]]:
-        if batch_size % len(self.names):
-            raise AdapterStateError(
-                f"adapter_names has {len(self.names)} entries but the batch has {batch_size} rows; give one name per row"
-            )
-        repeat = batch_size // len(self.names)
+        repeat = _repeat("adapter_names", len(self.names), batch_size)
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(self.names):
             rows.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
         return [(name, torch.tensor(r)) for name, r in rows.items()]
+
+
+def _repeat(what: str, entries: int, batch_size: int) -> int:
+    """How many consecutive rows each of ``entries`` per-row values covers in a batch of ``batch_size`` rows: a
+    whole multiple repeats each value, as ``generate()`` expands its inputs (beams, ``num_return_sequences``)."""
+    if not entries or batch_size % entries:
+        raise AdapterStateError(f"{what} has {entries} entries but the batch has {batch_size} rows; give one per row")
+    return batch_size // entries
 
 
 _batch_adapters: contextvars.ContextVar[RowPlan | None] = contextvars.ContextVar("batch_adapters", default=None)
@@ -106,3 +113,57 @@ def row_slots(groups: Sequence[tuple[Any, torch.Tensor]], batch: int, device: to
 
     plan = current_row_plan()
     return make() if plan is None else plan.memo(rows, make)
+
+
+class _RowTasks:
+    """The task index of every row inside one :func:`batch_tasks` block, expanded and moved per batch size and device
+    once (every adapted layer of a forward, and every step of a ``generate()``, asks for the same)."""
+
+    def __init__(self, task_ids: torch.Tensor) -> None:
+        self.task_ids = task_ids
+        self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def rows(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        key = (batch_size, device)
+        if key not in self._rows:
+            repeat = _repeat("task_ids", len(self.task_ids), batch_size)
+            self._rows[key] = self.task_ids.repeat_interleave(repeat).to(device)
+        return self._rows[key]
+
+
+_batch_tasks: contextvars.ContextVar[_RowTasks | None] = contextvars.ContextVar("batch_tasks", default=None)
+
+
+@contextlib.contextmanager
+def batch_tasks(task_ids: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, row ``i`` of every batch belongs to task ``task_ids[i]`` (a ``(n,)`` long tensor, checked by
+    the caller); a batch that is a whole multiple of ``n`` rows repeats each index for its consecutive rows, as for
+    :func:`batch_adapters`. ``None``: no task ids (the default)."""
+    token = _batch_tasks.set(_RowTasks(task_ids) if task_ids is not None else None)
+    try:
+        yield
+    finally:
+        _batch_tasks.reset(token)
+
+
+def row_tasks(batch_size: int, device: torch.device) -> torch.Tensor | None:
+    """``(batch_size,)``: the task index of each row in the enclosing :func:`batch_tasks` block, on ``device``;
+    ``None`` outside one."""
+    tasks = _batch_tasks.get()
+    return None if tasks is None else tasks.rows(batch_size, device)
+
+
+def keep_row_context(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """``checkpoint`` (a ``torch.utils.checkpoint``-like ``checkpoint(function, *args, **kwargs)``, as transformers
+    keeps in each layer's ``_gradient_checkpointing_func``) made to run ``function`` in the context of the forward
+    that called it, also when it is recomputed during backward, outside that forward's :func:`batch_adapters` and
+    :func:`batch_tasks` blocks: the recomputed rows keep their adapters and tasks."""
+    if getattr(checkpoint, "keeps_row_context", False):
+        return checkpoint
+
+    @functools.wraps(checkpoint)
+    def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(functools.partial(contextvars.copy_context().run, function), *args, **kwargs)
+
+    run.keeps_row_context = True  # type: ignore[attr-defined]
+    return run
