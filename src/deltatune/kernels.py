@@ -144,15 +144,26 @@ def _gathered_low_rank(
     batch, rank = out.shape[0], max(f.rank for f, _ in groups)
     slots = row_slots(groups, batch, out.device)  # (B,)
     a, b = _stacked(groups, rank, sum(len(rows) for _, rows in groups) < batch)  # (G[+1], r, in), (G[+1], out, r)
+    return add_per_row_low_rank(out, x, a[slots], b[slots], 1.0)
+
+
+def add_per_row_low_rank(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                         alpha: float) -> torch.Tensor:
+    """``out + alpha · b_i a_i x_i`` with each batch row ``i``'s own factors, in two batched matmuls: ``x``
+    ``(B, ..., in)``, ``out`` ``(B, ..., out)``, ``a`` ``(B, r, in)``, ``b`` ``(B, out, r)``. The second matmul adds
+    straight into ``out`` (``baddbmm``), in place under the rule of :func:`accumulate`. Used for gathered adapter
+    weights (:func:`_gathered_low_rank`) and for factors that are themselves per row (Poly's routed mixtures).
+    Factors in float32 beside a half-precision ``out`` (or under autocast) take the unfused path."""
+    batch = out.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1]).to(a.dtype)  # (B, L, in)
+    xa = torch.bmm(x3, a.transpose(1, 2))  # (B, L, r)
+    b_rows = b.transpose(1, 2)  # (B, r, out)
+    if not xa.dtype == b_rows.dtype == out.dtype or not out.is_contiguous():
+        return accumulate(out, torch.bmm(xa, b_rows).view(out.shape), alpha)
     out3 = out.view(batch, -1, out.shape[-1])  # (B, L, out)
-    xa = torch.bmm(x3, a[slots].transpose(1, 2))  # (B, L, r)
-    b_rows = b[slots].transpose(1, 2)  # (B, r, out)
-    if not xa.dtype == b_rows.dtype == out.dtype:  # float32 adapters, half-precision base, or autocast: unfused
-        return accumulate(out, torch.bmm(xa, b_rows).view(out.shape), 1.0)
     if torch.is_grad_enabled():
-        return torch.baddbmm(out3, xa, b_rows).view(out.shape)
-    out3.baddbmm_(xa, b_rows)
+        return torch.baddbmm(out3, xa, b_rows, alpha=alpha).view(out.shape)
+    out3.baddbmm_(xa, b_rows, alpha=alpha)
     return out
 
 
