@@ -39,6 +39,7 @@ from .files import (
 from .fingerprint import METADATA_KEY, base_fingerprint, check_base
 from .layers import adapter_layers, batch_adapters
 from .registry import LayerMethod, PromptMethod, RouterMethod, get_method
+from .rows import batch_tasks, keep_row_context
 from .resolve import resolve
 from .targeting import trained_biases
 
@@ -507,24 +508,25 @@ class PeftModel(nn.Module):
     def forward(self, *args, adapter_names: Sequence[str] | None = None, task_ids: Any = None, **kwargs):
         """The base model's forward; ``adapter_names`` gives one adapter name per row (``"__base__"``: none; a
         :class:`~deltatune.rows.RowPlan` to share its groups across calls), ``task_ids`` one task index per row for a
-        multitask prompt adapter."""
+        multitask prompt or Poly adapter."""
         self._check_row_adapters(adapter_names)
         scope = self._alora_scope(args, kwargs, "input_ids")
-        call = self._prompt_call(adapter_names, task_ids)
+        call = self._prompt_call(adapter_names)
         if call is not None:
             return prompt.prompt_forward(self.get_base_model(), *call, self.prompt_task, args, kwargs, task_ids)
-        with batch_adapters(adapter_names), scope:
+        with batch_adapters(adapter_names), batch_tasks(self._layer_task_ids(adapter_names, task_ids)), scope:
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, task_ids: Any = None, **kwargs):
         """The base model's ``generate()`` (KV cache on), optionally with one adapter (``adapter_names``) or one
-        task (``task_ids``, multitask prompt tuning) per input row."""
+        task (``task_ids``: multitask prompt tuning, Poly) per input row."""
         self._check_row_adapters(adapter_names)
         scope = self._alora_scope(args, kwargs, "input_ids", "inputs")
-        call = self._prompt_call(adapter_names, task_ids)
+        call = self._prompt_call(adapter_names)
         if call is not None:
             return prompt.prompt_generate(self.get_base_model(), *call, args, kwargs, task_ids)
-        with batch_adapters(adapter_names), scope:  # offsets from the prompt, for every step (methods/alora.py)
+        # aLoRA's offsets from the prompt, for every step (methods/alora.py)
+        with batch_adapters(adapter_names), batch_tasks(self._layer_task_ids(adapter_names, task_ids)), scope:
             return self.get_base_model().generate(*args, **kwargs)
 
     def _alora_scope(self, args: tuple, kwargs: dict[str, Any], *id_keys: str) -> contextlib.AbstractContextManager:
@@ -546,18 +548,35 @@ class PeftModel(nn.Module):
             ids = args[0]
         return invocation_scope(ids, offsets)
 
-    def _prompt_call(self, adapter_names: Sequence[str] | None, task_ids: Any = None) -> tuple | None:
+    def _prompt_call(self, adapter_names: Sequence[str] | None) -> tuple | None:
         """``(config, encoder, strategy)`` of the active prompt adapter, or ``None`` when a layer adapter (or none, or
-        ``disable_adapter()``) is in effect; ``task_ids`` are refused where no adapter reads them."""
+        ``disable_adapter()``) is in effect."""
         name = self._active[0] if self._active else None
         if name not in self.prompt_encoder or self._prompt_disabled:
-            if not self._prompt_disabled:
-                prompt.refuse_task_ids(None, task_ids)
             return None
         if adapter_names is not None:
             raise AdapterStateError("adapter_names (one adapter per row) is not supported with a prompt adapter")
         config = self.peft_config[name]
         return config, self.prompt_encoder[name], get_method(config.peft_type).strategy
+
+    def _layer_task_ids(self, adapter_names: Sequence[str] | None, task_ids: Any) -> torch.Tensor | None:
+        """``task_ids`` checked for the layer adapters this call uses (the rows' ``adapter_names``, else the active
+        ones) whose method routes by task (``LayerMethod.num_tasks``: Poly), which then require them; ``None`` where
+        no such adapter is in use. Given to adapters that take none, they are refused (``TypeError``); while
+        adapters are disabled the base model computes and they are not read."""
+        if self._prompt_disabled:
+            return None
+        counts = {}
+        for name in dict.fromkeys(adapter_names if adapter_names is not None else self._active):
+            method = get_method(self.peft_config[name].peft_type) if name in self.peft_config else None
+            if isinstance(method, LayerMethod) and method.num_tasks is not None:
+                counts[name] = method.num_tasks(self.peft_config[name])
+        if not counts:
+            prompt.refuse_task_ids(None, task_ids)
+            return None
+        name = min(counts, key=counts.__getitem__)
+        what = f"adapter {name!r} ({self.peft_config[name].peft_type.value})"
+        return prompt.check_task_ids(task_ids, None, counts[name], what)
 
     def _check_row_adapters(self, adapter_names: Sequence[str] | None) -> None:
         if adapter_names is None:
@@ -572,13 +591,18 @@ class PeftModel(nn.Module):
         """Turn on the base model's gradient checkpointing so that it works with a frozen base.
 
         With reentrant checkpointing, a segment whose inputs do not require grad produces no gradients; making the
-        input embeddings' output require grad fixes that without the user having to know.
+        input embeddings' output require grad fixes that without the user having to know. A segment recomputed in
+        backward keeps the forward's ``adapter_names`` and ``task_ids`` rows (:func:`deltatune.rows.keep_row_context`).
         """
         base = self.get_base_model()
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.24's name for it
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        for module in base.modules():
+            checkpoint = module.__dict__.get("_gradient_checkpointing_func")
+            if checkpoint is not None:
+                module._gradient_checkpointing_func = keep_row_context(checkpoint)
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
 

@@ -86,8 +86,9 @@ class PromptTable(nn.Module):
         return self.embedding(indices)
 
 
-def check_task_ids(task_ids: Any, batch: int, num_tasks: int, what: str) -> torch.Tensor:
-    """``task_ids`` as a ``(batch,)`` long tensor of indices in ``[0, num_tasks)``.
+def check_task_ids(task_ids: Any, batch: int | None, num_tasks: int, what: str) -> torch.Tensor:
+    """``task_ids`` as a ``(batch,)`` long tensor of indices in ``[0, num_tasks)`` (``batch=None``: any length, for
+    callers that leave matching the batch to the layers, which also accept whole multiples of it).
 
     Raises:
         TypeError: ``task_ids`` is missing.
@@ -96,12 +97,13 @@ def check_task_ids(task_ids: Any, batch: int, num_tasks: int, what: str) -> torc
     if task_ids is None:
         raise TypeError(f"{what} needs task_ids: one task index per row, e.g. task_ids=torch.tensor([0, 2])")
     ids = torch.as_tensor(task_ids)
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or tuple(ids.shape) != (batch,):
+    shape_ok = ids.dim() == 1 if batch is None else tuple(ids.shape) == (batch,)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or not shape_ok:
         raise ConfigError(
-            f"task_ids must hold one integer task index per row, shape ({batch},); got {ids.dtype} of shape "
-            f"{list(ids.shape)}"
+            f"task_ids must hold one integer task index per row, shape ({'batch' if batch is None else batch},); got "
+            f"{ids.dtype} of shape {list(ids.shape)}"
         )
-    if batch and (ids.min() < 0 or ids.max() >= num_tasks):
+    if ids.numel() and (ids.min() < 0 or ids.max() >= num_tasks):
         raise ConfigError(f"task_ids must lie in [0, {num_tasks}) (num_tasks={num_tasks}); got {ids.tolist()}")
     return ids.long()
 
@@ -111,7 +113,7 @@ def refuse_task_ids(encoder: nn.Module | None, task_ids: Any) -> None:
     none, rather than ignore them."""
     if task_ids is not None and not getattr(encoder, "takes_task_ids", False):
         raise TypeError(
-            "task_ids selects the task of a multitask prompt adapter; the active adapter takes none"
+            "task_ids selects the task of a multitask prompt or Poly adapter; the active adapter takes none"
         )
 
 

@@ -130,6 +130,10 @@ class LayerMethod:
             also be targets, and modules tied to them (by weight identity) follow them.
         make_extra_delta: ``(config, base_layer, module_name, source) -> Delta`` for an extra target (``source`` is
             ``None``) or for a module tied to one (``source``: that target's delta, whose parameters it shares).
+        num_tasks: ``(config) -> int`` for a method whose layers route each row by its task (Poly): the number of
+            tasks. ``PeftModel.forward`` / ``generate`` then require ``task_ids`` (one index below it per row) while
+            such an adapter is in use and hand them to the layers (``deltatune.rows.row_tasks``); ``None``: the
+            method takes no ``task_ids`` (they are refused).
         prepare_model: ``(config, model) -> undo`` run before an adapter is resolved and built, for a config that
             changes the model's structure first (LoRA's ``layer_replication``); the returned callable (or ``None``)
             undoes it when adding the adapter fails.
@@ -153,6 +157,7 @@ class LayerMethod:
     extra_targets: Callable[[Any, nn.Module], list[str]] | None = None
     make_extra_delta: Callable[[Any, nn.Module, str, Any], nn.Module] | None = None
     prepare_model: Callable[[Any, nn.Module], Callable[[], None] | None] | None = None
+    num_tasks: Callable[[Any], int] | None = None
 
 
 @dataclass(frozen=True)
