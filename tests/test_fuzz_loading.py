@@ -551,7 +551,7 @@ class Harness:
             # A wrapper without a token-label task (no task_type) cannot line per-token labels up with the virtual
             # tokens it prepends; a caller would not pass them there.
             inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        if config.peft_type == PeftType.MULTITASK_PROMPT_TUNING:  # one task per row
+        if config.peft_type in (PeftType.MULTITASK_PROMPT_TUNING, PeftType.POLY):  # one task per row
             inputs = {**inputs, "task_ids": torch.zeros(inputs["input_ids"].shape[0], dtype=torch.long)}
         with torch.no_grad():
             logits = model(**inputs).logits

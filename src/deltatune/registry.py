@@ -62,6 +62,7 @@ _METHOD_MODULES: dict[str, str] = {
     "GLORA": "deltatune.methods.glora",
     "DEFT": "deltatune.methods.deft",
     "XLORA": "deltatune.methods.xlora",
+    "POLY": "deltatune.methods.poly",
 }
 
 

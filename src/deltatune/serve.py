@@ -64,6 +64,9 @@ def check_servable(path: str, max_rank: int | None = None) -> None:
     if getattr(config, "alora_invocation_tokens", None):  # the engine's decode steps do not carry the prompt's offsets
         raise ConfigError(f"{source}: an activated LoRA (alora_invocation_tokens) cannot be served yet; use "
                           f"PeftModel.generate")
+    if method.num_tasks is not None:  # Poly
+        raise ConfigError(f"{source}: {config.peft_type.value} adapters need task_ids (a task index per row), which "
+                          f"serving requests have no field for")
     if config.task_type not in (None, TaskType.CAUSAL_LM):
         raise ConfigError(f"{source}: a {config.task_type.value} adapter; serving generates text, which needs a "
                           f"{TaskType.CAUSAL_LM.value} adapter")

@@ -123,6 +123,7 @@ METHOD_FLAGS = {
 # Methods whose training needs more than (input, labels) records: refused with the reason rather than trained wrongly.
 NOT_TRAINABLE_HERE = {
     "MULTITASK_PROMPT_TUNING": "it needs a task id per record (task_ids), which the data format has no field for",
+    "POLY": "it needs a task id per record (task_ids), which the data format has no field for",
     "CPT": "its loss covers the context's labels and input_type_mask, which the loop's token loss does not",
 }
 
