@@ -371,3 +371,21 @@ def test_train_runs_fast_by_default_and_no_fast_computes_the_same_run(family: st
     assert fast_adapter.keys() == plain_adapter.keys()
     for key in fast_adapter:
         torch.testing.assert_close(fast_adapter[key], plain_adapter[key], rtol=1e-3, atol=1e-5)  # Adam: ~1e-2 steps
+
+
+def test_train_fits_a_memory_budget_by_checkpointing_and_refuses_it_without_the_fast_path(tmp_path, capsys) -> None:
+    from deltatune.train import TrainError, TrainOptions, train
+    from tests.train_utils import read_losses, sentiment_records, write_jsonl, write_llama
+
+    model_dir = write_llama(tmp_path / "llama")
+    data = write_jsonl(tmp_path / "data.jsonl", sentiment_records(8))
+    options = dict(model=model_dir, data=data, r=4, target="all-linear", max_steps=2, batch_size=4, eval_split=0,
+                   eval_generate=0, save_steps=0, progress=False)
+    train(TrainOptions(**options, out=str(tmp_path / "run"), memory_budget="64MiB"))
+    assert "checkpointing" not in capsys.readouterr().out  # a tiny model fits 64 MiB without any
+    assert sorted(read_losses(tmp_path / "run")) == [1, 2]
+    with pytest.raises(TrainError, match="memory_budget 0 MiB is too small"):
+        train(TrainOptions(**options, out=str(tmp_path / "small"), memory_budget="1KiB"))
+    for bad, match in [({"fast": False}, "--memory-budget chooses the layers"), ({"memory_budget": "x"}, "size like")]:
+        with pytest.raises(TrainError, match=match):
+            TrainOptions(**{**options, "memory_budget": "1GiB", **bad}, out=str(tmp_path / "bad"))

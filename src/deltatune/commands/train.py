@@ -120,6 +120,9 @@ def register(subparsers) -> None:
     g.add_argument("--fast", action=argparse.BooleanOptionalAction,
                    help="fast training path: chunked loss without full logits, bfloat16 frozen base where the "
                         "hardware is fast at it (default on; --no-fast: the standard path)")
+    g.add_argument("--memory-budget", metavar="SIZE",
+                   help="fit a training step in SIZE (e.g. 6GiB) by checkpointing the fewest decoder layers, "
+                        "measured on the longest batch (fast path only)")
     g.add_argument("--seed", type=int, help="seed for adapter init, data order and dropout (default 0)")
 
     g = p.add_argument_group("evaluation and checkpoints")

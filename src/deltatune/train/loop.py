@@ -287,7 +287,16 @@ def _build_model(
     if options.quantize is None:  # a quantized base was loaded onto the device (bitsandbytes 8-bit cannot move)
         model.to(device)
     if options.fast:  # after the move: the compute dtype follows the device; a quantized base keeps its own
-        model.enable_fast_training(**({"compute_dtype": None} if options.quantize else {}))
+        fast_options: dict[str, Any] = {"compute_dtype": None} if options.quantize else {}
+        if options.memory_budget is not None:  # measured on the batch of the longest examples
+            longest = sorted(inputs.train_set, key=lambda e: len(e.input_ids))[-options.batch_size:]
+            sample = D.collate(longest, inputs.task, inputs.tokenizer.pad_token_id)
+            fast_options.update(memory_budget=options.memory_budget,
+                                sample_batch={k: v.to(device) for k, v in sample.items()})
+        try:
+            model.enable_fast_training(**fast_options)
+        except DeltatuneError as exc:
+            raise TrainError(str(exc)) from None
     optimizer = _optimizer(model, options)
     return model, optimizer, _scheduler(optimizer, options, inputs.total_steps)
 
@@ -378,7 +387,9 @@ def _log_start(options: TrainOptions, inputs: Inputs, model: PeftModel, world: i
     state = model.fast_training
     if state is not None:
         parts = [name for name, on in (("chunked loss", state.chunked_loss),
-                                       (f"{state.compute_dtype} base".replace("torch.", ""), state.compute_dtype))
+                                       (f"{state.compute_dtype} base".replace("torch.", ""), state.compute_dtype),
+                                       (f"checkpointing 1 decoder layer in {state.checkpoint_every}",
+                                        state.checkpoint_every))
                  if on]
         log(f"fast training: {', '.join(parts) or 'nothing applies'}"
             + "".join(f"; {note}" for note in state.notes) + " (--no-fast: the standard path)", main)

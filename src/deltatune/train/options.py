@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import DeltatuneError
+from ..errors import ConfigError, DeltatuneError
+from ..fast import parse_bytes
 from ..quant import CLI_QUANTIZATIONS
 
 TASKS = ("causal-lm", "seq2seq", "seq-cls", "token-cls")
@@ -18,7 +19,8 @@ SCHEDULES = ("linear", "cosine", "constant")
 QUANTIZATIONS = CLI_QUANTIZATIONS
 
 # Options that change where or how a run reports, not what it computes.
-NOT_IDENTITY = frozenset({"out", "resume", "overwrite", "progress", "preset"})
+# (memory_budget only chooses which layers recompute their activations: the numbers are the same)
+NOT_IDENTITY = frozenset({"out", "resume", "overwrite", "progress", "preset", "memory_budget"})
 
 
 class TrainError(DeltatuneError):
@@ -74,6 +76,8 @@ class TrainOptions:
             weight-only); ``None``: full precision.
         fast: :meth:`PeftModel.enable_fast_training` with its defaults: the chunked loss where the model supports it,
             the frozen base in bfloat16 where the hardware computes it fast (``docs/fast-training.md``).
+        memory_budget: With ``fast``: the step memory (e.g. ``"6GiB"``) to fit by checkpointing the fewest decoder
+            layers, measured on the longest training batch (``enable_fast_training(memory_budget=...)``).
         seed: Seeds adapter init, data order and dropout.
         eval_steps: Evaluate every N optimizer steps (plus before and after training); 0: only before and after.
         early_stopping_patience: Stop after this many evaluations without a better eval loss; ``None``: never.
@@ -127,6 +131,7 @@ class TrainOptions:
     bf16: bool = False
     quantize: str | None = None
     fast: bool = True
+    memory_budget: str | None = None
     seed: int = 0
     eval_steps: int = 0
     early_stopping_patience: int | None = None
@@ -173,6 +178,14 @@ class TrainOptions:
             raise bad("warmup_steps", f"must not be negative, got {self.warmup_steps}")
         if self.eval_split < 0:
             raise bad("eval_split", f"must not be negative, got {self.eval_split}")
+        if self.memory_budget is not None:
+            if not self.fast or self.gradient_checkpointing:
+                raise bad("memory_budget", "chooses the layers the fast path checkpoints; it cannot be used with "
+                                           "--no-fast or --gradient-checkpointing (which checkpoints every layer)")
+            try:
+                parse_bytes(self.memory_budget, "--memory-budget")
+            except ConfigError as exc:
+                raise TrainError(str(exc)) from None
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise bad("early_stopping_patience", f"must be at least 1, got {self.early_stopping_patience}")
 
