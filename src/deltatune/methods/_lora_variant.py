@@ -32,13 +32,17 @@ class LoraLinearLike(Protocol):
     scaling: float
     lora_A: nn.Linear  # weight (r, in)
     lora_B: nn.Linear  # weight (out, r)
+    dropout: nn.Module
     training: bool
+
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class LoraVariant:
     """One adapter's variant on one layer. Every hook defaults to plain LoRA; a variant overrides what it changes.
 
-    ``x`` is always the adapter's input: in its dtype, through dropout while training.
+    ``x`` is the adapter's input (in its dtype, through dropout while training), except in :meth:`forward`, which
+    gets the layer's input.
     """
 
     field: ClassVar[str]  # the LoraConfig field that selects it
@@ -60,6 +64,9 @@ class LoraVariant:
         """Install the variant's parameters on the freshly initialised ``delta`` (module ``name``) and return it."""
         return cls()
 
+    def joined(self, delta: LoraLinearLike, deltas: nn.ModuleDict) -> None:
+        """Called when ``delta`` joins an adapter layer, whose ``deltas`` (every adapter's) it may keep (Arrow)."""
+
     def lora_forward(self, delta: LoraLinearLike, x: torch.Tensor) -> torch.Tensor:
         """The unscaled update ``B A x`` (..., out)."""
         return F.linear(F.linear(x, delta.lora_A.weight), delta.lora_B.weight)
@@ -70,8 +77,8 @@ class LoraVariant:
 
     def forward(self, delta: LoraLinearLike, x: torch.Tensor, base_out: torch.Tensor,
                 base_layer: nn.Module) -> torch.Tensor:
-        """The layer's output: ``base_out + scaling · B A x`` unless the variant says otherwise."""
-        return accumulate(base_out, self.lora_forward(delta, x), delta.scaling)
+        """The layer's output for its input ``x``: ``base_out + scaling · B A x`` unless the variant says otherwise."""
+        return accumulate(base_out, self.lora_forward(delta, delta.adapter_input(x)), delta.scaling)
 
 
 def config_from(value: Any, sub_config: type, field: str) -> Any:

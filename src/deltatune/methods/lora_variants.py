@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import ConfigError, TargetError
 from ._lora_variant import LoraVariant
+from .lora_arrow import ArrowVariant
 from .lora_bdlora import BdloraVariant
 from .lora_kasa import KasaVariant
 from .lora_monteclora import MontecloraVariant
@@ -20,7 +21,7 @@ from .lora_velora import VeloraVariant
 
 # config field -> variant, in peft's declaration order (which messages follow)
 VARIANTS: dict[str, type[LoraVariant]] = {
-    v.field: v for v in (VeloraVariant, QaloraVariant, MontecloraVariant, BdloraVariant, KasaVariant)
+    v.field: v for v in (VeloraVariant, QaloraVariant, MontecloraVariant, BdloraVariant, ArrowVariant, KasaVariant)
 }
 # Other LoraConfig options peft treats as variants of the same kind: at most one of all of them per adapter.
 _OTHER_VARIANT_OPTIONS = ("use_dora", "alora_invocation_tokens")
