@@ -11,7 +11,7 @@ Variants, each a small piece on top of the same delta:
 * ``lora_bias``: a trainable bias on B (peft's ``lora_B.bias``), so the update is ``(α/r)·(BAx + b)``, for LoRA
   extracted from a full fine-tune whose biases changed too; zero at init, folded into the base bias on merge (a base
   layer without a bias cannot merge it). Linear, Conv1D and Conv layers; not with DoRA.
-* The variants of ``methods/lora_variants.py`` (KaSA, VeLoRA, MonteCLoRA, BD-LoRA, QALoRA; one file each), selected
+* The variants of ``methods/lora_variants.py`` (KaSA, VeLoRA, MonteCLoRA, BD-LoRA, QALoRA, Arrow; one file each), selected
   by their config field, each a strategy a Linear / Conv1D delta (:class:`LoraVariantLinear`) hands its update to.
 * Init schemes: ``True`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r)), ``False`` (both random: a
   non-zero delta, for tests), ``"pissa"`` / ``"pissa_niter_N"`` (Meng et al., 2024: A, B from the top-r singular
@@ -49,13 +49,14 @@ from .common import adapter_dtype, check_dropout, check_patterns, check_scale
 from . import lora_variants
 from ._lora_variant import LoraVariant
 from .dora import DoraVariant
+from .lora_arrow import ArrowConfig
 from .lora_bdlora import BdLoraConfig
 from .lora_kasa import KasaConfig, check_model as _check_kasa_model, kasa_loss
 from .lora_monteclora import MontecloraConfig, monteclora_loss
 from .lora_velora import VeloraConfig
 from .trainable_tokens import check_rows, check_token_indices, input_embedding_name, make_token_adapter
 
-__all__ = ["BdLoraConfig", "KasaConfig", "LoraConfig", "MontecloraConfig", "VeloraConfig"]  # exported from deltatune
+__all__ = ["ArrowConfig", "BdLoraConfig", "KasaConfig", "LoraConfig", "MontecloraConfig", "VeloraConfig"]  # exported from deltatune
 
 _INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora")
 # Subspace iterations of fast PiSSA; a handful is the practice (peft's docs use 4-16). The bound stops a config file
@@ -114,6 +115,8 @@ class LoraConfig(LayerConfig):
         use_qalora: QALoRA (``methods/lora_qalora.py``): ``A`` reads the input pooled over ``qalora_group_size``
             features. Linear / Conv1D, quantized or not.
         qalora_group_size: Features pooled into one by QALoRA.
+        arrow_config: Arrow (``ArrowConfig``, ``methods/lora_arrow.py``): this adapter routes each token over the
+            layer's other LoRA adapters; ``deltatune.create_arrow_model`` builds one from a library. Not mergeable.
         Of these (and ``use_dora``), an adapter uses at most one.
     """
 
@@ -140,12 +143,13 @@ class LoraConfig(LayerConfig):
     use_qalora: bool = False
     qalora_group_size: int = 16
     alora_invocation_tokens: list[int] | None = None
+    arrow_config: ArrowConfig | dict | None = None
 
     # peft LoRA features not implemented here; a file that switches one on is refused (see config.py).
     _unsupported: ClassVar[dict[str, Any]] = {
         **dict.fromkeys(
             (
-                "loftq_config", "eva_config", "corda_config", "megatron_config", "arrow_config",
+                "loftq_config", "eva_config", "corda_config", "megatron_config",
                 "lora_ga_config",
             )
         ),
@@ -460,7 +464,10 @@ class LoraVariantLinear(LoraLinear):
     add_lora_weight = LoraDelta.add_lora_weight
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return self.variant.forward(self, self.adapter_input(x), base_out, base_layer)
+        return self.variant.forward(self, x, base_out, base_layer)
+
+    def attach(self, layer: AdapterLayer, name: str) -> None:
+        self.variant.joined(self, layer.deltas)
 
     def gatherable(self) -> bool:
         return False
