@@ -9,6 +9,7 @@ from types import ModuleType
 from typing import Any
 
 from . import registry as _registry
+from .arrow import create_arrow_model
 from .auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -90,6 +91,7 @@ _CORE_NAMES = [
     "TaskType",
     "atomic_write_files",
     "convert_to_lora",
+    "create_arrow_model",
     "get_layer_status",
     "get_model_status",
     "get_peft_model",
