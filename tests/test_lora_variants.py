@@ -295,3 +295,83 @@ def test_velora_training_gradients_equal_peft(tmp_path) -> None:
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
     for name, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --- Arrow ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> list[str]:
+    """Four saved LoRAs of tiny_llama (q_proj, v_proj; r = 4) with clearly different random factors."""
+    paths = []
+    for i in range(4):
+        model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj", "v_proj"], r=4,
+                                                              init_lora_weights=False))
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.copy_(torch.randn(param.shape, generator=gen))
+        path = tmp_path_factory.mktemp("lib") / f"lora{i}"
+        model.save_pretrained(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_arrow_routes_each_token_to_its_top_k_task_loras(library: list[str]) -> None:
+    arrow = dt.ArrowConfig(top_k=2, router_temperature=0.5, rng_seed=0)
+    model = dt.create_arrow_model(tiny_llama(), library[:3], arrow)
+    assert arrow.task_adapter_names is None  # the user's config is left alone
+    assert model.active_adapters == ["arrow_router"]
+    layer = _layer(model)
+    x = _x()
+    with torch.no_grad():
+        out = layer(x)
+        tasks = [layer.deltas[f"task_{i}"] for i in range(3)]
+        router = layer.deltas["arrow_router"].variant
+        for proto, d in zip(router.prototypes, tasks):  # the top right singular vector of B A, up to sign
+            top = torch.linalg.svd(d.lora_B.weight @ d.lora_A.weight)[2][0]
+            assert abs(float(proto @ top)) == pytest.approx(1.0, abs=1e-3)  # 15 power steps
+        tokens = x.reshape(-1, 32)
+        scores = (tokens @ router.prototypes.T).abs()  # (10, 3)
+        expected = layer.base_layer(tokens)
+        for t in range(10):
+            best = scores[t].argsort(descending=True)[:2]
+            weights = torch.softmax(scores[t, best] / 0.5, dim=0)
+            for w, e in zip(weights, best):
+                d = tasks[int(e)]
+                expected[t] += w * d.scaling * (d.lora_B.weight @ d.lora_A.weight @ tokens[t])
+    torch.testing.assert_close(out.reshape(-1, 32), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(AdapterStateError, match="arrow_config"):
+        model.merge_adapter()
+
+
+@pytest.mark.parametrize("use_gks", [False, True], ids=["arrow", "genknowsub"])
+def test_arrow_model_equals_peft(library: list[str], use_gks: bool) -> None:
+    peft = pytest.importorskip("peft")
+    kwargs = dict(top_k=2, router_temperature=0.7, rng_seed=5, use_gks=use_gks)
+    general = library[3:] if use_gks else None
+    ours = dt.create_arrow_model(tiny_llama(), library[:3], dt.ArrowConfig(**kwargs), general_adapter_paths=general)
+    theirs = peft.create_arrow_model(tiny_llama(), library[:3], peft.ArrowConfig(**kwargs),
+                                     general_adapter_paths=general)
+    inputs = make_causal_lm_inputs(ours)
+    with torch.no_grad():
+        expected = theirs(**inputs).logits
+        torch.testing.assert_close(ours(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+        assert (expected - tiny_llama()(**inputs).logits).abs().max() > 1e-2
+    assert ours.peft_config["arrow_router"].to_dict()["arrow_config"] == \
+        theirs.peft_config["arrow_router"].to_dict()["arrow_config"]
+    if use_gks:  # GenKnowSub rewrote the task LoRAs alike
+        theirs_b = theirs.base_model.model.model.layers[1].self_attn.v_proj.lora_B["task_1"].weight
+        ours_b = ours.get_base_model().model.layers[1].self_attn.v_proj.deltas["task_1"].lora_B.weight
+        torch.testing.assert_close(ours_b, theirs_b)
+
+
+def test_arrow_refuses_a_top_k_beyond_the_library_and_a_router_without_one(library: list[str]) -> None:
+    model = dt.create_arrow_model(tiny_llama(), library[:2], dt.ArrowConfig(top_k=3))
+    with pytest.raises(AdapterStateError, match="top_k=3 exceeds the 2 task LoRA"):
+        model(**make_causal_lm_inputs(model))
+    alone = _adapted(arrow_config=dt.ArrowConfig(top_k=1))
+    with pytest.raises(AdapterStateError, match="no task LoRA"):
+        alone(**make_causal_lm_inputs(alone))
+    with pytest.raises(ConfigError, match="use_gks=True needs general_adapter_paths"):
+        dt.create_arrow_model(tiny_llama(), library[:2], dt.ArrowConfig(use_gks=True))
