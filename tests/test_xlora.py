@@ -222,3 +222,40 @@ def test_no_api_modifies_the_users_config(experts, tmp_path) -> None:
 def test_inject_adapter_in_model_is_refused(experts) -> None:
     with pytest.raises(ConfigError, match="not a layer method"):
         dt.inject_adapter_in_model(dt.XLoraConfig(**_kwargs(experts)), tiny_llama())
+
+
+def test_saved_experts_are_read_from_beside_the_adapter(experts, tmp_path) -> None:
+    """Trained experts (use_trainable_adapters) saved in sub-folders are what loading uses (peft's documented
+    intent); without them the paths in ``adapters`` are read."""
+    model = dt.get_peft_model(tiny_llama(), dt.XLoraConfig(**_kwargs(experts, use_trainable_adapters=True))).eval()
+    with torch.no_grad():
+        model.get_base_model().model.layers[0].self_attn.v_proj.deltas["1"].lora_B.weight.add_(0.5)  # "trained"
+    trained = _logits(model)
+    model.save_pretrained(tmp_path / "all")
+    torch.testing.assert_close(_logits(dt.PeftModel.from_pretrained(tiny_llama(), tmp_path / "all")), trained,
+                               atol=0, rtol=0)
+    model.save_pretrained(tmp_path / "alone", selected_adapters=["default"])
+    original = _logits(dt.PeftModel.from_pretrained(tiny_llama(), tmp_path / "alone"))
+    assert not torch.allclose(original, trained, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_deltatune_train_trains_the_classifier(experts, tmp_path) -> None:
+    from deltatune.train import TrainOptions, train
+    from tests.train_utils import sentiment_records, write_jsonl, write_llama
+    from transformers import AutoModelForCausalLM
+
+    llama = write_llama(tmp_path / "llama")
+    for name, targets in (("0", ["q_proj", "v_proj"]), ("1", ["o_proj", "down_proj"])):  # two different experts
+        torch.manual_seed(int(name))
+        dt.get_peft_model(AutoModelForCausalLM.from_pretrained(llama), dt.LoraConfig(
+            r=4, target_modules=targets, init_lora_weights=False)).save_pretrained(tmp_path / name)
+    options = TrainOptions(
+        model=llama, data=write_jsonl(tmp_path / "data.jsonl", sentiment_records(16)), method="xlora",
+        method_options={"adapters": {n: str(tmp_path / n) for n in "01"}, "xlora_depth": 2, "xlora_size": 8},
+        lr=2e-2, epochs=2, batch_size=8, eval_split=8, eval_generate=0, save_steps=0, progress=False,
+        out=str(tmp_path / "run"))
+    result = train(options)
+    assert result.after["eval_loss"] < result.before["eval_loss"]
+    loaded = dt.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama), tmp_path / "run" / "adapter")
+    assert sorted(loaded.peft_config) == ["0", "1", "default"]

@@ -5,8 +5,8 @@ adapters (the experts, loaded from ``adapters``: name -> saved LoRA) stay as the
 ``c`` that reads the hidden states and says, per token and optionally per adapted layer, how much of each expert to
 use. Every forward runs the model twice, as peft does:
 
-1. *scaling pass* (no gradients): every expert weighted by ``scaling_pass_value`` (``0``: the base model); its last
-   hidden states ``h`` ``(B, T, H)`` go through ``c`` (``xlora_depth`` linear layers, ReLU and dropout between):
+1. *scaling pass* (no gradients): every expert weighted by ``scaling_pass_value`` (``0``: the base model); the last
+   hidden states ``h`` ``(B, T, H)`` of the backbone (the task head is skipped: peft runs it and drops it) go through ``c`` (``xlora_depth`` linear layers, ReLU and dropout between):
    logits ``(B, T, n)`` broadcast to every layer, or ``(B, T, L·n)`` with ``layerwise_scalings``, reshaped to
    ``(B, T, L, n)`` (``L``: the adapted layers in module order); ``s = softmax(logits / softmax_temperature)`` over
    the experts when ``enable_softmax``;
@@ -57,6 +57,8 @@ from .lora import LoraConfig, LoraEmbedding, LoraLinear
 __all__ = ["XLoraConfig"]  # exported from deltatune
 
 _CACHE_ARGUMENTS = ("cache", "past_key_values")  # the forward's KV-cache argument: from transformers 5.24, before
+# A task model's arguments for its head, which its backbone does not take.
+_HEAD_ARGUMENTS = ("labels", "logits_to_keep", "num_logits_to_keep")
 # Cache operations of generate() (beam search, assisted decoding, batch expansion) that the scaling pass's cache must
 # follow; each is applied to both caches.
 _CACHE_OPERATIONS = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices")
@@ -236,7 +238,11 @@ class XLoraRouter(nn.Module):
         dtype = self.internal_xlora_classifier.layers[-1].weight.dtype
         self.scalings = torch.full((batch, length, self.n_layers, len(self.experts)), float(self.scaling_pass_value),
                                    dtype=dtype, device=tokens.device)
-        scaling_kwargs = {k: v for k, v in kwargs.items() if k != "labels"}
+        # The hidden states are the backbone's (what the task model returns as its hidden_states), so the task head
+        # (an LM head over the whole vocabulary) need not run in the scaling pass.
+        backbone = getattr(model, "base_model", None)
+        backbone = backbone if isinstance(backbone, nn.Module) else model
+        scaling_kwargs = {k: v for k, v in kwargs.items() if backbone is model or k not in _HEAD_ARGUMENTS}
         scaling_kwargs.update(output_hidden_states=True, return_dict=True)
         name = next((n for n in _CACHE_ARGUMENTS if kwargs.get(n) is not None), None)
         if name is not None:
@@ -244,7 +250,7 @@ class XLoraRouter(nn.Module):
         self._in_scaling_pass = True
         try:
             with torch.no_grad():
-                out = model(*args, **scaling_kwargs)
+                out = backbone(*args, **scaling_kwargs)
         finally:
             self._in_scaling_pass = False
         self._pending_cache = _output_cache(out) if name is None else None
