@@ -63,6 +63,7 @@ _METHOD_MODULES: dict[str, str] = {
     "DEFT": "deltatune.methods.deft",
     "XLORA": "deltatune.methods.xlora",
     "POLY": "deltatune.methods.poly",
+    "HIRA": "deltatune.methods.hira",
 }
 
 
