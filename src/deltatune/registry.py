@@ -64,6 +64,7 @@ _METHOD_MODULES: dict[str, str] = {
     "XLORA": "deltatune.methods.xlora",
     "POLY": "deltatune.methods.poly",
     "HIRA": "deltatune.methods.hira",
+    "OSF": "deltatune.methods.osf",
 }
 
 
