@@ -65,6 +65,7 @@ _METHOD_MODULES: dict[str, str] = {
     "POLY": "deltatune.methods.poly",
     "HIRA": "deltatune.methods.hira",
     "OSF": "deltatune.methods.osf",
+    "UNILORA": "deltatune.methods.unilora",
 }
 
 
