@@ -25,15 +25,19 @@ import torch.nn.functional as F
 from .rows import current_row_plan, row_slots
 
 
-def accumulate(out: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:
+def accumulate(out: torch.Tensor, update: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
     """``out + alpha · update``, without the separate scaled copy of ``update`` that ``out + update * alpha`` makes.
 
     In place when autograd is off: ``out`` is the fresh output of the base layer (or of the previous delta) and
     nothing else holds it (except a forward hook on the base layer that keeps its output, which then sees the sum).
     With autograd on it stays out of place: ``out`` may be a view (a biased ``nn.Linear``'s is), and an in-place op
     on a view makes autograd clone the whole gradient in backward. An update kept in float32 next to a half-precision
-    base is scaled before it is rounded to the base's dtype.
+    base is scaled before it is rounded to the base's dtype. A 0-dim tensor ``alpha`` (a LoRA scale prepared for
+    compiled hot-swapping, ``hotswap.py``) multiplies: ``alpha=`` would read it back as a number, which breaks a
+    compiled graph.
     """
+    if isinstance(alpha, torch.Tensor):
+        update, alpha = update * alpha, 1.0
     if update.dtype != out.dtype:
         return out + (update * alpha).to(out.dtype)
     if torch.is_grad_enabled():
@@ -41,13 +45,13 @@ def accumulate(out: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.T
     return out.add_(update, alpha=alpha)
 
 
-def add_low_rank(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+def add_low_rank(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
     """``out + alpha · xa bᵀ`` as one ``addmm``: the low-rank product accumulates straight into the output, with no
     intermediate ``(…, out)`` update tensor and no separate scaling pass (forward or backward). ``out`` is
     ``(..., out)``, ``xa`` ``(..., r)``, ``b`` ``(out, r)``; in place under the same rule as :func:`accumulate`.
     Mixed dtypes (a float32 adapter beside a half-precision base, or ``b`` under autocast, which in-place ops ignore)
     take the unfused path."""
-    if not xa.dtype == b.dtype == out.dtype or not out.is_contiguous():
+    if not xa.dtype == b.dtype == out.dtype or not out.is_contiguous() or isinstance(alpha, torch.Tensor):
         return accumulate(out, F.linear(xa, b), alpha)
     out2d, xa2d = out.view(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1])  # (N, out), (N, r)
     if torch.is_grad_enabled():
@@ -56,10 +60,11 @@ def add_low_rank(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, alpha: fl
     return out
 
 
-def index_accumulate(out: torch.Tensor, rows: torch.Tensor, update: torch.Tensor, alpha: float) -> torch.Tensor:
+def index_accumulate(out: torch.Tensor, rows: torch.Tensor, update: torch.Tensor,
+                     alpha: float | torch.Tensor) -> torch.Tensor:
     """:func:`accumulate` into the batch rows ``rows`` of ``out`` only (``update`` has ``len(rows)`` rows). With
     autograd on (training on a mixed batch, which is rare) each call copies ``out``."""
-    if update.dtype != out.dtype:
+    if update.dtype != out.dtype or isinstance(alpha, torch.Tensor):
         update, alpha = (update * alpha).to(out.dtype), 1.0
     if torch.is_grad_enabled():
         return out.index_add(0, rows, update, alpha=alpha)
