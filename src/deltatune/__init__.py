@@ -39,6 +39,7 @@ from .functional import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
+from .hotswap import hotswap_adapter, hotswap_adapter_from_state_dict, prepare_model_for_compiled_hotswap
 from .layers import AdapterLayer, Delta, ModulesToSaveWrapper
 from .model import (
     PeftModel,
@@ -96,7 +97,10 @@ _CORE_NAMES = [
     "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "hotswap_adapter",
+    "hotswap_adapter_from_state_dict",
     "inject_adapter_in_model",
+    "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
     "save_as_lora",
     "set_peft_model_state_dict",
