@@ -38,7 +38,8 @@ __all__ = ["hotswap_adapter", "hotswap_adapter_from_state_dict", "prepare_model_
 # Config fields whose difference the swapped weights cannot carry (peft's CONFIG_KEYS_TO_CHECK for LoRA, plus two
 # whose meaning lives outside the tensors here).
 _MUST_MATCH = ("use_rslora", "lora_dropout", "alpha_pattern", "use_dora", "lora_bias", "alora_invocation_tokens",
-               "kasa_config", "velora_config", "monteclora_config", "use_bdlora", "use_qalora", "qalora_group_size")
+               "kasa_config", "velora_config", "monteclora_config", "use_bdlora", "use_qalora", "qalora_group_size",
+               "arrow_config")
 
 
 def _unwrap_compiled(model: nn.Module) -> nn.Module:
