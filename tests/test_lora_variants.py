@@ -375,3 +375,14 @@ def test_arrow_refuses_a_top_k_beyond_the_library_and_a_router_without_one(libra
         alone(**make_causal_lm_inputs(alone))
     with pytest.raises(ConfigError, match="use_gks=True needs general_adapter_paths"):
         dt.create_arrow_model(tiny_llama(), library[:2], dt.ArrowConfig(use_gks=True))
+
+
+def test_variant_adapters_serve_mixed_batches(library: list[str]) -> None:
+    from tests.adapter_utils import assert_mixed_batch_equals_each_row_alone
+
+    model = dt.create_arrow_model(tiny_llama(), library[:2], dt.ArrowConfig(top_k=1))
+    model.add_adapter("qalora", dt.LoraConfig(target_modules=["q_proj"], r=4, use_qalora=True, qalora_group_size=4,
+                                              init_lora_weights=False))
+    inputs = make_causal_lm_inputs(model, batch=3)
+    mixed = assert_mixed_batch_equals_each_row_alone(model, inputs, ["arrow_router", "qalora", "__base__"])
+    assert (mixed[0] - mixed[2]).abs().max() > 1e-3 and (mixed[1] - mixed[2]).abs().max() > 1e-3
