@@ -116,6 +116,6 @@ def test_invalid_config_values_are_refused(kwargs, match: str) -> None:
 
 def test_a_block_size_that_does_not_divide_the_layer_is_refused_before_the_model_changes() -> None:
     model = tiny_mlp()
-    with pytest.raises(TargetError, match="lin0: block_size=32 must divide both its in_features=16"):
+    with pytest.raises(TargetError, match="lin0: block_size=32 must divide its in_features=16 and out_features=32"):
         dt.get_peft_model(model, dt.C3AConfig(target_modules=["lin0", "lin1"], block_size=32))
     assert isinstance(model.lin0, nn.Linear) and isinstance(model.lin1, nn.Linear)

@@ -224,7 +224,7 @@ def test_qalora_pools_the_input_and_merges_exactly() -> None:
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     _assert_merge_round_trip(model)
-    with pytest.raises(TargetError, match=r"in_features \(32\) divisible by qalora_group_size \(5\)"):
+    with pytest.raises(TargetError, match=r"qalora_group_size=5 must divide its in_features=32"):
         _adapted(use_qalora=True, qalora_group_size=5)
 
 

@@ -107,8 +107,8 @@ def test_invalid_config_values_are_refused(kwargs, match: str) -> None:
     "kwargs, match",
     [
         (dict(r=33), "exceeds its in_features"),
-        (dict(r=5, init_weights="bat"), "does not divide"),
-        (dict(r=4, init_weights="mini", mini_r=5), "mini_r=5 does not divide"),
+        (dict(r=5, init_weights="bat"), "r=5 must divide its in_features=32 and out_features=32"),
+        (dict(r=4, init_weights="mini", mini_r=5), "mini_r=5 must divide its out_features=32"),
     ],
 )
 def test_layers_the_blocks_do_not_fit_are_refused_before_the_model_changes(kwargs, match: str) -> None:

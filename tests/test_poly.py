@@ -275,7 +275,7 @@ def test_bad_task_ids_merging_and_configs_are_refused_by_name():
     lora = dt.get_peft_model(tiny_llama(), dt.LoraConfig(task_type="CAUSAL_LM"))
     with pytest.raises(TypeError, match="takes none"):
         lora(**inputs, task_ids=TASKS)
-    with pytest.raises(TargetError, match="n_splits=3 does not divide"):
+    with pytest.raises(TargetError, match="n_splits=3 must divide"):
         _poly(n_splits=3)
     with pytest.raises(TargetError):  # GPT-2's Conv1D is not a Linear (peft refuses it too)
         dt.get_peft_model(tiny_gpt2(), dt.PolyConfig(task_type="CAUSAL_LM", target_modules=["c_attn"]))

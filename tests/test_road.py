@@ -99,6 +99,6 @@ def test_invalid_config_values_are_refused(kwargs, match: str) -> None:
 
 def test_a_group_size_that_does_not_divide_the_output_is_refused_before_the_model_changes() -> None:
     model = tiny_mlp()
-    with pytest.raises(TargetError, match="group_size=12 does not divide its out_features=32"):
+    with pytest.raises(TargetError, match="group_size=12 must divide its out_features=32"):
         dt.get_peft_model(model, dt.RoadConfig(target_modules=["lin1"], group_size=12))
     assert isinstance(model.lin1, nn.Linear)

@@ -10,7 +10,7 @@ key, as peft draws, then moved to the targets' device (a dry run on the meta dev
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -29,13 +29,16 @@ class SeededTensors(nn.Module):
             self.register_buffer(name, tensor, persistent=save_projection)
         self.prng_key, self.save_projection = prng_key, save_projection
 
-    def check_agrees(self, method: str, settings: Iterable[tuple[str, object, object]]) -> None:
-        """Refuse a new adapter whose ``(field, its value, this holder's value)`` settings differ.
+    def check_agrees(self, method: str, config: object, *settings: tuple[str, object, object]) -> None:
+        """Refuse a new adapter whose ``config`` differs from this holder's in ``projection_prng_key`` or
+        ``save_projection``, or in the extra ``(field, its value, this holder's value)`` ``settings``.
 
         Raises:
             ConfigError: naming the first differing field.
         """
-        for what, ours, theirs in settings:
+        seed = [("projection_prng_key", config.projection_prng_key, self.prng_key),
+                ("save_projection", config.save_projection, self.save_projection)]
+        for what, ours, theirs in (*settings, *seed):
             if ours != theirs:
                 raise ConfigError(
                     f"{what}={ours!r} differs from the model's other {method} adapters ({what}={theirs!r}); {method} "

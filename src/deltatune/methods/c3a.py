@@ -31,12 +31,12 @@ import torch
 from torch import nn
 
 from ..config import LayerConfig, PeftType
-from ..errors import ConfigError, TargetError
+from ..errors import ConfigError
 from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
 from ..targeting import pattern_value
-from .common import check_size, check_size_pattern, place_delta
+from .common import check_divides, check_size, check_size_pattern, place_delta
 
 __all__ = ["C3AConfig"]  # exported from deltatune
 
@@ -119,11 +119,8 @@ def check_target(config: C3AConfig, base_layer: nn.Module, name: str) -> None:
             ``out_features``.
     """
     b = _block_size(config, name)
-    if base_layer.in_features % b or base_layer.out_features % b:
-        raise TargetError(
-            f"{name}: block_size={b} must divide both its in_features={base_layer.in_features} and out_features="
-            f"{base_layer.out_features}; use a common divisor (or set one for this module in block_size_pattern)"
-        )
+    check_divides(name, f"block_size={b}", b, base_layer, "the weight is cut into b x b circulant blocks; "
+                  "block_size_pattern can set one for this module")
 
 
 def make_delta(config: C3AConfig, base_layer: nn.Module, name: str) -> C3ADelta:

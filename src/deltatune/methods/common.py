@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from ..config import validate_regex
 from ..kernels import add_low_rank, index_accumulate
 from ..layers import Delta
-from ..errors import ConfigError
+from ..errors import ConfigError, TargetError
 from ..targeting import pattern_key_regex
 
 
@@ -126,6 +126,20 @@ def layer_features(base_layer: nn.Module) -> tuple[int, int]:
     if isinstance(base_layer, Conv1D):
         return base_layer.weight.shape[0], base_layer.weight.shape[1]
     return base_layer.in_features, base_layer.out_features
+
+
+def check_divides(name: str, what: str, size: int, base_layer: nn.Module, why: str, *,
+                  sides: tuple[str, ...] = ("in", "out")) -> None:
+    """Refuse target ``name`` when ``size`` (the setting ``what``, e.g. ``"block_size=8"``) does not divide each of its
+    ``sides`` (``"in"`` / ``"out"`` features of a Linear or Conv1D); ``why`` says what the method cuts into blocks.
+
+    Raises:
+        TargetError: naming the module, the setting and the sizes.
+    """
+    features = dict(zip(("in", "out"), layer_features(base_layer)))
+    if any(features[side] % size for side in sides):
+        sizes = " and ".join(f"{side}_features={features[side]}" for side in sides)
+        raise TargetError(f"{name}: {what} must divide its {sizes} ({why}); choose one that divides every target's")
 
 
 class FactoredDelta(Delta):

@@ -33,11 +33,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LayerConfig, PeftType
-from ..errors import ConfigError, TargetError
+from ..errors import ConfigError
 from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import check_dropout, check_scale, check_size, layer_features, place_delta, record_fan_in_fan_out
+from .common import (
+    check_divides, check_dropout, check_scale, check_size, layer_features, place_delta, record_fan_in_fan_out,
+)
 
 __all__ = ["GraloraConfig"]  # exported from deltatune
 
@@ -140,10 +142,8 @@ def check_target(config: GraloraConfig, base_layer: nn.Module, name: str) -> Non
     Raises:
         TargetError: ``gralora_k`` does not divide the layer's input or output size.
     """
-    in_features, out_features = layer_features(base_layer)
-    if in_features % config.gralora_k or out_features % config.gralora_k:
-        raise TargetError(f"{name}: gralora_k={config.gralora_k} must divide its in_features={in_features} and "
-                          f"out_features={out_features} (the weight is cut into a k x k grid)")
+    check_divides(name, f"gralora_k={config.gralora_k}", config.gralora_k, base_layer,
+                  "the weight is cut into a k x k grid")
 
 
 def _kaiming(t: torch.Tensor, fan_in: int) -> None:

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, TargetError
+from ..errors import ConfigError
 from ._lora_variant import LoraLinearLike, LoraVariant
-from .common import check_size, layer_features
+from .common import check_divides, check_size
 
 
 class QaloraVariant(LoraVariant):
@@ -46,10 +46,8 @@ class QaloraVariant(LoraVariant):
     @classmethod
     def check_target(cls, config: Any, base_layer: nn.Module, name: str) -> None:
         check_size("qalora_group_size", config.qalora_group_size)
-        in_features = layer_features(base_layer)[0]
-        if in_features % config.qalora_group_size:
-            raise TargetError(f"{name}: use_qalora needs in_features ({in_features}) divisible by "
-                              f"qalora_group_size ({config.qalora_group_size})")
+        check_divides(name, f"qalora_group_size={config.qalora_group_size}", config.qalora_group_size, base_layer,
+                      "use_qalora pools the input in groups", sides=("in",))
 
     @classmethod
     def attach(cls, config: Any, delta: LoraLinearLike, base_layer: nn.Module, name: str) -> QaloraVariant:

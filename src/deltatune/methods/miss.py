@@ -35,7 +35,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import check_dropout, check_size, place_delta
+from .common import check_divides, check_dropout, check_size, place_delta
 
 __all__ = ["MissConfig"]  # exported from deltatune
 
@@ -156,16 +156,12 @@ def check_target(config: MissConfig, base_layer: nn.Module, name: str) -> None:
     in_features, out_features = base_layer.in_features, base_layer.out_features
     if config.r > in_features:
         raise TargetError(f"{name}: r={config.r} exceeds its in_features={in_features}; use r <= {in_features}")
-    if config.init_weights == "bat" and (in_features % config.r or out_features % config.r):
-        raise TargetError(
-            f"{name}: init_weights='bat' splits the weight into r x r blocks, but r={config.r} does not divide its "
-            f"{out_features} x {in_features} weight; choose an r that divides both"
-        )
-    if config.init_weights == "mini" and out_features % config.mini_r:
-        raise TargetError(
-            f"{name}: init_weights='mini' tiles the shard along the output, but mini_r={config.mini_r} does not divide "
-            f"its out_features={out_features}"
-        )
+    if config.init_weights == "bat":
+        check_divides(name, f"r={config.r}", config.r, base_layer, "init_weights='bat' splits the weight into r x r "
+                      "blocks")
+    if config.init_weights == "mini":
+        check_divides(name, f"mini_r={config.mini_r}", config.mini_r, base_layer,
+                      "init_weights='mini' tiles the shard along the output", sides=("out",))
 
 
 def make_delta(config: MissConfig, base_layer: nn.Module, name: str) -> MissDelta:

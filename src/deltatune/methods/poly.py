@@ -37,12 +37,12 @@ from torch import nn
 from torch.distributions import RelaxedBernoulli
 
 from ..config import LayerConfig, PeftType
-from ..errors import AdapterStateError, ConfigError, TargetError
+from ..errors import AdapterStateError, ConfigError
 from ..kernels import add_per_row_low_rank, index_accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
 from ..rows import row_tasks
-from .common import check_size, place_delta
+from .common import check_divides, check_size, place_delta
 
 __all__ = ["PolyConfig"]  # exported from deltatune
 
@@ -172,10 +172,8 @@ def _task_ids(x: torch.Tensor) -> torch.Tensor:
 
 def check_target(config: PolyConfig, base_layer: nn.Module, name: str) -> None:
     """Refuse a layer whose in or out features ``n_splits`` does not divide (peft fails on the reshape)."""
-    for what, size in (("in_features", base_layer.in_features), ("out_features", base_layer.out_features)):
-        if size % config.n_splits:
-            raise TargetError(f"{name}: n_splits={config.n_splits} does not divide its {what} ({size}); choose an "
-                              f"n_splits that divides the in and out features of every target")
+    check_divides(name, f"n_splits={config.n_splits}", config.n_splits, base_layer,
+                  "the rank is split into heads over both sides")
 
 
 def make_delta(config: PolyConfig, base_layer: nn.Module, name: str) -> PolyDelta:

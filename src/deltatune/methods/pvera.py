@@ -106,10 +106,7 @@ def make_projections(config: PveraConfig, bases: Mapping[str, nn.Module],
     """
     other = existing(shared, PveraProjections)
     if other is not None:
-        other.check_agrees("PVeRA", [
-            ("projection_prng_key", config.projection_prng_key, other.prng_key),
-            ("save_projection", config.save_projection, other.save_projection),
-        ])
+        other.check_agrees("PVeRA", config)
     max_in, max_out = max_features(bases)
 
     def sample(generator: torch.Generator) -> dict[str, torch.Tensor]:

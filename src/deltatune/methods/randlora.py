@@ -149,10 +149,7 @@ def make_bases(config: RandLoraConfig, bases: Mapping[str, nn.Module],
     """
     other = existing(shared, RandLoraBases)
     if other is not None:
-        other.check_agrees("RandLoRA", [
-            ("projection_prng_key", config.projection_prng_key, other.prng_key),
-            ("save_projection", config.save_projection, other.save_projection),
-        ])
+        other.check_agrees("RandLoRA", config)
     largest_in, largest_out = max_features(bases)
     min_dim, max_dim = min(largest_in, largest_out), max(largest_in, largest_out)
     n = _num_bases(min_dim, config.r)

@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from ..config import LayerConfig, PeftType
-from ..errors import ConfigError, TargetError
+from ..errors import ConfigError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import check_size, place_delta
+from .common import check_divides, check_size, place_delta
 
 __all__ = ["RoadConfig"]  # exported from deltatune
 
@@ -135,11 +135,8 @@ def check_target(config: RoadConfig, base_layer: nn.Module, name: str) -> None:
     Raises:
         TargetError: ``group_size`` does not divide ``out_features``.
     """
-    if base_layer.out_features % config.group_size:
-        raise TargetError(
-            f"{name}: group_size={config.group_size} does not divide its out_features={base_layer.out_features}; "
-            f"choose a group_size that divides every target's output size"
-        )
+    check_divides(name, f"group_size={config.group_size}", config.group_size, base_layer,
+                  "the output is rotated in groups", sides=("out",))
 
 
 def make_delta(config: RoadConfig, base_layer: nn.Module, name: str) -> RoadDelta:

@@ -30,10 +30,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LayerConfig, PeftType
-from ..errors import AdapterLoadError, AdapterStateError, ConfigError, TargetError
+from ..errors import AdapterLoadError, AdapterStateError, ConfigError
 from ..registry import LayerMethod
 from .common import (
-    FactoredDelta, adapter_dtype, check_dropout, check_scale, check_size, layer_features, record_fan_in_fan_out,
+    FactoredDelta, adapter_dtype, check_divides, check_dropout, check_scale, check_size, layer_features,
+    record_fan_in_fan_out,
 )
 
 __all__ = ["VBLoRAConfig"]  # exported from deltatune
@@ -238,12 +239,8 @@ def check_target(config: VBLoRAConfig, base_layer: nn.Module, name: str) -> None
     Raises:
         TargetError: ``vector_length`` does not divide the layer's input or output size.
     """
-    in_features, out_features = layer_features(base_layer)
-    if in_features % config.vector_length or out_features % config.vector_length:
-        raise TargetError(
-            f"{name}: vector_length={config.vector_length} must divide its in_features={in_features} and "
-            f"out_features={out_features} (each factor is cut into bank-sized sub-vectors); choose a common divisor"
-        )
+    check_divides(name, f"vector_length={config.vector_length}", config.vector_length, base_layer,
+                  "each factor is cut into bank-sized sub-vectors")
 
 
 def make_delta(config: VBLoRAConfig, base_layer: nn.Module, name: str, bank: VectorBank) -> VBLoRADelta:

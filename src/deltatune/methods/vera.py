@@ -133,11 +133,7 @@ def make_pair(
     """
     pair = existing(shared, kind)
     if pair is not None:
-        pair.check_agrees(kind.method, [
-            ("r", config.r, pair.r),
-            ("projection_prng_key", config.projection_prng_key, pair.prng_key),
-            ("save_projection", config.save_projection, pair.save_projection),
-        ])
+        pair.check_agrees(kind.method, config, ("r", config.r, pair.r))
         for name, base in bases.items():
             pair.check_fits(name, *layer_features(base))
         return pair
