@@ -74,6 +74,15 @@ def check_patterns(rank: Any, rank_pattern: dict[str, Any], alpha_pattern: dict[
             validate_regex(f"{name} key {key!r}", pattern_key_regex(key))
 
 
+def check_no_layers_with_regex(config: Any) -> None:
+    """Refuse ``layers_to_transform`` / ``layers_pattern`` beside a regex ``target_modules``, for the methods whose
+    peft config refuses the pair (DeFT, PSOFT), so that peft reads every saved config."""
+    if isinstance(config.target_modules, str) and config.target_modules != "all-linear" and (
+            config.layers_to_transform is not None or config.layers_pattern is not None):
+        raise ConfigError(f"layers_to_transform and layers_pattern cannot be used with a regex target_modules (peft's "
+                          f"{type(config).__name__} refuses them); put the layer indices into the regex")
+
+
 def check_size_pattern(where: str, patterns: Any) -> None:
     """A per-module size override (C3A's ``block_size_pattern``, WaveFT's ``n_frequency_pattern``): a dict whose keys
     are regexes :func:`~deltatune.targeting.pattern_value` can use and whose values are sizes (:func:`check_size`)."""

@@ -42,7 +42,8 @@ from ..errors import ConfigError
 from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import check_dropout, check_scale, check_size, layer_features, place_delta, record_fan_in_fan_out
+from .common import (check_dropout, check_no_layers_with_regex, check_scale, check_size, layer_features, place_delta,
+                     record_fan_in_fan_out)
 
 __all__ = ["DeftConfig"]  # exported from deltatune
 
@@ -91,10 +92,7 @@ class DeftConfig(LayerConfig):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.bias not in ("none", "all", "deft_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'deft_only', got {self.bias!r}")
-        if isinstance(self.target_modules, str) and self.target_modules != "all-linear" and (
-                self.layers_to_transform is not None or self.layers_pattern is not None):
-            raise ConfigError("layers_to_transform and layers_pattern cannot be used with a regex target_modules "
-                              "(peft's DeftConfig refuses them); put the layer indices into the regex")
+        check_no_layers_with_regex(self)
 
 
 def _relu(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
