@@ -66,6 +66,7 @@ _METHOD_MODULES: dict[str, str] = {
     "HIRA": "deltatune.methods.hira",
     "OSF": "deltatune.methods.osf",
     "UNILORA": "deltatune.methods.unilora",
+    "PEANUT": "deltatune.methods.peanut",
 }
 
 
