@@ -67,6 +67,7 @@ _METHOD_MODULES: dict[str, str] = {
     "OSF": "deltatune.methods.osf",
     "UNILORA": "deltatune.methods.unilora",
     "PEANUT": "deltatune.methods.peanut",
+    "PSOFT": "deltatune.methods.psoft",
 }
 
 
