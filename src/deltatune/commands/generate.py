@@ -38,8 +38,32 @@ def register(subparsers) -> None:
     p.add_argument("--num-return-sequences", type=int, default=1, metavar="N", help="answers per prompt")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-adapter", action="store_true", help="run the base model alone")
+    p.add_argument("--task-id", type=int, metavar="N",
+                   help="task index of the prompts, for an adapter that takes task_ids (poly, "
+                        "multitask_prompt_tuning)")
     p.set_defaults(func=run)
     one_line_errors(p)
+
+
+def _task_ids(task_id: int | None, config) -> dict:
+    """``{"task_ids": ...}`` for the model's calls: ``--task-id`` for an adapter that takes task ids, else nothing.
+
+    Raises:
+        TrainError: ``--task-id`` missing for such an adapter, or given for another.
+    """
+    import torch
+
+    from ..train.models import TASK_COUNT_FIELDS
+    from ..train.options import TrainError
+
+    method = config.peft_type.value
+    if method not in TASK_COUNT_FIELDS:
+        if task_id is not None:
+            raise TrainError(f"--task-id does not apply to a {method} adapter (it takes no task ids)")
+        return {}
+    if task_id is None:
+        raise TrainError(f"a {method} adapter needs --task-id: the task index of the prompts")
+    return {"task_ids": torch.tensor([task_id])}
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -70,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load(source)
     if chat and not getattr(tokenizer, "chat_template", None):
         raise TrainError("--chat: this model's tokenizer has no chat template")
+    tasks = _task_ids(args.task_id, model.active_peft_config)
     torch.manual_seed(args.seed)
     context = model.disable_adapter() if args.no_adapter else _nothing()
     prompts = _prompts(args)
@@ -77,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         if source.task == "seq-cls":
             for prompt in prompts:
                 enc = tokenizer(prompt, return_tensors="pt", truncation=True)
-                probs = model(**enc).logits.softmax(-1)[0]
+                probs = model(**enc, **tasks).logits.softmax(-1)[0]
                 best = int(probs.argmax())
                 names = source.labels or [str(i) for i in range(len(probs))]
                 print(f"{names[best]}\t{float(probs[best]):.3f}")
@@ -86,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             for prompt in prompts:
                 words = prompt.split()
                 enc = tokenizer(words, is_split_into_words=True, return_tensors="pt", truncation=True)
-                pred = model(**enc).logits.argmax(-1)[0].tolist()
+                pred = model(**enc, **tasks).logits.argmax(-1)[0].tolist()
                 names = source.labels or []
                 seen, tags = set(), []
                 for pos, word in enumerate(enc.word_ids()):
@@ -109,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
                 kwargs.update(temperature=None, top_p=None, top_k=None)
             if args.repetition_penalty is not None:
                 kwargs["repetition_penalty"] = args.repetition_penalty
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs, **tasks)
             if source.task == "causal-lm":
                 out = out[:, ids.shape[1]:]
             texts = tokenizer.batch_decode(out, skip_special_tokens=True)

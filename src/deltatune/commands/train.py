@@ -69,6 +69,10 @@ def register(subparsers) -> None:
     g.add_argument("--completion-column", metavar="NAME",
                    help="column with the completion / target (default completion)")
     g.add_argument("--label-column", metavar="NAME", help="column with the label(s) (default label / tags)")
+    g.add_argument("--task-id-column", metavar="NAME",
+                   help="column with each example's task index (0, 1, ...), passed to the model as task_ids: "
+                        "needed by --method poly and multitask_prompt_tuning (their n_tasks / num_tasks default to "
+                        "the largest index + 1)")
     g.add_argument("--chat", action=argparse.BooleanOptionalAction,
                    help="wrap prompts in the tokenizer's chat template as a user turn (causal-lm; instruct models)")
     g.add_argument("--max-length", type=int, metavar="N",

@@ -10,6 +10,9 @@ Per task, an :class:`Example` holds token ids and what the loss compares them wi
 * ``seq2seq``: source ``prompt`` -> target ``completion``;
 * ``seq-cls``: ``text`` -> ``label`` (strings or ints);
 * ``token-cls``: ``text`` as a list of words -> ``label`` as a list of tags, one per word (first sub-token only).
+
+Any task may also name a ``task_id`` column: each example's task index, batched as the model's ``task_ids`` (Poly,
+multitask prompt tuning).
 """
 
 from __future__ import annotations
@@ -153,9 +156,10 @@ class Columns:
     completion: str | None = None
     text: str | None = None
     label: str | None = None
+    task_id: str | None = None
 
     def used(self) -> list[str]:
-        return [c for c in (self.prompt, self.completion, self.text, self.label) if c is not None]
+        return [c for c in (self.prompt, self.completion, self.text, self.label, self.task_id) if c is not None]
 
 
 def choose_columns(
@@ -163,16 +167,19 @@ def choose_columns(
 ) -> Columns:
     """Resolve column roles for ``task`` from explicit names and the task's defaults, checking every record.
 
-    ``causal-lm`` uses prompt/completion when both are present (or named), else ``text``.
+    ``causal-lm`` uses prompt/completion when both are present (or named), else ``text``. A ``task_id`` column, for
+    any task, is used only when named.
 
     Raises:
         TrainError: an explicitly named option does not apply to the task, or a required column is missing.
     """
     defaults = DEFAULT_COLUMNS[task]
     for role, name in explicit.items():
-        if name is not None and role not in defaults:
+        if name is not None and role not in defaults and role != "task_id":
             raise TrainError(f"--{role}-column does not apply to --task {task} (its columns: {', '.join(defaults)})")
     pick = {role: explicit.get(role) or default for role, default in defaults.items()}
+    if explicit.get("task_id"):
+        pick["task_id"] = explicit["task_id"]
     first = records[0]
     if task == "causal-lm":
         wants_pairs = explicit.get("prompt") or explicit.get("completion") or (
@@ -187,7 +194,7 @@ def choose_columns(
         missing = [c for c in columns.used() if c not in record or record[c] is None]
         if missing:
             roles = {v: k for k, v in pick.items()}
-            hint = ", ".join(f"--{roles[c]}-column" for c in missing)
+            hint = ", ".join(f"--{roles[c].replace('_', '-')}-column" for c in missing)
             raise TrainError(
                 f"{source}: example {i + 1} has no column {missing[0]!r} (columns: {sorted(record)}); "
                 f"name the right one with {hint}"
@@ -208,6 +215,8 @@ class Example:
         prompt_ids: The prompt alone (for generating an answer); ``None`` for raw-text examples.
         reference: The expected answer text (completion / label name), for exact match and display.
         prompt_text: The prompt as the user wrote it, for display.
+        targets: How many label positions count in the loss.
+        task_id: The example's task index (``--task-id-column``), batched as the model's ``task_ids``.
     """
 
     input_ids: list[int]
@@ -215,7 +224,8 @@ class Example:
     prompt_ids: list[int] | None = None
     reference: str | None = None
     prompt_text: str | None = None
-    targets: int = field(default=0)  # how many label positions count in the loss
+    targets: int = field(default=0)
+    task_id: int | None = None
 
 
 def label_names(task: str, records: Sequence[dict[str, Any]], column: str) -> list[str] | None:
@@ -255,7 +265,10 @@ class Tokenizer:
         return encode_prompt(self.tok, prompt, self.chat)
 
     def __call__(self, record: dict[str, Any]) -> Example:
-        return getattr(self, "_" + self.task.replace("-", "_"))(record)
+        example = getattr(self, "_" + self.task.replace("-", "_"))(record)
+        if self.columns.task_id is not None:
+            example.task_id = task_index(record[self.columns.task_id], self.columns.task_id)
+        return example
 
     def _causal_lm(self, record: dict[str, Any]) -> Example:
         eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
@@ -299,6 +312,25 @@ class Tokenizer:
                        targets=sum(label != IGNORE for label in labels))
 
 
+def task_index(value: Any, column: str) -> int:
+    """A task-id cell as an index: a non-negative integer (or its decimal text, as CSV files hold it).
+
+    Raises:
+        TrainError: anything else.
+    """
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise TrainError(f"column {column!r} (--task-id-column) must hold task indices 0, 1, ...; got {value!r}")
+
+
+def task_count(examples: Sequence[Example]) -> int | None:
+    """The number of tasks the examples' ``task_id`` s name (largest + 1), or ``None`` when they carry none."""
+    ids = [e.task_id for e in examples if e.task_id is not None]
+    return max(ids) + 1 if ids else None
+
+
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     """Token ids of a prompt as training saw it: raw text, or a user turn in the chat template."""
     if chat:
@@ -336,7 +368,8 @@ def split_eval(records: list[dict[str, Any]], split: float, seed: int) -> tuple[
 # --- batching --------------------------------------------------------------------------------------------------------
 
 def collate(examples: Sequence[Example], task: str, pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad a list of examples into model inputs (``labels`` padded with ``IGNORE``)."""
+    """Pad a list of examples into model inputs (``labels`` padded with ``IGNORE``; ``task_ids`` where the examples
+    have task indices)."""
     length = max(len(e.input_ids) for e in examples)
 
     def pad(seq: list[int], value: int, n: int) -> list[int]:
@@ -354,6 +387,8 @@ def collate(examples: Sequence[Example], task: str, pad_id: int, side: str = "ri
         batch["labels"] = torch.tensor([pad(e.labels, IGNORE, n) for e in examples])
     else:
         batch["labels"] = torch.tensor([pad(e.labels, IGNORE, length) for e in examples])
+    if examples[0].task_id is not None:
+        batch["task_ids"] = torch.tensor([e.task_id for e in examples])
     return batch
 
 

@@ -37,8 +37,10 @@ def loss_sum(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 def forward_logits(model, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's logits for a collated batch, one position per input token (seq2seq gets its labels to build
     decoder inputs). Prompt tuning and P-tuning put virtual tokens in front of the input; their positions carry no
-    label and are dropped here."""
+    label and are dropped here. A batch's ``task_ids`` (Poly, multitask prompt tuning) go to the model as well."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "task_ids" in batch:
+        inputs["task_ids"] = batch["task_ids"]
     if task == "seq2seq":
         inputs["labels"] = batch["labels"]
     elif task == "causal-lm":
@@ -135,9 +137,9 @@ def _choice_accuracy(model, examples, task, choices, pad, batch_size, device) ->
         rows = []
         for e in examples:
             if task == "causal-lm":
-                rows.append(Example(e.prompt_ids + ids, [IGNORE] * len(e.prompt_ids) + ids))
+                rows.append(Example(e.prompt_ids + ids, [IGNORE] * len(e.prompt_ids) + ids, task_id=e.task_id))
             else:
-                rows.append(Example(e.input_ids, list(ids)))
+                rows.append(Example(e.input_ids, list(ids), task_id=e.task_id))
         for start in range(0, len(rows), batch_size):
             chunk = rows[start: start + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk, task, pad).items()}
@@ -161,12 +163,13 @@ def _generate(model, examples: Sequence[Example], task: str, tokenizer, batch_si
     max_new = min(longest + 8, 128)
     out: list[str] = []
     for chunk in batches_of(list(examples), batch_size):
-        prompts = [Example(e.prompt_ids, []) for e in chunk]
+        prompts = [Example(e.prompt_ids, [], task_id=e.task_id) for e in chunk]
         side = "left" if task == "causal-lm" else "right"
         batch = collate(prompts, "causal-lm", tokenizer.pad_token_id, side)
+        tasks = {"task_ids": batch["task_ids"].to(device)} if "task_ids" in batch else {}
         generated = model.generate(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-            max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+            max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True, **tasks,
         )
         if task == "causal-lm":
             generated = generated[:, batch["input_ids"].shape[1]:]

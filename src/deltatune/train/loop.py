@@ -207,7 +207,8 @@ def _read_examples(
     if options.chat and task != "causal-lm":
         raise TrainError(f"--chat does not apply to --task {task} (only to causal-lm)")
     explicit_columns = {"prompt": options.prompt_column, "completion": options.completion_column,
-                        "text": options.text_column, "label": options.label_column}
+                        "text": options.text_column, "label": options.label_column,
+                        "task_id": options.task_id_column}
     columns = D.choose_columns(task, train_records, explicit_columns, options.data)
     if eval_records is None:
         train_records, eval_records = D.split_eval(train_records, options.eval_split, options.seed)
@@ -253,7 +254,7 @@ def _loss_sum(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if state is None or not state.chunked_loss or task not in ("causal-lm", "seq2seq") or has_term:
         return loss_sum(task, forward_logits(run.wrapped, task, batch), batch["labels"])
     labels = batch["labels"]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "task_ids") if k in batch}
     if task == "causal-lm":  # divided by one: the sum, as loss_sum gives it
         return run.wrapped(**inputs, use_cache=False, num_items_in_batch=torch.ones((), device=labels.device)).loss
     return run.wrapped(**inputs).loss * (labels != D.IGNORE).sum()  # seq2seq (T5): the mean, times its targets
@@ -276,7 +277,8 @@ def _build_model(
     base = load_model(inputs.model_dir, inputs.task, inputs.labels, inputs.tokenizer.pad_token_id,
                       quantize=options.quantize, device=device)
     set_seed(options.seed)
-    peft_config = build_peft_config(options, inputs.task, inputs.total_steps)
+    peft_config = build_peft_config(options, inputs.task, inputs.total_steps,
+                                    D.task_count(inputs.train_set + inputs.eval_set))
     try:
         model = get_peft_model(base, peft_config)
     except DeltatuneError as exc:
@@ -779,5 +781,8 @@ def _report(run: Run, before: Evaluation | None, after: Evaluation | None, png: 
         lines.append(f"best:     {os.path.join(out, 'best')} (eval loss {state.best_eval_loss:.4f} at step "
                      f"{state.best_step})")
     lines.append(f"metrics:  {os.path.join(out, 'metrics.jsonl')}" + (f", plot: {png}" if png else ""))
-    lines.append(f"next:     deltatune generate {out} --prompt \"...\"   |   deltatune merge {out} --out merged/")
+    if run.options.task_id_column is None:
+        lines.append(f"next:     deltatune generate {out} --prompt \"...\"   |   deltatune merge {out} --out merged/")
+    else:  # a task-routed adapter does not merge
+        lines.append(f"next:     deltatune generate {out} --task-id N --prompt \"...\"")
     return "\n".join(lines)

@@ -103,6 +103,26 @@ def load_model(model_dir: str, task: str, labels: list[str] | None, pad_token_id
     return model
 
 
+def _task_count(options: TrainOptions, values: dict[str, Any], num_tasks: int | None) -> None:
+    """Fill (or check) the task count of a method that takes ``task_ids``; refuse ``--task-id-column`` for one that
+    takes none, and such a method without it."""
+    count_field = TASK_COUNT_FIELDS.get(options.method.upper())
+    if count_field is None:
+        if options.task_id_column is not None:
+            raise TrainError(f"--task-id-column does not apply to --method {options.method}: it takes no task ids "
+                             f"(methods that do: {', '.join(m.lower() for m in TASK_COUNT_FIELDS)})")
+        return
+    if options.task_id_column is None:
+        raise TrainError(f"--method {options.method} needs --task-id-column: a data column with each example's task "
+                         f"index (0, 1, ...), which the model takes as task_ids")
+    if num_tasks is None:
+        return
+    given = values.setdefault(count_field, num_tasks)
+    if isinstance(given, int) and given < num_tasks:
+        raise TrainError(f"--method-option {count_field}={given} is too small: the data's task ids go up to "
+                         f"{num_tasks - 1} (column {options.task_id_column!r})")
+
+
 def _csv(value: str | None) -> list[str] | str | None:
     """``"a,b"`` -> ``["a", "b"]``; ``all-linear`` and regexes (anything with regex syntax) stay strings."""
     if value is None:
@@ -122,15 +142,18 @@ METHOD_FLAGS = {
 
 # Methods whose training needs more than (input, labels) records: refused with the reason rather than trained wrongly.
 NOT_TRAINABLE_HERE = {
-    "MULTITASK_PROMPT_TUNING": "it needs a task id per record (task_ids), which the data format has no field for",
-    "POLY": "it needs a task id per record (task_ids), which the data format has no field for",
     "CPT": "its loss covers the context's labels and input_type_mask, which the loop's token loss does not",
 }
 
+# Methods that take task_ids (one task index per record, from --task-id-column) -> their config's task-count field.
+TASK_COUNT_FIELDS = {"POLY": "n_tasks", "MULTITASK_PROMPT_TUNING": "num_tasks"}
 
-def build_peft_config(options: TrainOptions, task: str, total_steps: int | None = None):
+
+def build_peft_config(options: TrainOptions, task: str, total_steps: int | None = None,
+                      num_tasks: int | None = None):
     """The method's config from the options; refuses options the method does not have. ``total_steps`` (the run's
-    optimizer steps) fills a ``total_step`` field the options leave open (AdaLoRA's budget schedule)."""
+    optimizer steps) fills a ``total_step`` field the options leave open (AdaLoRA's budget schedule); ``num_tasks``
+    (the data's largest task index + 1) the task count of a method that takes ``task_ids``, which must cover it."""
     from ..config import PeftType
     from ..registry import config_class
 
@@ -183,6 +206,7 @@ def build_peft_config(options: TrainOptions, task: str, total_steps: int | None 
         values[name] = value
     if "total_step" in fields and values.get("total_step") is None and total_steps is not None:
         values["total_step"] = total_steps
+    _task_count(options, values, num_tasks)
     try:
         return cls(**values)
     except DeltatuneError as exc:

@@ -45,6 +45,9 @@ class TrainOptions:
         prompt_column: Column with the prompt (causal LM: no loss on it; seq2seq: the source).
         completion_column: Column with the completion (causal LM) or target (seq2seq).
         label_column: Column with the label (seq-cls: a string or int; token-cls: a list, one per word).
+        task_id_column: Column with each example's task index (an integer from 0), passed to the model as
+            ``task_ids``: what ``--method poly`` and ``multitask_prompt_tuning`` route or prompt by (their ``n_tasks``
+            / ``num_tasks`` default to the largest index + 1); refused for methods that take no task ids.
         chat: Wrap each prompt as a user turn with the tokenizer's chat template (instruct models).
         max_length: Longest tokenised example; longer prompts lose their beginning, longer texts their end.
         method: The PEFT method (``lora``).
@@ -103,6 +106,7 @@ class TrainOptions:
     prompt_column: str | None = None
     completion_column: str | None = None
     label_column: str | None = None
+    task_id_column: str | None = None
     chat: bool = False
     max_length: int = 512
     method: str = "lora"
