@@ -270,6 +270,26 @@ def test_key_addressing_another_adapter_is_refused(tmp_path: Path) -> None:
     _assert_untouched(model, before)
 
 
+def test_a_shared_tensor_saved_under_two_paths_with_different_values_is_refused(tmp_path: Path) -> None:
+    # Lily's down-projection is one tensor for layers 0 and 1 (stride_A=2); peft writes it under both layers' paths
+    from deltatune import LilyConfig
+
+    config = LilyConfig(target_modules=["q_proj"], r=4, stride_A=2, init_weights=False)
+    get_peft_model(tiny_llama(), config).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lily_A.weight"
+    assert torch.equal(tensors[key], tensors[key.replace("layers.1", "layers.0")])
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, str(path))
+    model = get_peft_model(tiny_llama(), config, adapter_name="kept")
+    before = _state(model)
+    with pytest.raises(AdapterLoadError, match="are one shared tensor of the adapter but hold different values"):
+        model.load_adapter(str(tmp_path), adapter_name="second")
+    assert list(model.peft_config) == ["kept"]
+    _assert_untouched(model, before)
+
+
 # --- adapter_config.json --------------------------------------------------------------------------------------------
 
 def _write_config(adapter: Path, **changes) -> Path:

@@ -201,6 +201,16 @@ def load_layer_adapter_state_dict(
             f"{source}: the file lacks {len(missing)} tensor(s) the adapter needs, first {missing[0]!r}; "
             f"the file is incomplete or was saved with a different config"
         )
+    # one shared tensor (Lily's projectors, a tied twin's rows) saved under several paths must hold one value
+    first_key: dict[int, str] = {}
+    for key, target in mapping.items():
+        other = first_key.setdefault(id(params[target]), key)
+        dtype = params[target].dtype
+        if other != key and not torch.equal(state_dict[key].to(dtype), state_dict[other].to(dtype)):
+            raise AdapterLoadError(
+                f"{source}: tensors {other!r} and {key!r} are one shared tensor of the adapter but hold different "
+                f"values; the file is corrupt or was not saved from this adapter's config"
+            )
     with torch.no_grad():
         for key, target in mapping.items():
             params[target].copy_(state_dict[key].to(dtype=params[target].dtype, device=params[target].device))
