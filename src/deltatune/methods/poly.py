@@ -173,7 +173,7 @@ def _task_ids(x: torch.Tensor) -> torch.Tensor:
 def check_target(config: PolyConfig, base_layer: nn.Module, name: str) -> None:
     """Refuse a layer whose in or out features ``n_splits`` does not divide (peft fails on the reshape)."""
     check_divides(name, f"n_splits={config.n_splits}", config.n_splits, base_layer,
-                  "the rank is split into heads over both sides")
+                  "A's inputs and B's outputs are split into that many routed heads")
 
 
 def make_delta(config: PolyConfig, base_layer: nn.Module, name: str) -> PolyDelta:
