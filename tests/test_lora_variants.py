@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import deltatune as dt
 from deltatune.errors import AdapterStateError, ConfigError, QuantizationError, TargetError
+from deltatune.methods.lora_monteclora import wishart_draw
 from tests.models import make_causal_lm_inputs, tiny_gpt2, tiny_llama
 
 _BD = dict(target_modules_bd_a=["v_proj"], target_modules_bd_b=["q_proj"], nblocks=2)
@@ -141,6 +142,11 @@ def test_monteclora_training_uses_the_weighted_perturbed_a_and_evaluation_the_me
     layer = _layer(model)
     delta = layer.deltas["default"]
     sampler = delta.lora_monteclora_sampler
+    draws = [sampler.draw() for _ in range(3)]  # buffer_size=2: one refill
+    assert [tuple(t.shape) for t in draws[2]] == [(3, 32, 4), (4, 4), (3,)]
+    torch.manual_seed(0)
+    mean = torch.stack([wishart_draw(4) for _ in range(1000)]).mean(0)  # Wishart(df=4, I): mean 4 I, sd ≤ 0.09
+    torch.testing.assert_close(mean, 4 * torch.eye(4), rtol=0, atol=0.4)
     gen = torch.Generator().manual_seed(0)
     z, zeta = torch.randn(3, 32, 4, generator=gen), torch.randn(3, generator=gen)
     wishart = torch.randn(4, 4, generator=gen)

@@ -11,7 +11,9 @@ Adaptation" (arXiv 2411.04358), §3, as peft 0.21 implements it. Per layer, with
   ``L = chol(diag(1/α · (1 − 2/N) + Σ(1/α) / N²))``;
 * training uses ``A' = (Σₙ wₙ (Aᵀ + εₙ))ᵀ``; evaluation and merging use ``A`` (the mean).
 
-The draws ``(z, Z, ζ)`` are made ``buffer_size`` at a time and used in turn, as peft does. The variational loss
+The small draws ``(Z, ζ)`` are made ``buffer_size`` at a time and used in turn, as peft does; the Gaussian ``z``
+(``N · in · r`` numbers) is drawn at each training forward on the parameters' device, where peft keeps ``buffer_size``
+of them (at its defaults about 150 MB per 4096-wide layer at ``r = 8``). The distribution is the same. The variational loss
 (Dirichlet, Wishart and Gaussian KL terms times ``kl_loss_weight``, plus ``Σ w²`` with ``use_entropy``), averaged
 over layers, is what the user adds to the loss: ``model.base_model._get_monteclora_loss()``. The parameters and the
 two state buffers (``gaussian_var_prior``: the last ``Σ``; ``expert_weights``: the last ``w``) live in
@@ -48,7 +50,7 @@ class MontecloraConfig:
         dirichlet_prior: Concentration of the Dirichlet prior over the mixture weights (its KL term).
         sample_scaler: Scale of the perturbations ``ε``.
         kl_loss_weight: Weight of the KL terms in the variational loss.
-        buffer_size: Draws made at a time.
+        buffer_size: Draws of ``(Z, ζ)`` made at a time.
     """
 
     num_samples: int = 8
@@ -90,15 +92,16 @@ class MontecloraSampler(nn.Module):
         self._draws: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The next ``(z (N, in, r), Z (r, r), ζ (N,))``, refilling ``buffer_size`` draws when used up."""
+        """The next ``(z (N, in, r), Z (r, r), ζ (N,))``; ``(Z, ζ)`` from the buffer, refilled ``buffer_size`` at a
+        time when used up."""
         if not self._draws:
-            size, n = self.config.buffer_size, self.config.num_samples
             with torch.no_grad():
-                z = torch.randn(size, n, self.in_features, self.r)
-                zeta = torch.randn(size, n)
-                self._draws = [(z[i], wishart_draw(self.r), zeta[i]) for i in range(size)][::-1]
+                zeta = torch.randn(self.config.buffer_size, self.config.num_samples)
+                self._draws = [(wishart_draw(self.r), zeta[i]) for i in range(self.config.buffer_size)][::-1]
         like = self.std_prior
-        return tuple(t.to(device=like.device, dtype=like.dtype) for t in self._draws.pop())  # type: ignore[return-value]
+        wishart, zeta = (t.to(device=like.device, dtype=like.dtype) for t in self._draws.pop())
+        z = torch.randn(self.config.num_samples, self.in_features, self.r, device=like.device, dtype=like.dtype)
+        return z, wishart, zeta
 
     def covariance(self, wishart: torch.Tensor) -> torch.Tensor:
         """``Σ = diag(clip(diag(S Z Sᵀ), 10⁻³))``, ``(r, r)``."""
