@@ -68,6 +68,7 @@ _METHOD_MODULES: dict[str, str] = {
     "UNILORA": "deltatune.methods.unilora",
     "PEANUT": "deltatune.methods.peanut",
     "PSOFT": "deltatune.methods.psoft",
+    "TINYLORA": "deltatune.methods.tinylora",
 }
 
 
