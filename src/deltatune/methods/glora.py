@@ -79,7 +79,8 @@ class GloraConfig(LayerConfig):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
         if not isinstance(self.init_weights, bool):
-            raise ConfigError(f"init_weights must be True (the base layer) or False (random), got {self.init_weights!r}")
+            raise ConfigError(f"init_weights must be True (the base layer) or False (random), got "
+                              f"{self.init_weights!r}")
 
 
 class _Part(nn.Module):

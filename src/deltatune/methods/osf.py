@@ -98,10 +98,11 @@ class OSFConfig(LayerConfig):
                 _check_rank(f"rank_pattern[{key!r}]", value)
                 validate_regex(f"rank_pattern key {key!r}", key)
         if not isinstance(self.init_weights, bool):
-            raise ConfigError(f"init_weights must be True (the base model) or False (random), got {self.init_weights!r}")
+            raise ConfigError(f"init_weights must be True (the base model) or False (random), got "
+                              f"{self.init_weights!r}")
         if self.target_svd_config is not None:
-            raise ConfigError("target_svd_config is a placeholder peft accepts but ignores; deltatune refuses it rather "
-                              "than ignore it: set the preserved rank with effective_rank / rank_pattern")
+            raise ConfigError("target_svd_config is a placeholder peft accepts but ignores; deltatune refuses it "
+                              "rather than ignore it: set the preserved rank with effective_rank / rank_pattern")
 
 
 def effective_rank(config: OSFConfig, name: str, min_dim: int) -> int:
