@@ -182,6 +182,8 @@ def mark_trainable(model: nn.Module, trainable: Sequence[str], biases: BiasScope
                 delta.requires_grad_(True)
                 for constant in delta.constants:
                     getattr(delta, constant).requires_grad_(False)
+                for frozen in delta.frozen:
+                    delta.get_parameter(frozen).requires_grad_(False)
         if biases == "adapted" and getattr(layer.base_layer, "bias", None) is not None and layer.active_adapters:
             layer.base_layer.bias.requires_grad_(True)
     for _, wrapper in save_wrappers(model):

@@ -46,6 +46,9 @@ class Delta(nn.Module):
     # Parameters that never train and are not saved: constants peft registers as frozen parameters (AdaLoRA's
     # ``ranknum``), kept as parameters so that parameter counts agree with peft's.
     constants: ClassVar[tuple[str, ...]] = ()
+    # Parameters (dotted names in the delta) that are saved but never train: peft's frozen_peft_weight_names (LoRA
+    # with MiCA's init freezes B). Per instance, since an init scheme decides it.
+    frozen: tuple[str, ...] = ()
     # The escape hatch for a base layer whose output cannot be changed from outside because it reads its weights
     # itself (nn.MultiheadAttention uses ``in_proj_weight`` and ``out_proj.weight`` directly). ``None``: the layer
     # runs as usual. A delta class that defines it as ``run_layer(deltas, base_layer, *args, **kwargs)`` runs the
