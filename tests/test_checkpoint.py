@@ -321,7 +321,7 @@ def test_harmless_unknown_fields_give_exactly_one_warning_naming_them(tmp_path: 
 
 @pytest.mark.parametrize(
     "field, value",
-    [("megatron_config", {"tensor_model_parallel_size": 2}), ("lora_ga_config", {"direction": "ArB2r"})],
+    [("megatron_config", {"tensor_model_parallel_size": 2})],
 )
 def test_peft_fields_that_change_the_math_are_refused(tmp_path: Path, field: str, value) -> None:
     _saved_llama(tmp_path)

@@ -46,19 +46,26 @@ from ..registry import LayerMethod
 from ..targeting import find_modules_to_save, iter_candidates, name_matches, pattern_value
 from .alora import ActivatedLora, check_invocation_tokens
 from .common import adapter_dtype, check_dropout, check_patterns, check_scale
-from . import lora_variants
+from . import lora_init, lora_variants
 from ._lora_variant import LoraVariant
 from .dora import DoraVariant
 from .lora_arrow import ArrowConfig
 from .lora_bdlora import BdLoraConfig
+from .lora_eva import get_eva_state_dict, initialize_lora_eva_weights
+from .lora_init import (
+    CordaConfig, EvaConfig, LoftQConfig, LoraGAConfig, preprocess_corda, preprocess_loraga, replace_lora_weights_loftq,
+)
 from .lora_kasa import KasaConfig, check_model as _check_kasa_model, kasa_loss
 from .lora_monteclora import MontecloraConfig, monteclora_loss
 from .lora_velora import VeloraConfig
 from .trainable_tokens import check_rows, check_token_indices, input_embedding_name, make_token_adapter
 
-__all__ = ["ArrowConfig", "BdLoraConfig", "KasaConfig", "LoraConfig", "MontecloraConfig", "VeloraConfig"]  # exported from deltatune
+__all__ = [  # exported from deltatune
+    "ArrowConfig", "BdLoraConfig", "KasaConfig", "LoraConfig", "MontecloraConfig", "VeloraConfig", *lora_init.__all__,
+    "get_eva_state_dict", "initialize_lora_eva_weights",
+]
 
-_INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora")
+_INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora", *lora_init.CHECKED)
 # Subspace iterations of fast PiSSA; a handful is the practice (peft's docs use 4-16). The bound stops a config file
 # from asking for hours of SVD work at load time.
 _MAX_PISSA_NITER = 1024
@@ -79,7 +86,13 @@ class LoraConfig(LayerConfig):
             (biases of adapted layers).
         use_rslora: Scale by ``lora_alpha / √r``.
         use_dora: Weight-decomposed LoRA (DoRA): adds a trainable per-channel magnitude.
-        init_lora_weights: ``True``, ``False``, ``"gaussian"``, ``"pissa"``, ``"pissa_niter_N"`` or ``"olora"``.
+        init_lora_weights: ``True``, ``False``, ``"gaussian"``, ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, or
+            one of ``methods/lora_init.py``: ``"orthogonal"``, ``"mica"``, ``"corda"``, ``"lora_ga"``, ``"loftq"``,
+            or ``"eva"`` (a plain LoRA until ``initialize_lora_eva_weights``, ``methods/lora_eva.py``).
+        loftq_config: ``init_lora_weights="loftq"``'s :class:`LoftQConfig`, kept as a dict (as peft).
+        eva_config: ``init_lora_weights="eva"``'s :class:`EvaConfig` (default: its defaults).
+        corda_config: ``init_lora_weights="corda"``'s :class:`CordaConfig` (default: its defaults).
+        lora_ga_config: ``init_lora_weights="lora_ga"``'s :class:`LoraGAConfig` (required).
         rank_pattern: ``{module-name pattern: r}`` overriding ``r`` for matching modules (regex on the name suffix).
         alpha_pattern: ``{module-name pattern: alpha}`` overriding ``lora_alpha`` likewise.
         lora_bias: A trainable bias on ``lora_B`` (saved as ``lora_B.bias``), scaled like the update; zero at init.
@@ -144,13 +157,16 @@ class LoraConfig(LayerConfig):
     qalora_group_size: int = 16
     alora_invocation_tokens: list[int] | None = None
     arrow_config: ArrowConfig | dict | None = None
+    loftq_config: dict[str, Any] = field(default_factory=dict)
+    eva_config: EvaConfig | None = None
+    corda_config: CordaConfig | None = None
+    lora_ga_config: LoraGAConfig | None = None
 
     # peft LoRA features not implemented here; a file that switches one on is refused (see config.py).
     _unsupported: ClassVar[dict[str, Any]] = {
         **dict.fromkeys(
             (
-                "loftq_config", "eva_config", "corda_config", "megatron_config",
-                "lora_ga_config",
+                "megatron_config",
             )
         ),
     }
@@ -169,7 +185,7 @@ class LoraConfig(LayerConfig):
                 f"init_lora_weights={init!r} is not supported; use one of {list(_INIT_SCHEMES)} or 'pissa_niter_N' "
                 f"with N <= {_MAX_PISSA_NITER}"
             )
-        if self.use_dora and isinstance(init, str) and init != "gaussian":
+        if self.use_dora and isinstance(init, str) and init not in ("gaussian", "orthogonal"):
             raise ConfigError(f"use_dora cannot be combined with init_lora_weights={init!r}")
         if self.lora_bias and self.use_dora:
             raise ConfigError("lora_bias=True cannot be combined with use_dora=True (nor in peft); pass one of them")
@@ -179,6 +195,7 @@ class LoraConfig(LayerConfig):
             )
         self._check_target_parameters()
         lora_variants.check_config(self)
+        self._init_subconfigs()
         self.alora_invocation_tokens = check_invocation_tokens(self, rewrites_base_weights(self))
         replication = self.layer_replication
         if replication is not None and not (
@@ -204,6 +221,24 @@ class LoraConfig(LayerConfig):
     def rewriting_option(self) -> str | None:
         """The option that rewrites base weights when it is not the init scheme (for messages; ``resolve.py``)."""
         return "kasa_config (which truncates the base weight)" if self.kasa_config is not None else None
+
+    def _init_subconfigs(self) -> None:
+        """The init schemes' sub-configs as their classes (a dict as read from JSON converted; LoftQ's kept a dict,
+        peft's type for it), then their combinations with ``init_lora_weights`` (``lora_init.check_config``)."""
+        loftq = lora_init.subconfig("loftq_config", self.loftq_config or None, LoftQConfig)
+        self.loftq_config = dataclasses.asdict(loftq) if loftq is not None else {}
+        for name, cls in (("eva_config", EvaConfig), ("corda_config", CordaConfig), ("lora_ga_config", LoraGAConfig)):
+            setattr(self, name, lora_init.subconfig(name, getattr(self, name), cls))
+        if self.init_lora_weights == "eva" and self.eva_config is None:  # peft's defaults for these two
+            self.eva_config = EvaConfig()
+        if self.init_lora_weights == "corda" and self.corda_config is None:
+            self.corda_config = CordaConfig()
+        if self.init_lora_weights == "mica":  # MiCA is itself a variant in peft, which allows one per adapter
+            clash = next((f for f in ("alora_invocation_tokens", *lora_variants.VARIANTS)
+                          if getattr(self, f, None) not in (None, False, [])), None)
+            if clash is not None:
+                raise ConfigError(f"init_lora_weights='mica' cannot be combined with {clash} (nor in peft)")
+        lora_init.check_config(self)
 
     def _check_target_parameters(self) -> None:
         """peft's limits for parameter targets: no module to apply dropout to the input of, nor a layer DoRA or a
@@ -791,6 +826,19 @@ def _init_from_weight(delta: LoraDelta, base_layer: nn.Module, scheme: str) -> N
     base_layer.weight.copy_(delta.canonical(residual, base_layer).to(base_layer.weight.dtype))
 
 
+@torch.no_grad()
+def _apply_init(delta: LoraDelta, base_layer: nn.Module, init: lora_init.Init) -> None:
+    """Put a ``lora_init`` scheme's factors into ``delta`` and its residual into the base weight."""
+    factors = delta.factors()
+    factors.a.copy_(init.a)
+    factors.b.copy_(init.b)
+    if init.freeze_b:  # MiCA: saved like any factor, never trained (peft's frozen_peft_weight_names)
+        delta.frozen = tuple(n for n, p in delta.named_parameters() if p is factors.b)
+    if init.weight is not None:
+        weight = base_layer.weight
+        weight.copy_(delta.canonical(init.weight, base_layer).to(weight.dtype))
+
+
 # First match wins: base layer types -> the delta class that knows their shapes.
 _LAYER_CLASSES: tuple[tuple[tuple[type[nn.Module], ...], type[LoraDelta]], ...] = (
     ((nn.Linear, Conv1D), LoraLinear),
@@ -804,7 +852,7 @@ def _init_from_base(config: LoraConfig) -> bool:
     """Whether the init scheme is computed from the base weight (PiSSA / OLoRA), which then keeps the residual
     ``W₀ − BA``."""
     scheme = config.init_lora_weights
-    return isinstance(scheme, str) and scheme != "gaussian"
+    return isinstance(scheme, str) and (scheme.startswith("pissa") or scheme in ("olora", *lora_init.REWRITING))
 
 
 def rewrites_base_weights(config: LoraConfig) -> bool:
@@ -851,7 +899,9 @@ def check_target(config: LoraConfig, base_layer: nn.Module, name: str) -> None:
     if config.alora_invocation_tokens and not linear_like:
         raise TargetError(f"{name}: alora_invocation_tokens supports Linear and Conv1D layers only (as peft), not "
                           f"{type(base_layer).__name__}; leave the layer out of target_modules")
-    if _init_from_base(config) and not linear_like:
+    if scheme in lora_init.CHECKED:
+        lora_init.check_target(config, base_layer, name, pattern_value(config.rank_pattern, name, config.r))
+    elif _init_from_base(config) and not linear_like:
         raise TargetError(f"{name}: init_lora_weights={scheme!r} supports Linear and Conv1D layers only")
 
 
@@ -880,7 +930,11 @@ def _build(cls: type[LoraDelta], config: LoraConfig, base_layer: nn.Module, r: i
         delta = cls(base_layer, *parts, r, alpha, config.lora_dropout, config.use_rslora, **extra)
     delta.to_empty(device=weight.device).to(dtype)
     scheme = config.init_lora_weights
-    if _init_from_base(config):
+    if scheme in lora_init.SCHEMES:
+        if weight.device.type != "meta":
+            _apply_init(delta, base_layer, lora_init.initialise(
+                config, base_layer, delta.canonical(weight, base_layer), delta.r, delta.scaling))
+    elif _init_from_base(config):
         _init_from_weight(delta, base_layer, scheme)
     elif weight.device.type != "meta":
         _init_ab(delta, scheme)
