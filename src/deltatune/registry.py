@@ -69,6 +69,7 @@ _METHOD_MODULES: dict[str, str] = {
     "PEANUT": "deltatune.methods.peanut",
     "PSOFT": "deltatune.methods.psoft",
     "TINYLORA": "deltatune.methods.tinylora",
+    "ADAMSS": "deltatune.methods.adamss",
 }
 
 
