@@ -420,6 +420,9 @@ def test_eva_refuses_missing_data_and_a_non_eva_adapter() -> None:
         dt.initialize_lora_eva_weights(model)
     with pytest.raises(dt.ConfigError, match="dataloader is empty"):
         dt.initialize_lora_eva_weights(model, [])
+    with pytest.raises(dt.ConfigError, match=r"must be \(rank, 16\) for this layer, got \(2, 5\)"):
+        dt.initialize_lora_eva_weights(model, eva_state_dict={"base_model.model.lin0": torch.zeros(2, 5)})
+    assert _delta(model, "lin0").lora_A.weight.shape == (8, 16)  # unchanged
     plain = dt.get_peft_model(tiny_mlp(), dt.LoraConfig(target_modules=["lin0"]))
     with pytest.raises(dt.ConfigError, match="init_lora_weights='eva'"):
         dt.initialize_lora_eva_weights(plain, [{"x": _x()}])

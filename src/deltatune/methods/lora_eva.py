@@ -42,7 +42,8 @@ def forward_fn_dict(model: nn.Module, inputs: Mapping[str, Any]) -> Any:
     return model(**inputs)
 
 
-def prepare_model_inputs_fn_language_modeling(model_input: Mapping[str, torch.Tensor], peft_config: Any) -> torch.Tensor:
+def prepare_model_inputs_fn_language_modeling(model_input: Mapping[str, torch.Tensor],
+                                              peft_config: Any) -> torch.Tensor:
     """The ``(batch, position)`` indices whose tokens count: attended to and, with ``use_label_mask``, not labelled
     ``label_mask_value`` (prompt tokens in instruction tuning)."""
     if not isinstance(model_input, Mapping):
@@ -54,7 +55,8 @@ def prepare_model_inputs_fn_language_modeling(model_input: Mapping[str, torch.Te
     return mask.nonzero()  # (n, 2)
 
 
-def prepare_layer_inputs_fn_language_modeling(layer_input: Any, model_input: torch.Tensor, layer_name: str) -> torch.Tensor:
+def prepare_layer_inputs_fn_language_modeling(layer_input: Any, model_input: torch.Tensor,
+                                              layer_name: str) -> torch.Tensor:
     """The layer's input rows at the indices :func:`prepare_model_inputs_fn_language_modeling` kept: ``(n, in)``."""
     return _first_tensor(layer_input, layer_name)[model_input.T.unbind()]
 
@@ -380,11 +382,10 @@ def initialize_lora_eva_weights(
     states = {k.removeprefix(_PEFT_PREFIX): v for k, v in eva_state_dict.items()}
     base = model.get_base_model()
     layers = [(n, l) for n, l in adapter_layers(base) if adapter_name in l.deltas]
-    for name, layer in layers:
-        a = states.get(name)
-        if a is not None and a.dim() == 2 and a.shape[0] and a.shape[1] != layer.deltas[adapter_name].factors().a.shape[1]:
-            raise ConfigError(f"eva_state_dict[{name!r}] has width {a.shape[1]}, the layer's input size is "
-                              f"{layer.deltas[adapter_name].factors().a.shape[1]}")
+    for name, layer in layers:  # all checked before any layer changes
+        a, width = states.get(name), layer.deltas[adapter_name].factors().a.shape[1]
+        if a is not None and (a.dim() != 2 or a.shape[0] and a.shape[1] != width):
+            raise ConfigError(f"eva_state_dict[{name!r}] must be (rank, {width}) for this layer, got {tuple(a.shape)}")
     make_delta = get_method("LORA").make_delta
     plain = dataclasses.replace(config, init_lora_weights=True, eva_config=None, rank_pattern={}, alpha_pattern={})
     rank_pattern, alpha_pattern, kept, missing = {}, {}, [], []

@@ -160,7 +160,8 @@ class LoraGAConfig:
             raise ConfigError(f"lora_ga_config: unknown direction {self.direction!r}")
         if self.scale not in ("stable", "weight_svd", "gd_scale", "unit"):
             raise ConfigError(f"lora_ga_config: unknown scale {self.scale!r}")
-        if not isinstance(self.stable_gamma, (int, float)) or isinstance(self.stable_gamma, bool) or self.stable_gamma <= 0:
+        gamma = self.stable_gamma
+        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or gamma <= 0:
             raise ConfigError(f"lora_ga_config: stable_gamma must be positive, got {self.stable_gamma!r}")
 
 
@@ -201,8 +202,7 @@ def check_config(config: Any) -> None:
     if init == "lora_ga" and config.lora_ga_config is None:
         raise ConfigError("init_lora_weights='lora_ga' needs lora_ga_config=LoraGAConfig(...), as in peft")
     if init == "orthogonal":
-        odd = {config.r, *config.rank_pattern.values()} - {r for r in (config.r, *config.rank_pattern.values())
-                                                           if r % 2 == 0}
+        odd = {r for r in (config.r, *config.rank_pattern.values()) if r % 2}
         if odd:
             raise ConfigError(f"init_lora_weights='orthogonal' needs even ranks (half of A's and B's directions "
                               f"each), got r / rank_pattern values {sorted(odd)}")
@@ -263,14 +263,14 @@ def initialise(config: Any, base_layer: nn.Module, weight: torch.Tensor, r: int,
         return corda_factors(w, base_layer.__dict__.pop(_CORDA_ATTR), scaling)
     if scheme == "lora_ga":
         grad = base_layer.__dict__.pop(_LORAGA_ATTR)
-        return lora_ga_factors(w, unwrap_grad(grad, base_layer), r, scaling, config.lora_ga_config)
+        return lora_ga_factors(w, _canonical_grad(grad, base_layer), r, scaling, config.lora_ga_config)
     if scheme == "loftq":
         settings = LoftQConfig(**config.loftq_config)
         return loftq_factors(w, r, settings.loftq_bits, settings.loftq_iter)
     raise ValueError(f"not an init_lora_weights handled here: {scheme!r}")
 
 
-def unwrap_grad(grad: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+def _canonical_grad(grad: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
     """A gradient of ``base_layer.weight`` in the canonical ``(out, in)`` layout."""
     return grad.float().T if isinstance(base_layer, Conv1D) else grad.float()
 
