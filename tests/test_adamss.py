@@ -117,7 +117,8 @@ def test_adaptive_subspace_allocation_prunes_as_peft(tmp_path) -> None:
 
 
 def test_init_weights_false_reads_as_none_as_in_peft() -> None:
-    assert dt.AdamssConfig(init_weights=False).init_weights is None is peft.AdamssConfig(init_weights=False).init_weights
+    assert dt.AdamssConfig(init_weights=False).init_weights is None
+    assert peft.AdamssConfig(init_weights=False).init_weights is None
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,8 @@ _psoft = linear_cases("PsoftConfig", nonzero_kwargs=dict(init_weights=False))
 MATRIX = [
     _psoft("psoft_default", r=4),
     _psoft("psoft_lowrank_pissa_neumann", without_remote_code(_FAMILIES), r=4, psoft_alpha=8,
-           ab_svd_init="pissa_init", psoft_svd="lowrank", random_seed=3, use_cayley_neumann=True, cayley_neumann_eps=0.9, psoft_dropout=0.1),
+           ab_svd_init="pissa_init", psoft_svd="lowrank", random_seed=3, use_cayley_neumann=True,
+           cayley_neumann_eps=0.9, psoft_dropout=0.1),
 ]
 
 

@@ -244,8 +244,8 @@ def _meta_bound(config: AdamssConfig, base_layer: nn.Module) -> AdamssDelta:
     rank, clusters = min(config.r, out_features, columns), min(config.num_subspaces, out_features)
     sizes = [out_features - clusters + 1] + [1] * (clusters - 1)
     return AdamssDelta(torch.empty(rank, columns), [torch.empty(config.subspace_rank, rank)] * clusters,
-                       [torch.empty(n, config.subspace_rank) for n in sizes], torch.empty(out_features, dtype=torch.long),
-                       out_features, base_layer.bias is not None)
+                       [torch.empty(n, config.subspace_rank) for n in sizes],
+                       torch.empty(out_features, dtype=torch.long), out_features, base_layer.bias is not None)
 
 
 def make_delta(config: AdamssConfig, base_layer: nn.Module, name: str) -> AdamssDelta:

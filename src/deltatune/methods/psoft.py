@@ -1,8 +1,9 @@
 """PSOFT: orthogonal fine-tuning inside the weight's principal subspace.
 
-"Efficient Orthogonal Fine-Tuning with Principal Subspace Adaptation" (PSOFT, https://openreview.net/forum?id=FSHrinMArK),
-§3: the top-``r`` singular triplets ``W ≈ V_r S_r U_rᵀ`` give frozen factors ``A ∈ R^{r×in}``, ``B ∈ R^{out×r}``, and
-only an ``r × r`` matrix ``R`` between them trains, rotating the principal subspace:
+"Efficient Orthogonal Fine-Tuning with Principal Subspace Adaptation" (PSOFT,
+https://openreview.net/forum?id=FSHrinMArK), §3: the top-``r`` singular triplets ``W ≈ V_r S_r U_rᵀ`` give frozen
+factors ``A ∈ R^{r×in}``, ``B ∈ R^{out×r}``, and only an ``r × r`` matrix ``R`` between them trains, rotating the
+principal subspace:
 
     ΔW = s · B (R − I) A,    s = psoft_alpha / r
 
