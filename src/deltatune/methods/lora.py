@@ -1149,6 +1149,7 @@ def mutated_init_to_lora(
     factor = math.sqrt(2) if config.use_rslora else 2
     plain = dataclasses.replace(
         config, r=2 * config.r, lora_alpha=factor * config.lora_alpha, init_lora_weights=True,
+        loftq_config={}, eva_config=None, corda_config=None, lora_ga_config=None,  # the init is spent
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
     )
