@@ -114,7 +114,7 @@ def test_config_writes_what_peft_writes_and_reads_peft_s_file(kwargs, tmp_path: 
     (dict(init_lora_weights="orthogonal", r=3), r"even ranks .*\[3\]"),
     (dict(init_lora_weights="orthogonal", rank_pattern={"lin0": 5}), r"even ranks .*\[5\]"),
     (dict(init_lora_weights="loftq"), "needs loftq_config"),
-    (dict(init_lora_weights=True, loftq_config={"loftq_bits": 4}), "loftq_config is set but init_lora_weights=True"),
+    (dict(init_lora_weights="gaussian", loftq_config={"loftq_bits": 4}), "loftq_config is set but init_lora_weights="),
     (dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 3}), "loftq_bits must be 4 or 8"),
     (dict(init_lora_weights="loftq", loftq_config={"bits": 4}), r"unknown fields \['bits'\]"),
     (dict(init_lora_weights="lora_ga"), "needs lora_ga_config"),
@@ -122,7 +122,7 @@ def test_config_writes_what_peft_writes_and_reads_peft_s_file(kwargs, tmp_path: 
     (dict(init_lora_weights="corda", corda_config={"corda_method": "xyz"}), "corda_method must be 'ipm' or 'kpm'"),
     (dict(init_lora_weights="mica", use_dora=True), "use_dora cannot be combined"),
     (dict(init_lora_weights="mica", kasa_config={}), "'mica' cannot be combined with kasa_config"),
-    (dict(init_lora_weights=True, eva_config={"rho": 2.0}), "eva_config is set but init_lora_weights=True"),
+    (dict(init_lora_weights="mica", eva_config={"rho": 2.0}), "eva_config is set but init_lora_weights='mica'"),
     (dict(init_lora_weights="eva", eva_config={"rho": 0.5}), "rho must be >= 1.0"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_wrong_field_combinations_are_refused_by_name(kwargs, message) -> None:
@@ -426,3 +426,34 @@ def test_eva_refuses_missing_data_and_a_non_eva_adapter() -> None:
     plain = dt.get_peft_model(tiny_mlp(), dt.LoraConfig(target_modules=["lin0"]))
     with pytest.raises(dt.ConfigError, match="init_lora_weights='eva'"):
         dt.initialize_lora_eva_weights(plain, [{"x": _x()}])
+
+
+@pytest.mark.parametrize("init", ["corda", "lora_ga"])
+def test_a_residual_init_converts_to_a_plain_lora_for_the_original_base(init: str, tmp_path: Path) -> None:
+    """CorDA / LoRA-GA keep W - s B0 A0 in the base; saved with path_initial_model_for_weight_conversion, the trained
+    adapter becomes a rank-2r LoRA that gives the same outputs on the original base (peft's conversion)."""
+    model = tiny_mlp()
+    extra = {"lora_ga_config": dt.LoraGAConfig()} if init == "lora_ga" else {}
+    config = dt.LoraConfig(target_modules=["lin0", "lin1"], r=4, lora_alpha=8, init_lora_weights=init, **extra)
+    if init == "corda":
+        dt.preprocess_corda(model, config, lambda: model(_x(8)))
+    else:
+        dt.preprocess_loraga(model, config, _train_step(model))
+    ours = dt.get_peft_model(model, config)
+    ours.save_pretrained(tmp_path / "init")
+    assert json.loads((tmp_path / "init" / "adapter_config.json").read_text())["init_lora_weights"] == init
+    with torch.no_grad():
+        for name in ("lin0", "lin1"):
+            _delta(ours, name).lora_A.weight.add_(0.1)
+    expected = ours(_x())
+    ours.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "init")
+    saved = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["init_lora_weights"]) == (8, True)
+    converted = peft.PeftModel.from_pretrained(tiny_mlp(), tmp_path / "plain")
+    torch.testing.assert_close(converted(_x()), expected, rtol=1e-4, atol=1e-5)
+    # peft's own conversion keeps the sub-config beside init_lora_weights=True: such a file loads here (warned)
+    saved[f"{init}_config"] = {"corda_method": "ipm"} if init == "corda" else {"direction": "ArB2r"}
+    (tmp_path / "plain" / "adapter_config.json").write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match=f"{init}_config is set but init_lora_weights=True: it is not used"):
+        loaded = dt.PeftModel.from_pretrained(tiny_mlp(), tmp_path / "plain")
+    torch.testing.assert_close(loaded(_x()), expected, rtol=1e-4, atol=1e-5)

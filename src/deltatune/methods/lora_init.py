@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -184,8 +185,9 @@ def subconfig(name: str, value: Any, cls: type) -> Any:
 
 def check_config(config: Any) -> None:
     """The combinations of ``init_lora_weights`` and the sub-configs (called by ``LoraConfig.__post_init__``, which
-    has normalised the sub-configs). A sub-config for another scheme would be ignored (peft warns and drops it), so it
-    is refused by name here; a missing CorDA config takes the defaults, as in peft.
+    has normalised the sub-configs). A sub-config beside another init scheme is refused by name; beside
+    ``init_lora_weights=True`` / ``False`` it is kept with a warning, as peft does: peft's conversion of a CorDA /
+    LoRA-GA adapter to plain LoRA (``path_initial_model_for_weight_conversion``) writes such files.
 
     Raises:
         ConfigError: naming the fields.
@@ -194,7 +196,9 @@ def check_config(config: Any) -> None:
     owners = {"loftq_config": "loftq", "eva_config": "eva", "corda_config": "corda", "lora_ga_config": "lora_ga"}
     for name, scheme in owners.items():
         value = getattr(config, name, None)
-        if value and init != scheme:
+        if value and init != scheme and isinstance(init, bool):
+            warnings.warn(f"{name} is set but init_lora_weights={init!r}: it is not used (as in peft)", stacklevel=4)
+        elif value and init != scheme:
             raise ConfigError(f"{name} is set but init_lora_weights={init!r}; it is used only with "
                               f"init_lora_weights={scheme!r} (remove it or change init_lora_weights)")
     if init == "loftq" and not config.loftq_config:
