@@ -40,6 +40,8 @@ def test_plain_lora_loads(config: dt.LoraConfig, tmp_path: Path) -> None:
     (dt.LoraConfig(target_modules=_LLAMA, init_lora_weights="olora"), "olora"),
     (dt.LoraConfig(target_modules=_LLAMA, r=1024), "largest --max-lora-rank"),
     (dt.IA3Config(target_modules=["k_proj"], feedforward_modules=[]), "IA3 is not LoRA"),
+    (dt.LoraConfig(target_modules=_LLAMA, use_qalora=True, qalora_group_size=8), "QALoRA's pooled input"),
+    (dt.LoraConfig(target_modules=_LLAMA, r=4, kasa_config=dt.KasaConfig()), "KaSA's truncated base weight"),
 ])
 def test_refusals_name_the_reason(config: dt.PeftConfig, reason: str, tmp_path: Path) -> None:
     verdict = check_vllm(_save(tmp_path, config))
@@ -130,3 +132,17 @@ def test_export_of_a_prompt_adapter_is_refused_and_writes_nothing(llama_dir: str
     assert "prompt" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary folder left behind
+
+
+@pytest.mark.parametrize("init, reason", [
+    ("loftq", "LoftQ-quantized base"), ("lora_ga", "path_initial_model_for_weight_conversion"),
+    ("corda", "path_initial_model_for_weight_conversion"),
+])
+def test_inits_that_rewrote_the_base_are_named(init: str, reason: str) -> None:
+    from deltatune.deploy import vllm_verdict
+
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "init_lora_weights": init, "target_modules": ["q_proj"]}
+    tensors = {"base_model.model.q_proj.lora_A.weight": {"shape": [8, 32]},
+               "base_model.model.q_proj.lora_B.weight": {"shape": [32, 8]}}
+    verdict = vllm_verdict(config, tensors)
+    assert not verdict.loads and any(reason in p for p in verdict.problems), verdict.problems

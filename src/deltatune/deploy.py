@@ -55,13 +55,18 @@ def vllm_verdict(
     if method != "LORA":
         return VllmVerdict(False, [
             f"{method} is not LoRA: vLLM serves LoRA adapters only; serve a merged model instead "
-            f"(deltatune merge), which needs no adapter support"
+            f"(deltatune merge), which needs no adapter support, or convert it to a LoRA "
+            f"(deltatune.save_as_lora(path, model, rank), approximate below full rank)"
         ])
     problems = []
     if config.get("use_dora"):
         problems.append("DoRA (use_dora): vLLM does not implement it; serve a merged model (deltatune merge)")
     if config.get("lora_bias"):
         problems.append("lora_bias: vLLM loads no LoRA bias; serve a merged model (deltatune merge)")
+    for field_name, what in (("use_qalora", "QALoRA's pooled input"), ("arrow_config", "Arrow's per-token routing"),
+                             ("kasa_config", "KaSA's truncated base weight")):
+        if config.get(field_name):
+            problems.append(f"{field_name}: vLLM does not implement {what}; serve a merged model (deltatune merge)")
     if config.get("bias", "none") != "none":
         problems.append(
             f"bias={config['bias']!r}: vLLM loads no trained biases; train with bias='none' or serve a merged model"
@@ -72,7 +77,12 @@ def vllm_verdict(
             f"modules_to_save {extra}: vLLM loads only {sorted(_VLLM_HEADS)} heads; serve a merged model"
         )
     init = str(config.get("init_lora_weights", True)).lower()
-    if init.startswith(("pissa", "olora", "corda")):
+    if init.startswith("loftq"):
+        problems.append(
+            "init_lora_weights='loftq': the adapter fits the LoftQ-quantized base it was initialised on, not the "
+            "original weights; serve that quantized model with it, or a merged model"
+        )
+    if init.startswith(("pissa", "olora", "corda", "lora_ga")):
         problems.append(
             f"init_lora_weights={config['init_lora_weights']!r}: the adapter only fits the residual base it was "
             f"trained on; save it with save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter "
