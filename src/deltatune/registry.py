@@ -70,6 +70,7 @@ _METHOD_MODULES: dict[str, str] = {
     "PSOFT": "deltatune.methods.psoft",
     "TINYLORA": "deltatune.methods.tinylora",
     "ADAMSS": "deltatune.methods.adamss",
+    "FROD": "deltatune.methods.frod",
 }
 
 
