@@ -43,9 +43,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LayerConfig, PeftType
-from ..errors import AdapterLoadError, ConfigError
+from ..errors import AdapterLoadError, ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
+from ..targeting import DEFAULT_ATTENTION_TARGETS
 from .common import adapter_dtype, check_dropout, check_scale, check_seed, place_delta, record_fan_in_fan_out
 
 __all__ = ["FrodConfig"]  # exported from deltatune
@@ -192,10 +193,16 @@ def make_projections(config: FrodConfig, bases: Mapping[str, nn.Module], shared:
                      ) -> FrodProjections:
     """The adapter's ``V`` per category, built jointly from every target's weight, and ``S``'s positions."""
     blocks: dict[int, dict[str, torch.Tensor]] = {}
-    categories = {}
+    categories, widths = {}, {}
     for position, (name, base) in enumerate(bases.items()):
-        categories[name] = category_of(name)
-        blocks.setdefault(block_of(name, position), {})[categories[name]] = _oriented(base)
+        category = categories[name] = category_of(name)
+        weight = _oriented(base)
+        first, width = widths.setdefault(category, (name, weight.shape[1]))
+        if weight.shape[1] != width:
+            raise TargetError(f"{name} and {first} share FRoD's basis (category {category!r}) but have "
+                              f"{weight.shape[1]} and {width} input features; target modules whose names end alike "
+                              f"must have the same input width, so select them with target_modules")
+        blocks.setdefault(block_of(name, position), {})[category] = weight
     on_meta = any(w.device.type == "meta" for layer in blocks.values() for w in layer.values())
     generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
     names = sorted(set(categories.values()))
@@ -280,11 +287,9 @@ class FrodDelta(Delta):
                       original: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         assert original is not None  # the layer passes it (merges_from_original)
         adapted = self.adapted_weight()
-        merged = dict(params)
-        before = original["weight"]
-        adapted = adapted.T if self.transposed else adapted
-        merged["weight"] = params["weight"] + (adapted - before.to(adapted.dtype)).to(params["weight"].dtype)
-        return merged
+        adapted = adapted.T if self.transposed else adapted  # the stored layout
+        update = adapted - original["weight"].to(adapted.dtype)
+        return {"weight": params["weight"] + update.to(params["weight"].dtype)}
 
     def state_from_saved(self, saved: dict[str, torch.Tensor], shared: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The file's tensors, once its saved ``S`` positions for this category (``save_projection``) are known to be
@@ -330,6 +335,7 @@ METHOD = LayerMethod(
     config_class=FrodConfig,
     make_delta=make_delta,
     layer_types=(nn.Linear, Conv1D),
+    default_targets={**DEFAULT_ATTENTION_TARGETS, "vit": ["query", "value"]},  # peft's FRoD table adds ViT
     resolve_config=record_fan_in_fan_out,
     make_shared=make_projections,
 )
