@@ -333,13 +333,20 @@ def test_two_adapters_switch_mix_and_delete(row: Row) -> None:
     except ValueError:  # peft trains one AdaLoRA adapter at a time; deltatune trains the active one
         assert row.config_name == "AdaLoraConfig"
         peft_refuses = True
-    for m in (model,) if peft_refuses else (model, theirs):
-        m.set_adapter("other")
-        randomize(m, row, seed=1)
+    model.set_adapter("other")
+    randomize(model, row, seed=1)
     second = out(model)
+    their_second_differs = True
+    if not peft_refuses:
+        try:
+            theirs.set_adapter("other")
+            randomize(theirs, row, seed=1)
+            their_second_differs = differs(out(theirs), their_first)
+        except RuntimeError:  # peft 0.21.2 fails a second TinyLoRA adapter on an embedding: no oracle here
+            pass
     # two randomized adapters differ, except where the method maps both to one point (COFT's clamp of a one-value
-    # shared block): then peft's do not differ either
-    assert differs(second, first) == (True if peft_refuses else differs(out(theirs), their_first))
+    # shared block), and then peft's do not differ either
+    assert differs(second, first) or not their_second_differs
 
     if row.model_id in ROW_INDEPENDENT and not peft_refuses:
         names = ["default", "other", "__base__"] * 3
