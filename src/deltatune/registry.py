@@ -43,6 +43,7 @@ _METHOD_MODULES: dict[str, str] = {
     "HRA": "deltatune.methods.hra",
     "MISS": "deltatune.methods.miss",
     "FOURIERFT": "deltatune.methods.fourierft",
+    "WAVEFT": "deltatune.methods.waveft",
     "BOFT": "deltatune.methods.boft",
     "ADAPTION_PROMPT": "deltatune.methods.adaption_prompt",
     "MULTITASK_PROMPT_TUNING": "deltatune.methods.multitask_prompt_tuning",
