@@ -4,9 +4,9 @@ Daubechies ``dbN`` and symlets ``symN`` (Daubechies, "Ten Lectures on Wavelets",
 squared magnitude of their low-pass filter ``|m₀(ω)|² = cos²ᴺ(ω/2) · P(sin²(ω/2))`` with
 ``P(y) = Σ_{k<N} C(N-1+k, k) yᵏ``; a filter is one spectral factor of it. Each root ``y`` of ``P`` gives a reciprocal
 pair ``{z, 1/z}`` of roots of ``z + 1/z = 2 - 4y``; ``dbN`` keeps the roots inside the unit circle (minimum phase),
-``symN`` the choice whose phase is closest to linear (the published choice, recorded per ``N``). The filters are normalised to ``Σ h = √2`` and laid out as
-PyWavelets' reconstruction low-pass ``rec_lo`` (the other three filters of the bank follow from it), which is what
-peft's WaveFT reads. Computed in float64 with ``torch`` alone (no PyWavelets), once per family and cached.
+``symN`` the choice whose phase is closest to linear (the published choice, recorded per ``N``). The filters are
+normalised to ``Σ h = √2`` and laid out as PyWavelets' reconstruction low-pass ``rec_lo`` (the other three filters of
+the bank follow from it), which is what peft's WaveFT reads. Computed in float64 with ``torch`` alone (no PyWavelets), once per family and cached.
 """
 
 from __future__ import annotations
