@@ -121,10 +121,25 @@ def test_mixed_adapter_batch_equals_each_row_alone() -> None:
         (dict(rank_pattern={"q": -1}), r"rank_pattern\['q'\] must be"),
         (dict(rank_pattern={"[": 2}), "rank_pattern key"),
         (dict(init_weights=None), "init_weights must be"),
-        (dict(target_svd_config={"lin0.weight": 8}), "target_svd_config is a placeholder"),
+        (dict(target_svd_config=["lin0.weight"]), "target_svd_config must be a dict"),
         (dict(layers_to_transform=[0]), "OSFConfig has no layers_to_transform"),
     ],
 )
 def test_invalid_config_values_are_refused(kwargs, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         dt.OSFConfig(**kwargs)
+
+
+def test_target_svd_config_is_accepted_with_a_warning_and_changes_nothing_as_in_peft() -> None:
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="target_svd_config has no effect"):
+        config = dt.OSFConfig(target_modules=["lin0"], target_svd_config={"lin0.weight": 3})
+    torch.manual_seed(0)
+    plain = dt.get_peft_model(tiny_mlp(), dt.OSFConfig(target_modules=["lin0"], init_weights=False))
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning):
+        model = dt.get_peft_model(tiny_mlp(), dt.OSFConfig(target_modules=["lin0"], init_weights=False,
+                                                          target_svd_config={"lin0.weight": 3}))
+    x = make_mlp_inputs()["x"]
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    assert config.to_dict()["target_svd_config"] == {"lin0.weight": 3}  # saved as peft saves it

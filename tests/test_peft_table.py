@@ -88,25 +88,15 @@ def _pending(row: Row) -> list[str]:
             if k in PENDING_OPTIONS and (PENDING_OPTIONS[k] is None or v in PENDING_OPTIONS[k])]
 
 
-# Rows deltatune refuses on purpose, by field name: the project's rule is to implement peft's meaning or refuse a
-# field by name, never to ignore it, and peft 0.21.2 accepts these fields without using them.
-DELIBERATE_REFUSALS = {"target_svd_config": "OSF's target_svd_config (peft 0.21.2 accepts it and ignores it)"}
-
-
 def get_model(lib: Any, row: Row, randomized: bool = False, seed: int = 0, base: nn.Module | None = None) -> nn.Module:
     """Row ``row`` built by ``lib`` on ``base`` (default: a fresh toy model) under ``seed``.
 
     For deltatune, a missing config class or a pending option (refused at config or build time) skips the test,
-    saying what is missing, and a deliberately refused field is checked to be refused by name, then the test ends.
+    saying what is missing.
     For peft, a row peft 0.21.2 cannot run itself (the stored table has a few rows from a later peft) skips.
     """
     base = build(row.model_id) if base is None else base
-    refused = [k for k in row.kwargs if k in DELIBERATE_REFUSALS]
     try:
-        if lib is dt and refused:
-            with pytest.raises(dt.ConfigError, match=refused[0]):
-                lib.get_peft_model(base, make_config(lib, row, randomized=randomized))
-            pytest.skip(f"deltatune refuses {DELIBERATE_REFUSALS[refused[0]]} by name (checked)")
         config = make_config(lib, row, randomized=randomized)
         torch.manual_seed(seed)
         try:

@@ -27,6 +27,7 @@ layers but the output head.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -77,7 +78,8 @@ class OSFConfig(LayerConfig):
             match wins); values as ``effective_rank``.
         init_weights: ``True``: the trainable factors start at the SVD's (the base model). ``False``: random, for
             tests.
-        target_svd_config: peft's placeholder, which peft ignores; only ``None`` is accepted here.
+        target_svd_config: peft's placeholder (``{parameter name: rank}``), which peft 0.21.2 accepts "for forward
+            compatibility" and ignores; accepted and saved here as there, with a warning that it has no effect.
     """
 
     peft_type: PeftType = field(default=PeftType.OSF, init=False)
@@ -101,8 +103,14 @@ class OSFConfig(LayerConfig):
             raise ConfigError(f"init_weights must be True (the base model) or False (random), got "
                               f"{self.init_weights!r}")
         if self.target_svd_config is not None:
-            raise ConfigError("target_svd_config is a placeholder peft accepts but ignores; deltatune refuses it "
-                              "rather than ignore it: set the preserved rank with effective_rank / rank_pattern")
+            if not isinstance(self.target_svd_config, dict) or not all(
+                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                    for k, v in self.target_svd_config.items()):
+                raise ConfigError(f"target_svd_config must be a dict of parameter name -> rank, got "
+                                  f"{self.target_svd_config!r}")
+            warnings.warn("target_svd_config has no effect: peft 0.21.2 accepts it for forward compatibility and "
+                          "ignores it, and so does deltatune; set the frozen rank with effective_rank / rank_pattern",
+                          UserWarning, stacklevel=3)
 
 
 def effective_rank(config: OSFConfig, name: str, min_dim: int) -> int:
