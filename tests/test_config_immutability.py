@@ -29,6 +29,9 @@ _PROMPT_CONFIGS: dict[str, dict[str, Any]] = {
     "CartridgeConfig": dict(num_virtual_tokens=2),
 }
 _CAUSAL_ONLY = {"CPTConfig"}  # peft's CPT supports causal language models only
+# Layer methods with no matrix cases (every forward needs task_ids); on the families whose targets are Linear.
+_TASK_CONFIGS: dict[str, dict[str, Any]] = {"PolyConfig": dict(r=2, n_tasks=2)}
+_LINEAR_DEFAULTS = ("bert", "llama", "mt5", "t5")  # GPT-2's Conv1D and the remote-code model's missing defaults
 
 
 def _cases() -> list[Any]:
@@ -40,6 +43,10 @@ def _cases() -> list[Any]:
         pytest.param(family, cls, dict(task_type=MATRIX_FAMILIES[family].task_type, **kwargs), id=f"{family}-{cls}")
         for cls, kwargs in _PROMPT_CONFIGS.items() for family in MATRIX_FAMILIES
         if cls not in _CAUSAL_ONLY or MATRIX_FAMILIES[family].task_type == "CAUSAL_LM"
+    ]
+    cells += [
+        pytest.param(family, cls, dict(task_type=MATRIX_FAMILIES[family].task_type, **kwargs), id=f"{family}-{cls}")
+        for cls, kwargs in _TASK_CONFIGS.items() for family in _LINEAR_DEFAULTS
     ]
     return cells
 
