@@ -30,20 +30,26 @@ def _layer(model: dt.PeftModel, name: str) -> AdapterLayer:
 @pytest.mark.parametrize("family", _wavelets.SUPPORTED)
 def test_filters_are_orthonormal_with_vanishing_moments_and_equal_peft_s_tables(family: str) -> None:
     lo = torch.tensor(_wavelets.rec_lo(family), dtype=torch.float64)
-    n = lo.numel() // 2
-    # the defining conditions: Σ h = √2, orthonormal to its even shifts, and n vanishing moments of the wavelet
+    coiflet = family.startswith("coif")
+    # the defining conditions: Σ h = √2, orthonormal to its even shifts, vanishing moments of the wavelet (dbN / symN:
+    # N, coifK: 2K) and, for a coiflet, 2K - 1 of the scaling function about tap 2K
     assert lo.sum().item() == pytest.approx(math.sqrt(2), abs=1e-12)
     for shift in range(0, lo.numel(), 2):
         assert (lo[shift:] * lo[: lo.numel() - shift]).sum().item() == pytest.approx(float(shift == 0), abs=1e-12)
     k = torch.arange(lo.numel(), dtype=torch.float64)
-    for moment in range(n):
+    moments = lo.numel() // 3 if coiflet else lo.numel() // 2
+    for moment in range(moments):
         assert ((-1) ** k * k**moment * lo).sum().item() == pytest.approx(0.0, abs=1e-8 * 10**moment)
-    torch.testing.assert_close(lo, torch.tensor(PeftWavelet(family).rec_lo, dtype=torch.float64), rtol=0, atol=1e-10)
+    for moment in range(1, moments if coiflet else 1):
+        assert ((k - moments) ** moment * lo).sum().item() == pytest.approx(0.0, abs=1e-8 * 10**moment)
+    theirs = PeftWavelet(family)
+    torch.testing.assert_close(lo, torch.tensor(theirs.rec_lo, dtype=torch.float64), rtol=0, atol=1e-10)
     _, hi = _wavelets.filter_bank(family, torch.float64, torch.device("cpu"))
-    torch.testing.assert_close(hi, torch.tensor(PeftWavelet(family).rec_hi, dtype=torch.float64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(hi, torch.tensor(theirs.rec_hi, dtype=torch.float64), rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("family, shape", [("db1", (5, 4)), ("db4", (9, 6)), ("sym7", (12, 10)), ("db10", (11, 13))])
+@pytest.mark.parametrize("family, shape", [("db1", (5, 4)), ("db4", (9, 6)), ("sym7", (12, 10)), ("db10", (11, 13)),
+                                           ("coif3", (10, 9))])
 def test_inverse_dwt2_equals_peft_s_waverec2d(family: str, shape: tuple[int, int]) -> None:
     bands = [torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     ours = _wavelets.inverse_dwt2(*bands, family)
@@ -77,7 +83,8 @@ def test_haar_update_written_out_coefficient_by_coefficient() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [dict(wavelet_family="db3"), dict(wavelet_family="sym6"),
-                                    dict(use_idwt=False), dict(wavelet_family="db2", random_loc_seed=0)])
+                                    dict(wavelet_family="coif2"), dict(use_idwt=False),
+                                    dict(wavelet_family="db2", random_loc_seed=0)])
 def test_positions_and_update_equal_peft_s_layer(kwargs) -> None:
     config = dict(target_modules=["q_proj", "down_proj"], n_frequency=300, scaling=7.0, **kwargs)
     ours = dt.get_peft_model(tiny_llama(), dt.WaveFTConfig(**config))
@@ -144,7 +151,7 @@ def test_mixed_adapter_batch_equals_each_row_alone() -> None:
         (dict(n_frequency=0), "n_frequency must be a positive integer"),
         (dict(scaling=float("inf")), "scaling must be a finite number"),
         (dict(random_loc_seed=1.5), "random_loc_seed must be an integer"),
-        (dict(wavelet_family="coif1"), r"wavelet_family='coif1' is not supported; deltatune supports db1, .*sym10"),
+        (dict(wavelet_family="coif4"), r"wavelet_family='coif4' is not supported; deltatune supports db1, .*coif3"),
         (dict(wavelet_family="db11"), "wavelet_family='db11' is not supported"),
         (dict(wavelet_family="haar"), "wavelet_family='haar' is not supported"),
         (dict(use_idwt="yes"), "use_idwt must be True or False"),

@@ -1,6 +1,6 @@
 """WaveFT: the shared matrix (Linear and GPT-2's Conv1D) and adapters exchanged with peft, with the coefficients'
 positions regenerated from ``random_loc_seed`` by both libraries (they are never saved), Haar and longer filters
-(``db3``, ``sym4``), ``use_idwt=False``, per-module ``n_frequency_pattern`` and ``bias="waveft_only"``."""
+(``db3``, ``sym4``, ``coif2``), ``use_idwt=False``, per-module ``n_frequency_pattern`` and ``bias="waveft_only"``."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
 
 INTEROP = [
     _exchanged("waveft-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", n_frequency=100,
-               scaling=10.0, init_weights=False),
+               scaling=10.0, wavelet_family="coif2", init_weights=False),
     _exchanged("waveft-llama-db3-seed-pattern", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
                n_frequency=50, scaling=30.0, wavelet_family="db3", random_loc_seed=12345,
                target_modules="all-linear", n_frequency_pattern={"down_proj": 200, r"layers\.0\.self_attn\.q_proj": 7}),

@@ -6,7 +6,14 @@ squared magnitude of their low-pass filter ``|m₀(ω)|² = cos²ᴺ(ω/2) · P(
 pair ``{z, 1/z}`` of roots of ``z + 1/z = 2 - 4y``; ``dbN`` keeps the roots inside the unit circle (minimum phase),
 ``symN`` the choice whose phase is closest to linear (the published choice, recorded per ``N``). The filters are
 normalised to ``Σ h = √2`` and laid out as PyWavelets' reconstruction low-pass ``rec_lo`` (the other three filters of
-the bank follow from it), which is what peft's WaveFT reads. Computed in float64 with ``torch`` alone (no PyWavelets), once per family and cached.
+the bank follow from it), which is what peft's WaveFT reads.
+
+Coiflets ``coifK`` (ibid. §8.2) have no spectral factorisation: the length-``6K`` filter solves ``Σ h = √2``,
+orthonormality to its even shifts, ``2K`` vanishing moments of the wavelet and ``2K - 1`` of the scaling function
+(about tap ``2K``). The system has several real solutions; Newton's method from a recorded Gaussian start reaches the
+published one for ``K ≤ 3``. The wavelet's zeroth moment, implied by the others, is kept as an equation: without it
+the Jacobian is singular at the solution and Newton's method keeps only half of float64's digits. (peft's tables for ``coif4`` / ``coif5`` are not orthonormal filters, so no definition
+reproduces them: those are refused.) Computed in float64 with ``torch`` alone (no PyWavelets), once per family and cached.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import torch.nn.functional as F
 
 DAUBECHIES = tuple(f"db{n}" for n in range(1, 11))
 SYMLETS = tuple(f"sym{n}" for n in range(2, 11))
-SUPPORTED = DAUBECHIES + SYMLETS
+COIFLETS = tuple(f"coif{n}" for n in range(1, 4))
+SUPPORTED = DAUBECHIES + SYMLETS + COIFLETS
 
 
 def _poly_from_roots(roots: list[complex]) -> torch.Tensor:
@@ -67,22 +75,63 @@ def _filter(n: int, zeros: list[complex]) -> torch.Tensor:
     return h * (math.sqrt(2) / h.sum())
 
 
-# symN's choice of zeros, as PyWavelets' symlets have it: per root of P (ordered by real
-# part, a conjugate pair counted once), "1" keeps the reciprocal pair's zero outside the unit circle, "0" the one
-# inside. Phase-linearity criteria (max or mean deviation over a band) pick these for most N but not all, so the
-# published choice is recorded; tests/test_waveft.py checks the resulting filters against peft's tables.
+# symN's choice of zeros, as PyWavelets' symlets have it: per root of P (ordered by real part, a conjugate pair counted
+# once), "1" keeps the reciprocal pair's zero outside the unit circle, "0" the one inside. Phase-linearity criteria
+# (max or mean deviation over a band) pick these for most N but not all, so the published choice is recorded;
+# tests/test_waveft.py checks the resulting filters against peft's tables.
 _SYMLET_ZEROS = {2: "0", 3: "0", 4: "01", 5: "10", 6: "101", 7: "100", 8: "0101", 9: "0110", 10: "10101"}
+
+
+# coifK: (centre offset, width) of the Gaussian Newton starts from, in the basin of the published solution
+_COIFLET_STARTS = {1: (0.0, 1.5), 2: (0.0, 1.5), 3: (0.0, 2.0)}
+
+
+def _coiflet_equations(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residuals ``(7k,)`` of coifK's defining equations at ``h`` ``(6k,)`` and their Jacobian ``(7k, 6k)``."""
+    length = h.numel()
+    taps = torch.arange(length, dtype=torch.float64)
+    # linear conditions, moments scaled by 1/k to keep the rows comparable: Σ h = √2, wavelet and scaling moments
+    rows = [torch.ones_like(h)]
+    rows += [(-1.0) ** taps * (taps / k) ** p for p in range(2 * k)]
+    rows += [((taps - 2 * k) / k) ** p for p in range(1, 2 * k)]
+    linear = torch.stack(rows)
+    targets = torch.zeros(linear.shape[0], dtype=torch.float64)
+    targets[0] = math.sqrt(2)
+    residuals, jacobian = [linear @ h - targets], [linear]
+    for shift in range(0, length, 2):  # Σ_j h_j h_{j+shift} = δ(shift)
+        residuals.append((h[shift:] * h[: length - shift]).sum()[None] - float(shift == 0))
+        row = torch.zeros_like(h)
+        row[: length - shift] += h[shift:]
+        row[shift:] += h[: length - shift]
+        jacobian.append(row[None])
+    return torch.cat(residuals), torch.cat(jacobian)
+
+
+def _coiflet(k: int) -> torch.Tensor:
+    """coifK by Gauss-Newton on :func:`_coiflet_equations`, to float64 precision."""
+    centre, width = _COIFLET_STARTS[k]
+    taps = torch.arange(6 * k, dtype=torch.float64)
+    h = torch.exp(-((taps - 2 * k - centre) ** 2) / (2 * width**2))
+    h = h * (math.sqrt(2) / h.sum())
+    for _ in range(100):
+        residuals, jacobian = _coiflet_equations(h, k)
+        if residuals.abs().max() < 1e-14:
+            break
+        h = h + torch.linalg.lstsq(jacobian, -residuals[:, None]).solution.squeeze(1)
+    return h
 
 
 @cache
 def rec_lo(family: str) -> tuple[float, ...]:
-    """PyWavelets' reconstruction low-pass filter of ``family`` (``dbN`` / ``symN``), float64 values.
+    """PyWavelets' reconstruction low-pass filter of ``family`` (``dbN`` / ``symN`` / ``coifK``), float64 values.
 
     Raises:
         ValueError: ``family`` is not in :data:`SUPPORTED`.
     """
     if family not in SUPPORTED:
         raise ValueError(f"wavelet family {family!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    if family.startswith("coif"):
+        return tuple(_coiflet(int(family.removeprefix("coif"))).tolist())
     n = int(family.removeprefix("db").removeprefix("sym"))
     groups = _root_pairs(n)
     sides = [0] * len(groups) if family.startswith("db") else [int(c) for c in _SYMLET_ZEROS[n]]

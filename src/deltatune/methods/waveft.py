@@ -18,9 +18,10 @@ What is stored and computed follows peft 0.21 so adapters load across libraries 
   (weight stored ``(in, out)``) merges ``ΔWᵀ``.
 * init: zero with ``init_weights=True`` (peft's default: the base model), else ``N(0, 0.01²)``.
 
-Wavelet families: Daubechies ``db1``–``db10`` and symlets ``sym2``–``sym10``, computed from their definitions
-(``methods/_wavelets.py``), which is every Daubechies and symlet filter peft 0.21's tables hold. Coiflets are refused
-(peft accepts ``coif1``–``coif5``), as are the names peft's config accepts but cannot build (``db11``+, ``sym11``+).
+Wavelet families: Daubechies ``db1``–``db10``, symlets ``sym2``–``sym10`` and coiflets ``coif1``–``coif3``, computed
+from their definitions (``methods/_wavelets.py``): every filter in peft 0.21's tables except ``coif4`` / ``coif5``,
+whose tables there are not orthonormal filters (no definition reproduces them), which are refused, as are the names
+peft's config accepts but cannot build (``db11``+, ``sym11``+, ``coif6``+).
 ``proportional_parameters=True`` (peft's experimental per-layer share of the budget) is refused by name.
 
 Layer types: ``nn.Linear`` and transformers ``Conv1D``, as in peft.
@@ -56,8 +57,8 @@ class WaveFTConfig(LayerConfig):
     Attributes:
         n_frequency: Number of learned wavelet coefficients per layer (at most ``in · out``).
         scaling: ``α``, the factor on the reconstructed update (peft's default 25, its SDXL setting).
-        wavelet_family: ``"db1"`` (Haar, the default) … ``"db10"`` or ``"sym2"`` … ``"sym10"``; longer filters spread
-            each coefficient over more entries and cost more time.
+        wavelet_family: ``"db1"`` (Haar, the default) … ``"db10"``, ``"sym2"`` … ``"sym10"`` or ``"coif1"`` …
+            ``"coif3"``; longer filters spread each coefficient over more entries and cost more time.
         use_idwt: ``True``: apply the inverse transform. ``False``: the sparse coefficients are the update itself.
         random_loc_seed: Seed of the CPU generator that draws the coefficients' positions (the same for every layer).
         fan_in_fan_out: Weight stored ``(in, out)``. Set from the target type (``Conv1D``: ``True``, ``Linear``:
@@ -91,7 +92,7 @@ class WaveFTConfig(LayerConfig):
         if self.wavelet_family not in _wavelets.SUPPORTED:
             raise ConfigError(
                 f"wavelet_family={self.wavelet_family!r} is not supported; deltatune supports "
-                f"{', '.join(_wavelets.SUPPORTED)} (coiflets are not implemented)"
+                f"{', '.join(_wavelets.SUPPORTED)} (peft's coif4 / coif5 tables are not orthonormal filters)"
             )
         for name in ("use_idwt", "init_weights"):
             if not isinstance(getattr(self, name), bool):
