@@ -12,8 +12,10 @@ Coiflets ``coifK`` (ibid. §8.2) have no spectral factorisation: the length-``6K
 orthonormality to its even shifts, ``2K`` vanishing moments of the wavelet and ``2K - 1`` of the scaling function
 (about tap ``2K``). The system has several real solutions; Newton's method from a recorded Gaussian start reaches the
 published one for ``K ≤ 3``. The wavelet's zeroth moment, implied by the others, is kept as an equation: without it
-the Jacobian is singular at the solution and Newton's method keeps only half of float64's digits. (peft's tables for ``coif4`` / ``coif5`` are not orthonormal filters, so no definition
-reproduces them: those are refused.) Computed in float64 with ``torch`` alone (no PyWavelets), once per family and cached.
+the Jacobian is singular at the solution and Newton's method keeps only half of float64's digits. (peft's tables for
+``coif4`` / ``coif5`` are not orthonormal filters, so no definition reproduces them: those are refused.)
+
+Computed in float64 with ``torch`` alone (no PyWavelets), once per family and cached.
 """
 
 from __future__ import annotations
