@@ -182,8 +182,13 @@ class GloraDelta(Delta):
                          ) -> dict[str, torch.Tensor]:
         """The file's tensors without the placeholders, which must be zero (peft would add a non-zero one)."""
         state = {}
+        absent = {f"glora_{name}.zeros": tuple(part.shape) for name, part in zip("ABCDE", self._parts())
+                  if part.kind == "none"}
         for key, value in saved.items():
             if key.endswith(".zeros"):
+                if key in absent and tuple(value.shape) != absent[key]:
+                    raise AdapterLoadError(f"{key} has shape {tuple(value.shape)} but this layer's absent part is "
+                                           f"{absent[key]}; the file is corrupt or was saved for another model")
                 if value.is_floating_point() and bool(value.ne(0).any()):
                     raise AdapterLoadError(f"{key} is GLoRA's placeholder for an absent part but is not zero; the "
                                            f"file is corrupt or was edited")
