@@ -776,10 +776,16 @@ def _lookup(lib: Any, name: str) -> Any:
 def init_weights_off(config_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` with the method's "start as identity" switch off, the way peft's table randomizes a row (LoRA and
     AdaLoRA: ``init_lora_weights``, IA3: ``init_ia3_weights``, LN tuning and VB-LoRA: nothing, others:
-    ``init_weights``)."""
+    ``init_weights``).
+
+    TinyLoRA gets its seeded random init ``"uniform"`` instead of ``False``: peft 0.21.2 leaves ``v`` as
+    ``torch.empty`` memory under ``False`` (``tuners/tinylora/model.py``), so its oracle would compute with whatever
+    the allocator handed back (NaN or ~1e38 at times, depending on earlier tests).
+    """
     key = {"LoraConfig": "init_lora_weights", "AdaLoraConfig": "init_lora_weights", "IA3Config": "init_ia3_weights",
            "LNTuningConfig": None, "VBLoRAConfig": None}.get(config_name, "init_weights")
-    return kwargs if key is None else {**kwargs, key: False}
+    value = "uniform" if config_name == "TinyLoraConfig" else False
+    return kwargs if key is None else {**kwargs, key: value}
 
 
 def make_config(lib: Any, row: Row, randomized: bool = False) -> Any:

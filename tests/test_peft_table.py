@@ -72,10 +72,7 @@ def peft_oracle_differs(row: Row, outputs: bool = False) -> str | None:
 
 
 # Open deltatune bugs this table found, skipped by name until fixed (remove the entry with the fix).
-KNOWN_BUGS = {
-    "TinyLoraConfig": "TinyLoRA loaded from a file sometimes computes NaN depending on earlier tests (deltas keep a "
-                      "plain reference to the shared v; likely the dry-run/empty copy rather than the loaded one)",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def known_bug(row: Row) -> None:
