@@ -62,6 +62,9 @@ def layer_adapter_state_dict(
     """
     out: dict[str, torch.Tensor] = {}
     holders = adapter_holders(root)
+    # the adapted embeddings' tables, also saved under a head tied to one (ensure_weight_tying), as peft does
+    tables = {id(h.base_layer.weight) for h in holders.values()
+              if isinstance(h, AdapterLayer) and adapter_name in h.deltas and isinstance(h.base_layer, nn.Embedding)}
     for path, holder in holders.items():
         container = getattr(holder, _CONTAINERS[type(holder)])
         if adapter_name not in container:
@@ -73,7 +76,7 @@ def layer_adapter_state_dict(
             base = holder.base_layer
             if biases == "adapted" and getattr(base, "bias", None) is not None:
                 out[f"{path}.base_layer.bias"] = base.bias
-            if save_embedding_layers and isinstance(base, nn.Embedding):
+            if save_embedding_layers and id(getattr(base, "weight", None)) in tables:
                 out[f"{path}.base_layer.weight"] = base.weight
     if biases == "all":
         # Biases inside containers belong to an adapter: this one's were saved above under adapter-free keys, and

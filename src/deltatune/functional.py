@@ -77,7 +77,8 @@ def inject_adapter_in_model(
         add_layer_adapter(model, resolved, adapter_name)
     config = resolved.config
     if config.modules_to_save:
-        add_modules_to_save(model, config.modules_to_save, adapter_name)
+        tie = getattr(config, "ties_modules_to_save", False)
+        add_modules_to_save(model, config.modules_to_save, adapter_name, tie)
     set_active(model, [adapter_name])
     mark_trainable(model, [adapter_name], trained_biases(config))
     if state_dict is not None:

@@ -17,10 +17,10 @@ from torch import nn
 from . import quant
 from .config import LayerConfig
 from .errors import AdapterStateError, ConfigError
-from .layers import AdapterLayer, Delta, ModulesToSaveWrapper, adapter_layers, save_wrappers
+from .layers import AdapterLayer, Delta, ModulesToSaveWrapper, adapter_layers, save_wrappers, unwrap
 from .registry import LayerMethod
 from .resolve import Resolved
-from .targeting import BiasScope, find_modules_to_save
+from .targeting import BiasScope, find_modules_to_save, iter_candidates
 
 _log = logging.getLogger("deltatune")
 
@@ -123,9 +123,13 @@ def _add_parameter_delta(model: nn.Module, module_name: str, adapter_name: str, 
     outer.add_delta(adapter_name, delta)
 
 
-def add_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: str) -> list[str]:
-    """Give adapter ``adapter_name`` a trainable copy of each module selected by ``names``."""
+def add_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: str, tie: bool = False) -> list[str]:
+    """Give adapter ``adapter_name`` a trainable copy of each module selected by ``names``. With ``tie`` (LoRA's
+    ``ensure_weight_tying``) the modules whose weight is a selected module's (an LM head tied to the input embedding)
+    get copies too, and all copies share what their originals share, so the tie holds while training and merged."""
     selected = find_modules_to_save(model, names)
+    if tie:
+        selected += [n for n in tied_modules(model, selected) if n not in selected]
     for name in selected:  # before any change: a quantized layer cannot train in full
         for path, module in model.get_submodule(name).named_modules(prefix=name):
             if quant.is_quantized(module):
@@ -133,13 +137,21 @@ def add_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: st
                     f"modules_to_save {path!r} is a quantized {type(module).__name__}, which cannot be trained in "
                     f"full; adapt it with the method instead, or load that module unquantized"
                 )
+    memo: dict[int, object] | None = {} if tie else None
     for name in selected:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSaveWrapper):
             module = ModulesToSaveWrapper(module)
             _set_child(model, name, module)
-        module.add_copy(adapter_name)
+        module.add_copy(adapter_name, memo)
     return selected
+
+
+def tied_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """The modules other than ``names`` whose ``weight`` is the very tensor of one of theirs (by identity)."""
+    weights = {id(getattr(unwrap(model.get_submodule(n)), "weight", None)) for n in names} - {id(None)}
+    return [n for n, m in iter_candidates(model)
+            if n not in names and id(getattr(unwrap(m), "weight", None)) in weights]
 
 
 def remove_adapter(model: nn.Module, adapter_name: str) -> None:

@@ -13,7 +13,7 @@ adapter.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -448,10 +448,12 @@ class ModulesToSaveWrapper(_Wrapper):
     def _wrapped(self) -> nn.Module:
         return self.original_module
 
-    def add_copy(self, name: str) -> None:
+    def add_copy(self, name: str, memo: dict[int, Any] | None = None) -> None:
+        """A trainable copy of the original for adapter ``name``; copies made with one shared ``memo`` share the
+        parameters their originals share (tied modules stay tied: peft's ``ensure_weight_tying``)."""
         import copy
 
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        self.modules_to_save[name] = copy.deepcopy(self.original_module, {} if memo is None else memo)
 
     def remove_copy(self, name: str) -> None:
         del self.modules_to_save[name]

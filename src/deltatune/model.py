@@ -274,7 +274,8 @@ class PeftModel(nn.Module):
             config = resolved.config
         try:
             if names:
-                inject.add_modules_to_save(base, names, adapter_name)
+                tie = getattr(config, "ties_modules_to_save", False)
+                inject.add_modules_to_save(base, names, adapter_name, tie)
         except Exception:
             self._remove_adapter_modules(adapter_name)
             raise

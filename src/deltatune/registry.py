@@ -126,6 +126,9 @@ class LayerMethod:
             the weight itself: a module whose ``weight`` is the same tensor as a target's (an LM head tied to the
             input embedding) is that target's tied twin and gets this delta, built from the target's (sharing its
             parameters), so the two modules stay tied while unmerged. ``None``: tied modules are left alone.
+        ties_weights: ``(config) -> bool``: whether this config's adapter ties twins through ``make_tied_delta``
+            (LoRA: only with ``ensure_weight_tying``, else each tied module trains apart, as in peft); ``None``:
+            always.
         find_targets: ``(model, config) -> (target_modules as the resolved config records it, full module names)``
             for a method whose peft config selects modules by a rule of its own (adaption prompt: the last
             ``adapter_layers`` modules named ``target_modules``); ``None`` uses the shared rules of
@@ -161,6 +164,7 @@ class LayerMethod:
     model_functions: dict[str, Callable[..., Any]] | None = None
     after_step: Callable[[nn.Module, int], None] | None = None
     make_tied_delta: Callable[[nn.Module, nn.Module, str], nn.Module] | None = None
+    ties_weights: Callable[[Any], bool] | None = None
     find_targets: Callable[[nn.Module, Any], tuple[Any, list[str]]] | None = None
     mixed_batches: bool = True
     make_parameter_delta: Callable[[Any, nn.Module, str, str], nn.Module] | None = None

@@ -48,8 +48,8 @@ class Resolved:
         method: The config's method.
         targets: Full module name -> the base layer its delta wraps (a module already wrapped by an ``AdapterLayer``
             contributes that layer's ``base_layer``), in model order; read-only.
-        tied: For a method with ``make_tied_delta``: the tied twins, full module name -> (the target whose weight
-            it shares, its base layer); empty otherwise.
+        tied: For a method with ``make_tied_delta`` (and a config it ``ties_weights`` for): the tied twins, full
+            module name -> (the target whose weight it shares, its base layer); empty otherwise.
         extra: ``LayerMethod.extra_targets`` and the modules tied to them: full module name -> (its base layer, the
             extra target whose weight it shares or ``None``), sources first; read-only.
         parameters: Parameter targets (``target_parameters``): full parameter name ``<module>.<parameter>`` -> the
@@ -94,7 +94,8 @@ def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resol
                 f"supported types: {[t.__name__ for t in method.layer_types]}. Narrow target_modules to exclude it."
             )
         targets[name] = base
-    tied = _tied_twins(model, targets) if method.make_tied_delta is not None else {}
+    ties = method.make_tied_delta is not None and (method.ties_weights is None or method.ties_weights(config))
+    tied = _tied_twins(model, targets) if ties else {}
     for name in tied:
         targets.pop(name, None)  # a target tied to an earlier one follows it rather than training apart
     view = MappingProxyType(targets)
