@@ -96,18 +96,10 @@ def test_bad_indices_are_refused_by_name(bad) -> None:
         dt.LoraConfig(trainable_token_indices=bad)
 
 
-def test_ensure_weight_tying_keeps_token_rows_tied_and_refuses_tied_lora_targets() -> None:
+def test_ensure_weight_tying_keeps_token_rows_tied() -> None:
+    """(LoRA factors and modules_to_save copies of tied layers: tests/test_weight_tying.py.)"""
     model = dt.get_peft_model(tiny_gpt2(), dt.LoraConfig(target_modules=["c_attn"], trainable_token_indices=TOKENS,
                                                          ensure_weight_tying=True))
     gpt2 = model.get_base_model()
     assert (gpt2.lm_head.deltas["default"].token_adapter.trainable_tokens_delta
             is gpt2.transformer.wte.deltas["default"].token_adapter.trainable_tokens_delta)
-    base = tiny_gpt2()
-    for kwargs in (dict(target_modules=["c_attn", "wte"]), dict(target_modules=["c_attn"], modules_to_save=["wte"])):
-        with pytest.raises(ConfigError, match="ensure_weight_tying.*wte"):
-            dt.get_peft_model(base, dt.LoraConfig(ensure_weight_tying=True, **kwargs))
-        assert not any(isinstance(m, dt.layers.AdapterLayer) for m in base.modules())
-    # an untied model: the flag changes nothing
-    plain = dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj", "embed_tokens"],
-                                                          ensure_weight_tying=True))
-    assert isinstance(plain.get_base_model().model.embed_tokens, dt.layers.AdapterLayer)

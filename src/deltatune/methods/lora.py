@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -115,9 +116,11 @@ class LoraConfig(LayerConfig):
             cache) is the base model's. Linear / Conv1D targets only; not merged; not with DoRA or a data-driven
             init. ``forward`` / ``generate`` also take peft's ``alora_offsets`` (per row, counted from the end).
         ensure_weight_tying: Keep the adapters of tied layers (an LM head sharing the input embedding's weight)
-            tied. For ``trainable_token_indices`` deltatune always does (the head follows the rows); tied layers in
-            ``target_modules`` or ``modules_to_save`` (where peft shares LoRA factors or copies between them) are not
-            implemented and refused with this flag; without tied layers in the adapter it changes nothing.
+            tied, as peft: with a tied module in ``target_modules`` the head's LoRA is the embedding's, transposed
+            (one pair of parameters, :class:`TiedLoraHead`; the input embedding must be a target); with one in
+            ``modules_to_save`` every module tied to it gets a copy too, all copies sharing one weight. Both stay
+            tied when merged. Without it each tied module trains apart (peft's default). For
+            ``trainable_token_indices`` tied modules always follow the rows. Warns where there is nothing to tie.
         kasa_config: KaSA (``KasaConfig``, ``methods/lora_kasa.py``): the base weight loses its ``r`` weakest singular
             directions and the update is ``B diag(ΔΣ) A``. nn.Linear only.
         velora_config: VeLoRA (``VeloraConfig``, ``methods/lora_velora.py``): ``A``'s backward keeps compressed
@@ -221,6 +224,11 @@ class LoraConfig(LayerConfig):
     def rewriting_option(self) -> str | None:
         """The option that rewrites base weights when it is not the init scheme (for messages; ``resolve.py``)."""
         return "kasa_config (which truncates the base weight)" if self.kasa_config is not None else None
+
+    @property
+    def ties_modules_to_save(self) -> bool:
+        """Whether the ``modules_to_save`` copies of tied layers share one weight (read by ``add_modules_to_save``)."""
+        return ties_modules_to_save(self)
 
     def _init_subconfigs(self) -> None:
         """The init schemes' sub-configs as their classes (a dict as read from JSON converted; LoftQ's kept a dict,
@@ -670,6 +678,78 @@ class LoraEmbedding(LoraDelta):
         return F.embedding(x, base_layer.weight, **self._lookup)
 
 
+class _Transposed(nn.Module):
+    """A factor read as the transpose of another delta's parameter: a tied head's ``A`` / ``B`` are its embedding's
+    ``B`` / ``A``, the very parameters, so the pair trains one tensor each."""
+
+    bias = None
+
+    def __init__(self, tied: nn.Parameter) -> None:
+        super().__init__()
+        self.tied = tied
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.tied.T
+
+
+class TiedLoraHead(LoraLinear):
+    """LoRA on an ``nn.Linear`` head whose weight is the input embedding's (``ensure_weight_tying``): its update is
+    the embedding's, ``ΔW_head = B_h A_h = A_eᵀ B_eᵀ = (B_e A_e)ᵀ = ΔE``, so head and table stay one matrix, also
+    merged. As peft: ``A_h = B_eᵀ`` ``(r, dim)``, ``B_h = A_eᵀ`` ``(vocab, r)``, the embedding's scaling, the config's
+    dropout on the head's input; saved under the head's own ``lora_A.weight`` / ``lora_B.weight`` too."""
+
+    def __init__(self, source: LoraEmbedding) -> None:
+        LoraDelta.__init__(self, source.r, 1.0, 0.0, False)
+        self.scaling = source.scaling
+        self.dropout = source.dropout
+        self.lora_A = _Transposed(source.lora_embedding_B)  # weight: (r, dim)
+        self.lora_B = _Transposed(source.lora_embedding_A)  # weight: (vocab, r)
+
+    def saved_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A.weight.detach(), "lora_B.weight": self.lora_B.weight.detach()}
+
+    def state_from_saved(
+        self, saved: dict[str, torch.Tensor], shared: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        names = {"lora_A.weight": "lora_A.tied", "lora_B.weight": "lora_B.tied"}
+        return {names.get(k, k): v.T if k in names else v for k, v in saved.items()}
+
+    def merge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """Unchanged: the head's weight is the embedding's, into which the embedding's layer merges ``ΔE``."""
+        return weight
+
+    def unmerge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return weight
+
+
+def make_tied_delta(source: Delta, base_layer: nn.Module, name: str) -> TiedLoraHead:
+    """``LayerMethod.make_tied_delta`` under ``ensure_weight_tying``: the head ``name`` tied to a LoRA embedding.
+
+    Raises:
+        TargetError: the tied module is not an ``nn.Linear`` of the embedding's shape, or the LoRA sits on the head
+            rather than the embedding (peft ties from the input embedding), or the embedding's LoRA is not plain.
+    """
+    if not isinstance(source, LoraEmbedding):
+        raise TargetError(
+            f"ensure_weight_tying=True: {name} shares its weight with a LoRA target that is not an embedding; the "
+            f"tied adapter is built from the input embedding's LoRA (as in peft), so add the input embedding to "
+            f"target_modules, or leave ensure_weight_tying off"
+        )
+    vocab, dim = source.lora_embedding_A.shape[1], source.lora_embedding_B.shape[0]
+    if type(base_layer) is not nn.Linear or tuple(base_layer.weight.shape) != (vocab, dim):
+        raise TargetError(
+            f"ensure_weight_tying=True: {name} ({type(base_layer).__name__}) is tied to a LoRA embedding, but only "
+            f"an nn.Linear head of the embedding's shape can share its LoRA factors; leave ensure_weight_tying off"
+        )
+    if source.dora is not None:
+        raise TargetError(
+            f"ensure_weight_tying=True: the embedding tied to {name} uses use_dora, whose update a tied head cannot "
+            f"share; leave ensure_weight_tying off"
+        )
+    return TiedLoraHead(source)
+
+
 class LoraParameter(LoraDelta):
     """LoRA on one ``nn.Parameter`` of a module (``target_parameters``): a 2-D weight ``(out, in)``, or a 3-D stack
     of ``E`` expert weights, each expert with its own rank-``r`` update ``ΔW_e = scaling · B_e A_e``.
@@ -1023,12 +1103,39 @@ def _shared_copy(layer: nn.Module) -> nn.Module:
     return copy.deepcopy(layer, memo)
 
 
+# peft's EMBEDDING_LAYER_NAMES: ensure_weight_tying ties only where an entry names one of these (GPT-2's ``wte`` in
+# target_modules stays untied there, with its warning, so files stay readable by peft)
+_TIED_NAMES = ("embed_tokens", "lm_head")
+
+
+def _names_tied_layer(entries: str | Sequence[str] | None) -> bool:
+    """Whether ``target_modules`` / ``modules_to_save`` name a layer peft ties: an entry whose last part is one of
+    :data:`_TIED_NAMES`, or a regex matching one."""
+    if isinstance(entries, str):
+        return any(re.fullmatch(entries, n) for n in _TIED_NAMES)
+    return any(str(e).rpartition(".")[2] in _TIED_NAMES for e in entries or ())
+
+
+def ties_modules_to_save(config: LoraConfig) -> bool:
+    """``ensure_weight_tying`` with a tied layer named in ``modules_to_save``: their copies share one weight."""
+    return config.ensure_weight_tying and _names_tied_layer(config.modules_to_save)
+
+
+def ties_targets(config: LoraConfig) -> bool:
+    """``LayerMethod.ties_weights``: ``ensure_weight_tying`` with a tied layer named in ``target_modules`` (and none
+    in ``modules_to_save``, which peft ties first): the head's LoRA is the embedding's."""
+    return (config.ensure_weight_tying and not ties_modules_to_save(config)
+            and _names_tied_layer(config.target_modules))
+
+
 def check_weight_tying(config: LoraConfig, model: nn.Module, targets: Mapping[str, nn.Module]) -> LoraConfig:
-    """``ensure_weight_tying`` (``LayerMethod.resolve_config``): refused where it would change what is built here,
-    i.e. where a ``target_modules`` or ``modules_to_save`` module shares its weight with another module.
+    """``ensure_weight_tying`` (``LayerMethod.resolve_config``): warns as peft does where the flag has nothing to
+    tie (no module of the model shares its weight with another, or none of those is in ``target_modules`` /
+    ``modules_to_save``). Where one is, ``resolve`` ties the head to the embedding's LoRA (``make_tied_delta``) and
+    ``inject.add_modules_to_save`` the copies.
 
     Raises:
-        ConfigError: naming the field and the tied module.
+        ConfigError: tied modules in both ``target_modules`` and ``modules_to_save``, which cannot both hold them.
     """
     if not config.ensure_weight_tying:
         return config
@@ -1037,16 +1144,21 @@ def check_weight_tying(config: LoraConfig, model: nn.Module, targets: Mapping[st
         weight = getattr(unwrap(module), "weight", None)
         if isinstance(weight, torch.Tensor):
             owners.setdefault(id(weight), []).append(name)
+    tied = {name for names in owners.values() if len(names) > 1 for name in names}
     saved = find_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
-    for name in [*targets, *saved]:
-        weight = getattr(unwrap(model.get_submodule(name)), "weight", None)
-        tied = [n for n in owners.get(id(weight), []) if n != name]
-        if tied:
-            raise ConfigError(
-                f"ensure_weight_tying=True with {name} (tied to {tied}) in target_modules or modules_to_save is not "
-                f"implemented; leave ensure_weight_tying off (each module then trains its own adapter, peft's "
-                f"default) or use trainable_token_indices, whose rows the tied modules always share"
-            )
+    in_targets, in_saved = tied.intersection(targets), tied.intersection(saved)
+    if in_targets and in_saved:
+        raise ConfigError(
+            f"ensure_weight_tying=True with tied modules both in target_modules ({sorted(in_targets)}) and in "
+            f"modules_to_save ({sorted(in_saved)}); keep the tied pair in one of them"
+        )
+    if not tied:
+        warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model",
+                      stacklevel=2)
+    elif not ties_targets(config) and not ties_modules_to_save(config):
+        warnings.warn(f"You have requested `ensure_weight_tying`, but no tied modules are added in either "
+                      f"`modules_to_save` or `target_modules` (as peft, only layers named {_TIED_NAMES} are tied)",
+                      stacklevel=2)
     return config
 
 
@@ -1167,5 +1279,7 @@ METHOD = LayerMethod(
     make_extra_delta=make_token_delta,
     prepare_model=replicate_layers,
     resolve_config=resolve_config,
+    make_tied_delta=make_tied_delta,
+    ties_weights=ties_targets,
     model_functions={"_get_kasa_loss": kasa_loss, "_get_monteclora_loss": monteclora_loss},
 )

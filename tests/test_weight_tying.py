@@ -1,0 +1,160 @@
+"""LoRA's ``ensure_weight_tying`` on a Llama whose LM head is tied to the input embedding: the head's LoRA is the
+embedding's (``target_modules``), or the head's copy is the embedding's (``modules_to_save``), through training,
+saving (peft's keys, both ways) and merging; peft's warnings where there is nothing to tie."""
+
+from __future__ import annotations
+
+import warnings
+
+import peft
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import deltatune as dt
+from tests.models import VOCAB_SIZE, make_causal_lm_inputs, tiny_gpt2, tiny_llama
+
+TARGETS = dict(target_modules=["embed_tokens", "lm_head", "q_proj"])
+SAVED = dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+
+
+def tied_llama() -> LlamaForCausalLM:
+    """``tests.models.tiny_llama`` with ``tie_word_embeddings=True`` (``lm_head.weight is embed_tokens.weight``)."""
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0,
+                         attn_implementation="eager")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).float().eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Non-zero adapter values (a fresh LoRA is the base model), written into the shared tensors in place."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def _logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _train_step(model, inputs) -> None:
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**inputs).loss.backward()
+    opt.step()
+    model.eval()
+
+
+def test_target_modules_share_one_pair_of_factors_through_training_and_merge() -> None:
+    model = dt.get_peft_model(tied_llama(), dt.LoraConfig(ensure_weight_tying=True, **TARGETS))
+    base = model.get_base_model()
+    emb, head = base.model.embed_tokens.deltas["default"], base.lm_head.deltas["default"]
+    assert head.lora_A.tied is emb.lora_embedding_B and head.lora_B.tied is emb.lora_embedding_A
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and "q_proj" not in n}
+    assert trained == {"base_model.model.model.embed_tokens.deltas.default.lora_embedding_A",
+                       "base_model.model.model.embed_tokens.deltas.default.lora_embedding_B"}
+    _randomize(model)
+    inputs = make_causal_lm_inputs(model)
+    before = emb.lora_embedding_A.detach().clone()
+    _train_step(model, inputs)
+    assert not torch.equal(before, emb.lora_embedding_A)
+    assert head.lora_A.tied is emb.lora_embedding_B and head.lora_B.tied is emb.lora_embedding_A
+    # the logits are the final hidden state times the updated table E + s (B_e A_e)ᵀ, written out
+    table = base.model.embed_tokens.base_layer.weight + emb.scaling * (emb.lora_embedding_B @ emb.lora_embedding_A).T
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+        torch.testing.assert_close(out.logits, out.hidden_states[-1] @ table.T, rtol=1e-5, atol=1e-5)
+    merged = model.merge_and_unload()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    torch.testing.assert_close(merged.model.embed_tokens.weight, table.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_logits(merged, inputs), out.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_modules_to_save_copies_share_one_weight_through_training_and_merge() -> None:
+    model = dt.get_peft_model(tied_llama(), dt.LoraConfig(ensure_weight_tying=True, **SAVED))
+    base = model.get_base_model()
+    table = base.model.embed_tokens.modules_to_save["default"].weight
+    assert base.lm_head.modules_to_save["default"].weight is table
+    assert table is not base.model.embed_tokens.original_module.weight
+    _randomize(model)
+    inputs = make_causal_lm_inputs(model)
+    before = table.detach().clone()
+    _train_step(model, inputs)
+    assert not torch.equal(before, table)
+    assert base.lm_head.modules_to_save["default"].weight is table
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+        torch.testing.assert_close(out.logits, out.hidden_states[-1] @ table.T, rtol=1e-5, atol=1e-5)
+    merged = model.merge_and_unload()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    torch.testing.assert_close(_logits(merged, inputs), out.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [TARGETS, SAVED], ids=["target_modules", "modules_to_save"])
+def test_interop_with_peft_both_ways(tmp_path, kwargs) -> None:
+    from safetensors.torch import load_file
+
+    inputs = make_causal_lm_inputs(tied_llama())
+    ours = dt.get_peft_model(tied_llama(), dt.LoraConfig(ensure_weight_tying=True, **kwargs))
+    _randomize(ours)
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tied_llama(), peft.LoraConfig(ensure_weight_tying=True, **kwargs))
+        _randomize(theirs)
+        theirs.save_pretrained(tmp_path / "theirs")
+        read_by_peft = peft.PeftModel.from_pretrained(tied_llama(), tmp_path / "ours").eval()
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(
+        load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
+    torch.testing.assert_close(_logits(read_by_peft, inputs), _logits(ours, inputs), rtol=1e-5, atol=1e-5)
+    read_by_us = dt.PeftModel.from_pretrained(tied_llama(), tmp_path / "theirs")
+    torch.testing.assert_close(_logits(read_by_us, inputs), _logits(theirs.eval(), inputs), rtol=1e-5, atol=1e-5)
+    head = read_by_us.get_base_model().lm_head
+    embed = read_by_us.get_base_model().model.embed_tokens
+    shared = {id(p) for p in head.parameters()} & {id(p) for p in embed.parameters()}
+    assert shared  # loaded tied, not as two copies
+
+
+def _warnings(build) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build()
+    return [str(w.message) for w in caught if "ensure_weight_tying" in str(w.message)]
+
+
+@pytest.mark.parametrize("make_model, kwargs", [
+    (tiny_llama, dict(target_modules=["q_proj", "embed_tokens"])),  # no tied modules in the model
+    (tied_llama, dict(target_modules=["q_proj"])),  # tied modules, none in the adapter
+    (tiny_gpt2, dict(target_modules=["c_attn", "wte"])),  # tied, but not under a name peft ties (wte)
+], ids=["untied-model", "tied-not-targeted", "gpt2-wte"])
+def test_nothing_to_tie_warns_as_peft(make_model, kwargs) -> None:
+    theirs = _warnings(lambda: peft.get_peft_model(make_model(), peft.LoraConfig(ensure_weight_tying=True, **kwargs)))
+    ours = _warnings(lambda: dt.get_peft_model(make_model(), dt.LoraConfig(ensure_weight_tying=True, **kwargs)))
+    assert len(theirs) == 1 and len(ours) == 1 and ours[0].startswith(theirs[0])
+    untied = dt.get_peft_model(make_model(), dt.LoraConfig(ensure_weight_tying=True, **kwargs)).get_base_model()
+    assert not any(isinstance(getattr(m, "lora_A", None), torch.nn.Module) and hasattr(m.lora_A, "tied")
+                   for m in untied.modules())
+
+
+def test_without_the_flag_each_tied_module_trains_apart() -> None:
+    model = dt.get_peft_model(tied_llama(), dt.LoraConfig(**TARGETS))
+    base = model.get_base_model()
+    assert base.lm_head.deltas["default"].lora_A.weight.shape == (8, 32)
+    assert not hasattr(base.lm_head.deltas["default"].lora_A, "tied")
+
+
+def test_refusals_leave_the_model_unchanged() -> None:
+    base = tied_llama()
+    with pytest.raises(dt.errors.TargetError, match="ensure_weight_tying.*embed_tokens"):  # LoRA on the head alone
+        dt.get_peft_model(base, dt.LoraConfig(ensure_weight_tying=True, target_modules=["lm_head", "q_proj"]))
+    with pytest.raises(dt.ConfigError, match="ensure_weight_tying.*target_modules.*modules_to_save"):
+        dt.get_peft_model(base, dt.LoraConfig(ensure_weight_tying=True, target_modules=["embed_tokens"],
+                                              modules_to_save=["lm_head"]))
+    assert not any(isinstance(m, (dt.layers.AdapterLayer, dt.layers.ModulesToSaveWrapper)) for m in base.modules())
+    assert base.lm_head.weight is base.model.embed_tokens.weight
