@@ -71,15 +71,6 @@ def peft_oracle_differs(row: Row, outputs: bool = False) -> str | None:
     return None
 
 
-# Open deltatune bugs this table found, skipped by name until fixed (remove the entry with the fix).
-KNOWN_BUGS: dict[str, str] = {}
-
-
-def known_bug(row: Row) -> None:
-    if row.config_name in KNOWN_BUGS:
-        pytest.skip(f"known deltatune bug: {KNOWN_BUGS[row.config_name]}")
-
-
 def _pending(row: Row) -> list[str]:
     return [k for k, v in row.kwargs.items()
             if k in PENDING_OPTIONS and (PENDING_OPTIONS[k] is None or v in PENDING_OPTIONS[k])]
@@ -262,7 +253,6 @@ def test_disabled_adapter_is_the_base_model(row: Row) -> None:
 def test_save_load_round_trip_with_peft_keys(row: Row, tmp_path: Path) -> None:
     """A randomized adapter saved and loaded into a fresh base (under another seed) gives the same outputs, and the
     file holds the keys and shapes peft writes for the same row."""
-    known_bug(row)
     model = random_model(dt, row)
     expected = out(model)
     model.save_pretrained(tmp_path / "ours")
@@ -373,7 +363,6 @@ def test_files_move_both_ways_with_peft(row: Row, tmp_path: Path) -> None:
     """deltatune's randomized adapter loads in peft with our outputs, and peft's loads in deltatune with peft's."""
     if skip_reason := peft_oracle_differs(row, outputs=True):
         pytest.skip(skip_reason)
-    known_bug(row)
     ours = random_model(dt, row, seed=3)
     get_model(peft, row)  # skips a row peft cannot run itself
     ours.save_pretrained(tmp_path / "ours")

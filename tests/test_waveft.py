@@ -156,7 +156,7 @@ def test_mixed_adapter_batch_equals_each_row_alone() -> None:
         (dict(wavelet_family="haar"), "wavelet_family='haar' is not supported"),
         (dict(use_idwt="yes"), "use_idwt must be True or False"),
         (dict(init_weights=None), "init_weights must be True or False"),
-        (dict(proportional_parameters=True), "proportional_parameters=True is not supported"),
+        (dict(proportional_parameters="yes"), "proportional_parameters must be True or False"),
         (dict(bias="fourier_only"), "bias must be"),
         (dict(n_frequency_pattern={"q": -1}), r"n_frequency_pattern\['q'\] must be a positive integer"),
     ],
@@ -168,6 +168,22 @@ def test_invalid_config_values_are_refused(kwargs, match: str) -> None:
 
 def test_more_coefficients_than_the_weight_has_are_refused_before_the_model_changes() -> None:
     model = tiny_mlp()
-    with pytest.raises(TargetError, match="exceeds the 32 x 16 = 512 entries"):
+    with pytest.raises(TargetError, match="exceeds the 512 entries"):
         dt.get_peft_model(model, dt.WaveFTConfig(target_modules=["lin0", "lin1"], n_frequency=600))
     assert type(model.lin0) is torch.nn.Linear
+
+
+def test_proportional_parameters_share_the_budget_by_layer_size_as_peft() -> None:
+    config = dict(target_modules=["q_proj", "k_proj", "down_proj"], n_frequency=40, proportional_parameters=True)
+    model = dt.get_peft_model(tiny_llama(), dt.WaveFTConfig(**config))
+    shares = {name: layer.deltas["default"].waveft_spectrum.numel() for name, layer in model.named_modules()
+              if isinstance(layer, AdapterLayer)}
+    sizes = {name: layer.base_layer.weight.numel() for name, layer in model.named_modules()
+             if isinstance(layer, AdapterLayer)}
+    budget, total = 40 * len(sizes), sum(sizes.values())
+    assert shares == {name: max(1, round(size / total * budget)) for name, size in sizes.items()}
+    assert len(set(shares.values())) > 1  # the layers differ in size, so their shares do
+    theirs = peft.get_peft_model(tiny_llama(), peft.WaveFTConfig(**config))
+    assert {n.removeprefix("base_model.model.").removesuffix(".waveft_spectrum.default"): p.numel()
+            for n, p in theirs.named_parameters() if "waveft_spectrum" in n} == {
+        n.removeprefix("base_model.model."): v for n, v in shares.items()}

@@ -22,13 +22,16 @@ Wavelet families: Daubechies ``db1``–``db10``, symlets ``sym2``–``sym10`` an
 from their definitions (``methods/_wavelets.py``): every filter in peft 0.21's tables except ``coif4`` / ``coif5``,
 whose tables there are not orthonormal filters (no definition reproduces them), which are refused, as are the names
 peft's config accepts but cannot build (``db11``+, ``sym11``+, ``coif6``+).
-``proportional_parameters=True`` (peft's experimental per-layer share of the budget) is refused by name.
+``proportional_parameters=True`` shares a budget of ``n_frequency · #targets`` coefficients in proportion to each
+target's ``in · out`` (at least one each, Python's rounding), as peft does; the shares are worked out from the
+targets once per adapter (:class:`FrequencyBudget`, which holds no tensors and saves nothing).
 
 Layer types: ``nn.Linear`` and transformers ``Conv1D``, as in peft.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -67,8 +70,8 @@ class WaveFTConfig(LayerConfig):
             layers).
         n_frequency_pattern: ``{module-name pattern: n}`` overriding ``n_frequency`` for matching modules (a regex on
             the name's dotted suffix, as peft's ``rank_pattern``).
-        proportional_parameters: peft's experimental share of ``n_frequency · #layers`` in proportion to each layer's
-            size; only ``False`` is supported (``True`` is refused).
+        proportional_parameters: ``True``: each target gets its share of ``n_frequency · #targets`` in proportion to
+            its ``in · out`` (at least 1), instead of ``n_frequency`` / ``n_frequency_pattern``.
         init_weights: ``True`` (peft's default): zero coefficients, the base model. ``False``: ``N(0, 0.01²)``.
     """
 
@@ -97,11 +100,8 @@ class WaveFTConfig(LayerConfig):
         for name in ("use_idwt", "init_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.proportional_parameters is not False:
-            raise ConfigError(
-                f"proportional_parameters={self.proportional_parameters!r} is not supported (only False): deltatune "
-                f"does not implement peft's experimental proportional n_frequency budget; use n_frequency_pattern"
-            )
+        if not isinstance(self.proportional_parameters, bool):
+            raise ConfigError(f"proportional_parameters must be True or False, got {self.proportional_parameters!r}")
         if self.bias not in ("none", "all", "waveft_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'waveft_only', got {self.bias!r}")
         check_size_pattern("n_frequency_pattern", self.n_frequency_pattern)
@@ -149,24 +149,40 @@ class WaveFTDelta(Delta):
                 f"wavelet={self.family or 'none'}")
 
 
-def check_target(config: WaveFTConfig, base_layer: nn.Module, name: str) -> None:
-    """Refuse more coefficients than the layer's weight has entries.
+class FrequencyBudget(nn.Module):
+    """How many coefficients each target of one adapter trains (``{module name: n}``); no tensors, nothing saved."""
+
+    def __init__(self, n_for: dict[str, int]) -> None:
+        super().__init__()
+        self.n_for = n_for
+
+
+def make_budget(config: WaveFTConfig, targets: dict[str, nn.Module], others: dict[str, nn.Module]
+                ) -> FrequencyBudget:
+    """Each target's ``n``: its ``n_frequency_pattern`` value or ``n_frequency``, or with ``proportional_parameters``
+    its share of ``n_frequency · #targets`` by ``in · out`` (see the module docstring).
 
     Raises:
-        TargetError: ``n_frequency`` (or this module's ``n_frequency_pattern`` value) exceeds ``in · out``.
+        TargetError: a target's ``n`` exceeds the ``in · out`` entries of its weight.
     """
-    in_features, out_features = layer_features(base_layer)
-    n = pattern_value(config.n_frequency_pattern, name, config.n_frequency)
-    if n > in_features * out_features:
-        raise TargetError(
-            f"{name}: n_frequency={n} exceeds the {out_features} x {in_features} = {in_features * out_features} "
-            f"entries of its weight; use a smaller n_frequency (or an n_frequency_pattern entry for this layer)"
-        )
+    sizes = {name: math.prod(layer_features(base)) for name, base in targets.items()}
+    if config.proportional_parameters:
+        total, budget = sum(sizes.values()), config.n_frequency * len(sizes)
+        n_for = {name: max(1, round(size / total * budget)) for name, size in sizes.items()}
+    else:
+        n_for = {name: pattern_value(config.n_frequency_pattern, name, config.n_frequency) for name in sizes}
+    for name, n in n_for.items():
+        if n > sizes[name]:
+            raise TargetError(
+                f"{name}: n_frequency={n} exceeds the {sizes[name]} entries of its weight; use a smaller n_frequency "
+                f"(or an n_frequency_pattern entry for this layer)"
+            )
+    return FrequencyBudget(n_for)
 
 
-def make_delta(config: WaveFTConfig, base_layer: nn.Module, name: str) -> WaveFTDelta:
-    """Build and initialise the WaveFT delta of ``base_layer`` (module ``name``)."""
-    n = pattern_value(config.n_frequency_pattern, name, config.n_frequency)
+def make_delta(config: WaveFTConfig, base_layer: nn.Module, name: str, budget: FrequencyBudget) -> WaveFTDelta:
+    """Build and initialise the WaveFT delta of ``base_layer`` (module ``name``) with its share of ``budget``."""
+    n = budget.n_for[name]
     in_features, out_features = layer_features(base_layer)
     weight = base_layer.weight
     positions = (
@@ -186,6 +202,6 @@ METHOD = LayerMethod(
     config_class=WaveFTConfig,
     make_delta=make_delta,
     layer_types=(nn.Linear, Conv1D),
-    check_target=check_target,
     resolve_config=record_fan_in_fan_out,
+    make_shared=make_budget,
 )
