@@ -1,8 +1,9 @@
 """Small pieces the methods share: config checks (sizes, scales, seeds, dropout probabilities, peft's per-module
 ``rank_pattern`` / ``alpha_pattern``), the adapter's dtype next to the base weight and :func:`place_delta` (the
 common tail of every ``make_delta``), per-channel broadcasting, the ``(in, out)`` of a Linear or Conv1D and peft's
-record of ``fan_in_fan_out``, and :class:`FactoredDelta` for methods whose update is a product of two factors rebuilt
-at each call (VB-LoRA, RandLoRA). (Adding an update into an output is in :mod:`deltatune.kernels`, the row-to-adapter
+record of ``fan_in_fan_out``, :class:`DenseDelta` for methods whose whole update is rebuilt at each call (FourierFT,
+WaveFT) and :class:`FactoredDelta` for those whose update is a product of two factors rebuilt at each call (VB-LoRA,
+RandLoRA). (Adding an update into an output is in :mod:`deltatune.kernels`, the row-to-adapter
 table of a mixed batch in :mod:`deltatune.rows`.)"""
 
 from __future__ import annotations
@@ -149,6 +150,26 @@ def check_divides(name: str, what: str, size: int, base_layer: nn.Module, why: s
     if any(features[side] % size for side in sides):
         sizes = " and ".join(f"{side}_features={features[side]}" for side in sides)
         raise TargetError(f"{name}: {what} must divide its {sizes} ({why}); choose one that divides every target's")
+
+
+class DenseDelta(Delta):
+    """``Δy = x ΔWᵀ`` for a Linear or Conv1D, with the whole ``ΔW`` ``(out, in)`` rebuilt from the method's
+    parameters at every call (:meth:`update`: a sparse transform-domain spectrum, FourierFT, WaveFT); ``delta_weight``
+    is ``ΔW`` in the layer's layout. Subclasses set ``transposed`` and implement :meth:`update`."""
+
+    transposed: bool = False
+
+    def update(self) -> torch.Tensor:
+        """``ΔW``: ``(out, in)`` in the adapter's dtype."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        change = self.update()
+        return base_out + F.linear(x.to(change.dtype), change).to(base_out.dtype)  # (..., out)
+
+    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        change = self.update()
+        return (change.T if self.transposed else change).to(base_layer.weight.dtype)
 
 
 class FactoredDelta(Delta):

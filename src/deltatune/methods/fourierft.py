@@ -24,17 +24,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
-from ..layers import Delta
 from ..registry import LayerMethod
 from ..targeting import pattern_value
 from .common import (
-    check_scale, check_seed, check_size, check_size_pattern, layer_features, place_delta, record_fan_in_fan_out,
+    DenseDelta, check_scale, check_seed, check_size, check_size_pattern, layer_features, place_delta,
+    record_fan_in_fan_out,
 )
 
 __all__ = ["FourierFTConfig"]  # exported from deltatune
@@ -84,7 +83,7 @@ def spectral_positions(out_features: int, in_features: int, n: int, seed: int) -
     return torch.stack([flat // in_features, flat % in_features])
 
 
-class FourierFTDelta(Delta):
+class FourierFTDelta(DenseDelta):
     """``Δy = x ΔWᵀ`` with ``ΔW = α · Re(IDFT₂(F))`` ``(out, in)`` built from the sparse spectrum at every call."""
 
     def __init__(self, base_layer: nn.Module, n: int, scaling: float, positions: torch.Tensor) -> None:
@@ -101,14 +100,6 @@ class FourierFTDelta(Delta):
         dense = spectrum.new_zeros(self.out_features, self.in_features, dtype=torch.float32)
         dense = dense.index_put((self.positions[0], self.positions[1]), spectrum.float())  # (out, in), n non-zero
         return (torch.fft.ifft2(dense).real * self.scaling).to(spectrum.dtype)
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        change = self.update()
-        return base_out + F.linear(x.to(change.dtype), change).to(base_out.dtype)  # (..., out)
-
-    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
-        change = self.update()
-        return (change.T if self.transposed else change).to(base_layer.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, n={self.fourierft_spectrum.shape[0]}"

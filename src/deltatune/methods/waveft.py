@@ -35,18 +35,17 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
-from ..layers import Delta
 from ..registry import LayerMethod
 from ..targeting import pattern_value
 from . import _wavelets
 from .common import (
-    check_scale, check_seed, check_size, check_size_pattern, layer_features, place_delta, record_fan_in_fan_out,
+    DenseDelta, check_scale, check_seed, check_size, check_size_pattern, layer_features, place_delta,
+    record_fan_in_fan_out,
 )
 from .fourierft import spectral_positions
 
@@ -107,7 +106,7 @@ class WaveFTConfig(LayerConfig):
         check_size_pattern("n_frequency_pattern", self.n_frequency_pattern)
 
 
-class WaveFTDelta(Delta):
+class WaveFTDelta(DenseDelta):
     """``Δy = x ΔWᵀ`` with ``ΔW = α · IDWT₂(C)`` ``(out, in)`` built from the sparse coefficients at every call."""
 
     def __init__(self, base_layer: nn.Module, n: int, config: WaveFTConfig, positions: torch.Tensor) -> None:
@@ -135,14 +134,6 @@ class WaveFTDelta(Delta):
         full = _wavelets.inverse_dwt2(dense[:h, :w], dense[:h, w:], dense[h:, :w], dense[h:, w:], self.family)
         top, left = (full.shape[0] - self.out_features) // 2, (full.shape[1] - self.in_features) // 2
         return full[top: top + self.out_features, left: left + self.in_features] * self.scaling
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        change = self.update()
-        return base_out + F.linear(x.to(change.dtype), change).to(base_out.dtype)  # (..., out)
-
-    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
-        change = self.update()
-        return (change.T if self.transposed else change).to(base_layer.weight.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, n={self.waveft_spectrum.shape[0]}, "
