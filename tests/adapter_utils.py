@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,6 +101,47 @@ def assert_mixed_generate_equals_each_row_alone(
                                        **kwargs))
     assert torch.equal(mixed, torch.cat(rows))
     return mixed
+
+
+def assert_merges_from_original_as_peft(
+    ours: nn.Module, base_factory: Callable[[], nn.Module], inputs: Mapping[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """Every adapter of ``ours`` (a deltatune model, ``"default"`` first, nothing merged), active and merged at once,
+    each merge reading the weights from before any merge (``Delta.merges_from_original``):
+
+    - the merged model's output equals the unmerged one, and so does peft's model merged the same way from the same
+      files (peft as the oracle of the whole merged model);
+    - every adapted layer's merged parameters (weight, and bias where the method moves it) equal peft's and clearly
+      differ from the original ones (otherwise the comparison proves nothing);
+    - unmerging restores the whole state dict bit for bit."""
+    import peft
+
+    names = list(ours.peft_config)
+    assert names[0] == "default" and len(names) > 1, names
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(base_factory(), tmp_path)
+    for name in names[1:]:
+        theirs.load_adapter(tmp_path / name, adapter_name=name)
+    before = snapshot(ours)
+    layers = list(adapter_layers(ours.get_base_model()))
+    assert layers
+    originals = {path: layer.base_layer.weight.detach().clone() for path, layer in layers}
+    ours.set_adapter(names)
+    theirs.base_model.set_adapter(names)
+    unmerged = logits(ours, inputs)
+    ours.merge_adapter()
+    theirs.merge_adapter()
+    torch.testing.assert_close(logits(ours, inputs), unmerged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(theirs, inputs), unmerged, rtol=1e-5, atol=1e-5)
+    for path, layer in layers:
+        merged = layer.base_layer.state_dict()
+        expected = theirs.get_base_model().get_submodule(path).base_layer.state_dict()
+        assert merged.keys() == expected.keys(), path
+        for key, value in merged.items():
+            torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=f"{path}.{key}")
+        assert (merged["weight"] - originals[path]).abs().max() > 1e-3, path
+    ours.unmerge_adapter()
+    assert_same_state(before, ours)
 
 
 def train_steps(model: nn.Module, batch: Mapping[str, torch.Tensor], steps: int, lr: float = 1e-2) -> list[float]:

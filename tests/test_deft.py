@@ -11,7 +11,7 @@ import torch
 
 import deltatune as dt
 from deltatune.errors import ConfigError
-from tests.adapter_utils import assert_mixed_batch_equals_each_row_alone
+from tests.adapter_utils import assert_merges_from_original_as_peft, assert_mixed_batch_equals_each_row_alone
 from tests.models import make_mlp_inputs, tiny_gpt2, tiny_mlp
 
 
@@ -74,22 +74,7 @@ def test_two_merged_adapters_each_read_the_pre_merge_weight_as_peft(tmp_path) ->
                                                        init_scale=30.0))
     ours.add_adapter("other", dt.DeftConfig(target_modules=["lin1"], r=2, decomposition_method="qr",
                                             init_weights=False, init_scale=30.0))
-    ours.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(tiny_mlp(), tmp_path)
-    theirs.load_adapter(tmp_path / "other", adapter_name="other")
-    original = ours.get_base_model().lin1.base_layer.weight.detach().clone()
-    ours.set_adapter(["default", "other"])
-    theirs.base_model.set_adapter(["default", "other"])
-    x = make_mlp_inputs()["x"]
-    unmerged = ours(x)
-    ours.merge_adapter()
-    theirs.merge_adapter()
-    merged_weight = ours.get_base_model().lin1.base_layer.weight
-    torch.testing.assert_close(merged_weight, theirs.get_base_model().lin1.base_layer.weight, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours(x), unmerged, rtol=1e-5, atol=1e-5)
-    assert (merged_weight - original).abs().max() > 1e-3
-    ours.unmerge_adapter()
-    assert torch.equal(ours.get_base_model().lin1.base_layer.weight, original)
+    assert_merges_from_original_as_peft(ours, tiny_mlp, {"x": make_mlp_inputs()["x"]}, tmp_path)
 
 
 def test_mixed_adapter_batch_equals_each_row_alone() -> None:

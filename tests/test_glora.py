@@ -1,6 +1,6 @@
 """GLoRA (``deltatune.methods.glora``): output and merge against ``W0 + W0 ⊙ A + B`` / ``b0 + b0 ⊙ D + E + W0 C``
-written out per entry, several adapters merged from the weight before any merge (``Delta.merges_from_original``),
-peft's zero placeholders, mixed-adapter batches and the config's checks."""
+written out per entry, several adapters merged from the weight before any merge (``Delta.merges_from_original``,
+also against peft's merge), peft's zero placeholders, mixed-adapter batches and the config's checks."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import deltatune as dt
 from deltatune.errors import AdapterLoadError, ConfigError
 from deltatune.layers import AdapterLayer
-from tests.adapter_utils import assert_mixed_batch_equals_each_row_alone
+from tests.adapter_utils import assert_merges_from_original_as_peft, assert_mixed_batch_equals_each_row_alone
 from tests.models import make_mlp_inputs, tiny_mlp
 
 
@@ -39,12 +40,16 @@ def _effective(delta, w0: torch.Tensor, b0: torch.Tensor) -> tuple[torch.Tensor,
     return weight, bias
 
 
-def _model(**kwargs) -> dt.PeftModel:
+def _biased_mlp() -> nn.Module:
     base = tiny_mlp()
     with torch.no_grad():
-        base.lin1.bias.uniform_(-1, 1)  # a non-zero bias, so that b0 ⊙ D shows
+        base.lin1.bias.uniform_(-1, 1)  # a non-zero bias, so that b0 ⊙ D shows (seeded: tiny_mlp seeds torch)
+    return base
+
+
+def _model(**kwargs) -> dt.PeftModel:
     config = dt.GloraConfig(target_modules=["lin1"], r=3, config_D_E="vector", init_weights=False, **kwargs)
-    return dt.get_peft_model(base, config)
+    return dt.get_peft_model(_biased_mlp(), config)
 
 
 def test_output_and_merged_weight_and_bias_equal_the_formula() -> None:
@@ -72,7 +77,7 @@ def test_fresh_adapter_is_the_base_layer_in_every_form() -> None:
             assert torch.equal(model(x), tiny_mlp()(x)), forms
 
 
-def test_several_merged_adapters_each_read_the_weight_before_any_merge() -> None:
+def test_several_merged_adapters_each_read_the_weight_before_any_merge(tmp_path: Path) -> None:
     model = _model()
     model.add_adapter("other", dt.GloraConfig(target_modules=["lin1"], config_A_B="vector", init_weights=False))
     layer = _layer(model)
@@ -93,6 +98,7 @@ def test_several_merged_adapters_each_read_the_weight_before_any_merge() -> None
         torch.testing.assert_close(base.weight, original[0] + first[0], rtol=1e-6, atol=1e-6)
         model.unmerge_adapter()
         assert torch.equal(base.weight, original[0]) and torch.equal(base.bias, original[1])
+    assert_merges_from_original_as_peft(model, _biased_mlp, {"x": make_mlp_inputs()["x"]}, tmp_path)
 
 
 def test_absent_parts_are_peft_zero_placeholders_and_a_non_zero_one_is_refused(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ layer type (Linear, Conv1D, Embedding, Conv2d), several adapters merged from the
 
 from __future__ import annotations
 
-import peft
 import pytest
 import torch
 from torch import nn
@@ -13,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 import deltatune as dt
 from deltatune.errors import ConfigError, TargetError
 from deltatune.layers import AdapterLayer
-from tests.adapter_utils import assert_mixed_batch_equals_each_row_alone, logits
+from tests.adapter_utils import assert_merges_from_original_as_peft, assert_mixed_batch_equals_each_row_alone
 from tests.models import make_causal_lm_inputs, make_mlp_inputs, tiny_llama, tiny_mlp
 
 
@@ -78,20 +77,7 @@ def test_several_merged_adapters_equal_the_unmerged_forward_and_peft_merge(tmp_p
     config = dict(target_modules=["q_proj", "v_proj"], r=2, init_weights=False)
     ours = dt.get_peft_model(tiny_llama(), dt.HiraConfig(**config))
     ours.add_adapter("other", dt.HiraConfig(**{**config, "r": 3}))
-    ours.save_pretrained(tmp_path)
-    ours.set_adapter(["default", "other"])
-    inputs = make_causal_lm_inputs(ours)
-    unmerged = logits(ours, inputs)
-    ours.merge_adapter()
-    torch.testing.assert_close(logits(ours, inputs), unmerged, rtol=1e-5, atol=1e-5)
-    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    theirs.load_adapter(tmp_path / "other", "other")
-    merged = theirs.base_model.merge_and_unload(adapter_names=["default", "other"])
-    torch.testing.assert_close(logits(merged, inputs), unmerged, rtol=1e-5, atol=1e-5)
-    ours.unmerge_adapter()
-    fresh = tiny_llama()
-    q = _layer(ours, "model.layers.0.self_attn.q_proj").base_layer.weight
-    assert torch.equal(q, fresh.model.layers[0].self_attn.q_proj.weight)
+    assert_merges_from_original_as_peft(ours, tiny_llama, make_causal_lm_inputs(ours), tmp_path)
 
 
 def test_inits() -> None:
