@@ -448,7 +448,8 @@ def prepare_model_for_kbit_training(
     small, and unstable in half precision), except for kernels that own their dtypes (GPTQ, AQLM, EETQ, HQQ,
     torchao); then, for a quantized model with ``use_gradient_checkpointing``, make the input embeddings' output
     require grad (needed by reentrant checkpointing, the default unless ``gradient_checkpointing_kwargs`` sets
-    ``use_reentrant=False``) and enable gradient checkpointing with ``gradient_checkpointing_kwargs``.
+    ``use_reentrant=False``) and enable gradient checkpointing with ``gradient_checkpointing_kwargs``. That default,
+    torch's, is passed explicitly (peft leaves it unset), so torch does not warn on every checkpointed call.
     ``auto_clear_cache`` empties the accelerator's cache after the casts. Returns ``model`` (changed in place).
 
     Beyond peft: every quantized layer is made safe to train through (:func:`guard_model`, the bitsandbytes CPU
@@ -458,7 +459,7 @@ def prepare_model_for_kbit_training(
     method = getattr(method, "value", method)
     quantized = bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
                      or method in _KEEP_DTYPES or getattr(model, "hqq_quantized", False))
-    kwargs = dict(gradient_checkpointing_kwargs or {})
+    kwargs = {"use_reentrant": True, **(gradient_checkpointing_kwargs or {})}
     for param in model.parameters():
         param.requires_grad_(False)
     if method not in _KEEP_DTYPES and not getattr(model, "hqq_quantized", False):
@@ -469,9 +470,12 @@ def prepare_model_for_kbit_training(
             torch.cuda.empty_cache()
     guard_model(model)
     if quantized and use_gradient_checkpointing:
-        if kwargs.get("use_reentrant", True):
+        if kwargs["use_reentrant"]:
             model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name for it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 
