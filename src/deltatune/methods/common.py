@@ -9,6 +9,7 @@ table of a mixed batch in :mod:`deltatune.rows`.)"""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -129,6 +130,25 @@ def channel_view(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[channel_dim] = -1
     return v.view(shape)
+
+
+def embed_scale(embedding: nn.Module) -> torch.Tensor | None:
+    """The factor a scaled embedding multiplies its looked-up rows by in its own forward (Gemma's
+    ``*TextScaledWordEmbedding``: ``sqrt(hidden)``; BART-style ``*ScaledWordEmbedding``), which an update of those
+    rows must be multiplied by too so that unmerged equals merged. Read from the module's ``embed_scale`` attribute
+    as peft 0.21.2 reads it (``BaseTunerLayer._get_embed_scale``): a number becomes a 0-dim tensor of the weight's
+    dtype, a one-element tensor is used as it is; without the attribute, ``None``. A larger tensor has no known
+    meaning: it is not applied, with a warning (as peft)."""
+    scale = getattr(embedding, "embed_scale", None)
+    if isinstance(scale, (int, float)):
+        weight = embedding.weight
+        return torch.tensor(scale, dtype=weight.dtype, device=weight.device)
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() == 1:
+            return scale
+        warnings.warn(f"{type(embedding).__name__}.embed_scale has shape {tuple(scale.shape)}, not one value; the "
+                      f"adapter's update of this embedding is not scaled by it (as in peft)", stacklevel=2)
+    return None
 
 
 def layer_features(base_layer: nn.Module) -> tuple[int, int]:
