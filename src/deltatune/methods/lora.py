@@ -46,7 +46,7 @@ from ..layers import AdapterLayer, Delta, unwrap
 from ..registry import LayerMethod
 from ..targeting import find_modules_to_save, iter_candidates, name_matches, pattern_value
 from .alora import ActivatedLora, check_invocation_tokens
-from .common import adapter_dtype, check_dropout, check_patterns, check_scale
+from .common import adapter_dtype, check_dropout, check_patterns, check_scale, embed_scale
 from . import lora_init, lora_variants
 from ._lora_variant import LoraVariant
 from .dora import DoraVariant
@@ -640,7 +640,11 @@ class LoraMultiheadAttention(LoraLinear):
 class LoraEmbedding(LoraDelta):
     """LoRA on ``nn.Embedding``: ``ΔW = (B A)ᵀ``, looked up like the base table. With DoRA (as peft) the "output
     channels" are the embedding dimensions: the magnitude ``(dim,)`` rescales each dimension of the looked-up rows by
-    ``m / ‖W₀ + ΔW‖`` taken over the vocabulary."""
+    ``m / ‖W₀ + ΔW‖`` taken over the vocabulary.
+
+    A scaled embedding (Gemma's, whose forward returns ``embed_scale · W[x]``) scales the update's rows too
+    (``common.embed_scale``, read at each call as peft does): unmerged, ``embed_scale · (W₀ + ΔW)[x]``, which is
+    what the merged table ``W₀ + ΔW`` gives; ``ΔW`` and DoRA's norm stay unscaled."""
 
     def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
         super().__init__(r, alpha, dropout, use_rslora)
@@ -650,6 +654,8 @@ class LoraEmbedding(LoraDelta):
             padding_idx=base_layer.padding_idx, max_norm=base_layer.max_norm, norm_type=base_layer.norm_type,
             scale_grad_by_freq=base_layer.scale_grad_by_freq, sparse=base_layer.sparse,
         )
+        # Held, not registered (its embed_scale is read at each call, so it follows the module's .to() and edits)
+        object.__setattr__(self, "_embedding", base_layer)
 
     @property
     def adapter_dtype(self) -> torch.dtype:
@@ -663,7 +669,11 @@ class LoraEmbedding(LoraDelta):
         return weight.T  # (num_embeddings, dim) <-> (dim, num_embeddings)
 
     def _lookup_a(self, x: torch.Tensor) -> torch.Tensor:
-        return F.embedding(x, self.lora_embedding_A.T, **self._lookup)  # (..., r); no dropout on token ids
+        """``embed_scale · A[x]`` ``(..., r)``: the scale applied to the rank-r rows, before ``B``, where it costs
+        least; no dropout on token ids."""
+        rows = F.embedding(x, self.lora_embedding_A.T, **self._lookup)
+        scale = embed_scale(self._embedding)
+        return rows if scale is None else rows * scale.to(rows.dtype)
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._lookup_a(x) @ self.lora_embedding_B.T
@@ -675,7 +685,9 @@ class LoraEmbedding(LoraDelta):
         return self.lora_embedding_B @ self.lora_embedding_A  # (dim, num_embeddings)
 
     def base_no_bias(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return F.embedding(x, base_layer.weight, **self._lookup)
+        out = F.embedding(x, base_layer.weight, **self._lookup)  # (..., dim)
+        scale = embed_scale(base_layer)
+        return out if scale is None else out * scale.to(out.dtype)
 
 
 class _Transposed(nn.Module):

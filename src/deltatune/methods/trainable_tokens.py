@@ -9,7 +9,8 @@ The rows *replace* the base rows rather than add to them (as peft does): after a
 base are random, and an adapter that stored differences would depend on those draws.
 
 * Forward: token ids among ``token_indices`` read their row from the table (times the embedding's ``embed_scale``
-  where the model scales embeddings, as Gemma does); the others keep the base output.
+  where the model scales embeddings, as Gemma does; ``common.embed_scale``, peft's rule); the others keep the base
+  output.
 * Tied weights: a module whose weight *is* the embedding's weight (an LM head tied to the input embedding, T5's
   encoder/decoder ``embed_tokens`` beside ``shared``) is its tied twin: it gets a delta that holds the same parameter
   (``LayerMethod.make_tied_delta``), so the pair stays tied while unmerged. On a head, logit ``j`` of each listed
@@ -33,7 +34,7 @@ from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
-from .common import adapter_dtype
+from .common import adapter_dtype, embed_scale
 
 __all__ = ["TrainableTokensConfig"]  # exported from deltatune
 
@@ -105,11 +106,11 @@ class TrainableTokensDelta(Delta):
         """Token ids ``x`` ``(...)``: the listed ones read their trained row, the rest keep ``base_out``
         ``(..., dim)`` (no copy of the table)."""
         slot = self.slots[x]  # (...,) row of each token id, -1 for the others
-        new = self.trainable_tokens_delta[slot.clamp(min=0)]  # (..., dim)
-        scale = getattr(base_layer, "embed_scale", None)  # scaled embeddings (Gemma) scale every row
+        new = self.trainable_tokens_delta[slot.clamp(min=0)].to(base_out.dtype)  # (..., dim)
+        scale = embed_scale(base_layer)  # a scaled embedding (Gemma) scales every row, the trained ones too
         if scale is not None:
-            new = new * scale
-        return torch.where((slot >= 0).unsqueeze(-1), new.to(base_out.dtype), base_out)
+            new = new * scale.to(new.dtype)
+        return torch.where((slot >= 0).unsqueeze(-1), new, base_out)
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         weight = base_layer.weight
