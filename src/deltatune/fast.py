@@ -230,13 +230,14 @@ def _parse_dtype(value: Any) -> torch.dtype | None | str:
 
 
 def _decoder_layers(base: nn.Module) -> list[list[nn.Module]]:
-    """The model's checkpointable layers (transformers' ``GradientCheckpointingLayer``), grouped per layer stack."""
+    """The model's checkpointable layers (transformers' ``GradientCheckpointingLayer``), grouped per layer stack; a
+    block that an adapter wraps whole (Shadow) counts by the block inside."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     stacks = []
     for module in base.modules():
         if isinstance(module, nn.ModuleList):
-            layers = [m for m in module if isinstance(m, GradientCheckpointingLayer)]
+            layers = [unwrap(m) for m in module if isinstance(unwrap(m), GradientCheckpointingLayer)]
             if layers:
                 stacks.append(layers)
     return stacks

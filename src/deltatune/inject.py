@@ -60,6 +60,8 @@ def build_deltas(
     shared = None
     if method.make_shared is not None:
         shared = method.make_shared(config, targets, dict(shared_state))
+    elif method.make_network is not None:
+        shared = method.make_network(config, resolved.model, targets)
     extra = () if shared is None else (shared,)
     deltas = {name: method.make_delta(config, base, name, *extra) for name, base in targets.items()}
     for name, (source, base) in resolved.tied.items():  # after every target: a twin reads its source's delta
@@ -81,7 +83,7 @@ def add_layer_adapter(
     Raises:
         ConfigError: the method needs ``shared_state`` and none was given (a model without the ``PeftModel``).
     """
-    if resolved.method.make_shared is not None and shared_state is None:
+    if (resolved.method.make_shared or resolved.method.make_network) is not None and shared_state is None:
         raise ConfigError(
             f"{resolved.config.peft_type.value} keeps tensors shared by all adapted layers, which live in the "
             f"PeftModel wrapper; use get_peft_model(model, config) instead"

@@ -16,7 +16,7 @@ import functools
 import json
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -515,8 +515,12 @@ class PeftModel(nn.Module):
         call = self._prompt_call(adapter_names)
         if call is not None:
             return prompt.prompt_forward(self.get_base_model(), *call, self.prompt_task, args, kwargs, task_ids)
-        with batch_adapters(adapter_names), batch_tasks(self._layer_task_ids(adapter_names, task_ids)), scope:
-            return self.base_model(*args, **kwargs)
+        with batch_adapters(adapter_names), batch_tasks(self._layer_task_ids(adapter_names, task_ids)), scope, \
+                self._run_scopes() as finishers:
+            outputs = self.base_model(*args, **kwargs)
+            for finish in finishers:
+                outputs = finish(outputs, kwargs)
+            return outputs
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, task_ids: Any = None, **kwargs):
         """The base model's ``generate()`` (KV cache on), optionally with one adapter (``adapter_names``) or one
@@ -527,8 +531,24 @@ class PeftModel(nn.Module):
         if call is not None:
             return prompt.prompt_generate(self.get_base_model(), *call, args, kwargs, task_ids)
         # aLoRA's offsets from the prompt, for every step (methods/alora.py)
-        with batch_adapters(adapter_names), batch_tasks(self._layer_task_ids(adapter_names, task_ids)), scope:
+        with batch_adapters(adapter_names), batch_tasks(self._layer_task_ids(adapter_names, task_ids)), scope, \
+                self._run_scopes():
             return self.get_base_model().generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _run_scopes(self) -> Iterator[list[Callable[[Any, dict[str, Any]], Any]]]:
+        """Open the ``LayerMethod.run_scope`` of each active layer adapter that has one (Shadow), unless adapters
+        are disabled; yields their ``finish`` functions for the forward's outputs."""
+        with contextlib.ExitStack() as stack:
+            finishers = []
+            for name in [] if self._prompt_disabled else self._active:
+                config = self.peft_config[name]
+                method = get_method(config.peft_type)
+                if isinstance(method, LayerMethod) and method.run_scope is not None:
+                    finish = stack.enter_context(method.run_scope(self, name, config))
+                    if finish is not None:
+                        finishers.append(finish)
+            yield finishers
 
     def _alora_scope(self, args: tuple, kwargs: dict[str, Any], *id_keys: str) -> contextlib.AbstractContextManager:
         """Where aLoRA adapters find their invocation in this call (:func:`~deltatune.methods.alora.invocation_scope`:

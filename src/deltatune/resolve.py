@@ -55,6 +55,7 @@ class Resolved:
         parameters: Parameter targets (``target_parameters``): full parameter name ``<module>.<parameter>`` -> the
             module that owns it (unwrapped), in model order and, within a module, in registration order (the order
             their adapter layers nest in); read-only.
+        model: The model resolved against, for ``LayerMethod.make_network``.
     """
 
     config: LayerConfig
@@ -63,6 +64,7 @@ class Resolved:
     tied: Mapping[str, tuple[str, nn.Module]] = field(default_factory=lambda: MappingProxyType({}))
     parameters: Mapping[str, nn.Module] = field(default_factory=lambda: MappingProxyType({}))
     extra: Mapping[str, tuple[nn.Module, str | None]] = field(default_factory=lambda: MappingProxyType({}))
+    model: nn.Module | None = None
 
 
 def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resolved:
@@ -108,7 +110,7 @@ def resolve(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Resol
     parameters = _parameter_targets(model, resolved, method, targets)
     extra = _extra_targets(model, resolved, method, targets)
     return Resolved(
-        resolved, method, view, MappingProxyType(tied), MappingProxyType(parameters), MappingProxyType(extra)
+        resolved, method, view, MappingProxyType(tied), MappingProxyType(parameters), MappingProxyType(extra), model
     )
 
 
