@@ -72,6 +72,7 @@ _METHOD_MODULES: dict[str, str] = {
     "TINYLORA": "deltatune.methods.tinylora",
     "ADAMSS": "deltatune.methods.adamss",
     "FROD": "deltatune.methods.frod",
+    "SHADOW": "deltatune.methods.shadow",
 }
 
 
@@ -147,6 +148,15 @@ class LayerMethod:
             tasks. ``PeftModel.forward`` / ``generate`` then require ``task_ids`` (one index below it per row) while
             such an adapter is in use and hand them to the layers (``deltatune.rows.row_tasks``); ``None``: the
             method takes no ``task_ids`` (they are refused).
+        make_network: ``(config, model, {module name: base layer}) -> nn.Module``: a network of the adapter's own
+            that runs beside the model rather than in its layers (Shadow's backbone), built from the model; kept,
+            saved and trained like ``make_shared``'s module (which a method has instead), and handed to
+            ``make_delta`` the same way.
+        run_scope: ``(peft_model, adapter_name, config) -> context manager`` opened by ``PeftModel.forward`` and
+            ``generate()`` around the model while the adapter is active and adapters are enabled, for layers that
+            need state computed from the model's inputs (Shadow: the shadow backbone's state, which the adapted
+            blocks read and advance). It yields ``None`` or ``finish(outputs, kwargs) -> outputs``, which the forward
+            applies to its outputs (Shadow's auxiliary loss).
         prepare_model: ``(config, model) -> undo`` run before an adapter is resolved and built, for a config that
             changes the model's structure first (LoRA's ``layer_replication``); the returned callable (or ``None``)
             undoes it when adding the adapter fails.
@@ -172,6 +182,8 @@ class LayerMethod:
     make_extra_delta: Callable[[Any, nn.Module, str, Any], nn.Module] | None = None
     prepare_model: Callable[[Any, nn.Module], Callable[[], None] | None] | None = None
     num_tasks: Callable[[Any], int] | None = None
+    make_network: Callable[[Any, nn.Module, Mapping[str, nn.Module]], nn.Module] | None = None
+    run_scope: Callable[[nn.Module, str, Any], Any] | None = None
 
 
 @dataclass(frozen=True)
