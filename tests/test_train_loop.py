@@ -264,3 +264,17 @@ def test_virtual_token_methods_train_their_labels_not_the_virtual_positions(file
     assert result.after["eval_loss"] < result.before["eval_loss"]
     saved = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
     assert saved["peft_type"] == method.upper() and saved["num_virtual_tokens"] == 4
+
+
+def test_shadow_trains_with_its_auxiliary_loss(files, tmp_path):
+    # The loop takes a Shadow adapter's loss from the model (task loss + λ · shadow loss, as Trainer does): the first
+    # step's loss (computed before any update, from the same seeded adapter and batch) is linear in λ, and λ adds.
+    def first_loss(weight: float) -> float:
+        out = tmp_path / f"w{weight}"
+        train(opts(files, tmp_path, method="shadow", r=4, target=None, max_steps=1, eval_split=0, eval_generate=0,
+                   method_options={"auxiliary_loss_weight": weight, "shadow_dropout": 0.0}, out=str(out)))
+        return read_losses(out)[1][0]
+
+    plain, half, full = first_loss(0.0), first_loss(0.5), first_loss(1.0)
+    assert full - plain > 1e-3
+    assert half - plain == pytest.approx((full - plain) / 2, rel=1e-4)

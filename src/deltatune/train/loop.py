@@ -249,12 +249,18 @@ def _loss_sum(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The micro-batch's summed loss: from the chunked loss of :meth:`PeftModel.enable_fast_training` where it is on
     (no logits), else from the logits."""
     task, state = run.inputs.task, run.model.fast_training
-    # A method with a loss term (AdaLoRA) gets it added to outputs.loss by the model; this loop adds it once per step.
-    has_term = any(getattr(get_method(c.peft_type), "loss_term", None) for c in run.model.peft_config.values())
-    if state is None or not state.chunked_loss or task not in ("causal-lm", "seq2seq") or has_term:
-        return loss_sum(task, forward_logits(run.wrapped, task, batch), batch["labels"])
+    methods = [get_method(c.peft_type) for c in run.model.peft_config.values()]
     labels = batch["labels"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "task_ids") if k in batch}
+    if any(getattr(m, "run_scope", None) for m in methods):
+        # the forward finishes outputs.loss with a term of its own given labels (Shadow's auxiliary loss): the
+        # outputs' mean, times this micro-batch's targets, is the summed loss with that term, as Trainer sees it
+        targets = labels[:, 1:] if task == "causal-lm" else labels
+        return run.wrapped(**inputs).loss * (targets != D.IGNORE).sum()
+    # A method with a loss term (AdaLoRA) gets it added to outputs.loss by the model; this loop adds it once per step.
+    has_term = any(getattr(m, "loss_term", None) for m in methods)
+    if state is None or not state.chunked_loss or task not in ("causal-lm", "seq2seq") or has_term:
+        return loss_sum(task, forward_logits(run.wrapped, task, batch), labels)
     if task == "causal-lm":  # divided by one: the sum, as loss_sum gives it
         return run.wrapped(**inputs, use_cache=False, num_items_in_batch=torch.ones((), device=labels.device)).loss
     return run.wrapped(**inputs).loss * (labels != D.IGNORE).sum()  # seq2seq (T5): the mean, times its targets
