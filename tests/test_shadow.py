@@ -17,9 +17,9 @@ What is checked, and against what:
   shadow model, merging) is refused and leaves the model as it was.
 
 Where peft 0.21.2 is no oracle (run as the model under test it fails these): its cached ``generate()`` on
-transformers 5 (the cache arrives as ``cache=``, which its hook does not read), ``layers_to_transform`` with the
-default targets (ignored), gaps between blocks (not refused), T5 (an ``AttributeError``) and ``merge_and_unload``
-(refused only after removing the shadow hooks, which loses the adapter's effect).
+transformers 5.25 (the cache arrives as ``cache=``, which its hook does not read; 5.13 passes), ``layers_to_transform``
+with the default targets (ignored), gaps between blocks (not refused), T5 (an ``AttributeError``) and
+``merge_and_unload`` (refused only after removing the shadow hooks, which loses the adapter's effect).
 """
 
 from __future__ import annotations
