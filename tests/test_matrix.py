@@ -10,6 +10,7 @@ perturbed as training would do.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import peft
@@ -84,6 +85,8 @@ def test_gradients_reach_only_trainable_adapter_parameters(family: str, key: str
         if param.requires_grad:
             owned = any(f".{holder}.default." in name for holder in ("deltas", "modules_to_save", "shared_state"))
             assert owned or (bias_all and name.endswith("bias")), f"{name} trains but is not adapter-owned"
+            if any(re.search(pattern, name) for pattern in CASES[key].gradless):
+                continue
             assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reached {name}"
         else:
             assert param.grad is None, f"frozen {name} received a gradient"

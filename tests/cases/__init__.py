@@ -87,6 +87,8 @@ class MatrixCase:
         cache_exact: Cached ``generate()`` equals generation without the cache; ``False`` where the update depends on
             every position of the call (Lily's router averages over the batch), so a cached step, which sees only the
             new positions, differs from a full forward (in peft as well).
+        gradless: Regexes of trainable parameter names that get no gradient by design, in peft as well (ShadowPEFT's
+            state update after its last block feeds nothing); the gradient check skips them.
     """
 
     config_class: str
@@ -100,6 +102,7 @@ class MatrixCase:
     mergeable: bool = True
     exact_identity: bool = True
     cache_exact: bool = True
+    gradless: tuple[str, ...] = ()
 
     def config_kwargs(self, family: str) -> dict[str, Any]:
         kwargs = self.kwargs(family) if callable(self.kwargs) else self.kwargs
