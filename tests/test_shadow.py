@@ -19,7 +19,8 @@ What is checked, and against what:
 Where peft 0.21.2 is no oracle (run as the model under test it fails these): its cached ``generate()`` on
 transformers 5.25 (the cache arrives as ``cache=``, which its hook does not read; 5.13 passes), ``layers_to_transform``
 with the default targets (ignored), gaps between blocks (not refused), T5 (an ``AttributeError``) and
-``merge_and_unload`` (refused only after removing the shadow hooks, which loses the adapter's effect).
+``merge_and_unload`` (refused only after removing the shadow hooks, which loses the adapter's effect), and
+``adapter_names`` rows (not refused).
 """
 
 from __future__ import annotations
@@ -557,6 +558,63 @@ def test_classification_shadow_head_starts_as_a_copy_of_the_score_head(tmp_path:
     score = case.factory().score.weight
     assert torch.equal(tensors["base_model.shadow_head.default.weight"], score)
     assert torch.equal(tensors["base_model.model.score.weight"], score)  # the trained classifier is saved too
+
+
+def test_classification_of_a_padded_row_equals_peft(tmp_path: Path) -> None:
+    # both heads read the last real token: the base's by pad id, the shadow head's by the attention mask
+    case = CASES["llama-seq-cls"]
+    theirs = build(peft, case, seed=3)
+    theirs.save_pretrained(tmp_path)
+    ours = dt.PeftModel.from_pretrained(case.factory(), tmp_path)
+    batch = case.inputs(ours, seed=4)
+    unpadded = run(ours, batch)
+    batch["input_ids"][1, -2:] = 0
+    batch["attention_mask"][1, -2:] = 0
+    expected = run(theirs, batch)
+    assert_same_outputs(run(ours, batch), expected)
+    assert (expected.logits[1] - unpadded.logits[1]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------- more of the API
+def test_inputs_embeds_give_the_same_output_as_input_ids() -> None:
+    model = build(dt, LLAMA)
+    batch = LLAMA.inputs(model)
+    embeds = model.get_base_model().get_input_embeddings()(batch.pop("input_ids")).detach()
+    expected = run(model, {**batch, "input_ids": LLAMA.inputs(model)["input_ids"]})
+    assert_same_outputs(run(model, {**batch, "inputs_embeds": embeds}), expected)
+
+
+def test_shadow_dropout_acts_in_training_only() -> None:
+    model = build(dt, LLAMA, shadow_dropout=0.5)
+    batch = LLAMA.inputs(model)
+    evaluated = run(model, batch).logits
+    model.train()
+    torch.manual_seed(0)
+    first = run(model, batch).logits
+    torch.manual_seed(1)
+    assert (run(model, batch).logits - first).abs().max() > 1e-4  # a fresh mask per call
+    assert (first - evaluated).abs().max() > 1e-4
+    still = build(dt, LLAMA, shadow_dropout=0.0).train()  # the tiny Llama has no dropout of its own
+    close(run(still, batch).logits, run(still.eval(), batch).logits)
+
+
+def test_two_adapters_switch_and_each_equals_peft_while_a_mixed_batch_is_refused(tmp_path: Path) -> None:
+    ours = build(dt, LLAMA)
+    ours.add_adapter("deep", LLAMA.config(dt, init_weights=False, shadow_alpha=0.7, shadow_num_hidden_layers=2))
+    ours.eval().save_pretrained(tmp_path)  # (the new adapter's dropout may start in training mode, as in peft)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    theirs.load_adapter(tmp_path / "deep", adapter_name="deep")
+    batch = LLAMA.inputs(ours)
+    outputs = {}
+    for name in ("deep", "default"):
+        ours.set_adapter(name)
+        theirs.set_adapter(name)
+        outputs[name] = run(ours, batch)
+        assert_same_outputs(outputs[name], run(theirs, batch))
+    assert (outputs["deep"].logits - outputs["default"].logits).abs().max() > 1e-3
+    with pytest.raises(REFUSED, match=r"(?i)adapter_names|shadow"):
+        run(ours, batch, adapter_names=["default", "deep"])
+    assert_same_outputs(run(ours, batch), outputs["default"])
 
 
 # ----------------------------------------------------------------------------------------------------- unload_shadow
