@@ -27,6 +27,11 @@ class AdapterStateError(DeltatuneError):
     """An operation does not fit the wrapper's adapters (unknown name, duplicate name, deleting the active one...)."""
 
 
+class NotMergeableError(AdapterStateError, NotImplementedError):
+    """The adapter cannot be folded into the base weights at all (its change is not a weight update); also a
+    ``NotImplementedError``, which is what peft raises for such methods."""
+
+
 class RemoteCodeError(ConfigError):
     """Loading a base model would execute custom code (``trust_remote_code``) that the caller has not opted in to."""
 

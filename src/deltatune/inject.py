@@ -235,8 +235,8 @@ def merge(
         for name in pending[path]:
             try:
                 layer.deltas[name].check_mergeable(layer.delta_base)
-            except AdapterStateError as exc:
-                raise AdapterStateError(f"cannot merge adapter {name!r} into {path}: {exc}") from None
+            except AdapterStateError as exc:  # same class (NotMergeableError stays a NotImplementedError too)
+                raise type(exc)(f"cannot merge adapter {name!r} into {path}: {exc}") from None
     layers = [layer for _, layer in named]
     if safe_merge:
         for layer in layers:

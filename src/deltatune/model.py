@@ -157,7 +157,10 @@ class AdapterModel(nn.Module):
             methods = [get_method(c.peft_type) for c in getattr(self, "peft_config", {}).values()]
             for method in methods:
                 if not isinstance(method, PromptMethod) and name in (method.model_functions or {}):
-                    return functools.partial(method.model_functions[name], self)
+                    function = method.model_functions[name]
+                    if isinstance(function, property):
+                        return function.fget(self)
+                    return functools.partial(function, self)
             return getattr(self.model, name)
 
 
@@ -292,6 +295,10 @@ class PeftModel(nn.Module):
             self._check_exists(name)
         if len(names) > 1 and any(n in self.prompt_encoder for n in names):
             raise AdapterStateError(f"a prompt adapter cannot be combined with other active adapters: {names}")
+        alone = [n for n in names if getattr(get_method(self.peft_config[n].peft_type), "single_active", False)]
+        if len(names) > 1 and alone:
+            raise AdapterStateError(f"{self.peft_config[alone[0]].peft_type.value} adapters run with exactly one active "
+                                    f"adapter; got {names}")
         self._active = names
         self._refresh()
 

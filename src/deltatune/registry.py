@@ -120,7 +120,8 @@ class LayerMethod:
             every adapter of the method; ``None`` adds nothing (e.g. for an adapter that is not being trained).
         model_functions: ``{name: fn}``: functions callable as ``peft_model.base_model.<name>(*args)`` and run as
             ``fn(base_model, *args)``, like peft's tuner-specific methods (AdaLoRA's ``update_and_allocate``);
-            ``base_model.peft_config`` and ``base_model.model`` give them the configs and the adapted model.
+            ``base_model.peft_config`` and ``base_model.model`` give them the configs and the adapted model. A
+            ``property`` entry is read as an attribute, ``fn(base_model)`` (Shadow's ``base_model.shadow_backbone``).
         after_step: ``(base_model, step) -> None``: run once per training step after ``optimizer.step()`` and before
             ``zero_grad()``, by ``base_model.after_optimizer_step(step)`` (AdaLoRA's rank allocation).
         make_tied_delta: ``(source delta, base_layer, module_name) -> Delta`` for a method whose delta must follow
@@ -157,6 +158,8 @@ class LayerMethod:
             need state computed from the model's inputs (Shadow: the shadow backbone's state, which the adapted
             blocks read and advance). It yields ``None`` or ``finish(outputs, kwargs) -> outputs``, which the forward
             applies to its outputs (Shadow's auxiliary loss).
+        single_active: Its adapters are only used alone: ``set_adapter`` refuses one together with other adapters
+            (Shadow: the blocks carry one shadow state).
         prepare_model: ``(config, model) -> undo`` run before an adapter is resolved and built, for a config that
             changes the model's structure first (LoRA's ``layer_replication``); the returned callable (or ``None``)
             undoes it when adding the adapter fails.
@@ -184,6 +187,7 @@ class LayerMethod:
     num_tasks: Callable[[Any], int] | None = None
     make_network: Callable[[Any, nn.Module, Mapping[str, nn.Module]], nn.Module] | None = None
     run_scope: Callable[[nn.Module, str, Any], Any] | None = None
+    single_active: bool = False
 
 
 @dataclass(frozen=True)

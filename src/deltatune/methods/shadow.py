@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerConfig, PeftType, TaskType
-from ..errors import AdapterStateError, ConfigError, TargetError
+from ..errors import AdapterStateError, ConfigError, NotMergeableError, TargetError
 from ..layers import AdapterLayer, Delta
-from ..prompt import cache_argument
+from ..prompt import CACHE_ARGUMENTS, cache_argument
 from ..registry import LayerMethod
 from ..rows import current_row_plan
 from .common import check_dropout, check_scale, check_size
@@ -205,7 +205,7 @@ class ShadowBlock(Delta):
         raise AdapterStateError("adapter_names (one adapter per row) is not supported with a Shadow adapter")
 
     def check_mergeable(self, base_layer: nn.Module) -> None:
-        raise AdapterStateError(
+        raise NotMergeableError(
             "ShadowPEFT cannot be merged into the base weights: its change is an input-dependent shadow state carried "
             "through the blocks, not a weight update. Keep the adapter unmerged, or take the shadow network alone "
             "with base_model.unload_shadow()"
@@ -483,7 +483,7 @@ def _riding_cache(cache: Any, backbone: nn.Module) -> Any:
     return rider
 
 
-def _seed_hook(run: _Run, model: nn.Module, cache_name: str | None):
+def _seed_hook(run: _Run, model: nn.Module, forward_cache_name: str | None):
     """The model's forward pre-hook: ``s⁽⁰⁾`` from the raw inputs (only the top of the forward has them: inside, the
     mask is 4-D and the inputs are embedded), with the backbone's cache riding in the model's."""
 
@@ -492,6 +492,9 @@ def _seed_hook(run: _Run, model: nn.Module, cache_name: str | None):
         inputs_embeds = kwargs.get("inputs_embeds")
         if input_ids is None and inputs_embeds is None:
             raise ConfigError("a Shadow adapter's backbone reads input_ids or inputs_embeds; neither was given")
+        # the cache as passed, under the forward's name or the other one (transformers 5.24+ still takes
+        # past_key_values, deprecated), whose name is kept
+        cache_name = next((n for n in CACHE_ARGUMENTS if kwargs.get(n) is not None), forward_cache_name)
         cache = kwargs.get(cache_name) if cache_name is not None else None
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -590,7 +593,7 @@ def _standalone_class():
 
     cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-    class ShadowStandalone(PreTrainedModel, GenerationMixin):
+    class DetachedShadowModel(PreTrainedModel, GenerationMixin):
         """The shadow network without the base model (§3.5): ``head(P(backbone(x)))``, a causal LM that generates
         with a KV cache, or a sequence classifier. Returned by ``base_model.unload_shadow()``."""
 
@@ -603,21 +606,21 @@ def _standalone_class():
                      classifies: bool) -> None:
             super().__init__(network.backbone.config)
             self.backbone = network.backbone
-            self.projection = network.projection
+            self.shadow_hidden_projection = network.projection
             self.head = head
-            self.classifies = classifies
+            self.is_classification = classifies
             self._embeddings = [embeddings]  # a shared table is not a submodule: it belongs to the base model
             self.generation_config = getattr(self.backbone, "generation_config", None) or \
                 GenerationConfig.from_model_config(self.config)
 
         def can_generate(self) -> bool:
-            return getattr(self, "head", None) is not None and not getattr(self, "classifies", True)
+            return getattr(self, "head", None) is not None and not getattr(self, "is_classification", True)
 
         def get_input_embeddings(self) -> nn.Module:
             return self._embeddings[0] if self._embeddings[0] is not None else self.backbone.get_input_embeddings()
 
         def get_output_embeddings(self) -> nn.Module | None:
-            return None if self.classifies else self.head
+            return None if self.is_classification else self.head
 
         def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, **kwargs):
             for name in ("logits_to_keep", "num_logits_to_keep", "return_dict"):  # a causal LM's, not a backbone's
@@ -626,10 +629,10 @@ def _standalone_class():
                 inputs_embeds, input_ids = self._embeddings[0](input_ids), None
             out = self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                 return_dict=True, **kwargs)
-            hidden = self.projection(out.last_hidden_state)
+            hidden = self.shadow_hidden_projection(out.last_hidden_state)
             if self.head is None:
                 return hidden
-            if self.classifies:
+            if self.is_classification:
                 logits = self.head(last_token(hidden, attention_mask))
                 loss = None if labels is None else classification_loss(logits, labels)
                 return SequenceClassifierOutput(loss=loss, logits=logits)
@@ -641,7 +644,7 @@ def _standalone_class():
             cache = getattr(out, cache_field, None)
             return CausalLMOutputWithPast(loss=loss, logits=logits, **{cache_field: cache})
 
-    return ShadowStandalone
+    return DetachedShadowModel
 
 
 def unload_shadow(base_model: nn.Module, adapter_name: str | None = None, copy: bool = False) -> nn.Module:
@@ -682,6 +685,17 @@ def _copy_module(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module)
 
 
+def _per_adapter(part: str) -> property:
+    """``base_model.shadow_<part>``: ``{adapter: module}`` over the Shadow adapters, as peft's tuner holds them."""
+
+    def read(base_model: nn.Module) -> dict[str, nn.Module]:
+        networks = {n: base_model.shared_state[n] for n, c in base_model.peft_config.items()
+                    if c.peft_type == PeftType.SHADOW and n in base_model.shared_state}
+        return {n: getattr(net, part) for n, net in networks.items() if getattr(net, part) is not None}
+
+    return property(read)
+
+
 METHOD = LayerMethod(
     config_class=ShadowConfig,
     make_delta=make_block,
@@ -691,6 +705,8 @@ METHOD = LayerMethod(
     make_network=make_network,
     run_scope=run_scope,
     mixed_batches=False,
-    model_functions={"unload_shadow": unload_shadow},
+    single_active=True,
+    model_functions={"unload_shadow": unload_shadow, "shadow_backbone": _per_adapter("backbone"),
+                     "shadow_projection": _per_adapter("projection"), "shadow_head": _per_adapter("head")},
 )
 
