@@ -6,6 +6,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import deltatune as dt
 from tests.adapter_utils import logits, snapshot
@@ -79,6 +80,26 @@ def test_state_dict_argument_supplies_the_values() -> None:
     assert all(torch.equal(doubled[k], plain[k] * 2) for k in plain)
     with pytest.raises(dt.AdapterStateError, match="state_dict lacks"):
         dt.get_peft_model_state_dict(model, state_dict={})
+
+
+@pytest.mark.parametrize("config", [
+    dt.VeraConfig(task_type="CAUSAL_LM", r=4, save_projection=True),  # shared tensors: base_model.vera_A
+    dt.ShadowConfig(task_type="CAUSAL_LM", r=4),  # a network of its own: base_model.shadow_backbone...
+], ids=["vera", "shadow"])
+def test_save_pretrained_takes_a_gathered_state_dict_in_either_key_form(tmp_path, config) -> None:
+    model = dt.get_peft_model(tiny_llama(), config)
+    live = model.adapter_state_dict()
+    # keys as the model (wrapped by FSDP) names them, and keys as the file names them (what peft also accepts)
+    by_model = {"_fsdp_wrapped_module." + k: v * 3 for k, v in model.state_dict().items()}
+    by_file = {k: v * 3 for k, v in live.items()}
+    for name, gathered in (("model", by_model), ("file", by_file)):
+        model.save_pretrained(tmp_path / name, state_dict=gathered)
+        saved = load_file(tmp_path / name / "adapter_model.safetensors")
+        assert saved.keys() == live.keys()
+        assert all(torch.equal(saved[k], live[k] * 3) for k in live), name
+    with pytest.raises(dt.ConfigError, match="prompt adapter"):
+        prompt = dt.get_peft_model(tiny_llama(), dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+        prompt.save_pretrained(tmp_path / "p", state_dict=prompt.state_dict())
 
 
 def test_set_state_dict_refuses_bad_input_and_changes_nothing() -> None:

@@ -147,10 +147,18 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path: Path) -> 
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
 
-def test_sharded_saving_is_refused_clearly(tmp_path: Path) -> None:
-    trainer = Trainer(model=_llama(), args=_args(tmp_path))
-    with pytest.raises(NotImplementedError, match="gathered state dict"):
-        trainer._save(str(tmp_path / "x"), state_dict={})
+def test_a_gathered_state_dict_is_what_trainer_saves(tmp_path: Path) -> None:
+    # FSDP / DeepSpeed ZeRO-3: Trainer gathers the full values (the live parameters are shards) and hands them over,
+    # keyed as the wrapped model names them; the adapter file holds those values under peft's keys.
+    model = _llama()
+    gathered = {k.replace("layers.0.", "layers.0._fsdp_wrapped_module."): v + 1 for k, v in model.state_dict().items()}
+    Trainer(model=model, args=_args(tmp_path))._save(str(tmp_path / "x"), state_dict=gathered)
+    saved, live = _saved_state(tmp_path / "x"), model.adapter_state_dict()
+    assert saved.keys() == live.keys()
+    assert all(torch.equal(saved[k], live[k] + 1) for k in live)
+    with pytest.raises(dt.AdapterStateError, match="state_dict lacks"):
+        Trainer(model=model, args=_args(tmp_path))._save(str(tmp_path / "y"), state_dict={})
+    assert not (tmp_path / "y" / "adapter_model.safetensors").exists()
 
 
 # --- everything else is untouched ----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import prompt
 from .config import PeftConfig
-from .errors import AdapterLoadError, DeltatuneError
+from .errors import AdapterLoadError, AdapterStateError, DeltatuneError
 from . import quant
 from .inject import build_deltas
 from .layers import AdapterLayer, Delta, ModulesToSaveWrapper, adapter_layers
@@ -308,6 +308,50 @@ def shared_state_copies(
 
 
 # --- the file of a PeftModel's adapter: layer adapters with their shared state, prompt adapters with their heads -----
+
+# Module names that wrappers insert into a gathered state dict's keys (FSDP, activation checkpointing, torch.compile).
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def gathered_values(
+    saved: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], root: nn.Module, adapter_name: str,
+    *, prefix: str, shared_prefix: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """``saved`` (an adapter's file tensors) with every value taken from ``state_dict``: a full state dict of the model
+    gathered by FSDP or DeepSpeed ZeRO-3, whose live parameters are only shards. A tensor is found under the key the
+    model's ``state_dict()`` gives it (wrapper segments such as ``_fsdp_wrapped_module.`` ignored) or under its key
+    in the file, as peft accepts both.
+
+    Args:
+        root: The module the file's layer keys are relative to, after ``prefix`` (``base_model.model.`` for a
+            ``PeftModel``, ``""`` for an injected module).
+        shared_prefix: Where the model keeps the adapter's shared tensors (``base_model.<key>`` in the file):
+            ``base_model.shared_state.<adapter>.`` for a ``PeftModel``.
+
+    Raises:
+        AdapterStateError: a tensor of the adapter is not in ``state_dict`` (nothing is returned).
+    """
+    clean = {}
+    for key, value in state_dict.items():
+        for segment in _WRAPPER_SEGMENTS:
+            key = key.replace(segment, "")
+        clean[key] = value
+    layer_keys = [k[len(prefix):] for k in saved if k.startswith(prefix)]
+    model_keys = {prefix + k: prefix + v for k, v in to_model_keys(layer_keys, adapter_holders(root), adapter_name).items()}
+    if shared_prefix is not None:
+        model_keys.update({k: shared_prefix + k[len(BASE_MODEL_PREFIX):] for k in saved if k not in model_keys})
+    out, missing = {}, []
+    for key in saved:
+        found = key if key in clean else model_keys.get(key)
+        if found in clean:
+            out[key] = clean[found]
+        else:
+            missing.append(model_keys.get(key, key))
+    if missing:
+        raise AdapterStateError(f"state_dict lacks {len(missing)} tensor(s) of adapter {adapter_name!r}, first "
+                                f"{missing[0]!r} (keys as the model's state_dict() names them, or as the file does)")
+    return out
+
 
 def layer_file_state(
     root: nn.Module,

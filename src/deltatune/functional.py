@@ -20,13 +20,7 @@ import torch
 from torch import nn
 
 from . import status
-from .checkpoint import (
-    LAYER_KEY_PREFIX,
-    adapter_holders,
-    layer_adapter_state_dict,
-    load_layer_adapter_state_dict,
-    to_model_keys,
-)
+from .checkpoint import LAYER_KEY_PREFIX, gathered_values, layer_adapter_state_dict, load_layer_adapter_state_dict
 from .config import PeftConfig
 from .errors import AdapterStateError, ConfigError
 from .inject import add_layer_adapter, add_modules_to_save, mark_trainable, prepared_model, set_active
@@ -102,7 +96,7 @@ def get_peft_model_state_dict(
 
     Args:
         state_dict: Take the values from this full state dict of ``model`` (e.g. one gathered by DeepSpeed/FSDP)
-            instead of from the live parameters; keys as ``model.state_dict()`` names them.
+            instead of from the live parameters (:func:`deltatune.checkpoint.gathered_values`).
         unwrap_compiled: Read through a ``torch.compile`` wrapper (``_orig_mod``).
         save_embedding_layers: As in ``PeftModel.save_pretrained`` (``PeftModel`` only).
     """
@@ -117,13 +111,8 @@ def get_peft_model_state_dict(
         saved = layer_adapter_state_dict(root, adapter_name)
     if state_dict is None:
         return saved
-    live = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
-    names = to_model_keys(live, adapter_holders(root), adapter_name)
-    missing = [names[k] for k in live if prefix + names[k] not in state_dict]
-    if missing:
-        raise AdapterStateError(f"state_dict lacks {len(missing)} tensor(s) of adapter {adapter_name!r}, first "
-                                f"{prefix + missing[0]!r}")
-    return {**saved, **{prefix + k: state_dict[prefix + names[k]] for k in live}}
+    return model.adapter_state_dict(adapter_name, save_embedding_layers, state_dict) if isinstance(model, PeftModel) \
+        else gathered_values(saved, state_dict, root, adapter_name, prefix=prefix)
 
 
 @dataclass(frozen=True)

@@ -83,21 +83,17 @@ def _patch_trainer(module: ModuleType) -> None:
     args_name = getattr(module, "TRAINING_ARGS_NAME", "training_args.bin")
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """For a deltatune model: the adapter via ``save_pretrained``, then the tokenizer and training arguments
-        as Trainer writes them beside any model."""
+        """For a deltatune model: the adapter via ``save_pretrained`` (its values from ``state_dict`` when Trainer
+        gathered one), then the tokenizer and training arguments as Trainer writes them beside any model."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not is_deltatune_model(model):
             return original(self, output_dir, state_dict)
-        if state_dict is not None:
-            raise NotImplementedError(
-                "Trainer handed a gathered state dict to save (FSDP, DeepSpeed, SageMaker model parallelism or XLA): "
-                "saving a deltatune model that way is not supported; train on one device or with DDP"
-            )
         if not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir)
+        # a state dict Trainer gathered (FSDP, DeepSpeed ZeRO-3, ...) holds the full values of sharded parameters
+        model.save_pretrained(output_dir, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         elif getattr(self.data_collator, "tokenizer", None) is not None:

@@ -694,15 +694,26 @@ class PeftModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # --- files ----------------------------------------------------------------------------------------------------
-    def adapter_state_dict(self, adapter_name: str = "default", save_embedding_layers: bool | str = "auto") -> dict:
-        """The tensors saved for ``adapter_name``, keyed exactly as in ``adapter_model.safetensors``."""
+    def adapter_state_dict(self, adapter_name: str = "default", save_embedding_layers: bool | str = "auto",
+                           state_dict: Mapping[str, torch.Tensor] | None = None) -> dict:
+        """The tensors saved for ``adapter_name``, keyed exactly as in ``adapter_model.safetensors``; with
+        ``state_dict`` (a full state dict of this model gathered by FSDP / DeepSpeed ZeRO-3), the values come from it
+        (:func:`deltatune.checkpoint.gathered_values`)."""
         self._check_exists(adapter_name)
         if adapter_name in self.prompt_encoder:
+            if state_dict is not None:
+                raise ConfigError("state_dict= takes a layer adapter's values from a gathered state dict; a prompt "
+                                  "adapter's file holds its encoder's output, so save it from the model itself")
             return checkpoint.prompt_file_state(self.get_base_model(), adapter_name, self.prompt_encoder[adapter_name])
-        return checkpoint.layer_file_state(
+        saved = checkpoint.layer_file_state(
             self.get_base_model(), adapter_name, biases=trained_biases(self.peft_config[adapter_name]),
             save_embedding_layers=save_embedding_layers, shared=self._shared_state(adapter_name),
         )
+        if state_dict is None:
+            return saved
+        return checkpoint.gathered_values(saved, state_dict, self.get_base_model(), adapter_name,
+                                          prefix=checkpoint.LAYER_KEY_PREFIX,
+                                          shared_prefix=f"base_model.shared_state.{adapter_name}.")
 
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
         """Load tensors keyed as in ``adapter_model.safetensors`` into the existing adapter ``adapter_name``
@@ -731,6 +742,7 @@ class PeftModel(nn.Module):
         save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """Save adapters in peft's format: the default adapter at the top of ``save_directory``, every other adapter
         in a sub-folder named after it.
@@ -750,6 +762,9 @@ class PeftModel(nn.Module):
             path_initial_model_for_weight_conversion: A directory where this PiSSA/OLoRA adapter was saved right
                 after creation: the adapter is then saved as a plain LoRA of twice the rank that applies to the
                 *original* base model (see ``methods.lora.mutated_init_to_lora``), as peft does.
+            state_dict: The values to save, from a full state dict of this model gathered by FSDP or DeepSpeed
+                ZeRO-3 (whose live parameters are shards): keys as ``state_dict()`` names them, wrapper segments
+                such as ``_fsdp_wrapped_module.`` ignored, or as the file does (what Trainer hands over).
 
         Raises:
             ConfigError: a conversion asked for an adapter that is not LoRA.
@@ -774,7 +789,7 @@ class PeftModel(nn.Module):
         for name in names:
             adapter_directory(save_directory, name)  # refuses names and symlinks that lead outside
             config = dataclasses.replace(self.peft_config[name], inference_mode=True)
-            tensors = self.adapter_state_dict(name, save_embedding_layers)
+            tensors = self.adapter_state_dict(name, save_embedding_layers, state_dict)
             if initial is not None:
                 config, tensors = mutated_init_to_lora(config, tensors, *initial)
             # A converted PiSSA/OLoRA adapter applies to the original base, not to the residual this model holds:
