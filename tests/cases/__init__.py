@@ -5,7 +5,8 @@ Each module ``tests/cases/<method>.py`` defines:
 - ``MATRIX: list[MatrixCase]``: configurations the shared matrix (``tests/test_matrix.py``) runs on every family of
   :data:`tests.models.MATRIX_FAMILIES` the case names, the ``trust_remote_code`` model included;
 - ``INTEROP: list[InteropCase]``: adapters ``tests/test_interop_peft.py`` exchanges with peft, both ways (empty for a
-  deltatune-only format, with a comment saying so);
+  deltatune-only format, with a comment saying so), built with :func:`interop_builder` on the models of
+  :data:`INTEROP_FAMILIES` by name;
 - ``FUZZ_SEEDS: dict[str, FuzzSeed]``: valid adapters on ``tiny_llama`` that ``tests/test_fuzz_loading.py`` mutates
   (every registered method needs one).
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import copy
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -25,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from tests.models import MATRIX_FAMILIES, REMOTE_CODE, REMOTE_CODE_LINEAR, make_convnet_inputs
+from tests.models import FAMILIES, MATRIX_FAMILIES, REMOTE_CODE, REMOTE_CODE_LINEAR, make_convnet_inputs, tiny_convnet
 
 ALL_FAMILIES = tuple(sorted(MATRIX_FAMILIES))
 #: The usual stand-in for per-model-type default targets on the remote-code model: its Linear layers.
@@ -142,6 +143,41 @@ class InteropCase:
         return getattr(library, self.config_class)(**self.kwargs)
 
 
+def convnet_inputs(model: Any, batch: int = 2) -> dict[str, torch.Tensor]:
+    inputs = make_convnet_inputs(batch)
+    inputs.pop("labels")
+    return inputs
+
+
+#: The models INTEROP cases exchange adapters on, by name: ``factory, task_type, make_inputs`` of the transformers
+#: families (:data:`tests.models.FAMILIES`) and of the small conv net (no task type: peft's generic ``PeftModel``).
+INTEROP_FAMILIES: dict[str, tuple[Callable[[], nn.Module], str | None, Callable[..., dict[str, torch.Tensor]]]] = {
+    **FAMILIES, "convnet": (tiny_convnet, None, convnet_inputs),
+}
+InteropModel = str | tuple[Callable[[], nn.Module], Callable[..., dict[str, torch.Tensor]]]
+
+
+def interop_builder(config_class: str, **shared: Any) -> Callable[..., InteropCase]:
+    """The INTEROP case builder of one config class: ``build(name, model, **kwargs)`` exchanges
+    ``config_class(**shared, **kwargs)`` on ``model``: a name in :data:`INTEROP_FAMILIES` (its task type goes into the
+    config unless ``task_type`` is given; ``task_type=None`` leaves it out), or a method's own ``(factory,
+    make_inputs)``. ``extra_ours`` / ``extra_theirs`` are :class:`InteropCase`'s."""
+
+    def build(name: str, model: InteropModel, *, extra_ours: Iterable[str] = (), extra_theirs: Iterable[str] = (),
+              **kwargs: Any) -> InteropCase:
+        if isinstance(model, str):
+            factory, task_type, make_inputs = INTEROP_FAMILIES[model]
+        else:
+            (factory, make_inputs), task_type = model, None
+        config = {"task_type": task_type, **shared, **kwargs}
+        if config["task_type"] is None:
+            del config["task_type"]
+        return InteropCase(name, config_class, factory, make_inputs, config, frozenset(extra_ours),
+                           frozenset(extra_theirs))
+
+    return build
+
+
 class FuzzSeed(NamedTuple):
     """A config for a seed adapter of the loading fuzzer: ``config_class`` in ``deltatune`` with ``kwargs``."""
 
@@ -159,12 +195,6 @@ def perturb_adapter(model: nn.Module, adapter: str = "default", seed: int = 0, s
     for name, param in model.named_parameters():
         if f".deltas.{adapter}." in name and param.is_floating_point():
             param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * std)
-
-
-def convnet_inputs(model: Any, batch: int = 2) -> dict[str, torch.Tensor]:
-    inputs = make_convnet_inputs(batch)
-    inputs.pop("labels")
-    return inputs
 
 
 def _modules() -> list[ModuleType]:

@@ -12,17 +12,8 @@ from typing import Any
 
 import torch
 
-from tests.cases import REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, convnet_inputs, without_remote_code
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_convnet,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_t5,
-)
+from tests.cases import REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, interop_builder, without_remote_code
+from tests.models import FAMILIES, make_seq2seq_inputs
 
 # Two layers per family whose allocation was pruned by training (init_r=4), to ranks 1 and 2. (A layer pruned to rank
 # 0 has empty tensors, which no gradient check can see; tests/test_adalora.py covers it.)
@@ -62,29 +53,21 @@ def without_labels(make_inputs: Callable[..., dict[str, torch.Tensor]]) -> Calla
     return inputs
 
 
-_STEPS = dict(total_step=10)
+_adalora = interop_builder("AdaLoraConfig", total_step=10)
+
+
+def _exchanged(name: str, family: str, **kwargs: Any) -> InteropCase:
+    """A case on ``family``'s model, its inputs without labels."""
+    factory, task_type, make_inputs = FAMILIES[family]
+    return _adalora(name, (factory, without_labels(make_inputs)), task_type=task_type, **kwargs)
+
 
 INTEROP = [
-    InteropCase(
-        "adalora-llama", "AdaLoraConfig", tiny_llama, without_labels(make_causal_lm_inputs),
-        dict(task_type="CAUSAL_LM", **_STEPS),
-    ),
-    InteropCase(
-        "adalora-gpt2-conv1d", "AdaLoraConfig", tiny_gpt2, without_labels(make_causal_lm_inputs),
-        dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_fc"], init_r=6, **_STEPS),
-    ),
-    InteropCase(
-        "adalora-bert-seq-cls", "AdaLoraConfig", lambda: tiny_bert("seq_cls"), without_labels(make_seq_cls_inputs),
-        dict(task_type="SEQ_CLS", lora_alpha=16, **_STEPS),
-    ),
-    InteropCase(
-        "adalora-t5-default-targets", "AdaLoraConfig", tiny_t5, without_labels(make_seq2seq_inputs),
-        dict(task_type="SEQ_2_SEQ_LM", **_STEPS),
-    ),
-    InteropCase(
-        "adalora-convnet-conv2d-and-linear", "AdaLoraConfig", tiny_convnet, convnet_inputs,
-        dict(target_modules=["conv2d", "fc1"], init_r=3, **_STEPS),
-    ),
+    _exchanged("adalora-llama", "llama"),
+    _exchanged("adalora-gpt2-conv1d", "gpt2", target_modules=["c_attn", "c_fc"], init_r=6),
+    _exchanged("adalora-bert-seq-cls", "bert", lora_alpha=16),
+    _exchanged("adalora-t5-default-targets", "t5"),
+    _adalora("adalora-convnet-conv2d-and-linear", "convnet", target_modules=["conv2d", "fc1"], init_r=3),
 ]
 
 # AdaLoRA fresh, and pruned by training: which of the init_r=4 triplets each layer kept (layer 1's q_proj lost them

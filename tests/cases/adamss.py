@@ -4,21 +4,9 @@ file: each library rebuilds them from the base weight (seeded SVD, seeded KMeans
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.cases import FuzzSeed, InteropCase, convnet_inputs
-from tests.cases import without_remote_code
-from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS, LINEAR_FAMILIES as _FAMILIES, linear_cases
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_convnet,
-    tiny_llama,
-    tiny_t5,
-)
-
+from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS
+from tests.cases import LINEAR_FAMILIES as _FAMILIES
+from tests.cases import FuzzSeed, interop_builder, linear_cases, without_remote_code
 
 _adamss = linear_cases("AdamssConfig")  # no nonzero_kwargs: the matrix perturbs the trained factors
 
@@ -30,22 +18,16 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
-    return InteropCase(name, "AdamssConfig", factory, make_inputs, kwargs)
+_exchanged = interop_builder("AdamssConfig")
 
 
 INTEROP = [
-    _exchanged("adamss-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", r=8, num_subspaces=3,
-               subspace_rank=2),
-    _exchanged("adamss-llama-dynamic", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", r=6,
-               num_subspaces=2, subspace_rank=3, use_dynamic_rank=True, random_seed=9,
-               target_modules=["q_proj", "v_proj", "down_proj"]),
-    _exchanged("adamss-bert-bias", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS", r=8,
-               num_subspaces=4, **_BERT_TARGETS),
-    _exchanged("adamss-t5", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM", r=8, num_subspaces=3,
-               target_modules=["q", "v", "wo"]),
-    _exchanged("adamss-convnet", tiny_convnet, convnet_inputs, r=5, num_subspaces=2, subspace_rank=2,
-               target_modules=["fc1", "fc2"]),
+    _exchanged("adamss-llama", "llama", r=8, num_subspaces=3, subspace_rank=2),
+    _exchanged("adamss-llama-dynamic", "llama", r=6, num_subspaces=2, subspace_rank=3, use_dynamic_rank=True,
+               random_seed=9, target_modules=["q_proj", "v_proj", "down_proj"]),
+    _exchanged("adamss-bert-bias", "bert", r=8, num_subspaces=4, **_BERT_TARGETS),
+    _exchanged("adamss-t5", "t5", r=8, num_subspaces=3, target_modules=["q", "v", "wo"]),
+    _exchanged("adamss-convnet", "convnet", r=5, num_subspaces=2, subspace_rank=2, target_modules=["fc1", "fc2"]),
 ]
 
 FUZZ_SEEDS = {

@@ -4,19 +4,18 @@ tokens); mixed batches, caching and the math are in ``tests/test_adaption_prompt
 
 from __future__ import annotations
 
-from tests.cases import FuzzSeed, InteropCase, MatrixCase
-from tests.models import make_causal_lm_inputs, tiny_gpt2, tiny_llama
+from tests.cases import FuzzSeed, MatrixCase, interop_builder
 
 MATRIX = [
     MatrixCase("AdaptionPromptConfig", "adaption_prompt", dict(adapter_len=4, adapter_layers=1),
                families=("gpt2", "llama"), mergeable=False),
 ]
 
+_exchanged = interop_builder("AdaptionPromptConfig")
+
 INTEROP = [
-    InteropCase("adaption-prompt-llama", "AdaptionPromptConfig", tiny_llama, make_causal_lm_inputs,
-                dict(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2)),
-    InteropCase("adaption-prompt-gpt2", "AdaptionPromptConfig", tiny_gpt2, make_causal_lm_inputs,
-                dict(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=1)),
+    _exchanged("adaption-prompt-llama", "llama", adapter_len=4, adapter_layers=2),
+    _exchanged("adaption-prompt-gpt2", "gpt2", adapter_len=3, adapter_layers=1),
 ]
 
 FUZZ_SEEDS = {

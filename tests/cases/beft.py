@@ -6,16 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, convnet_inputs
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_convnet,
-    tiny_llama,
-    tiny_t5,
-)
+from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, FuzzSeed, MatrixCase, interop_builder
 
 _FAMILIES = tuple(f for f in ALL_FAMILIES if f != "gpt2")
 
@@ -32,16 +23,14 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
-    return InteropCase(name, "BeftConfig", factory, make_inputs, kwargs)
+_exchanged = interop_builder("BeftConfig")
 
 
 INTEROP = [
-    _exchanged("beft-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM"),
-    _exchanged("beft-bert", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS",
-               target_modules=["query", "value", "dense"]),
-    _exchanged("beft-t5", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM", target_modules=["q", "v", "wo"]),
-    _exchanged("beft-convnet", tiny_convnet, convnet_inputs, target_modules=["fc1", "fc2"]),
+    _exchanged("beft-llama", "llama"),
+    _exchanged("beft-bert", "bert", target_modules=["query", "value", "dense"]),
+    _exchanged("beft-t5", "t5", target_modules=["q", "v", "wo"]),
+    _exchanged("beft-convnet", "convnet", target_modules=["fc1", "fc2"]),
 ]
 
 FUZZ_SEEDS = {

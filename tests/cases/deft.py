@@ -3,22 +3,8 @@ both decompositions, alpha scaling, PaRa (no injection), a biased BERT and GPT-2
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.cases import ALL_FAMILIES, FuzzSeed, InteropCase, convnet_inputs
-from tests.cases import without_remote_code
-from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS, linear_cases
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_convnet,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_t5,
-)
-
+from tests.cases import ALL_FAMILIES, FuzzSeed, interop_builder, linear_cases, without_remote_code
+from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS
 
 _deft = linear_cases("DeftConfig", families=ALL_FAMILIES, nonzero_kwargs=dict(init_weights=False, init_scale=50.0))
 
@@ -31,23 +17,18 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
-    return InteropCase(name, "DeftConfig", factory, make_inputs, kwargs)
+_exchanged = interop_builder("DeftConfig")
 
 
 INTEROP = [
-    _exchanged("deft-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", r=4),
-    _exchanged("deft-llama-qr-alpha", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", r=4,
-               decomposition_method="qr", alpha=3, target_modules=["q_proj", "v_proj", "down_proj"]),
-    _exchanged("deft-llama-para", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", r=2, para=True),
-    _exchanged("deft-gpt2", tiny_gpt2, make_causal_lm_inputs, task_type="CAUSAL_LM", r=4,
-               target_modules=["c_attn", "c_proj"]),
-    _exchanged("deft-bert-bias", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS", r=4,
-               bias="deft_only", **_BERT_TARGETS),
-    _exchanged("deft-t5", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM", r=4,
-               target_modules=["q", "v", "wo"]),
-    _exchanged("deft-convnet", tiny_convnet, convnet_inputs, r=3, decomposition_method="qr",
-               target_modules=["fc1", "fc2"]),
+    _exchanged("deft-llama", "llama", r=4),
+    _exchanged("deft-llama-qr-alpha", "llama", r=4, decomposition_method="qr", alpha=3,
+               target_modules=["q_proj", "v_proj", "down_proj"]),
+    _exchanged("deft-llama-para", "llama", r=2, para=True),
+    _exchanged("deft-gpt2", "gpt2", r=4, target_modules=["c_attn", "c_proj"]),
+    _exchanged("deft-bert-bias", "bert", r=4, bias="deft_only", **_BERT_TARGETS),
+    _exchanged("deft-t5", "t5", r=4, target_modules=["q", "v", "wo"]),
+    _exchanged("deft-convnet", "convnet", r=3, decomposition_method="qr", target_modules=["fc1", "fc2"]),
 ]
 
 FUZZ_SEEDS = {

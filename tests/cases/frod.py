@@ -3,20 +3,8 @@ and sparse positions saved (the default) or regenerated from the base weights an
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.cases import ALL_FAMILIES, FuzzSeed, InteropCase, linear_cases, without_remote_code
+from tests.cases import ALL_FAMILIES, FuzzSeed, interop_builder, linear_cases, without_remote_code
 from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_t5,
-)
-
 
 # W' = U diag(λ) Vᵀ rebuilds the base weight only up to the rounding of the factorization, so a fresh adapter is the
 # base model up to rounding (exact_identity=False); init_weights=False draws S and perturbs λ, as in peft
@@ -31,20 +19,17 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
-    return InteropCase(name, "FrodConfig", factory, make_inputs, dict(progressbar=False, **kwargs))
+_exchanged = interop_builder("FrodConfig", progressbar=False)
 
 
 INTEROP = [
-    _exchanged("frod-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM"),
-    _exchanged("frod-llama-all-linear-seed", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
-               target_modules="all-linear", sparse_rate=0.1, projection_prng_key=5, regularization_alpha=0.01),
-    _exchanged("frod-gpt2-regenerated", tiny_gpt2, make_causal_lm_inputs, task_type="CAUSAL_LM", sparse_rate=0.05,
-               save_projection=False, target_modules=["c_attn", "c_fc", "c_proj"]),
-    _exchanged("frod-bert-bias", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS",
-               sparse_rate=0.02, bias="frod_only", **_BERT_TARGETS),
-    _exchanged("frod-t5", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM", sparse_rate=0.05,
-               target_modules=["q", "v", "wo"]),
+    _exchanged("frod-llama", "llama"),
+    _exchanged("frod-llama-all-linear-seed", "llama", target_modules="all-linear", sparse_rate=0.1,
+               projection_prng_key=5, regularization_alpha=0.01),
+    _exchanged("frod-gpt2-regenerated", "gpt2", sparse_rate=0.05, save_projection=False,
+               target_modules=["c_attn", "c_fc", "c_proj"]),
+    _exchanged("frod-bert-bias", "bert", sparse_rate=0.02, bias="frod_only", **_BERT_TARGETS),
+    _exchanged("frod-t5", "t5", sparse_rate=0.05, target_modules=["q", "v", "wo"]),
 ]
 
 FUZZ_SEEDS = {

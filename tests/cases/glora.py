@@ -4,21 +4,9 @@ placeholders) and layers with and without a bias."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.cases import FuzzSeed, InteropCase, convnet_inputs
-from tests.cases import without_remote_code
-from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS, LINEAR_FAMILIES as _FAMILIES, linear_cases
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_convnet,
-    tiny_llama,
-    tiny_t5,
-)
-
+from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS
+from tests.cases import LINEAR_FAMILIES as _FAMILIES
+from tests.cases import FuzzSeed, interop_builder, linear_cases, without_remote_code
 
 _glora = linear_cases("GloraConfig", nonzero_kwargs=dict(init_weights=False))
 
@@ -32,23 +20,19 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
-    return InteropCase(name, "GloraConfig", factory, make_inputs, kwargs)
+_exchanged = interop_builder("GloraConfig")
 
 
 INTEROP = [
-    _exchanged("glora-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", r=4),
-    _exchanged("glora-llama-constant-none", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
-               config_A_B="constant", config_C="none", target_modules=["q_proj", "v_proj", "down_proj"]),
-    _exchanged("glora-bert-vector", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS", r=2,
-               config_A_B="vector", config_C="vector", config_D_E="vector", **_BERT_TARGETS),
+    _exchanged("glora-llama", "llama", r=4),
+    _exchanged("glora-llama-constant-none", "llama", config_A_B="constant", config_C="none",
+               target_modules=["q_proj", "v_proj", "down_proj"]),
+    _exchanged("glora-bert-vector", "bert", r=2, config_A_B="vector", config_C="vector", config_D_E="vector",
+               **_BERT_TARGETS),
     # only the bias changes: A and B are peft's (out, in) zero placeholders in the file
-    _exchanged("glora-bert-bias-only", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS", r=2,
-               config_A_B="none", **_BERT_TARGETS),
-    _exchanged("glora-t5-constant", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM", r=2,
-               config_A_B="constant", target_modules=["q", "v", "wo"]),
-    _exchanged("glora-convnet", tiny_convnet, convnet_inputs, r=3, config_D_E="vector", bias="glora_only",
-               target_modules=["fc1", "fc2"]),
+    _exchanged("glora-bert-bias-only", "bert", r=2, config_A_B="none", **_BERT_TARGETS),
+    _exchanged("glora-t5-constant", "t5", r=2, config_A_B="constant", target_modules=["q", "v", "wo"]),
+    _exchanged("glora-convnet", "convnet", r=3, config_D_E="vector", bias="glora_only", target_modules=["fc1", "fc2"]),
 ]
 
 FUZZ_SEEDS = {

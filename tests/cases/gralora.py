@@ -3,19 +3,7 @@ hybrid LoRA, on Linear, GPT-2's Conv1D and T5, with ``bias="gralora_only"``."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.cases import ALL_FAMILIES, FuzzSeed, InteropCase, linear_cases, without_remote_code
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_t5,
-)
-
+from tests.cases import ALL_FAMILIES, FuzzSeed, interop_builder, linear_cases, without_remote_code
 
 # init_weights=False: Kaiming-uniform B, a clearly non-zero delta (the default starts with B = 0)
 _gralora = linear_cases("GraloraConfig", families=ALL_FAMILIES, bert_kwargs={}, nonzero_kwargs=dict(init_weights=False))
@@ -27,18 +15,16 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
-    return InteropCase(name, "GraloraConfig", factory, make_inputs, dict(r=8, alpha=16, **kwargs))
+_exchanged = interop_builder("GraloraConfig", r=8, alpha=16)
 
 
 INTEROP = [
-    _exchanged("gralora-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", target_modules="all-linear"),
-    _exchanged("gralora-llama-hybrid-k4", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", gralora_k=4,
-               hybrid_r=4, target_modules=["q_proj", "up_proj", "down_proj"]),
-    _exchanged("gralora-gpt2", tiny_gpt2, make_causal_lm_inputs, task_type="CAUSAL_LM", hybrid_r=2),
-    _exchanged("gralora-bert-bias", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS",
-               bias="gralora_only", target_modules=["query", "value", "dense"]),
-    _exchanged("gralora-t5", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM", target_modules=["q", "v", "wo"]),
+    _exchanged("gralora-llama", "llama", target_modules="all-linear"),
+    _exchanged("gralora-llama-hybrid-k4", "llama", gralora_k=4, hybrid_r=4,
+               target_modules=["q_proj", "up_proj", "down_proj"]),
+    _exchanged("gralora-gpt2", "gpt2", hybrid_r=2),
+    _exchanged("gralora-bert-bias", "bert", bias="gralora_only", target_modules=["query", "value", "dense"]),
+    _exchanged("gralora-t5", "t5", target_modules=["q", "v", "wo"]),
 ]
 
 FUZZ_SEEDS = {

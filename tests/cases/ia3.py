@@ -8,20 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.cases import FuzzSeed, InteropCase, MatrixCase, convnet_inputs, without_remote_code
-from tests.models import (
-    DEFAULT_SEED,
-    REMOTE_CODE_LINEAR,
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_convnet,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_mt5,
-    tiny_t5,
-)
+from tests.cases import FuzzSeed, MatrixCase, interop_builder, without_remote_code
+from tests.models import DEFAULT_SEED, REMOTE_CODE_LINEAR
 
 # Every linear layer adapted, with one feed-forward (input-scaled) layer per family, biased where the family has
 # biases (GPT-2's Conv1D c_fc, BERT's intermediate.dense), so both vector sides meet biases under merging.
@@ -75,60 +63,26 @@ def volnet_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> dict[str, 
     return {"x": torch.randn(batch, 2, 3, 5, 5, generator=torch.Generator().manual_seed(seed))}
 
 
-def _ia3(name: str, factory, make_inputs, **kwargs) -> InteropCase:
-    return InteropCase(name, "IA3Config", factory, make_inputs, kwargs)
+_ia3 = interop_builder("IA3Config")
 
 
 INTEROP = [
-    _ia3("ia3-llama-defaults", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM"),
-    _ia3("ia3-gpt2-conv1d-defaults", tiny_gpt2, make_causal_lm_inputs, task_type="CAUSAL_LM"),
-    _ia3(  # a biased Conv1D on the input side
-        "ia3-gpt2-conv1d-feedforward-c-fc",
-        tiny_gpt2,
-        make_causal_lm_inputs,
-        task_type="CAUSAL_LM",
-        target_modules=["c_attn", "c_fc"],
-        feedforward_modules=["c_fc"],
-    ),
-    _ia3("ia3-bert-seq-cls-defaults", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS"),
-    _ia3("ia3-t5-defaults", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM"),
-    _ia3("ia3-mt5-defaults", tiny_mt5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM"),
-    _ia3(
-        "ia3-llama-regex",
-        tiny_llama,
-        make_causal_lm_inputs,
-        task_type="CAUSAL_LM",
-        target_modules=r".*layers\.1\..*(k_proj|v_proj|up_proj)",
-        feedforward_modules=r".*up_proj",
-    ),
-    _ia3(
-        "ia3-convnet-linear-feedforward",
-        tiny_convnet,
-        convnet_inputs,
-        target_modules=["conv2d", "fc1", "fc2"],
-        feedforward_modules=["fc2"],
-    ),
-    _ia3(
-        "ia3-convnet-conv2d-feedforward",
-        tiny_convnet,
-        convnet_inputs,
-        target_modules=["conv2d", "fc1"],
-        feedforward_modules=["conv2d"],
-    ),
-    _ia3(
-        "ia3-volnet-grouped-conv-feedforward",
-        tiny_volnet,
-        volnet_inputs,
-        target_modules=["conv3d", "grouped", "head"],
-        feedforward_modules=["grouped"],
-    ),
-    _ia3(
-        "ia3-volnet-conv3d-feedforward",
-        tiny_volnet,
-        volnet_inputs,
-        target_modules=["conv3d", "grouped"],
-        feedforward_modules=["conv3d"],
-    ),
+    _ia3("ia3-llama-defaults", "llama"),
+    _ia3("ia3-gpt2-conv1d-defaults", "gpt2"),
+    # a biased Conv1D on the input side
+    _ia3("ia3-gpt2-conv1d-feedforward-c-fc", "gpt2", target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"]),
+    _ia3("ia3-bert-seq-cls-defaults", "bert"),
+    _ia3("ia3-t5-defaults", "t5"),
+    _ia3("ia3-mt5-defaults", "mt5"),
+    _ia3("ia3-llama-regex", "llama", target_modules=r".*layers\.1\..*(k_proj|v_proj|up_proj)",
+         feedforward_modules=r".*up_proj"),
+    _ia3("ia3-convnet-linear-feedforward", "convnet", target_modules=["conv2d", "fc1", "fc2"],
+         feedforward_modules=["fc2"]),
+    _ia3("ia3-convnet-conv2d-feedforward", "convnet", target_modules=["conv2d", "fc1"], feedforward_modules=["conv2d"]),
+    _ia3("ia3-volnet-grouped-conv-feedforward", (tiny_volnet, volnet_inputs),
+         target_modules=["conv3d", "grouped", "head"], feedforward_modules=["grouped"]),
+    _ia3("ia3-volnet-conv3d-feedforward", (tiny_volnet, volnet_inputs), target_modules=["conv3d", "grouped"],
+         feedforward_modules=["conv3d"]),
 ]
 
 FUZZ_SEEDS = {

@@ -13,21 +13,11 @@ from tests.cases import (
     ALL_FAMILIES,
     REMOTE_TARGETS,
     FuzzSeed,
-    InteropCase,
     MatrixCase,
-    convnet_inputs,
+    interop_builder,
     without_remote_code,
 )
 from tests.cases.lora import _PATTERN_TARGETS  # rank_pattern / alpha_pattern have the same names here
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_convnet,
-    tiny_llama,
-    tiny_t5,
-)
 
 #: Families with nn.Linear projections (GPT-2's are transformers Conv1D).
 LINEAR_FAMILIES = tuple(f for f in ALL_FAMILIES if f != "gpt2")
@@ -46,44 +36,17 @@ MATRIX = [
     _loha("loha_patterns", _PATTERN_TARGETS.__getitem__, without_remote_code(LINEAR_FAMILIES)),
 ]
 
+_exchanged = interop_builder("LoHaConfig")
+
 INTEROP = [
-    InteropCase("loha-llama", "LoHaConfig", tiny_llama, make_causal_lm_inputs, dict(task_type="CAUSAL_LM")),
-    InteropCase(
-        "loha-bert-seq-cls", "LoHaConfig", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, dict(task_type="SEQ_CLS")
-    ),
-    InteropCase(
-        "loha-t5",
-        "LoHaConfig",
-        tiny_t5,
-        make_seq2seq_inputs,
-        dict(task_type="SEQ_2_SEQ_LM", target_modules=["q", "v", "wo"], r=4, alpha=8, rank_dropout=0.1),
-    ),
-    InteropCase(
-        "loha-llama-patterns",
-        "LoHaConfig",
-        tiny_llama,
-        make_causal_lm_inputs,
-        dict(
-            task_type="CAUSAL_LM",
-            target_modules="all-linear",
-            rank_pattern={"down_proj": 2},
-            alpha_pattern={r"layers\.1\..*": 4},
-        ),
-    ),
-    InteropCase(
-        "loha-convnet-conv-and-linear",
-        "LoHaConfig",
-        tiny_convnet,
-        convnet_inputs,
-        dict(target_modules=["conv2d", "conv1d", "fc1", "fc2"], r=2),
-    ),
-    InteropCase(
-        "loha-convnet-effective-conv",
-        "LoHaConfig",
-        tiny_convnet,
-        convnet_inputs,
-        dict(target_modules=["conv2d", "conv1d"], r=2, alpha=32, use_effective_conv2d=True),
-    ),
+    _exchanged("loha-llama", "llama"),
+    _exchanged("loha-bert-seq-cls", "bert"),
+    _exchanged("loha-t5", "t5", target_modules=["q", "v", "wo"], r=4, alpha=8, rank_dropout=0.1),
+    _exchanged("loha-llama-patterns", "llama", target_modules="all-linear", rank_pattern={"down_proj": 2},
+               alpha_pattern={r"layers\.1\..*": 4}),
+    _exchanged("loha-convnet-conv-and-linear", "convnet", target_modules=["conv2d", "conv1d", "fc1", "fc2"], r=2),
+    _exchanged("loha-convnet-effective-conv", "convnet", target_modules=["conv2d", "conv1d"], r=2, alpha=32,
+               use_effective_conv2d=True),
 ]
 
 FUZZ_SEEDS = {

@@ -10,18 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, convnet_inputs, without_remote_code
+from tests.cases import REMOTE_TARGETS, FuzzSeed, MatrixCase, interop_builder, without_remote_code
 from tests.cases.loha import LINEAR_FAMILIES
 from tests.cases.lora import _PATTERN_TARGETS
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_convnet,
-    tiny_llama,
-    tiny_t5,
-)
 
 
 def _lokr(name: str, kwargs: Any = None, families: tuple[str, ...] = LINEAR_FAMILIES) -> MatrixCase:
@@ -40,64 +31,22 @@ MATRIX = [
     _lokr("lokr_patterns", _PATTERN_TARGETS.__getitem__, _MATH_ONLY),
 ]
 
+_exchanged = interop_builder("LoKrConfig")
+
 INTEROP = [
-    InteropCase("lokr-llama", "LoKrConfig", tiny_llama, make_causal_lm_inputs, dict(task_type="CAUSAL_LM")),
-    InteropCase(
-        "lokr-llama-decompose-both",
-        "LoKrConfig",
-        tiny_llama,
-        make_causal_lm_inputs,
-        dict(task_type="CAUSAL_LM", r=1, decompose_both=True, init_weights="lycoris"),
-    ),
-    InteropCase(
-        "lokr-llama-factor-patterns",
-        "LoKrConfig",
-        tiny_llama,
-        make_causal_lm_inputs,
-        dict(
-            task_type="CAUSAL_LM",
-            target_modules="all-linear",
-            r=2,
-            decompose_factor=4,
-            rank_pattern={"down_proj": 8},
-            alpha_pattern={r"layers\.1\..*": 4},
-        ),
-    ),
-    InteropCase(
-        "lokr-bert-seq-cls", "LoKrConfig", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, dict(task_type="SEQ_CLS")
-    ),
-    InteropCase(
-        "lokr-t5",
-        "LoKrConfig",
-        tiny_t5,
-        make_seq2seq_inputs,
-        dict(task_type="SEQ_2_SEQ_LM", target_modules=["q", "v", "wo"], r=2, rank_dropout_scale=True),
-    ),
+    _exchanged("lokr-llama", "llama"),
+    _exchanged("lokr-llama-decompose-both", "llama", r=1, decompose_both=True, init_weights="lycoris"),
+    _exchanged("lokr-llama-factor-patterns", "llama", target_modules="all-linear", r=2, decompose_factor=4,
+               rank_pattern={"down_proj": 8}, alpha_pattern={r"layers\.1\..*": 4}),
+    _exchanged("lokr-bert-seq-cls", "bert"),
+    _exchanged("lokr-t5", "t5", target_modules=["q", "v", "wo"], r=2, rank_dropout_scale=True),
     # r = 2: full W2 on both convs (for the Conv1d a 3-D W2, whose Kronecker layout differs from the 4-D one)
-    InteropCase(
-        "lokr-convnet-full-factors",
-        "LoKrConfig",
-        tiny_convnet,
-        convnet_inputs,
-        dict(target_modules=["conv2d", "conv1d", "fc1", "fc2"], r=2),
-    ),
+    _exchanged("lokr-convnet-full-factors", "convnet", target_modules=["conv2d", "conv1d", "fc1", "fc2"], r=2),
     # r = 1: W2 low-rank with the kernel flattened into its input dim
-    InteropCase(
-        "lokr-convnet-low-rank-w2",
-        "LoKrConfig",
-        tiny_convnet,
-        convnet_inputs,
-        dict(target_modules=["conv2d", "conv1d"], r=1, decompose_both=True),
-    ),
+    _exchanged("lokr-convnet-low-rank-w2", "convnet", target_modules=["conv2d", "conv1d"], r=1, decompose_both=True),
     # r = 1 with the effective form: W2 from the core lokr_t2. Conv2d only: peft 0.21.2 fails on the Conv1d case
     # (torch.kron on the core's (.., k, 1) result); deltatune computes it (test_loha_lokr checks it by hand).
-    InteropCase(
-        "lokr-convnet-effective-conv2d",
-        "LoKrConfig",
-        tiny_convnet,
-        convnet_inputs,
-        dict(target_modules=["conv2d"], r=1, use_effective_conv2d=True),
-    ),
+    _exchanged("lokr-convnet-effective-conv2d", "convnet", target_modules=["conv2d"], r=1, use_effective_conv2d=True),
 ]
 
 FUZZ_SEEDS = {

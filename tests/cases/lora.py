@@ -12,21 +12,11 @@ from tests.cases import (
     ALL_FAMILIES,
     REMOTE_TARGETS,
     FuzzSeed,
-    InteropCase,
     MatrixCase,
-    convnet_inputs,
+    interop_builder,
     without_remote_code,
 )
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_convnet,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_t5,
-)
+from tests.models import make_causal_lm_inputs
 
 # rank/alpha patterns must name real modules of each family
 _PATTERN_TARGETS: dict[str, dict[str, Any]] = {
@@ -206,188 +196,83 @@ def attention_inputs(model: nn.Module, batch: int = 2) -> dict[str, torch.Tensor
     return {"x": torch.randn(batch, 5, 8, generator=torch.Generator().manual_seed(0))}
 
 
+_exchanged = interop_builder("LoraConfig")
+
 # LoRA on nn.MultiheadAttention is exchanged with peft in tests/test_lora.py instead: peft 0.21.2 adds the out_proj
 # update twice in its forward (huggingface/peft#3774), so outputs agree only once that is accounted for.
 INTEROP = [
-    InteropCase("llama", "LoraConfig", tiny_llama, make_causal_lm_inputs, dict(task_type="CAUSAL_LM")),
-    InteropCase(
-        "gpt2-conv1d",
-        "LoraConfig",
-        tiny_gpt2,
-        make_causal_lm_inputs,
-        dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_fc"]),
-    ),
-    InteropCase(
-        "bert-seq-cls-heads", "LoraConfig", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, dict(task_type="SEQ_CLS")
-    ),
-    InteropCase(
-        "bert-extra-modules-to-save",
-        "LoraConfig",
-        lambda: tiny_bert("seq_cls"),
-        make_seq_cls_inputs,
-        dict(task_type="SEQ_CLS", modules_to_save=["bert.pooler"]),
-    ),
-    InteropCase(
-        "t5",
-        "LoraConfig",
-        tiny_t5,
-        make_seq2seq_inputs,
-        dict(task_type="SEQ_2_SEQ_LM", target_modules=["q", "v", "wo"]),
-    ),
-    InteropCase(
-        "llama-dora", "LoraConfig", tiny_llama, make_causal_lm_inputs, dict(task_type="CAUSAL_LM", use_dora=True)
-    ),
-    InteropCase(
-        "gpt2-dora", "LoraConfig", tiny_gpt2, make_causal_lm_inputs, dict(task_type="CAUSAL_LM", use_dora=True)
-    ),
-    InteropCase(
-        "llama-rslora",
-        "LoraConfig",
-        tiny_llama,
-        make_causal_lm_inputs,
-        dict(task_type="CAUSAL_LM", use_rslora=True, r=4, lora_alpha=16),
-    ),
+    _exchanged("llama", "llama"),
+    _exchanged("gpt2-conv1d", "gpt2", target_modules=["c_attn", "c_fc"]),
+    _exchanged("bert-seq-cls-heads", "bert"),
+    _exchanged("bert-extra-modules-to-save", "bert", modules_to_save=["bert.pooler"]),
+    _exchanged("t5", "t5", target_modules=["q", "v", "wo"]),
+    _exchanged("llama-dora", "llama", use_dora=True),
+    _exchanged("gpt2-dora", "gpt2", use_dora=True),
+    _exchanged("llama-rslora", "llama", use_rslora=True, r=4, lora_alpha=16),
     # peft writes the base weight of a targeted layer for the names it knows (embed_tokens, lm_head), including a
     # targeted Linear lm_head; deltatune writes it for every targeted nn.Embedding (so a resized vocabulary travels
     # with the adapter) and never for Linear layers.
-    InteropCase(
-        "llama-embedding",
-        "LoraConfig",
-        tiny_llama,
-        make_causal_lm_inputs,
-        dict(task_type="CAUSAL_LM", target_modules=["embed_tokens", "q_proj", "lm_head"]),
-        extra_theirs=frozenset({"base_model.model.lm_head.base_layer.weight"}),
-    ),
-    InteropCase(
-        "llama-patterns",
-        "LoraConfig",
-        tiny_llama,
-        make_causal_lm_inputs,
-        dict(
-            task_type="CAUSAL_LM",
-            target_modules="all-linear",
-            rank_pattern={"down_proj": 2},
-            alpha_pattern={r"layers\.1\..*": 4},
-        ),
-    ),
-    InteropCase(
-        "convnet-conv-and-linear",
-        "LoraConfig",
-        tiny_convnet,
-        convnet_inputs,
-        dict(target_modules=["conv2d", "conv1d", "fc1", "fc2"], r=2),
-    ),
-    InteropCase(
-        "convnet-dora-conv",
-        "LoraConfig",
-        tiny_convnet,
-        convnet_inputs,
-        dict(target_modules=["conv2d", "conv1d"], use_dora=True, r=2),
-    ),
-    InteropCase(
-        "convnet-embedding",
-        "LoraConfig",
-        tiny_convnet,
-        convnet_inputs,
-        dict(target_modules=["embed"], r=2),
-        extra_ours=frozenset({"base_model.model.embed.base_layer.weight"}),
-    ),
-    InteropCase(
-        "gpt2-bias-all", "LoraConfig", tiny_gpt2, make_causal_lm_inputs, dict(task_type="CAUSAL_LM", bias="all")
-    ),
+    _exchanged("llama-embedding", "llama", target_modules=["embed_tokens", "q_proj", "lm_head"],
+               extra_theirs={"base_model.model.lm_head.base_layer.weight"}),
+    _exchanged("llama-patterns", "llama", target_modules="all-linear", rank_pattern={"down_proj": 2},
+               alpha_pattern={r"layers\.1\..*": 4}),
+    _exchanged("convnet-conv-and-linear", "convnet", target_modules=["conv2d", "conv1d", "fc1", "fc2"], r=2),
+    _exchanged("convnet-dora-conv", "convnet", target_modules=["conv2d", "conv1d"], use_dora=True, r=2),
+    _exchanged("convnet-embedding", "convnet", target_modules=["embed"], r=2,
+               extra_ours={"base_model.model.embed.base_layer.weight"}),
+    _exchanged("gpt2-bias-all", "gpt2", bias="all"),
     # under bias="all" peft also writes a modules_to_save bias a second time as "<head>.modules_to_save.bias"
-    InteropCase(
-        "bert-bias-all",
-        "LoraConfig",
-        lambda: tiny_bert("seq_cls"),
-        make_seq_cls_inputs,
-        dict(task_type="SEQ_CLS", bias="all"),
-        extra_theirs=frozenset({"base_model.model.classifier.modules_to_save.bias"}),
-    ),
-    InteropCase(
-        "bert-bias-lora-only",
-        "LoraConfig",
-        lambda: tiny_bert("seq_cls"),
-        make_seq_cls_inputs,
-        dict(task_type="SEQ_CLS", bias="lora_only"),
-    ),
-    InteropCase(
-        "lora-bias-linear-conv2d-conv3d",
-        "LoraConfig",
-        bias_net,
-        bias_net_inputs,
-        dict(target_modules=["linear", "conv2d", "conv3d", "head"], r=2, lora_bias=True),
-    ),
+    _exchanged("bert-bias-all", "bert", bias="all",
+               extra_theirs={"base_model.model.classifier.modules_to_save.bias"}),
+    _exchanged("bert-bias-lora-only", "bert", bias="lora_only"),
+    _exchanged("lora-bias-linear-conv2d-conv3d", (bias_net, bias_net_inputs),
+               target_modules=["linear", "conv2d", "conv3d", "head"], r=2, lora_bias=True),
     # Conv1D apart: with Linear targets beside it peft's file records the fan_in_fan_out of whichever layer it built
     # last, deltatune's True (it adapts a Conv1D)
-    InteropCase(
-        "lora-bias-conv1d", "LoraConfig", bias_net, bias_net_inputs,
-        dict(target_modules=["conv1d_gpt2"], r=2, lora_bias=True, fan_in_fan_out=True),
-    ),
-    InteropCase(
-        "gpt2-lora-bias", "LoraConfig", tiny_gpt2, make_causal_lm_inputs, dict(task_type="CAUSAL_LM", lora_bias=True)
-    ),
+    _exchanged("lora-bias-conv1d", (bias_net, bias_net_inputs), target_modules=["conv1d_gpt2"], r=2, lora_bias=True,
+               fan_in_fan_out=True),
+    _exchanged("gpt2-lora-bias", "gpt2", lora_bias=True),
     # peft's rule: the rank must divide by groups (here 2 and 4)
-    InteropCase(
-        "grouped-conv",
-        "LoraConfig",
-        grouped_convnet,
-        grouped_convnet_inputs,
-        dict(target_modules=["conv2d", "conv1d", "head"], r=4),
-    ),
-    InteropCase(
-        "grouped-conv-rank-pattern",
-        "LoraConfig",
-        grouped_convnet,
-        grouped_convnet_inputs,
-        dict(target_modules=["conv2d", "conv1d"], r=2, rank_pattern={"conv1d": 8}, use_rslora=True),
-    ),
+    _exchanged("grouped-conv", (grouped_convnet, grouped_convnet_inputs), target_modules=["conv2d", "conv1d", "head"],
+               r=4),
+    _exchanged("grouped-conv-rank-pattern", (grouped_convnet, grouped_convnet_inputs),
+               target_modules=["conv2d", "conv1d"], r=2, rank_pattern={"conv1d": 8}, use_rslora=True),
 ]
 
 # MoE experts (target_parameters): the fused 3-D expert tensors of each style, beside attention modules
 INTEROP += [
-    InteropCase(
-        f"{kind}-experts", "LoraConfig", factory, make_causal_lm_inputs,
-        dict(task_type="CAUSAL_LM", target_modules=["q_proj"], target_parameters=EXPERTS, r=2),
-    )
+    _exchanged(f"{kind}-experts", (factory, make_causal_lm_inputs), task_type="CAUSAL_LM", target_modules=["q_proj"],
+               target_parameters=EXPERTS, r=2)
     for kind, factory in MOE_FACTORIES.items()
 ]
-INTEROP.append(InteropCase(
-    "llama-2d-parameter-rank-pattern", "LoraConfig", tiny_llama, make_causal_lm_inputs,
-    dict(task_type="CAUSAL_LM", target_modules=[], target_parameters=["up_proj.weight", "o_proj.weight"], r=2,
-         rank_pattern={"o_proj.weight": 4}, use_rslora=True),
-))
+INTEROP.append(_exchanged("llama-2d-parameter-rank-pattern", "llama", target_modules=[],
+                          target_parameters=["up_proj.weight", "o_proj.weight"], r=2,
+                          rank_pattern={"o_proj.weight": 4}, use_rslora=True))
 
 # trainable_token_indices: rows every third token, so the random inputs read some of them; GPT-2's tied lm_head follows
 # the embedding's rows (peft saves them under the embedding only)
 _TOKENS = list(range(0, 128, 3))
 INTEROP += [
-    InteropCase("llama-trainable-tokens", "LoraConfig", tiny_llama, make_causal_lm_inputs,
-                dict(task_type="CAUSAL_LM", target_modules=["q_proj"], trainable_token_indices=_TOKENS)),
-    InteropCase("gpt2-trainable-tokens-tied", "LoraConfig", tiny_gpt2, make_causal_lm_inputs,
-                dict(task_type="CAUSAL_LM", target_modules=["c_attn"], trainable_token_indices={"wte": _TOKENS})),
-    InteropCase("gpt2-trainable-tokens-ensure-tying", "LoraConfig", tiny_gpt2, make_causal_lm_inputs,
-                dict(task_type="CAUSAL_LM", target_modules=["c_attn"], trainable_token_indices=_TOKENS,
-                     ensure_weight_tying=True)),
+    _exchanged("llama-trainable-tokens", "llama", target_modules=["q_proj"], trainable_token_indices=_TOKENS),
+    _exchanged("gpt2-trainable-tokens-tied", "gpt2", target_modules=["c_attn"],
+               trainable_token_indices={"wte": _TOKENS}),
+    _exchanged("gpt2-trainable-tokens-ensure-tying", "gpt2", target_modules=["c_attn"],
+               trainable_token_indices=_TOKENS, ensure_weight_tying=True),
 ]
 
 # DoRA where peft has it beyond Linear/Conv: embeddings (the magnitude per embedding dimension) and grouped convolutions
 # (groups 2, 4 and 8; the norm from peft's reshaped B·A)
 INTEROP += [
-    InteropCase("convnet-dora-embedding", "LoraConfig", tiny_convnet, convnet_inputs,
-                dict(target_modules=["embed"], r=2, use_dora=True),
-                extra_ours=frozenset({"base_model.model.embed.base_layer.weight"})),
-    InteropCase("grouped-conv-dora", "LoraConfig", grouped_convnet, grouped_convnet_inputs,
-                dict(target_modules=["conv2d", "conv1d"], r=8, use_dora=True)),
-    InteropCase("groups8-conv-dora", "LoraConfig", groups8_net, groups8_inputs,
-                dict(target_modules=["conv"], r=8, use_dora=True)),
+    _exchanged("convnet-dora-embedding", "convnet", target_modules=["embed"], r=2, use_dora=True,
+               extra_ours={"base_model.model.embed.base_layer.weight"}),
+    _exchanged("grouped-conv-dora", (grouped_convnet, grouped_convnet_inputs), target_modules=["conv2d", "conv1d"],
+               r=8, use_dora=True),
+    _exchanged("groups8-conv-dora", (groups8_net, groups8_inputs), target_modules=["conv"], r=8, use_dora=True),
 ]
 
 # layer_replication: layers 0 1 1 (the copy shares layer 1's weights, with an adapter of its own)
-INTEROP.append(InteropCase(
-    "llama-layer-replication", "LoraConfig", tiny_llama, make_causal_lm_inputs,
-    dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [1, 2]]),
-))
+INTEROP.append(_exchanged("llama-layer-replication", "llama", target_modules=["q_proj", "v_proj"],
+                          layer_replication=[[0, 2], [1, 2]]))
 
 # Seed adapters for tests/test_fuzz_loading.py: LoRA, and DoRA beside a fully trained output head.
 FUZZ_SEEDS = {

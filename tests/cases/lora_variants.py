@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import FuzzSeed, InteropCase, MatrixCase
-from tests.models import make_causal_lm_inputs, tiny_gpt2, tiny_llama
+from tests.cases import FuzzSeed, MatrixCase, interop_builder
 
 _BD = dict(target_modules_bd_a=["v_proj"], target_modules_bd_b=["q_proj"], nblocks=2)
 
@@ -30,17 +29,15 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory=tiny_llama, **kwargs: Any) -> InteropCase:
-    config = dict(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj", "down_proj"])
-    return InteropCase(name, "LoraConfig", factory, make_causal_lm_inputs, {**config, **kwargs})
+_exchanged = interop_builder("LoraConfig", r=4, target_modules=["q_proj", "v_proj", "down_proj"])
 
 
 INTEROP = [
-    _exchanged("kasa", kasa_config=dict(beta=0.5, gamma=0.25)),
-    _exchanged("velora-random", velora_config=dict(num_groups=3, scale=2.0, init_type="random")),
-    _exchanged("velora-gpt2", tiny_gpt2, target_modules=None, velora_config=dict(num_groups=4)),
-    _exchanged("monteclora", monteclora_config=dict(num_samples=3, buffer_size=2, use_entropy=True)),
-    _exchanged("bdlora", use_bdlora=dict(_BD, target_modules_bd_a=["v_proj", "down_proj"])),
+    _exchanged("kasa", "llama", kasa_config=dict(beta=0.5, gamma=0.25)),
+    _exchanged("velora-random", "llama", velora_config=dict(num_groups=3, scale=2.0, init_type="random")),
+    _exchanged("velora-gpt2", "gpt2", target_modules=None, velora_config=dict(num_groups=4)),
+    _exchanged("monteclora", "llama", monteclora_config=dict(num_samples=3, buffer_size=2, use_entropy=True)),
+    _exchanged("bdlora", "llama", use_bdlora=dict(_BD, target_modules_bd_a=["v_proj", "down_proj"])),
 ]
 
 FUZZ_SEEDS = {

@@ -8,27 +8,18 @@ The 1×1 convolution below is where peft's unmerged forward and the merged kerne
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
+from tests.cases import LINEAR_FAMILIES as _FAMILIES
 from tests.cases import (
     FuzzSeed,
-    InteropCase,
     convnet_inputs,
+    interop_builder,
+    linear_cases,
     without_remote_code,
 )
-from tests.cases import LINEAR_FAMILIES as _FAMILIES, linear_cases
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_convnet,
-    tiny_llama,
-    tiny_t5,
-)
-
+from tests.models import tiny_convnet
 
 _oft = linear_cases("OFTConfig", nonzero_kwargs=dict(init_weights=False))
 
@@ -52,44 +43,23 @@ def convnet_1x1() -> nn.Module:
     return model.eval()
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs) -> InteropCase:
-    return InteropCase(name, "OFTConfig", factory, make_inputs, kwargs)
+_exchanged = interop_builder("OFTConfig")
 
 
 INTEROP = [
-    _exchanged("oft-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM"),
-    _exchanged(
-        "oft-llama-exact-cayley-shared", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "v_proj", "down_proj"], oft_block_size=8, use_cayley_neumann=False,
-        block_share=True,
-    ),
+    _exchanged("oft-llama", "llama"),
+    _exchanged("oft-llama-exact-cayley-shared", "llama", target_modules=["q_proj", "v_proj", "down_proj"],
+               oft_block_size=8, use_cayley_neumann=False, block_share=True),
     # 6 divides neither 32 nor 64: both libraries move it to the nearest divisor, 4
-    _exchanged(
-        "oft-llama-adjusted-block-size", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "down_proj"], oft_block_size=6,
-    ),
-    _exchanged(
-        "oft-llama-coft-r", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", r=4, oft_block_size=0,
-        coft=True, eps=0.5, num_cayley_neumann_terms=7,
-    ),
-    _exchanged(
-        "oft-llama-embedding", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
-        target_modules=["embed_tokens", "q_proj"], oft_block_size=8,
-    ),
-    _exchanged(
-        "oft-bert-bias-oft-only", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS",
-        target_modules=["query", "value", "dense"], bias="oft_only", oft_block_size=16,
-    ),
-    _exchanged(
-        "oft-t5", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM", target_modules=["q", "v", "wo"],
-        oft_block_size=8,
-    ),
-    InteropCase(
-        "oft-convnet-linear-embedding", "OFTConfig", tiny_convnet, convnet_inputs,
-        dict(target_modules=["fc1", "fc2", "embed"], oft_block_size=4),
-        extra_ours=frozenset({"base_model.model.embed.base_layer.weight"}),
-    ),
-    _exchanged("oft-convnet-conv2d-1x1", convnet_1x1, convnet_inputs, target_modules=["conv2d"], oft_block_size=3),
+    _exchanged("oft-llama-adjusted-block-size", "llama", target_modules=["q_proj", "down_proj"], oft_block_size=6),
+    _exchanged("oft-llama-coft-r", "llama", r=4, oft_block_size=0, coft=True, eps=0.5, num_cayley_neumann_terms=7),
+    _exchanged("oft-llama-embedding", "llama", target_modules=["embed_tokens", "q_proj"], oft_block_size=8),
+    _exchanged("oft-bert-bias-oft-only", "bert", target_modules=["query", "value", "dense"], bias="oft_only",
+               oft_block_size=16),
+    _exchanged("oft-t5", "t5", target_modules=["q", "v", "wo"], oft_block_size=8),
+    _exchanged("oft-convnet-linear-embedding", "convnet", target_modules=["fc1", "fc2", "embed"], oft_block_size=4,
+               extra_ours={"base_model.model.embed.base_layer.weight"}),
+    _exchanged("oft-convnet-conv2d-1x1", (convnet_1x1, convnet_inputs), target_modules=["conv2d"], oft_block_size=3),
 ]
 
 FUZZ_SEEDS = {

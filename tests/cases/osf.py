@@ -4,20 +4,9 @@ weight."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.cases import FuzzSeed, InteropCase, convnet_inputs, linear_cases, without_remote_code
-from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS, LINEAR_FAMILIES as _FAMILIES
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_convnet,
-    tiny_llama,
-    tiny_t5,
-)
-
+from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS
+from tests.cases import LINEAR_FAMILIES as _FAMILIES
+from tests.cases import FuzzSeed, interop_builder, linear_cases, without_remote_code
 
 _osf = linear_cases("OSFConfig")  # nonzero: init_weights=True plus the matrix's noise (random factors are far larger)
 
@@ -28,19 +17,17 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
-    return InteropCase(name, "OSFConfig", factory, make_inputs, kwargs)
+_exchanged = interop_builder("OSFConfig")
 
 
 INTEROP = [
-    _exchanged("osf-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM"),
-    _exchanged("osf-llama-ranks", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", effective_rank=0.25,
-               rank_pattern={r"layers\.0\..*v_proj": 3, "down_proj": 10}, target_modules=["q_proj", "v_proj",
-                                                                                          "down_proj"]),
-    _exchanged("osf-bert", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS", effective_rank=8,
-               **_BERT_TARGETS),
-    _exchanged("osf-t5", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM", target_modules=["q", "v", "wo"]),
-    _exchanged("osf-convnet", tiny_convnet, convnet_inputs, effective_rank=4, target_modules=["fc1", "fc2"]),
+    _exchanged("osf-llama", "llama"),
+    _exchanged("osf-llama-ranks", "llama", effective_rank=0.25,
+               rank_pattern={r"layers\.0\..*v_proj": 3, "down_proj": 10},
+               target_modules=["q_proj", "v_proj", "down_proj"]),
+    _exchanged("osf-bert", "bert", effective_rank=8, **_BERT_TARGETS),
+    _exchanged("osf-t5", "t5", target_modules=["q", "v", "wo"]),
+    _exchanged("osf-convnet", "convnet", effective_rank=4, target_modules=["fc1", "fc2"]),
 ]
 
 FUZZ_SEEDS = {

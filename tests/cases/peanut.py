@@ -3,21 +3,9 @@ adapters exchanged with peft, with and without encoder / decoder layers."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.cases import FuzzSeed, InteropCase, convnet_inputs
-from tests.cases import without_remote_code
-from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS, LINEAR_FAMILIES as _FAMILIES, linear_cases
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_convnet,
-    tiny_llama,
-    tiny_t5,
-)
-
+from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS
+from tests.cases import LINEAR_FAMILIES as _FAMILIES
+from tests.cases import FuzzSeed, interop_builder, linear_cases, without_remote_code
 
 _peanut = linear_cases("PeanutConfig", nonzero_kwargs=dict(init_weights=False))
 
@@ -28,19 +16,16 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
-    return InteropCase(name, "PeanutConfig", factory, make_inputs, kwargs)
+_exchanged = interop_builder("PeanutConfig")
 
 
 INTEROP = [
-    _exchanged("peanut-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", r=4),
-    _exchanged("peanut-llama-deep", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", r=4, depth=2,
-               act_fn="silu", scaling=2.0, target_modules=["q_proj", "v_proj", "down_proj"]),
-    _exchanged("peanut-bert", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS", r=4,
-               depth=1, **_BERT_TARGETS),
-    _exchanged("peanut-t5", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM", r=4,
-               target_modules=["q", "v", "wo"]),
-    _exchanged("peanut-convnet", tiny_convnet, convnet_inputs, r=3, depth=1, target_modules=["fc1", "fc2"]),
+    _exchanged("peanut-llama", "llama", r=4),
+    _exchanged("peanut-llama-deep", "llama", r=4, depth=2, act_fn="silu", scaling=2.0,
+               target_modules=["q_proj", "v_proj", "down_proj"]),
+    _exchanged("peanut-bert", "bert", r=4, depth=1, **_BERT_TARGETS),
+    _exchanged("peanut-t5", "t5", r=4, target_modules=["q", "v", "wo"]),
+    _exchanged("peanut-convnet", "convnet", r=3, depth=1, target_modules=["fc1", "fc2"]),
 ]
 
 FUZZ_SEEDS = {

@@ -4,19 +4,7 @@ regenerated from the seed, on Linear, GPT-2's Conv1D and T5, with ``bias="pvera_
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.cases import ALL_FAMILIES, FuzzSeed, InteropCase, linear_cases, without_remote_code
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_t5,
-)
-
+from tests.cases import ALL_FAMILIES, FuzzSeed, interop_builder, linear_cases, without_remote_code
 
 # init_weights=False: b = 1 and d ~ N(0, 1), a clearly non-zero delta (the default starts with b = 0)
 _pvera = linear_cases("PveraConfig", families=ALL_FAMILIES, bert_kwargs={}, nonzero_kwargs=dict(init_weights=False))
@@ -29,20 +17,17 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
-    return InteropCase(name, "PveraConfig", factory, make_inputs, dict(r=8, **kwargs))
+_exchanged = interop_builder("PveraConfig", r=8)
 
 
 INTEROP = [
-    _exchanged("pvera-llama-saved", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
-               target_modules="all-linear"),
-    _exchanged("pvera-llama-prng", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", save_projection=False,
-               projection_prng_key=4, target_modules=["q_proj", "up_proj", "down_proj"]),
-    _exchanged("pvera-gpt2", tiny_gpt2, make_causal_lm_inputs, task_type="CAUSAL_LM", target_modules=["c_attn", "c_fc"]),
-    _exchanged("pvera-bert-bias", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS",
-               bias="pvera_only", d_initial=0.5, target_modules=["query", "value", "intermediate.dense"]),
-    _exchanged("pvera-t5-prng", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM", save_projection=False,
-               target_modules=["q", "v", "wi", "wo"]),
+    _exchanged("pvera-llama-saved", "llama", target_modules="all-linear"),
+    _exchanged("pvera-llama-prng", "llama", save_projection=False, projection_prng_key=4,
+               target_modules=["q_proj", "up_proj", "down_proj"]),
+    _exchanged("pvera-gpt2", "gpt2", target_modules=["c_attn", "c_fc"]),
+    _exchanged("pvera-bert-bias", "bert", bias="pvera_only", d_initial=0.5,
+               target_modules=["query", "value", "intermediate.dense"]),
+    _exchanged("pvera-t5-prng", "t5", save_projection=False, target_modules=["q", "v", "wi", "wo"]),
 ]
 
 FUZZ_SEEDS = {

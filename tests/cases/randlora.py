@@ -4,19 +4,7 @@ output is the smaller side (the update is transposed in one of them), GPT-2's Co
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.cases import ALL_FAMILIES, FuzzSeed, InteropCase, linear_cases, without_remote_code
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_t5,
-)
-
+from tests.cases import ALL_FAMILIES, FuzzSeed, interop_builder, linear_cases, without_remote_code
 
 # init_weights=False: Λ ~ N(0, 1), a clearly non-zero delta (the default starts with Λ = 0)
 _randlora = linear_cases("RandLoraConfig", families=ALL_FAMILIES, bert_kwargs={},
@@ -32,23 +20,18 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
-    return InteropCase(name, "RandLoraConfig", factory, make_inputs, dict(r=8, **kwargs))
+_exchanged = interop_builder("RandLoraConfig", r=8)
 
 
 INTEROP = [
-    _exchanged("randlora-llama-saved", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
-               target_modules="all-linear"),
-    _exchanged("randlora-llama-prng", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
-               target_modules=["q_proj", "up_proj", "down_proj"], save_projection=False, projection_prng_key=5),
-    _exchanged("randlora-llama-very-sparse-prng", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
-               very_sparse=True, save_projection=False, randlora_alpha=32),
-    _exchanged("randlora-gpt2-sparse", tiny_gpt2, make_causal_lm_inputs, task_type="CAUSAL_LM",
-               target_modules=["c_attn", "c_proj"], sparse=True),
-    _exchanged("randlora-bert-bias", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS",
-               bias="randlora_only", target_modules=["query", "value", "dense"]),
-    _exchanged("randlora-t5-prng", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM",
-               target_modules=["q", "v", "wi", "wo"], save_projection=False, randlora_alpha=16),
+    _exchanged("randlora-llama-saved", "llama", target_modules="all-linear"),
+    _exchanged("randlora-llama-prng", "llama", target_modules=["q_proj", "up_proj", "down_proj"],
+               save_projection=False, projection_prng_key=5),
+    _exchanged("randlora-llama-very-sparse-prng", "llama", very_sparse=True, save_projection=False, randlora_alpha=32),
+    _exchanged("randlora-gpt2-sparse", "gpt2", target_modules=["c_attn", "c_proj"], sparse=True),
+    _exchanged("randlora-bert-bias", "bert", bias="randlora_only", target_modules=["query", "value", "dense"]),
+    _exchanged("randlora-t5-prng", "t5", target_modules=["q", "v", "wi", "wo"], save_projection=False,
+               randlora_alpha=16),
 ]
 
 FUZZ_SEEDS = {

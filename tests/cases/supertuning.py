@@ -4,21 +4,9 @@ without their indices (recomputed from the base weight on both sides)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.cases import FuzzSeed, InteropCase, convnet_inputs
-from tests.cases import without_remote_code
-from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS, LINEAR_FAMILIES as _FAMILIES, linear_cases
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_convnet,
-    tiny_llama,
-    tiny_t5,
-)
-
+from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS
+from tests.cases import LINEAR_FAMILIES as _FAMILIES
+from tests.cases import FuzzSeed, interop_builder, linear_cases, without_remote_code
 
 _super = linear_cases("SupertuningConfig", nonzero_kwargs=dict(init_weights=False))
 
@@ -30,22 +18,17 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
-    return InteropCase(name, "SupertuningConfig", factory, make_inputs, kwargs)
+_exchanged = interop_builder("SupertuningConfig")
 
 
 INTEROP = [
-    _exchanged("supertuning-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", sparsity=0.9),
-    _exchanged("supertuning-llama-supra", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", sparsity=0.95,
-               r=4, lora_alpha=3, select_top=False, target_modules=["q_proj", "v_proj", "down_proj"]),
-    _exchanged("supertuning-llama-no-indices", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
-               sparsity=0.8, r=2, save_precomputed_indices=False),
-    _exchanged("supertuning-bert", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS",
-               sparsity=0.9, **_BERT_TARGETS),
-    _exchanged("supertuning-t5", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM", sparsity=0.9,
-               target_modules=["q", "v", "wo"]),
-    _exchanged("supertuning-convnet", tiny_convnet, convnet_inputs, sparsity=0.9, r=2,
-               target_modules=["fc1", "fc2"]),
+    _exchanged("supertuning-llama", "llama", sparsity=0.9),
+    _exchanged("supertuning-llama-supra", "llama", sparsity=0.95, r=4, lora_alpha=3, select_top=False,
+               target_modules=["q_proj", "v_proj", "down_proj"]),
+    _exchanged("supertuning-llama-no-indices", "llama", sparsity=0.8, r=2, save_precomputed_indices=False),
+    _exchanged("supertuning-bert", "bert", sparsity=0.9, **_BERT_TARGETS),
+    _exchanged("supertuning-t5", "t5", sparsity=0.9, target_modules=["q", "v", "wo"]),
+    _exchanged("supertuning-convnet", "convnet", sparsity=0.9, r=2, target_modules=["fc1", "fc2"]),
 ]
 
 FUZZ_SEEDS = {

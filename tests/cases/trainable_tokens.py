@@ -7,16 +7,7 @@ and the head, mT5's ``shared`` read by both stacks beside an untied head, and un
 
 from __future__ import annotations
 
-from tests.cases import ALL_FAMILIES, FuzzSeed, InteropCase, MatrixCase
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_t5,
-)
+from tests.cases import ALL_FAMILIES, FuzzSeed, MatrixCase, interop_builder
 
 _TOKENS = [7, 13, 47, 61]  # below every family's vocabulary, and all in the tests' seeded inputs
 
@@ -25,16 +16,14 @@ MATRIX = [
 ]
 
 
-def _case(name: str, factory, make_inputs, **kwargs) -> InteropCase:
-    return InteropCase(name, "TrainableTokensConfig", factory, make_inputs, dict(token_indices=_TOKENS, **kwargs))
+_case = interop_builder("TrainableTokensConfig", task_type=None, token_indices=_TOKENS)
 
 
 INTEROP = [
-    _case("tokens-llama", tiny_llama, make_causal_lm_inputs),
-    _case("tokens-gpt2-tied-head", tiny_gpt2, make_causal_lm_inputs),
-    _case("tokens-t5-shared", tiny_t5, make_seq2seq_inputs),
-    _case("tokens-bert-explicit-target", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs,
-          target_modules=["word_embeddings"]),
+    _case("tokens-llama", "llama"),
+    _case("tokens-gpt2-tied-head", "gpt2"),
+    _case("tokens-t5-shared", "t5"),
+    _case("tokens-bert-explicit-target", "bert", target_modules=["word_embeddings"]),
 ]
 
 FUZZ_SEEDS = {"trainable_tokens": FuzzSeed("TrainableTokensConfig", dict(token_indices=[1, 7, 9]))}

@@ -3,20 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.cases import ALL_FAMILIES, FuzzSeed, InteropCase, linear_cases, without_remote_code
+from tests.cases import ALL_FAMILIES, FuzzSeed, interop_builder, linear_cases, without_remote_code
 from tests.cases import BERT_DENSE_TARGETS as _BERT_TARGETS
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_t5,
-)
-
 
 # θ_d starts non-zero (U(-0.02, 0.02), as in peft, which refuses a zero bound): a bound of 1e-30 makes every product
 # B A underflow to exactly zero in float32, so a fresh adapter is the base model; the non-zero variant draws N(0, 1)
@@ -31,20 +19,16 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
-    return InteropCase(name, "UniLoraConfig", factory, make_inputs, kwargs)
+_exchanged = interop_builder("UniLoraConfig")
 
 
 INTEROP = [
-    _exchanged("unilora-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM"),
-    _exchanged("unilora-llama-seed-all-linear", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", r=3,
-               theta_d_length=1000, proj_seed=123, target_modules="all-linear"),
-    _exchanged("unilora-gpt2-indices", tiny_gpt2, make_causal_lm_inputs, task_type="CAUSAL_LM", r=2,
-               save_indices=True, target_modules=["c_attn", "c_fc"]),
-    _exchanged("unilora-bert-bias", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS", r=2,
-               bias="unilora_only", **_BERT_TARGETS),
-    _exchanged("unilora-t5", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM", r=2, theta_d_length=32,
-               target_modules=["q", "v", "wo"]),
+    _exchanged("unilora-llama", "llama"),
+    _exchanged("unilora-llama-seed-all-linear", "llama", r=3, theta_d_length=1000, proj_seed=123,
+               target_modules="all-linear"),
+    _exchanged("unilora-gpt2-indices", "gpt2", r=2, save_indices=True, target_modules=["c_attn", "c_fc"]),
+    _exchanged("unilora-bert-bias", "bert", r=2, bias="unilora_only", **_BERT_TARGETS),
+    _exchanged("unilora-t5", "t5", r=2, theta_d_length=32, target_modules=["q", "v", "wo"]),
 ]
 
 FUZZ_SEEDS = {

@@ -4,18 +4,7 @@ Conv1D, with ``bias="vblora_only"``."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from tests.cases import ALL_FAMILIES, FuzzSeed, InteropCase, linear_cases, without_remote_code
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_t5,
-)
+from tests.cases import ALL_FAMILIES, FuzzSeed, interop_builder, linear_cases, without_remote_code
 
 # every tiny model's layer sizes are multiples of 8
 _SMALL = dict(r=4, num_vectors=16, vector_length=8)
@@ -33,18 +22,15 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
-    return InteropCase(name, "VBLoRAConfig", factory, make_inputs, dict(_SMALL, **kwargs))
+_exchanged = interop_builder("VBLoRAConfig", **_SMALL)
 
 
 INTEROP = [
-    _exchanged("vblora-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", target_modules="all-linear"),
-    _exchanged("vblora-llama-topk", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", topk=3,
-               save_only_topk_weights=True),
-    _exchanged("vblora-gpt2", tiny_gpt2, make_causal_lm_inputs, task_type="CAUSAL_LM"),
-    _exchanged("vblora-bert-bias", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS",
-               bias="vblora_only", target_modules=["query", "value", "dense"]),
-    _exchanged("vblora-t5", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM"),
+    _exchanged("vblora-llama", "llama", target_modules="all-linear"),
+    _exchanged("vblora-llama-topk", "llama", topk=3, save_only_topk_weights=True),
+    _exchanged("vblora-gpt2", "gpt2"),
+    _exchanged("vblora-bert-bias", "bert", bias="vblora_only", target_modules=["query", "value", "dense"]),
+    _exchanged("vblora-t5", "t5"),
 ]
 
 FUZZ_SEEDS = {

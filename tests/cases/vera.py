@@ -7,16 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, without_remote_code
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_t5,
-)
+from tests.cases import ALL_FAMILIES, REMOTE_TARGETS, FuzzSeed, MatrixCase, interop_builder, without_remote_code
 
 # Targets of different shapes in one adapter, so every layer reads a different corner of the shared projections
 # (sized to the largest input and output dims); GPT-2's are Conv1D.
@@ -45,37 +36,23 @@ MATRIX = [
     _vera("vera_no_saved_projection", dict(r=8, save_projection=False, projection_prng_key=7), without_remote_code()),
 ]
 
-_INTEROP_MODELS: list[tuple[str, Any, Any, dict[str, Any]]] = [
-    ("llama", tiny_llama, make_causal_lm_inputs, dict(task_type="CAUSAL_LM", target_modules="all-linear")),
-    ("gpt2", tiny_gpt2, make_causal_lm_inputs, dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_fc"])),
-    (
-        "bert",
-        lambda: tiny_bert("seq_cls"),
-        make_seq_cls_inputs,
-        dict(task_type="SEQ_CLS", target_modules=["query", "value", "intermediate.dense"]),
-    ),
-    ("t5", tiny_t5, make_seq2seq_inputs, dict(task_type="SEQ_2_SEQ_LM", target_modules=["q", "v", "wi", "wo"])),
-]
+_INTEROP_TARGETS: dict[str, Any] = {
+    "llama": "all-linear",
+    "gpt2": ["c_attn", "c_fc"],
+    "bert": ["query", "value", "intermediate.dense"],
+    "t5": ["q", "v", "wi", "wo"],
+}
+
+_exchanged = interop_builder("VeraConfig")
 
 INTEROP = [
-    InteropCase(
-        f"vera-{family}-{'saved' if save else 'prng'}",
-        "VeraConfig",
-        factory,
-        make_inputs,
-        dict(r=8, save_projection=save, projection_prng_key=0 if save else 3, **kwargs),
-    )
-    for family, factory, make_inputs, kwargs in _INTEROP_MODELS
+    _exchanged(f"vera-{family}-{'saved' if save else 'prng'}", family, r=8, save_projection=save,
+               projection_prng_key=0 if save else 3, target_modules=targets)
+    for family, targets in _INTEROP_TARGETS.items()
     for save in (True, False)
 ] + [
-    InteropCase("vera-llama-defaults", "VeraConfig", tiny_llama, make_causal_lm_inputs, dict(task_type="CAUSAL_LM")),
-    InteropCase(
-        "vera-bert-bias-vera-only",
-        "VeraConfig",
-        lambda: tiny_bert("seq_cls"),
-        make_seq_cls_inputs,
-        dict(task_type="SEQ_CLS", r=4, bias="vera_only", d_initial=0.5),
-    ),
+    _exchanged("vera-llama-defaults", "llama"),
+    _exchanged("vera-bert-bias-vera-only", "bert", r=4, bias="vera_only", d_initial=0.5),
 ]
 
 # saved projections (the PRNG-regenerated form is exchanged with peft above)

@@ -6,16 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.cases import REMOTE_TARGETS, FuzzSeed, InteropCase, MatrixCase, without_remote_code
-from tests.models import (
-    make_causal_lm_inputs,
-    make_seq2seq_inputs,
-    make_seq_cls_inputs,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_t5,
-)
+from tests.cases import REMOTE_TARGETS, FuzzSeed, MatrixCase, interop_builder, without_remote_code
 
 
 def _waveft(name: str, kwargs: Any, families: tuple[str, ...] | None = None) -> MatrixCase:
@@ -38,23 +29,20 @@ MATRIX = [
 ]
 
 
-def _exchanged(name: str, factory, make_inputs, **kwargs: Any) -> InteropCase:
-    return InteropCase(name, "WaveFTConfig", factory, make_inputs, kwargs)
+_exchanged = interop_builder("WaveFTConfig")
 
 
 INTEROP = [
-    _exchanged("waveft-llama", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM", n_frequency=100,
-               scaling=10.0, wavelet_family="coif2", init_weights=False),
-    _exchanged("waveft-llama-db3-seed-pattern", tiny_llama, make_causal_lm_inputs, task_type="CAUSAL_LM",
-               n_frequency=50, scaling=30.0, wavelet_family="db3", random_loc_seed=12345,
-               target_modules="all-linear", n_frequency_pattern={"down_proj": 200, r"layers\.0\.self_attn\.q_proj": 7}),
-    _exchanged("waveft-gpt2-sym5", tiny_gpt2, make_causal_lm_inputs, task_type="CAUSAL_LM", n_frequency=64,
-               scaling=5.0, wavelet_family="sym5", target_modules=["c_attn", "c_fc", "c_proj"]),
-    _exchanged("waveft-bert-bias-no-idwt", lambda: tiny_bert("seq_cls"), make_seq_cls_inputs, task_type="SEQ_CLS",
-               n_frequency=64, scaling=50.0, use_idwt=False, bias="waveft_only",
+    _exchanged("waveft-llama", "llama", n_frequency=100, scaling=10.0, wavelet_family="coif2", init_weights=False),
+    _exchanged("waveft-llama-db3-seed-pattern", "llama", n_frequency=50, scaling=30.0, wavelet_family="db3",
+               random_loc_seed=12345, target_modules="all-linear",
+               n_frequency_pattern={"down_proj": 200, r"layers\.0\.self_attn\.q_proj": 7}),
+    _exchanged("waveft-gpt2-sym5", "gpt2", n_frequency=64, scaling=5.0, wavelet_family="sym5",
+               target_modules=["c_attn", "c_fc", "c_proj"]),
+    _exchanged("waveft-bert-bias-no-idwt", "bert", n_frequency=64, scaling=50.0, use_idwt=False, bias="waveft_only",
                target_modules=["query", "value", "dense"]),
-    _exchanged("waveft-t5-db10", tiny_t5, make_seq2seq_inputs, task_type="SEQ_2_SEQ_LM", n_frequency=64,
-               scaling=10.0, wavelet_family="db10", target_modules=["q", "v", "wo"]),
+    _exchanged("waveft-t5-db10", "t5", n_frequency=64, scaling=10.0, wavelet_family="db10",
+               target_modules=["q", "v", "wo"]),
 ]
 
 FUZZ_SEEDS = {
