@@ -257,7 +257,8 @@ def test_torchao_activation_quantization_is_refused():
                  marks=pytest.mark.slow),
     pytest.param(dt.BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj"], init_weights=False),
                  marks=pytest.mark.slow),
-], ids=["ia3", "loha", "lokr", "vera", "oft", "adalora", "boft"])
+    dt.ShadowConfig(task_type="CAUSAL_LM", r=4, init_weights=False, shadow_dropout=0.0),  # whole blocks, a backbone
+], ids=["ia3", "loha", "lokr", "vera", "oft", "adalora", "boft", "shadow"])
 def test_other_layer_methods_train_on_the_same_dispatch(config):
     model, ref = _pair("nf4", config)
     errors = grad_errors(model, ref, IDS)

@@ -294,6 +294,8 @@ def _backbone_of(model: nn.Module, blocks: Sequence[str]) -> tuple[str, nn.Modul
 def _mirror(backbone: nn.Module, config: ShadowConfig) -> nn.Module:
     """A fresh backbone of ``backbone``'s class from a copy of its config, shrunk as the ``shadow_*`` fields say."""
     cfg = copy.deepcopy(backbone.config)
+    if hasattr(cfg, "quantization_config"):  # the mirror is built in full precision, not quantized
+        del cfg.quantization_config
     overrides = {
         ("num_hidden_layers", "n_layer", "num_layers"): config.shadow_num_hidden_layers or 1,
         ("hidden_size", "n_embd", "d_model"): config.shadow_hidden_size,
@@ -387,7 +389,9 @@ def make_network(config: ShadowConfig, model: nn.Module, targets: Mapping[str, n
                   if id(backbone.get_submodule(n.rpartition(".")[0])) in tables]
     network = ShadowNetwork(backbone, projection, head, blocks=blocks, width=width, share_embeddings=share,
                             lm_head=config.task_type == TaskType.CAUSAL_LM, frozen=frozen)
-    reference = next(targets[blocks[0]].parameters())  # a meta-device copy in the loading dry run
+    # the block's device (a meta-device copy in the loading dry run) and compute dtype (a float parameter: a quantized
+    # block's weights are packed integers)
+    reference = next(p for p in targets[blocks[0]].parameters() if p.is_floating_point())
     return network.to(device=reference.device, dtype=reference.dtype)
 
 
