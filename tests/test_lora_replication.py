@@ -3,11 +3,16 @@ adapter per copy. Interop with peft runs in tests/test_interop_peft.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import deltatune as dt
-from deltatune.errors import AdapterStateError, ConfigError, TargetError
+from deltatune.errors import AdapterLoadError, AdapterStateError, ConfigError, TargetError
+from deltatune.layers import AdapterLayer
+from tests.adapter_utils import logits
 from tests.models import make_causal_lm_inputs, tiny_llama
 
 MAP = [[0, 2], [1, 2]]  # layers 0 1 1
@@ -73,3 +78,61 @@ def test_a_second_adapter_shares_the_replication_or_is_refused() -> None:
 def test_bad_ranges_are_refused_by_name(bad) -> None:
     with pytest.raises(ConfigError, match="layer_replication"):
         dt.LoraConfig(layer_replication=bad)
+
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def _state(model: torch.nn.Module) -> tuple[list[str], dict[str, torch.Tensor], int]:
+    """What a failed load must leave as it was: module names, every tensor, the configured depth."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return [n for n, _ in model.named_modules()], state, model.config.num_hidden_layers
+
+
+def _assert_unchanged(model: torch.nn.Module, before: tuple[list[str], dict[str, torch.Tensor], int]) -> None:
+    names, state, depth = _state(model)
+    assert names == before[0] and depth == before[2] and len(model.model.layers) == 2
+    assert state.keys() == before[1].keys() and all(torch.equal(state[k], before[1][k]) for k in state)
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+    assert not hasattr(model, "_deltatune_layer_replication")
+
+
+def _corrupt(directory: Path, how: str) -> None:
+    """Break a saved adapter: a tensor of the wrong shape, one missing, or a truncated file."""
+    path = directory / WEIGHTS
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:-40])
+        return
+    tensors = load_file(path)
+    key = sorted(tensors)[-1]  # a q_proj factor of the last (replicated) layer
+    if how == "shape":
+        tensors[key] = torch.zeros(3, 3)
+    else:
+        del tensors[key]
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize("how", ["shape", "missing", "truncated"])
+def test_a_failed_load_leaves_the_model_unreplicated(how: str, tmp_path: Path) -> None:
+    saved = _adapter()
+    saved.save_pretrained(tmp_path)
+    good = (tmp_path / WEIGHTS).read_bytes()
+    _corrupt(tmp_path, how)
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(AdapterLoadError, match=WEIGHTS):
+        dt.PeftModel.from_pretrained(model, tmp_path)
+    _assert_unchanged(model, before)
+    # load_adapter onto a model with an adapter that has no layers of its own (a prompt), which may replicate
+    wrapped = dt.get_peft_model(model, dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with pytest.raises(AdapterLoadError, match=WEIGHTS):
+        wrapped.load_adapter(tmp_path, "replicated")
+    assert list(wrapped.peft_config) == ["default"]
+    _assert_unchanged(model, before)
+    # the model is as good as new: the intact file loads (and replicates) as on a fresh model
+    (tmp_path / WEIGHTS).write_bytes(good)
+    loaded = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert len(loaded.get_base_model().model.layers) == 3
+    inputs = make_causal_lm_inputs(saved)
+    torch.testing.assert_close(logits(loaded, inputs, use_cache=False), logits(saved, inputs, use_cache=False))
+

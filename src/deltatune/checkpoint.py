@@ -26,7 +26,7 @@ from . import prompt
 from .config import PeftConfig
 from .errors import AdapterLoadError, AdapterStateError, DeltatuneError
 from . import quant
-from .inject import build_deltas
+from .inject import build_deltas, undo_scope
 from .layers import AdapterLayer, Delta, ModulesToSaveWrapper, adapter_layers
 from .registry import LayerMethod, PromptMethod, RouterMethod, get_method
 from .resolve import resolve
@@ -562,21 +562,24 @@ def naming_source(source: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def restore_base_on_error(model: nn.Module, config: PeftConfig) -> Iterator[None]:
-    """Keep a failed load all-or-nothing for configs whose deltas rewrite the base weights when built
-    (``LayerMethod.rewrites_base_weights``: LoRA's PiSSA / OLoRA keep the residual ``W₀ - BA`` in the base layer):
-    snapshot the base state first and put it back on error. Other configs never touch base weights before the load
-    succeeds, so they pay nothing."""
+    """Keep a failed load all-or-nothing. Structural changes made while building the adapter (LoRA's
+    ``layer_replication``, ``inject.prepared_model``) are undone however late the load fails (``inject.undo_scope``
+    around the whole load). For configs whose deltas rewrite the base weights when built
+    (``LayerMethod.rewrites_base_weights``: LoRA's PiSSA / OLoRA keep the residual ``W₀ - BA`` in the base layer),
+    the base state is snapshotted first and put back on error; other configs never touch base weights before the
+    load succeeds, so they pay nothing."""
     method = get_method(config.peft_type)
     rewrites = isinstance(method, LayerMethod) and method.rewrites_base_weights is not None
-    if not (rewrites and method.rewrites_base_weights(config)):
-        yield
-        return
-    # By tensor identity, not by name: a failure may leave wrappers around the very same base tensors.
-    snapshot = [(t, t.detach().clone()) for t in [*model.parameters(), *model.buffers()]]
-    try:
-        yield
-    except BaseException:
-        with torch.no_grad():
-            for tensor, saved in snapshot:
-                tensor.copy_(saved)
-        raise
+    with undo_scope():
+        if not (rewrites and method.rewrites_base_weights(config)):
+            yield
+            return
+        # By tensor identity, not by name: a failure may leave wrappers around the very same base tensors.
+        snapshot = [(t, t.detach().clone()) for t in [*model.parameters(), *model.buffers()]]
+        try:
+            yield
+        except BaseException:
+            with torch.no_grad():
+                for tensor, saved in snapshot:
+                    tensor.copy_(saved)
+            raise

@@ -8,8 +8,9 @@ modules alike — because they only replace child modules by name and never subc
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,17 +31,42 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+# The undos of the innermost open undo_scope (None outside any): a scope that succeeds hands its undos to the one
+# around it, so a structural change made while building an adapter lasts only as long as the whole operation does.
+_UNDOS: contextvars.ContextVar[list[Callable[[], None]] | None] = contextvars.ContextVar("deltatune_undos",
+                                                                                          default=None)
+
+
 @contextlib.contextmanager
-def prepared_model(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Iterator[None]:
-    """Run the method's ``prepare_model`` (LoRA's ``layer_replication``) before an adapter is resolved and built in
-    the block; undone if the block fails, so that a refused adapter leaves the model as it was."""
-    undo = method.prepare_model(config, model) if method.prepare_model is not None else None
+def undo_scope() -> Iterator[None]:
+    """Undo the structural changes :func:`prepared_model` made in the block (in reverse order) if the block fails,
+    also those of a nested block that succeeded: a load opens one around building the adapter *and* filling it, so
+    that a file refused after ``layer_replication`` ran leaves the layers as they were."""
+    outer = _UNDOS.get()
+    undos: list[Callable[[], None]] = []
+    token = _UNDOS.set(undos)
     try:
         yield
     except BaseException:
-        if undo is not None:
+        _UNDOS.reset(token)
+        for undo in reversed(undos):
             undo()
         raise
+    _UNDOS.reset(token)
+    if outer is not None:
+        outer.extend(undos)
+
+
+@contextlib.contextmanager
+def prepared_model(model: nn.Module, config: LayerConfig, method: LayerMethod) -> Iterator[None]:
+    """Run the method's ``prepare_model`` (LoRA's ``layer_replication``) before an adapter is resolved and built in
+    the block; undone if the block fails, or if an enclosing :func:`undo_scope` does, so that a refused adapter
+    leaves the model as it was."""
+    with undo_scope():
+        undo = method.prepare_model(config, model) if method.prepare_model is not None else None
+        if undo is not None:
+            _UNDOS.get().append(undo)
+        yield
 
 
 def build_deltas(
