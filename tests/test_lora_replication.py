@@ -64,6 +64,10 @@ def test_a_refused_adapter_leaves_the_layers_as_they_were() -> None:
     with pytest.raises(ConfigError, match="beyond the model's 2 layers"):
         dt.get_peft_model(model, dt.LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 3]]))
     assert model.model.layers is layers
+    with pytest.raises(TargetError, match="modules_to_save"):  # refused after the layers were replicated
+        dt.get_peft_model(model, dt.LoraConfig(target_modules=["q_proj"], layer_replication=MAP,
+                                               modules_to_save=["nope"]))
+    assert model.model.layers is layers and model.config.num_hidden_layers == 2
 
 
 def test_a_second_adapter_shares_the_replication_or_is_refused() -> None:

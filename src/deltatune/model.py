@@ -265,23 +265,24 @@ class PeftModel(nn.Module):
         # a config whose peft class lacks modules_to_save (trainable tokens) trains no task head, as in peft
         if self.default_modules_to_save and "modules_to_save" not in getattr(config, "_not_in_peft", ()):
             config.modules_to_save = names = names + [n for n in self.default_modules_to_save if n not in names]
-        if isinstance(method, PromptMethod):
-            self.prompt_encoder[adapter_name] = prompt.make_prompt_encoder(base, config, method)
-        elif isinstance(method, RouterMethod):  # loads its experts as adapters of their own first
-            directory = config.__dict__.pop("_read_from", None)
-            self.base_model.shared_state[adapter_name] = method.attach(self, adapter_name, config, directory)
-        else:
-            with inject.prepared_model(base, config, method):
-                resolved = resolve(base, config, method)
-                inject.add_layer_adapter(base, resolved, adapter_name, self.base_model.shared_state)
-            config = resolved.config
-        try:
-            if names:
-                tie = getattr(config, "ties_modules_to_save", False)
-                inject.add_modules_to_save(base, names, adapter_name, tie)
-        except Exception:
-            self._remove_adapter_modules(adapter_name)
-            raise
+        with inject.undo_scope():  # a refused modules_to_save also undoes layer_replication
+            if isinstance(method, PromptMethod):
+                self.prompt_encoder[adapter_name] = prompt.make_prompt_encoder(base, config, method)
+            elif isinstance(method, RouterMethod):  # loads its experts as adapters of their own first
+                directory = config.__dict__.pop("_read_from", None)
+                self.base_model.shared_state[adapter_name] = method.attach(self, adapter_name, config, directory)
+            else:
+                with inject.prepared_model(base, config, method):
+                    resolved = resolve(base, config, method)
+                    inject.add_layer_adapter(base, resolved, adapter_name, self.base_model.shared_state)
+                config = resolved.config
+            try:
+                if names:
+                    tie = getattr(config, "ties_modules_to_save", False)
+                    inject.add_modules_to_save(base, names, adapter_name, tie)
+            except Exception:
+                self._remove_adapter_modules(adapter_name)
+                raise
         if not autocast_adapter_dtype:
             _keep_base_dtype(base, adapter_name, self._shared_state(adapter_name))
         self.peft_config[adapter_name] = config
