@@ -140,3 +140,13 @@ def test_a_failed_load_leaves_the_model_unreplicated(how: str, tmp_path: Path) -
     inputs = make_causal_lm_inputs(saved)
     torch.testing.assert_close(logits(loaded, inputs, use_cache=False), logits(saved, inputs, use_cache=False))
 
+
+def test_inject_with_a_bad_state_dict_leaves_the_model_as_it_was() -> None:
+    model = tiny_llama()
+    before = _state(model)
+    config = dt.LoraConfig(target_modules=["q_proj"], layer_replication=MAP)
+    bad = {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(3, 3)}
+    with pytest.raises(AdapterLoadError, match="shape"):
+        dt.inject_adapter_in_model(config, model, state_dict=bad)
+    _assert_unchanged(model, before)
+    assert all(p.requires_grad for p in model.parameters())  # not frozen by the refused adapter either

@@ -20,10 +20,14 @@ import torch
 from torch import nn
 
 from . import status
-from .checkpoint import LAYER_KEY_PREFIX, gathered_values, layer_adapter_state_dict, load_layer_adapter_state_dict
+from .checkpoint import (
+    LAYER_KEY_PREFIX, gathered_values, layer_adapter_state_dict, load_layer_adapter_state_dict, restore_base_on_error,
+)
 from .config import PeftConfig
 from .errors import AdapterStateError, ConfigError
-from .inject import add_layer_adapter, add_modules_to_save, mark_trainable, prepared_model, set_active
+from .inject import (
+    add_layer_adapter, add_modules_to_save, mark_trainable, prepared_model, remove_adapter, set_active,
+)
 from .layers import adapter_layers
 from .model import PeftModel
 from .registry import LayerMethod, get_method
@@ -51,6 +55,7 @@ def inject_adapter_in_model(
         ConfigError: ``peft_config`` belongs to a prompt or router method, or ``low_cpu_mem_usage`` without
             ``state_dict``.
         TargetError: the targets match nothing or a module the method cannot adapt.
+        AdapterLoadError: ``state_dict`` does not fit the adapter; ``model`` unchanged.
     """
     if low_cpu_mem_usage and state_dict is None:
         raise ConfigError(
@@ -66,17 +71,22 @@ def inject_adapter_in_model(
         )
     if any(adapter_name in layer.deltas for _, layer in adapter_layers(model)):
         raise AdapterStateError(f"the model already has an adapter named {adapter_name!r}; choose another name")
-    with prepared_model(model, peft_config, method):
-        resolved = resolve(model, peft_config, method)  # a copy: the caller's config is never modified
-        add_layer_adapter(model, resolved, adapter_name)
-    config = resolved.config
-    if config.modules_to_save:
-        tie = getattr(config, "ties_modules_to_save", False)
-        add_modules_to_save(model, config.modules_to_save, adapter_name, tie)
+    with restore_base_on_error(model, peft_config):  # a failure anywhere below leaves the model as it was
+        with prepared_model(model, peft_config, method):
+            resolved = resolve(model, peft_config, method)  # a copy: the caller's config is never modified
+            add_layer_adapter(model, resolved, adapter_name)
+        config = resolved.config
+        try:
+            if config.modules_to_save:
+                tie = getattr(config, "ties_modules_to_save", False)
+                add_modules_to_save(model, config.modules_to_save, adapter_name, tie)
+            if state_dict is not None:
+                set_peft_model_state_dict(model, state_dict, adapter_name)
+        except Exception:
+            remove_adapter(model, adapter_name)
+            raise
     set_active(model, [adapter_name])
     mark_trainable(model, [adapter_name], trained_biases(config))
-    if state_dict is not None:
-        set_peft_model_state_dict(model, state_dict, adapter_name)
     return model
 
 
