@@ -150,3 +150,12 @@ def test_inject_with_a_bad_state_dict_leaves_the_model_as_it_was() -> None:
         dt.inject_adapter_in_model(config, model, state_dict=bad)
     _assert_unchanged(model, before)
     assert all(p.requires_grad for p in model.parameters())  # not frozen by the refused adapter either
+
+
+def test_a_load_refused_by_strict_base_leaves_the_model_unreplicated(tmp_path: Path) -> None:
+    _adapter().save_pretrained(tmp_path)
+    model = tiny_llama(seed=1)  # another base: the saved fingerprint does not match, checked after the load
+    before = _state(model)
+    with pytest.raises(AdapterLoadError):
+        dt.PeftModel.from_pretrained(model, tmp_path, strict_base=True)
+    _assert_unchanged(model, before)
