@@ -110,7 +110,8 @@ def test_greedy_rows_of_mixed_adapters_equal_generate_and_the_full_forward_loop(
             ids = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
                                  adapter_names=[adapter])[0, len(prompt):].tolist()
         assert out.token_ids == ids == _full_forward_loop(model, prompt, adapter, n)
-        assert out.text == tokenizer.decode(ids, skip_special_tokens=True)
+        full = tokenizer.decode(prompt + ids, skip_special_tokens=True)  # the answer's text follows the prompt's
+        assert out.text == full[len(tokenizer.decode(prompt, skip_special_tokens=True)):] and out.text[:1] in ("", " ")
         assert out.finish_reason == ("stop" if ids[-1] == EOS else "length")
     assert len({tuple(_full_forward_loop(model, PROMPTS[0], a, 6)) for a in ("lora", "ia3", "__base__")}) == 3
 
@@ -202,7 +203,7 @@ def test_a_short_request_overtakes_a_long_one_submitted_earlier(engine):
 def test_stop_strings_across_token_boundaries_and_streamed_text(engine, tokenizer):
     plain = engine.submit(Request(PROMPTS[0], "lora", SamplingParams(max_tokens=10, temperature=0,
                                                                      ignore_eos=True))).result(60).choices[0]
-    words = plain.text.split(" ")
+    words = plain.text.split()  # the text starts with a space: the prompt is its context
     assert len(words) >= 4
     stop = f"{words[1][-1]} {words[2][:1]}"  # the last letter of one token, a space and the next token's first
     handle = engine.submit(Request(PROMPTS[0], "lora", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
@@ -212,6 +213,19 @@ def test_stop_strings_across_token_boundaries_and_streamed_text(engine, tokenize
     assert choice.text == plain.text[: plain.text.index(stop)] == "".join(e.text for e in events)
     assert (choice.finish_reason, choice.stop_reason) == ("stop", stop) and events[-1].finish_reason == "stop"
     assert len(choice.token_ids) == 3  # it ended at the token that completed the stop string
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text_but_not_the_ending_token(engine, tokenizer):
+    def answer(adapter: str, **settings):
+        params = SamplingParams(max_tokens=12, temperature=0, skip_special_tokens=False, **settings)
+        return engine.submit(Request(PROMPTS[2], adapter, params)).result(60).choices[0]
+
+    out = answer("lora", ignore_eos=True)  # this answer holds <pad> and </s> (ids 0 and 2)
+    assert {0, EOS} <= set(out.token_ids)
+    full = tokenizer.decode(PROMPTS[2] + out.token_ids, skip_special_tokens=False)
+    assert out.text == full[len(tokenizer.decode(PROMPTS[2])):] and "<pad>" in out.text and "</s>" in out.text
+    ended = answer("__base__")  # its first token is end-of-sequence, which ends the answer and adds no text
+    assert ended.token_ids == [EOS] and ended.text == "" and ended.finish_reason == "stop"
 
 
 def test_cancel_frees_the_rows_and_the_cache(engine):
@@ -279,6 +293,7 @@ def test_bad_requests_and_models_are_refused(engine, tokenizer):
     ("n", 0, "'n' must be at least 1"), ("max_tokens", True, "'max_tokens' must be an integer"),
     ("seed", 1.5, "'seed' must be an integer"), ("stop", "x", "'stop' must be a list"), ("stop", ("",), "empty"),
     ("logprobs", -1, "'logprobs' must be at least 0"), ("temperature", float("nan"), "finite"),
+    ("skip_special_tokens", 1, "'skip_special_tokens' must be true or false"),
 ])
 def test_sampling_params_refuse_bad_values_by_name(field, value, message):
     with pytest.raises(DeltatuneError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")

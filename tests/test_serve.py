@@ -92,26 +92,36 @@ def complete(served, model: str, prompt, max_tokens: int = 8, **extra) -> dict:
     return out
 
 
-def solo_ids(files, adapter: str | None, prompt: str, max_tokens: int = 8, chat: bool = False) -> list[int]:
-    """Greedy answer (token ids, up to and including end-of-sequence) of a fresh model for one prompt alone:
-    ``PeftModel.generate`` with ``adapter`` active, or the plain transformers model."""
+def solo_run(files, adapter: str | None, prompt: str, max_tokens: int = 8,
+             chat: bool = False) -> tuple[list[int], list[int]]:
+    """Greedy answer of a fresh model for one prompt alone: ``PeftModel.generate`` with ``adapter`` active, or the
+    plain transformers model; ``(prompt ids, answer ids up to and including end-of-sequence)``."""
     tok = AutoTokenizer.from_pretrained(files["llama"])
     model = AutoModelForCausalLM.from_pretrained(files["llama"]).eval()
     if adapter is not None:
         model = PeftModel.from_pretrained(model, files[adapter]).eval()
     if chat:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
+    return ids[0].tolist(), out[0, ids.shape[1]:].tolist()
+
+
+def solo_ids(files, adapter: str | None, prompt: str, max_tokens: int = 8, chat: bool = False) -> list[int]:
+    return solo_run(files, adapter, prompt, max_tokens, chat)[1]
 
 
 def solo(files, adapter: str | None, prompt: str, max_tokens: int = 8, chat: bool = False) -> str:
+    """The solo answer's text as vLLM gives it: the text of prompt and answer together, after the prompt's text (the
+    word-level test tokenizer joins tokens with spaces, so the answer's text starts with one)."""
     tok = AutoTokenizer.from_pretrained(files["llama"])
-    return tok.decode(solo_ids(files, adapter, prompt, max_tokens, chat), skip_special_tokens=True)
+    prompt_ids, answer_ids = solo_run(files, adapter, prompt, max_tokens, chat)
+    full = tok.decode(prompt_ids + answer_ids, skip_special_tokens=True)
+    return full[len(tok.decode(prompt_ids, skip_special_tokens=True)):]
 
 
 @pytest.fixture(scope="module")

@@ -152,6 +152,8 @@ def test_content_parts_and_the_chat_defaults(server, files):
 @pytest.mark.parametrize("extra, message", [
     ({"min_tokens": 2}, "'min_tokens' is not supported"),
     ({"include_stop_str_in_output": True}, "'include_stop_str_in_output' is not supported"),
+    ({"spaces_between_special_tokens": False}, "'spaces_between_special_tokens' is not supported"),
+    ({"skip_special_tokens": 0}, "'skip_special_tokens' must be"),
     ({"logprobs": 21}, "'logprobs' must be 0 to 20"),
     ({"top_k": -2}, "'top_k' must be -1 to"),
     ({"suffix": "x"}, "'suffix' is not supported"),
@@ -479,6 +481,9 @@ def test_every_sampling_field_reaches_the_engine(server, files):
     assert [c["finish_reason"] for c in out["choices"]] == [c.finish_reason for c in direct.choices]
     greedy = complete(server, "sql", PROMPTS["sql"], max_tokens=10, temperature=0)["choices"][0]["text"]
     assert out["choices"][0]["text"] != greedy  # the settings change the answer
+    job = server.api.parse_completion({"model": "sql", "prompt": "a", "skip_special_tokens": False,
+                                       "spaces_between_special_tokens": True})
+    assert job.params.skip_special_tokens is False  # what decides the text of special tokens (tests/test_engine.py)
 
 
 def test_adapter_tiers_follow_least_recent_use(files):  # noqa: F811

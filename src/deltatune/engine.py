@@ -614,7 +614,8 @@ class Engine:
                 generator.seed()
             else:
                 generator.manual_seed(seed + index)
-        detok = Detokenizer(self.tokenizer, self.tokenizer_lock)
+        detok = Detokenizer(self.tokenizer, self.tokenizer_lock, handle.request.prompt,
+                            handle.request.params.skip_special_tokens)
         return _Row(handle, index, detok, StopText(handle.request.params.stop), generator)
 
     def _prompt_logprobs(self, handles: list[Handle], logits: torch.Tensor, ids: torch.Tensor) -> None:
@@ -689,7 +690,7 @@ class Engine:
         row.tokens.append(token)
         reason, why = None, None
         if token in p.stop_token_ids or (token in self.eos and not p.ignore_eos):
-            text, reason, why = row.stops.feed(row.detok.flush())[0] + row.stops.flush(), "stop", token
+            text, reason, why = row.stops.flush(), "stop", token  # the stop token's own text is left out
             if token in self.eos and token not in p.stop_token_ids:
                 why = None  # vLLM's stop_reason is None for end-of-sequence
         else:
@@ -698,8 +699,7 @@ class Engine:
                 reason = "stop"
             elif len(row.tokens) >= p.max_tokens or (
                     self.context_length is not None and len(row.prompt) + len(row.tokens) >= self.context_length):
-                tail, hit = row.stops.feed(row.detok.flush())
-                text, reason, why = text + tail + ("" if hit else row.stops.flush()), "stop" if hit else "length", hit
+                text, reason = text + row.stops.flush(), "length"
         row.handle._emit(TokenEvent(row.index, token, text, logprob, reason, why))
         if reason is not None and row.handle.done:
             row.handle.finish_step = self.decode_steps

@@ -57,6 +57,7 @@ class SamplingParams:
         logprobs: Report each generated token's logprob and this many most likely alternatives (0: the token's own
             only); ``None`` reports none.
         prompt_logprobs: The same for the prompt tokens (the first has none); what ``echo`` with ``logprobs`` needs.
+        skip_special_tokens: Leave special tokens (end-of-sequence, chat markers) out of the text.
     """
 
     n: int = 1
@@ -74,6 +75,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -84,9 +86,9 @@ class SamplingParams:
                                                             for v in value):
                     raise SamplingError(f"{f.name!r} must be a list of {kind.__name__}s, got {value!r}")
                 object.__setattr__(self, f.name, tuple(value))
-            elif f.name == "ignore_eos":
+            elif f.name in ("ignore_eos", "skip_special_tokens"):
                 if not isinstance(value, bool):
-                    raise SamplingError(f"'ignore_eos' must be true or false, got {value!r}")
+                    raise SamplingError(f"{f.name!r} must be true or false, got {value!r}")
             elif value is not None or f.name not in ("seed", "logprobs", "prompt_logprobs"):
                 kinds = (int,) if f.type in ("int", "int | None") else (int, float)
                 if isinstance(value, bool) or not isinstance(value, kinds):
@@ -172,42 +174,68 @@ def pick(restricted: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 # --- text ----------------------------------------------------------------------------------------------------------
 
+CONTEXT_TOKENS = 16
+"""Prompt tokens the first answer token is decoded after. vLLM decodes after the whole prompt; every decoder of the
+``tokenizers`` library (byte-level, SentencePiece's ``▁``/strip/byte-fallback, WordPiece, plain joins) makes a
+token's text from the tokens just before it, so a short tail gives the same text at a cost that does not grow with
+the prompt."""
+
+_INCOMPLETE = "\ufffd"  # what decode shows for a UTF-8 sequence still missing bytes
+
+
 class Detokenizer:
-    """Turns generated token ids into text deltas whose concatenation is ``tokenizer.decode(ids,
-    skip_special_tokens=True)``: each new token is decoded together with the previous chunk (so a byte-level or
-    SentencePiece tokenizer gets its spaces and merges right), and text ending in an incomplete UTF-8 sequence
-    (U+FFFD) is held back until the next token completes it.
+    """Turns an answer's token ids into the text deltas vLLM's OpenAI server streams (its detokenizer for fast
+    tokenizers, the ``tokenizers`` library's ``DecodeStream`` started from the prompt's ids).
+
+    The text of new tokens is ``decode(window)`` minus ``decode`` of the part of the window already shown: the window
+    starts at the prompt's last tokens, so the first answer token gets the leading space (SentencePiece ``▁``) or
+    merge it has after the prompt, and after each delta it restarts at the tokens that produced that delta. Text
+    ending in an incomplete UTF-8 sequence (U+FFFD) is held until a later token completes it, and dropped if none
+    does, as vLLM does. Decoding is ``tokenizer.decode(ids, skip_special_tokens, clean_up_tokenization_spaces=False)``:
+    the raw decoder's text, which is what ``DecodeStream`` decodes.
+
+    Where the prompt ends inside a character, the context starts before it, so the first delta holds the completed
+    character (vLLM then repeats the prompt's text in its first delta).
     """
 
-    def __init__(self, tokenizer, lock: threading.Lock) -> None:
-        self.tokenizer, self.lock = tokenizer, lock
-        self.ids: list[int] = []
-        self.prefix = 0  # start of the decoded window: the last chunk that produced text
-        self.read = 0  # tokens whose text has been handed out
+    def __init__(self, tokenizer, lock: threading.Lock, prompt: Sequence[int], skip_special_tokens: bool = True):
+        self.tokenizer, self.lock, self.skip_special_tokens = tokenizer, lock, skip_special_tokens
+        self.window: list[int] = list(prompt[-CONTEXT_TOKENS:])
+        self.start = 0  # window[:start] is text already shown (or the prompt's), window[start:] is pending
+        self.shown = ""  # decode(window[:start])
 
     def _decode(self, ids: list[int]) -> str:
         with self.lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                         clean_up_tokenization_spaces=False)
+
+    def _anchor(self) -> None:
+        """Take as shown the longest start of the window that decodes to whole characters."""
+        for start in range(len(self.window), -1, -1):
+            text = self._decode(self.window[:start])
+            if not text.endswith(_INCOMPLETE):
+                self.start, self.shown = start, text
+                return
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
-        if after.endswith("\ufffd"):
+        """The new text ``token`` completes ("" while it completes nothing)."""
+        if not self.shown and self.window:  # the prompt, or nothing shown since a restart
+            self._anchor()
+        self.window.append(token)
+        text = self._decode(self.window)
+        if text.endswith(_INCOMPLETE) or text == self.shown:
             return ""
-        delta = after[len(before):]
-        if delta:
-            self.prefix = self.read
-        self.read = len(self.ids)
+        if not text.startswith(self.shown):
+            # A decoder whose text is not a prefix of its text with one more token: DecodeStream fails here and
+            # vLLM restarts the stream with this token alone; shorter text waits (DecodeStream compares bytes).
+            if len(text.encode()) <= len(self.shown.encode()):
+                return ""
+            self.window, self.start, self.shown = [], 0, ""
+            return self.push(token)
+        delta = text[len(self.shown):]
+        self.window = self.window[self.start:]
+        self.start, self.shown = len(self.window), self._decode(self.window)
         return delta
-
-    def flush(self) -> str:
-        """What is held back (an incomplete character, as decode shows it)."""
-        if self.read == len(self.ids):
-            return ""
-        before = self._decode(self.ids[self.prefix:self.read])
-        self.read = len(self.ids)
-        return self._decode(self.ids[self.prefix:])[len(before):]
 
 
 class StopText:

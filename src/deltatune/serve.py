@@ -627,7 +627,8 @@ class Api:
             raise ApiError(400, f"'best_of' {best_of} is not supported: only best_of = n (every answer returned)")
         fields.neutral("min_tokens", 0, why="a minimum answer length is not implemented")
         fields.neutral("include_stop_str_in_output", False, why="the text always ends before the stop string")
-        fields.neutral("skip_special_tokens", True, why="special tokens are always left out of the text")
+        fields.neutral("spaces_between_special_tokens", True,
+                       why="special tokens are decoded as the tokenizer's decoder joins them")
         return SamplingParams(
             n=n, max_tokens=max_tokens,
             temperature=fields.number("temperature", 1.0, 0.0, 1e4),
@@ -639,6 +640,7 @@ class Api:
             repetition_penalty=fields.number("repetition_penalty", 1.0, 0.0, 1e4, open_low=True),
             seed=fields.get("seed", int), stop=tuple(stop), stop_token_ids=tuple(stop_ids),
             ignore_eos=fields.get("ignore_eos", bool, False), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=fields.get("skip_special_tokens", bool, True),
         )
 
     def _common(self, fields: _Fields, job: Job) -> None:
