@@ -1,6 +1,8 @@
 """LoRA's ``ensure_weight_tying`` on a Llama whose LM head is tied to the input embedding: the head's LoRA is the
 embedding's (``target_modules``), or the head's copy is the embedding's (``modules_to_save``), through training,
-saving (peft's keys, both ways) and merging; peft's warnings where there is nothing to tie."""
+saving (peft's keys, both ways) and merging; peft's warnings where there is nothing to tie. On T5 / mT5, whose
+``shared``, ``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head`` are one table, all four share one
+LoRA pair (rooted at the input embedding, as peft roots it), merged once into the table."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
-from tests.models import VOCAB_SIZE, make_causal_lm_inputs, tiny_gpt2, tiny_llama
+from tests.models import (
+    VOCAB_SIZE, make_causal_lm_inputs, make_seq2seq_inputs, tiny_gpt2, tiny_llama, tiny_mt5, tiny_t5,
+)
 
 TARGETS = dict(target_modules=["embed_tokens", "lm_head", "q_proj"])
 SAVED = dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])
@@ -151,10 +155,141 @@ def test_without_the_flag_each_tied_module_trains_apart() -> None:
 
 def test_refusals_leave_the_model_unchanged() -> None:
     base = tied_llama()
-    with pytest.raises(dt.errors.TargetError, match="ensure_weight_tying.*embed_tokens"):  # LoRA on the head alone
-        dt.get_peft_model(base, dt.LoraConfig(ensure_weight_tying=True, target_modules=["lm_head", "q_proj"]))
     with pytest.raises(dt.ConfigError, match="ensure_weight_tying.*target_modules.*modules_to_save"):
         dt.get_peft_model(base, dt.LoraConfig(ensure_weight_tying=True, target_modules=["embed_tokens"],
                                               modules_to_save=["lm_head"]))
+    with pytest.raises(dt.errors.TargetError, match="ensure_weight_tying.*use_dora"):  # a twin cannot share DoRA
+        dt.get_peft_model(base, dt.LoraConfig(ensure_weight_tying=True, target_modules=["embed_tokens", "lm_head"],
+                                              use_dora=True))
     assert not any(isinstance(m, (dt.layers.AdapterLayer, dt.layers.ModulesToSaveWrapper)) for m in base.modules())
     assert base.lm_head.weight is base.model.embed_tokens.weight
+
+
+# --- T5-style: several embeddings and the head share one table ----------------------------------------------------
+
+T5_TABLE = ("shared", "encoder.embed_tokens", "decoder.embed_tokens", "lm_head")
+
+
+def _saved(model, **kwargs) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("base_model.model."): v
+            for k, v in model.adapter_state_dict(save_embedding_layers=False, **kwargs).items()}
+
+
+@pytest.mark.parametrize("make_model", [tiny_t5, tiny_mt5], ids=["t5", "mt5"])
+def test_t5_tied_embeddings_share_one_lora_through_training_merge_and_unmerge(make_model) -> None:
+    config = dt.LoraConfig(ensure_weight_tying=True, target_modules=["embed_tokens", "q"])
+    model = dt.get_peft_model(make_model(), config)
+    base = model.get_base_model()
+    src = base.shared.deltas["default"]  # rooted at the input embedding, as in peft
+    for name in ("encoder.embed_tokens", "decoder.embed_tokens"):
+        twin = base.get_submodule(name).deltas["default"]
+        assert twin.lora_embedding_A is src.lora_embedding_A and twin.lora_embedding_B is src.lora_embedding_B
+    head = base.lm_head.deltas["default"]
+    assert head.lora_A.tied is src.lora_embedding_B and head.lora_B.tied is src.lora_embedding_A
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and ".q." not in n}
+    assert trained == {"base_model.model.shared.deltas.default.lora_embedding_A",
+                       "base_model.model.shared.deltas.default.lora_embedding_B"}
+    _randomize(model)
+    inputs = make_seq2seq_inputs(base)
+    before = src.lora_embedding_A.detach().clone()
+    _train_step(model, inputs)
+    assert not torch.equal(before, src.lora_embedding_A)
+    saved = _saved(model)  # peft's keys under every tied path, one value each
+    for path in T5_TABLE[1:3]:
+        for factor in ("lora_embedding_A", "lora_embedding_B"):
+            assert torch.equal(saved[f"{path}.{factor}"], saved[f"shared.{factor}"])
+    assert torch.equal(saved["lm_head.lora_A.weight"], saved["shared.lora_embedding_B"].T)
+    # the tied table as the model sees it: E + s (B A)ᵀ, written out; the encoder looks its rows up there
+    table0 = base.shared.base_layer.weight.detach().clone()
+    table = (table0 + src.scaling * (src.lora_embedding_B @ src.lora_embedding_A).T).detach()
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(base.encoder.embed_tokens(ids), table[ids], rtol=1e-6, atol=1e-6)
+        unmerged = model(**inputs).logits
+    model.merge_adapter()  # once into the one table, not once per tied module
+    weights = [base.get_submodule(n).base_layer.weight for n in T5_TABLE]
+    assert all(w is weights[0] for w in weights)
+    torch.testing.assert_close(weights[0], table, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_logits(model, inputs), unmerged, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(base.shared.base_layer.weight, table0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_logits(model, inputs), unmerged, rtol=1e-5, atol=1e-5)
+    merged = model.merge_and_unload()
+    assert all(merged.get_submodule(n).weight is merged.shared.weight for n in T5_TABLE)
+    torch.testing.assert_close(_logits(merged, inputs), unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make_model, make_inputs, targets", [
+    (tiny_t5, make_seq2seq_inputs, ["embed_tokens", "q"]),
+    (tiny_t5, make_seq2seq_inputs, ["lm_head", "q"]),  # peft adds the input embedding and ties from it
+    (tiny_gpt2, make_causal_lm_inputs, ["lm_head", "c_attn"]),
+    (tied_llama, make_causal_lm_inputs, ["lm_head", "q_proj"]),
+], ids=["t5-embed_tokens", "t5-lm_head", "gpt2-lm_head", "llama-lm_head"])
+def test_tied_tables_exchange_files_with_peft(tmp_path, make_model, make_inputs, targets) -> None:
+    from safetensors.torch import load_file
+
+    inputs = make_inputs(make_model())
+    ours = dt.get_peft_model(make_model(), dt.LoraConfig(ensure_weight_tying=True, target_modules=targets))
+    _randomize(ours)
+    ours.save_pretrained(tmp_path / "ours", save_embedding_layers=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(make_model(), peft.LoraConfig(ensure_weight_tying=True, target_modules=targets))
+        _randomize(theirs)
+        theirs.save_pretrained(tmp_path / "theirs", save_embedding_layers=False)
+        read_by_peft = peft.PeftModel.from_pretrained(make_model(), tmp_path / "ours").eval()
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(
+        load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
+    torch.testing.assert_close(_logits(read_by_peft, inputs), _logits(ours.eval(), inputs), rtol=1e-5, atol=1e-5)
+    ours.save_pretrained(tmp_path / "again", save_embedding_layers=False)  # and our own round trip
+    read_by_us = dt.PeftModel.from_pretrained(make_model(), tmp_path / "again")
+    torch.testing.assert_close(_logits(read_by_us, inputs), _logits(ours, inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make_model, make_inputs, targets, untied", [
+    (tiny_t5, make_seq2seq_inputs, ["embed_tokens", "q"], ["q", *T5_TABLE]),
+    (tiny_gpt2, make_causal_lm_inputs, ["lm_head", "c_attn"], ["c_attn", "wte", "lm_head"]),
+], ids=["t5", "gpt2"])
+def test_peft_files_of_tables_it_trains_apart_are_refused_and_read_untied(tmp_path, make_model, make_inputs,
+                                                                           targets, untied) -> None:
+    """peft 0.21.2 saves such an adapter with ``target_modules`` naming only the input embedding (``shared``,
+    ``transformer.wte``), which it does not tie by that name on reload, and trains T5's encoder / decoder
+    ``embed_tokens`` apart: a file no tied adapter can hold. It is refused with nothing changed; with those modules
+    as plain targets (no tying) it reads as the model peft saved it from."""
+    inputs = make_inputs(make_model())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(make_model(), peft.LoraConfig(ensure_weight_tying=True, target_modules=targets))
+    _randomize(theirs)
+    theirs.save_pretrained(tmp_path, save_embedding_layers=False)
+    base = make_model()
+    with pytest.raises(dt.errors.AdapterLoadError, match="do not fit"):
+        dt.PeftModel.from_pretrained(base, tmp_path)
+    assert not any(isinstance(m, dt.layers.AdapterLayer) for m in base.modules())
+    read = dt.PeftModel.from_pretrained(base, tmp_path, config=dt.LoraConfig(target_modules=untied))
+    torch.testing.assert_close(_logits(read, inputs), _logits(theirs.eval(), inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_t5_modules_to_save_copies_share_one_table() -> None:
+    """peft's keys (one copy per tied module); peft 0.21.2 itself builds the encoder / decoder copies as
+    ``nn.Linear`` and cannot run the model, so the reference is the merged model: a plain T5 whose one table is the
+    trained copy."""
+    model = dt.get_peft_model(tiny_t5(), dt.LoraConfig(ensure_weight_tying=True, target_modules=["q"],
+                                                       modules_to_save=["embed_tokens"]))
+    base = model.get_base_model()
+    table = base.shared.modules_to_save["default"].weight
+    assert all(base.get_submodule(n).modules_to_save["default"].weight is table for n in T5_TABLE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tiny_t5(), peft.LoraConfig(ensure_weight_tying=True, target_modules=["q"],
+                                                                modules_to_save=["embed_tokens"]))
+    assert set(_saved(model)) == {k.removeprefix("base_model.model.") for k in peft.get_peft_model_state_dict(theirs)}
+    _randomize(model)
+    inputs = make_seq2seq_inputs(base)
+    _train_step(model, inputs)
+    assert all(base.get_submodule(n).modules_to_save["default"].weight is table for n in T5_TABLE)
+    unmerged = _logits(model, inputs)
+    merged = model.merge_and_unload()  # a plain T5 whose one table is the trained copy
+    torch.testing.assert_close(merged.shared.weight, table.detach(), rtol=0, atol=0)
+    assert all(merged.get_submodule(n).weight is merged.shared.weight for n in T5_TABLE)
+    torch.testing.assert_close(_logits(merged, inputs), unmerged, rtol=1e-5, atol=1e-5)

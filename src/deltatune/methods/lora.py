@@ -44,7 +44,7 @@ from ..errors import AdapterStateError, ConfigError, TargetError
 from ..kernels import LowRank, accumulate, add_low_rank, add_low_rank_rows, index_accumulate
 from ..layers import AdapterLayer, Delta, unwrap
 from ..registry import LayerMethod
-from ..targeting import find_modules_to_save, iter_candidates, name_matches, pattern_value
+from ..targeting import find_modules_to_save, find_targets, iter_candidates, name_matches, pattern_value
 from .alora import ActivatedLora, check_invocation_tokens
 from .common import adapter_dtype, check_dropout, check_patterns, check_scale, embed_scale
 from . import lora_init, lora_variants
@@ -115,11 +115,12 @@ class LoraConfig(LayerConfig):
             applies only from the start of their last occurrence in each row on, so everything before (and its KV
             cache) is the base model's. Linear / Conv1D targets only; not merged; not with DoRA or a data-driven
             init. ``forward`` / ``generate`` also take peft's ``alora_offsets`` (per row, counted from the end).
-        ensure_weight_tying: Keep the adapters of tied layers (an LM head sharing the input embedding's weight)
-            tied, as peft: with a tied module in ``target_modules`` the head's LoRA is the embedding's, transposed
-            (one pair of parameters, :class:`TiedLoraHead`; the input embedding must be a target); with one in
-            ``modules_to_save`` every module tied to it gets a copy too, all copies sharing one weight. Both stay
-            tied when merged. Without it each tied module trains apart (peft's default). For
+        ensure_weight_tying: Keep the adapters of tied layers (an LM head sharing the input embedding's weight,
+            T5's ``encoder`` / ``decoder`` ``embed_tokens`` beside ``shared``) tied, as peft: with a tied module in
+            ``target_modules`` the input embedding is a target too and every module sharing its table uses its one
+            pair of LoRA parameters (a head transposed, :class:`TiedLoraHead`; another embedding as it is,
+            :class:`TiedLoraEmbedding`), saved under each module's keys; with one in ``modules_to_save`` every
+            module tied to it gets a copy too, all copies sharing one weight. Merging changes the table once. Without it each tied module trains apart (peft's default). For
             ``trainable_token_indices`` tied modules always follow the rows. Warns where there is nothing to tie.
         kasa_config: KaSA (``KasaConfig``, ``methods/lora_kasa.py``): the base weight loses its ``r`` weakest singular
             directions and the update is ``B diag(ΔΣ) A``. nn.Linear only.
@@ -705,7 +706,18 @@ class _Transposed(nn.Module):
         return self.tied.T
 
 
-class TiedLoraHead(LoraLinear):
+class _FollowsSource:
+    """A tied twin's merge: nothing of its own. Its weight is the very tensor of its source's, into which the source's
+    layer merges (and unmerges) the one update, so the table changes once however many modules share it."""
+
+    def merge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return weight
+
+    def unmerge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return weight
+
+
+class TiedLoraHead(_FollowsSource, LoraLinear):
     """LoRA on an ``nn.Linear`` head whose weight is the input embedding's (``ensure_weight_tying``): its update is
     the embedding's, ``ΔW_head = B_h A_h = A_eᵀ B_eᵀ = (B_e A_e)ᵀ = ΔE``, so head and table stay one matrix, also
     merged. As peft: ``A_h = B_eᵀ`` ``(r, dim)``, ``B_h = A_eᵀ`` ``(vocab, r)``, the embedding's scaling, the config's
@@ -727,20 +739,32 @@ class TiedLoraHead(LoraLinear):
         names = {"lora_A.weight": "lora_A.tied", "lora_B.weight": "lora_B.tied"}
         return {names.get(k, k): v.T if k in names else v for k, v in saved.items()}
 
-    def merge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        """Unchanged: the head's weight is the embedding's, into which the embedding's layer merges ``ΔE``."""
-        return weight
 
-    def unmerge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return weight
+class TiedLoraEmbedding(_FollowsSource, LoraEmbedding):
+    """LoRA on an ``nn.Embedding`` whose table is another LoRA embedding's (T5 / mT5: ``encoder.embed_tokens`` and
+    ``decoder.embed_tokens`` beside ``shared``) under ``ensure_weight_tying``: it holds the source's very
+    ``lora_embedding_A`` ``(r, vocab)`` / ``lora_embedding_B`` ``(dim, r)`` (one pair of parameters for the whole
+    tie, so training keeps them one), looks rows up through its own module (its ``padding_idx``, ``embed_scale``),
+    and is saved under its own path too, the keys peft writes for each tied embedding."""
+
+    def __init__(self, source: LoraEmbedding, base_layer: nn.Embedding) -> None:
+        with torch.device("meta"):  # the factors are the source's, set below
+            super().__init__(base_layer, source.r, 1.0, 0.0, False)
+        self.scaling = source.scaling
+        self.lora_embedding_A = source.lora_embedding_A
+        self.lora_embedding_B = source.lora_embedding_B
 
 
-def make_tied_delta(source: Delta, base_layer: nn.Module, name: str) -> TiedLoraHead:
-    """``LayerMethod.make_tied_delta`` under ``ensure_weight_tying``: the head ``name`` tied to a LoRA embedding.
+def make_tied_delta(source: Delta, base_layer: nn.Module, name: str) -> TiedLoraHead | TiedLoraEmbedding:
+    """``LayerMethod.make_tied_delta`` under ``ensure_weight_tying``: module ``name``, whose weight is a LoRA
+    embedding's table, shares that embedding's LoRA: an LM head as :class:`TiedLoraHead`, another embedding (T5's
+    ``embed_tokens``) as :class:`TiedLoraEmbedding`. The source is the model's input embedding wherever the model
+    names one (:func:`find_lora_targets` makes it a target, as peft does).
 
     Raises:
-        TargetError: the tied module is not an ``nn.Linear`` of the embedding's shape, or the LoRA sits on the head
-            rather than the embedding (peft ties from the input embedding), or the embedding's LoRA is not plain.
+        TargetError: the tied module is neither an ``nn.Linear`` nor an ``nn.Embedding`` of the table's shape, or the
+            LoRA sits on a head of a model without ``get_input_embeddings`` (peft ties from the input embedding), or
+            the embedding's LoRA uses DoRA (whose magnitude a twin cannot share).
     """
     if not isinstance(source, LoraEmbedding):
         raise TargetError(
@@ -749,17 +773,19 @@ def make_tied_delta(source: Delta, base_layer: nn.Module, name: str) -> TiedLora
             f"target_modules, or leave ensure_weight_tying off"
         )
     vocab, dim = source.lora_embedding_A.shape[1], source.lora_embedding_B.shape[0]
-    if type(base_layer) is not nn.Linear or tuple(base_layer.weight.shape) != (vocab, dim):
+    shape = tuple(getattr(base_layer, "weight", torch.empty(0)).shape)
+    if type(base_layer) not in (nn.Linear, nn.Embedding) or shape != (vocab, dim):
         raise TargetError(
             f"ensure_weight_tying=True: {name} ({type(base_layer).__name__}) is tied to a LoRA embedding, but only "
-            f"an nn.Linear head of the embedding's shape can share its LoRA factors; leave ensure_weight_tying off"
+            f"an nn.Linear head or an nn.Embedding of the embedding's shape can share its LoRA factors; leave "
+            f"ensure_weight_tying off"
         )
     if source.dora is not None:
         raise TargetError(
-            f"ensure_weight_tying=True: the embedding tied to {name} uses use_dora, whose update a tied head cannot "
+            f"ensure_weight_tying=True: the embedding tied to {name} uses use_dora, whose update a tied module cannot "
             f"share; leave ensure_weight_tying off"
         )
-    return TiedLoraHead(source)
+    return TiedLoraHead(source) if type(base_layer) is nn.Linear else TiedLoraEmbedding(source, base_layer)
 
 
 class LoraParameter(LoraDelta):
@@ -1140,6 +1166,25 @@ def ties_targets(config: LoraConfig) -> bool:
             and _names_tied_layer(config.target_modules))
 
 
+def find_lora_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str] | str | None, list[str]]:
+    """``LayerMethod.find_targets``: the modules ``target_modules`` selects; under :func:`ties_targets` the model's
+    input embedding leads them whenever its table is a selected module's (peft adds it to the targets): so a tie is
+    rooted there, and every other module sharing the table (the LM head, T5's ``encoder`` / ``decoder``
+    ``embed_tokens`` beside ``shared``) is its twin (``make_tied_delta``), also where only a twin was named."""
+    patterns, names = find_targets(model, config)
+    if not ties_targets(config):
+        return patterns, names
+    root = input_embedding_name(model)[0]
+    try:
+        table = getattr(unwrap(model.get_submodule(root)), "weight", None)
+    except AttributeError:  # no get_input_embeddings and no module named embed_tokens
+        return patterns, names
+    selected = {id(getattr(unwrap(model.get_submodule(n)), "weight", None)) for n in names}
+    if table is None or id(table) not in selected:
+        return patterns, names
+    return patterns, [root, *(n for n in names if n != root)]
+
+
 def check_weight_tying(config: LoraConfig, model: nn.Module, targets: Mapping[str, nn.Module]) -> LoraConfig:
     """``ensure_weight_tying`` (``LayerMethod.resolve_config``): warns as peft does where the flag has nothing to
     tie (no module of the model shares its weight with another, or none of those is in ``target_modules`` /
@@ -1293,5 +1338,6 @@ METHOD = LayerMethod(
     resolve_config=resolve_config,
     make_tied_delta=make_tied_delta,
     ties_weights=ties_targets,
+    find_targets=find_lora_targets,
     model_functions={"_get_kasa_loss": kasa_loss, "_get_monteclora_loss": monteclora_loss},
 )
