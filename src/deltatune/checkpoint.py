@@ -161,7 +161,7 @@ def load_layer_adapter_state_dict(
     if unknown:
         raise AdapterLoadError(
             f"{source}: {len(unknown)} saved tensor(s) do not fit this model, first {unknown[0]!r}. The adapter was "
-            f"probably saved for a different base model or with different target_modules."
+            f"probably saved for a different base model or with different target_modules.{_tied_hint(root, unknown)}"
         )
     # Outside the adapter's own tensors, a file may only carry what peft writes there: biases (``bias="all"`` /
     # ``"lora_only"``) and the base weights of adapted layers (resized embeddings). Anything else would silently
@@ -217,6 +217,27 @@ def load_layer_adapter_state_dict(
     with torch.no_grad():
         for key, target in mapping.items():
             params[target].copy_(state_dict[key].to(dtype=params[target].dtype, device=params[target].device))
+
+
+def _tied_hint(root: nn.Module, unknown: Iterable[str]) -> str:
+    """Why keys of a module whose weight is an adapted module's (a tied table) can be in a file the config does not
+    place: peft 0.21.2 saves an ``ensure_weight_tying`` adapter of T5 / GPT-2 with ``target_modules`` naming only the
+    input embedding (``shared``, ``transformer.wte``), and trains T5's tied ``embed_tokens`` apart from it."""
+    adapted = {id(layer.base_layer.weight): name for name, layer in adapter_layers(root)
+               if isinstance(getattr(layer.base_layer, "weight", None), torch.Tensor)}
+    modules = dict(root.named_modules())
+    tied = {}
+    for key in unknown:
+        path = next((p for p in (key.rsplit(".", cut)[0] for cut in range(1, key.count(".") + 1)) if p in modules), "")
+        owner = adapted.get(id(getattr(modules.get(path), "weight", None)))
+        if path and owner is not None and owner != path:
+            tied[path] = owner
+    if not tied:
+        return ""
+    return (f" {sorted(tied)} share their weight with the adapted {sorted(set(tied.values()))}: a file peft saved "
+            f"with ensure_weight_tying names only the input embedding in target_modules (and trains T5's tied "
+            f"embeddings apart); to read it as peft built it, pass config= with these modules in target_modules and "
+            f"ensure_weight_tying=False.")
 
 
 def _from_saved_formats(
