@@ -19,8 +19,8 @@ What is checked, and against what:
 Where peft 0.21.2 is no oracle (run as the model under test it fails these): its cached ``generate()`` on
 transformers 5.25 (the cache arrives as ``cache=``, which its hook does not read; 5.13 passes), ``layers_to_transform``
 with the default targets (ignored), gaps between blocks (not refused), T5 (an ``AttributeError``) and
-``merge_and_unload`` (refused only after removing the shadow hooks, which loses the adapter's effect), and
-``adapter_names`` rows (not refused).
+``merge_and_unload`` (refused only after removing the shadow hooks, which loses the adapter's effect),
+``adapter_names`` rows (not refused) and loading for inference (its shadow backbone stays trainable).
 """
 
 from __future__ import annotations
@@ -282,6 +282,7 @@ def test_peft_adapter_loads_with_equal_logits_and_losses(name: str, tmp_path: Pa
     theirs = build(peft, case, init_weights=False)
     theirs.save_pretrained(tmp_path)
     ours = dt.PeftModel.from_pretrained(case.factory(), tmp_path)
+    assert not [n for n, p in ours.named_parameters() if p.requires_grad]  # loaded for inference, as in peft
     batch = case.inputs(ours)
     expected = run(theirs, batch)
     assert_same_outputs(run(ours, batch), expected)
@@ -345,7 +346,6 @@ def test_forward_equals_the_paper_written_out_over_the_base_blocks(name: str, ex
     close(out.shadow_loss, aux)
     close(model.base_model.last_shadow_loss, aux)
     close(out.loss, expected.loss + model.peft_config["default"].auxiliary_loss_weight * aux)
-    assert not out.shadow_loss.requires_grad  # a detached copy, for logging
 
 
 # -------------------------------------------------------------------------------------------------- fresh / disable
@@ -398,6 +398,7 @@ def test_zero_auxiliary_weight_gives_exactly_the_task_loss() -> None:
     torch.testing.assert_close(out.loss, task, rtol=1e-6, atol=0)
     unlabeled = run(model, {k: v for k, v in batch.items() if k != "labels"})
     assert unlabeled.loss is None and torch.equal(unlabeled.logits, logits)
+    assert model.base_model.last_shadow_loss is None  # no labels, no shadow loss: nothing stale is left
 
 
 # -------------------------------------------------------------------------------------------------------- training
@@ -420,7 +421,9 @@ def test_only_shadow_parameters_train_and_a_step_moves_them_as_peft_does(name: s
     for model in (ours, theirs):
         model.train()
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-        model(**batch).loss.backward()
+        out = model(**batch)
+        assert out.loss.requires_grad and not out.shadow_loss.requires_grad  # shadow_loss: a detached copy to log
+        out.loss.backward()
         optimizer.step()
     for param in ours.parameters():
         if id(param) in frozen:
@@ -438,8 +441,10 @@ def test_only_shadow_parameters_train_and_a_step_moves_them_as_peft_does(name: s
     assert any(".shadow_up." in k for k in moved) and any(".shadow_backbone." in k for k in moved)
 
 
+@pytest.mark.parametrize("kwargs", [{}, dict(gradient_checkpointing_kwargs={"use_reentrant": False})],
+                         ids=["default", "non-reentrant"])
 @pytest.mark.parametrize("name", ["llama", "gpt2-without-dropout"])
-def test_gradient_checkpointing_gives_the_same_gradients(name: str) -> None:
+def test_gradient_checkpointing_gives_the_same_gradients(name: str, kwargs: dict) -> None:
     case = CASES[name]
     model = build(dt, case, shadow_dropout=0.0)
     batch = case.inputs(model, seed=4)
@@ -451,7 +456,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name: str) -> None:
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = gradients()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(**kwargs)
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys() and len(plain) > 10
     for key in plain:
