@@ -26,6 +26,7 @@ with the default targets (ignored), gaps between blocks (not refused), T5 (an ``
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import re
 from collections.abc import Callable
@@ -488,6 +489,27 @@ def test_cached_generate_equals_a_loop_of_full_forwards(name: str) -> None:
             ids = torch.cat([ids, next_logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, ids)
     assert not torch.equal(generated, _greedy(case.factory(), prompt))  # the adapter changes what is generated
+
+
+#: transformers 5.25 (not 5.13) names the forward's KV-cache argument ``cache``, still taking ``past_key_values``
+#: (deprecated): both must reach the shadow backbone's past, or a hand-written decoding loop is silently wrong
+_TAKES_CACHE = "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+
+
+@pytest.mark.parametrize("argument", ["cache", "past_key_values"])
+def test_a_decoding_loop_passing_the_cache_back_equals_full_forwards(argument: str) -> None:
+    if argument == "cache" and not _TAKES_CACHE:
+        pytest.skip("this transformers takes the cache as past_key_values only")
+    model = build(dt, LLAMA)
+    ids = _prompt(model)["input_ids"]
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        for _ in range(3):
+            step = out.logits[:, -1:].argmax(-1)
+            ids = torch.cat([ids, step], dim=1)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            out = model(input_ids=step, use_cache=True, **{argument: cache})
+            close(out.logits[:, -1], model(input_ids=ids, use_cache=False).logits[:, -1])
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
