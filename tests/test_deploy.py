@@ -49,6 +49,17 @@ def test_refusals_name_the_reason(config: dt.PeftConfig, reason: str, tmp_path: 
     assert any(reason in p for p in verdict.problems), verdict.problems
 
 
+@pytest.mark.parametrize("config, mergeable", [
+    (dt.IA3Config(target_modules=["k_proj"], feedforward_modules=[]), True),
+    (dt.ShadowConfig(task_type="CAUSAL_LM", r=4), False),
+    (dt.BottleneckConfig(target_modules=["o_proj"], bottleneck_size=4), False),
+], ids=["ia3", "shadow", "bottleneck"])
+def test_the_advice_for_another_method_follows_whether_it_can_merge(config, mergeable, tmp_path: Path) -> None:
+    (problem,) = check_vllm(_save(tmp_path, config)).problems
+    assert ("deltatune merge" in problem) is mergeable
+    assert ("can neither be merged nor converted" in problem) is not mergeable
+
+
 def test_server_rank_limit(tmp_path: Path) -> None:
     path = _save(tmp_path, dt.LoraConfig(target_modules=_LLAMA, r=32))
     assert check_vllm(path, max_lora_rank=64).loads

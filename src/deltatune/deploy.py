@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, DeltatuneError
 from .files import CONFIG_NAME, SAFETENSORS_NAME, read_json_file, read_safetensors_header, resolve_file
+from .registry import LayerMethod, get_method
 
 # The values vLLM's --max-lora-rank accepts.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -38,6 +39,15 @@ class VllmVerdict:
     max_lora_rank: int | None = None
 
 
+def _mergeable(peft_type: Any) -> bool:
+    """Whether adapters of ``peft_type`` can fold into the weights (a layer method not marked otherwise)."""
+    try:
+        method = get_method(str(peft_type))
+    except DeltatuneError:
+        return False
+    return isinstance(method, LayerMethod) and method.mergeable
+
+
 def vllm_verdict(
     config: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]], max_lora_rank: int | None = None
 ) -> VllmVerdict:
@@ -53,11 +63,13 @@ def vllm_verdict(
     """
     method = config.get("peft_type")
     if method != "LORA":
-        return VllmVerdict(False, [
-            f"{method} is not LoRA: vLLM serves LoRA adapters only; serve a merged model instead "
-            f"(deltatune merge), which needs no adapter support, or convert it to a LoRA "
-            f"(deltatune.save_as_lora(path, model, rank), approximate below full rank)"
-        ])
+        if _mergeable(method):
+            advice = ("serve a merged model instead (deltatune merge), which needs no adapter support, or convert it "
+                      "to a LoRA (deltatune.save_as_lora(path, model, rank), approximate below full rank)")
+        else:
+            advice = ("and its change is not a weight update, so it can neither be merged nor converted to a LoRA; "
+                      "serve it with deltatune (PeftModel.generate)")
+        return VllmVerdict(False, [f"{method} is not LoRA: vLLM serves LoRA adapters only; {advice}"])
     problems = []
     if config.get("use_dora"):
         problems.append("DoRA (use_dora): vLLM does not implement it; serve a merged model (deltatune merge)")

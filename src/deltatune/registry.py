@@ -158,6 +158,9 @@ class LayerMethod:
             need state computed from the model's inputs (Shadow: the shadow backbone's state, which the adapted
             blocks read and advance). It yields ``None`` or ``finish(outputs, kwargs) -> outputs``, which the forward
             applies to its outputs (Shadow's auxiliary loss).
+        mergeable: ``False`` for a method whose adapters never fold into the weights (its deltas' ``check_mergeable``
+            always refuses, with ``NotMergeableError``), so that tools deciding from the files alone (``deltatune
+            inspect --check vllm``) do not advise merging.
         single_active: Its adapters are only used alone: ``set_adapter`` refuses one together with other adapters
             (Shadow: the blocks carry one shadow state).
         prepare_model: ``(config, model) -> undo`` run before an adapter is resolved and built, for a config that
@@ -188,6 +191,7 @@ class LayerMethod:
     make_network: Callable[[Any, nn.Module, Mapping[str, nn.Module]], nn.Module] | None = None
     run_scope: Callable[[nn.Module, str, Any], Any] | None = None
     single_active: bool = False
+    mergeable: bool = True
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerConfig, PeftType
-from ..errors import AdapterStateError, ConfigError, TargetError
+from ..errors import AdapterStateError, ConfigError, NotMergeableError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
 from ..targeting import iter_candidates
@@ -158,10 +158,10 @@ class AdaptionPrompt(Delta):
         )
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
-        raise AdapterStateError("adaption prompts cannot be merged: they add an attention over learned tokens")
+        raise NotMergeableError("adaption prompts cannot be merged: they add an attention over learned tokens")
 
     def check_mergeable(self, base_layer: nn.Module) -> None:
-        raise AdapterStateError(
+        raise NotMergeableError(
             "adaption prompts cannot be merged into the weights: they add a gated attention over learned prompt "
             "tokens, not a weight change; keep using the PeftModel"
         )
@@ -228,4 +228,5 @@ def check_target(config: AdaptionPromptConfig, base_layer: nn.Module, name: str)
 METHOD = LayerMethod(
     config_class=AdaptionPromptConfig, make_delta=make_delta, layer_types=(nn.Module,), check_target=check_target,
     find_targets=find_targets, mixed_batches=False,
+    mergeable=False,
 )

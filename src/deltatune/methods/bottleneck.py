@@ -13,7 +13,7 @@ The format is deltatune's (peft has no bottleneck adapter): ``peft_type`` ``"BOT
 ``base_model.model.<module path>.adapter_down.weight`` ``(m, d)``, ``.adapter_down.bias`` ``(m,)``,
 ``.adapter_up.weight`` ``(d, m)`` and ``.adapter_up.bias`` ``(d,)`` (the names LLM-Adapters uses).
 
-The adapter is nonlinear, so it cannot be folded into the base weights: merging raises :class:`AdapterStateError`
+The adapter is nonlinear, so it cannot be folded into the base weights: merging raises :class:`NotMergeableError`
 and changes nothing; ``unload()`` removes it. Layer types: ``nn.Linear`` and transformers ``Conv1D``.
 """
 
@@ -26,7 +26,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LayerConfig, PeftType
-from ..errors import AdapterStateError, ConfigError
+from ..errors import ConfigError, NotMergeableError
 from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
@@ -97,10 +97,10 @@ class BottleneckDelta(Delta):
         return accumulate(base_out, update, self.scaling)
 
     def check_mergeable(self, base_layer: nn.Module) -> None:
-        raise AdapterStateError(_NOT_MERGEABLE)
+        raise NotMergeableError(_NOT_MERGEABLE)
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
-        raise AdapterStateError(_NOT_MERGEABLE)
+        raise NotMergeableError(_NOT_MERGEABLE)
 
 
 def make_delta(config: BottleneckConfig, base_layer: nn.Module, name: str) -> BottleneckDelta:
@@ -115,4 +115,5 @@ METHOD = LayerMethod(
     make_delta=make_delta,
     layer_types=(nn.Linear, Conv1D),
     default_targets=DEFAULT_TARGETS,
+    mergeable=False,
 )

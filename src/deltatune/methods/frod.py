@@ -47,7 +47,7 @@ from ..errors import AdapterLoadError, ConfigError, TargetError
 from ..layers import Delta
 from ..registry import LayerMethod
 from ..targeting import DEFAULT_ATTENTION_TARGETS
-from .common import adapter_dtype, check_dropout, check_scale, check_seed, place_delta, record_fan_in_fan_out
+from .common import check_dropout, check_scale, check_seed, place_delta, record_fan_in_fan_out
 
 __all__ = ["FrodConfig"]  # exported from deltatune
 

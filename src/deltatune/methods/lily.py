@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerConfig, PeftType
-from ..errors import AdapterStateError, ConfigError
+from ..errors import ConfigError, NotMergeableError
 from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
@@ -94,7 +94,7 @@ class LilyDelta(Delta):
         return accumulate(base_out, hidden @ combined, self.scaling)
 
     def check_mergeable(self, base_layer: nn.Module) -> None:
-        raise AdapterStateError("Lily cannot be merged: its router mixes the up-projections per batch, so there is "
+        raise NotMergeableError("Lily cannot be merged: its router mixes the up-projections per batch, so there is "
                                 "no fixed weight update (peft refuses too)")
 
     def extra_repr(self) -> str:
@@ -162,4 +162,5 @@ METHOD = LayerMethod(
     make_delta=make_delta,
     layer_types=(nn.Linear,),
     make_shared=make_projectors,
+    mergeable=False,
 )

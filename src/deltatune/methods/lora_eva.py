@@ -29,7 +29,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
-from ..layers import AdapterLayer, adapter_layers
+from ..layers import adapter_layers
 from ..targeting import pattern_value
 
 __all__ = ["get_eva_state_dict", "initialize_lora_eva_weights"]

@@ -37,7 +37,7 @@ from torch import nn
 from torch.distributions import RelaxedBernoulli
 
 from ..config import LayerConfig, PeftType
-from ..errors import AdapterStateError, ConfigError
+from ..errors import ConfigError, NotMergeableError
 from ..kernels import add_per_row_low_rank, index_accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
@@ -147,10 +147,10 @@ class PolyDelta(Delta):
         return out
 
     def check_mergeable(self, base_layer: nn.Module) -> None:
-        raise AdapterStateError(_NO_MERGE)
+        raise NotMergeableError(_NO_MERGE)
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
-        raise AdapterStateError(_NO_MERGE)
+        raise NotMergeableError(_NO_MERGE)
 
 
 _NO_MERGE = ("Poly adapters cannot be merged: each row's update depends on its task (task_ids), so there is no "
@@ -199,4 +199,5 @@ METHOD = LayerMethod(
     layer_types=(nn.Linear,),
     check_target=check_target,
     num_tasks=lambda config: config.n_tasks,
+    mergeable=False,
 )

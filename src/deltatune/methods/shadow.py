@@ -710,6 +710,7 @@ METHOD = LayerMethod(
     run_scope=run_scope,
     mixed_batches=False,
     single_active=True,
+    mergeable=False,
     model_functions={"unload_shadow": unload_shadow, "shadow_backbone": _per_adapter("backbone"),
                      "shadow_projection": _per_adapter("projection"), "shadow_head": _per_adapter("head")},
 )
