@@ -20,7 +20,8 @@ Where peft 0.21.2 is no oracle (run as the model under test it fails these): its
 transformers 5.25 (the cache arrives as ``cache=``, which its hook does not read; 5.13 passes), ``layers_to_transform``
 with the default targets (ignored), gaps between blocks (not refused), T5 (an ``AttributeError``) and
 ``merge_and_unload`` (refused only after removing the shadow hooks, which loses the adapter's effect),
-``adapter_names`` rows (not refused) and loading for inference (its shadow backbone stays trainable).
+``adapter_names`` rows (not refused), loading for inference (its shadow backbone stays trainable) and two active
+adapters (a ``TypeError`` about hashing).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import copy
 import inspect
 import json
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +135,12 @@ def build(library: Any, case: Case, seed: int = 0, **extra: Any) -> nn.Module:
 def saved(model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
     model.save_pretrained(path)
     return load_file(path / "adapter_model.safetensors")
+
+
+def load_file_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``model`` saves (its adapter file, read back)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return saved(model, Path(tmp))
 
 
 @torch.no_grad()
@@ -686,3 +694,30 @@ def test_unload_shadow_shares_modules_unless_copied(tmp_path: Path) -> None:
     assert (run(other, batch).logits - before).abs().max() > 1e-3
     other.load_state_dict(state, strict=True)
     close(run(other, batch).logits, before)
+
+
+def test_peft_attributes_of_the_shadow_network_and_the_unloaded_model() -> None:
+    # what peft users reach for: base_model.shadow_backbone / shadow_projection / shadow_head per adapter, and the
+    # unloaded model's backbone / shadow_hidden_projection / head
+    case = CASES["llama-projected"]
+    ours, theirs = build(dt, case), build(peft, case)
+    for container in ("shadow_backbone", "shadow_projection"):
+        mine, peers = getattr(ours.base_model, container)["default"], getattr(theirs.base_model, container)["default"]
+        assert {k: v.shape for k, v in mine.state_dict().items()} == {k: v.shape for k, v in peers.state_dict().items()}
+    standalone = ours.base_model.unload_shadow()
+    assert standalone.backbone is ours.base_model.shadow_backbone["default"]
+    assert standalone.shadow_hidden_projection is ours.base_model.shadow_projection["default"]
+    assert standalone.head is ours.get_base_model().get_output_embeddings()
+    classifier = build(dt, CASES["llama-seq-cls"])
+    assert torch.equal(classifier.base_model.shadow_head["default"].weight,
+                       load_file_of(classifier)["base_model.shadow_head.default.weight"])
+
+
+def test_two_active_shadow_adapters_are_refused() -> None:
+    model = build(dt, LLAMA)
+    model.add_adapter("other", LLAMA.config(dt, init_weights=False))
+    batch = LLAMA.inputs(model)
+    expected = run(model.eval(), batch)
+    with pytest.raises(REFUSED, match=r"(?i)one|single|exactly"):
+        model.set_adapter(["default", "other"])
+    assert_same_outputs(run(model, batch), expected)
