@@ -105,7 +105,8 @@ def test_modules_to_save_copies_share_one_weight_through_training_and_merge() ->
     torch.testing.assert_close(_logits(merged, inputs), out.logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [TARGETS, SAVED], ids=["target_modules", "modules_to_save"])
+@pytest.mark.parametrize("kwargs", [TARGETS, SAVED, dict(TARGETS, use_dora=True)],
+                         ids=["target_modules", "modules_to_save", "dora"])
 def test_interop_with_peft_both_ways(tmp_path, kwargs) -> None:
     from safetensors.torch import load_file
 
@@ -163,9 +164,6 @@ def test_refusals_leave_the_model_unchanged() -> None:
     with pytest.raises(dt.ConfigError, match="ensure_weight_tying.*target_modules.*modules_to_save"):
         dt.get_peft_model(base, dt.LoraConfig(ensure_weight_tying=True, target_modules=["embed_tokens"],
                                               modules_to_save=["lm_head"]))
-    with pytest.raises(dt.errors.TargetError, match="ensure_weight_tying.*use_dora"):  # a twin cannot share DoRA
-        dt.get_peft_model(base, dt.LoraConfig(ensure_weight_tying=True, target_modules=["embed_tokens", "lm_head"],
-                                              use_dora=True))
     assert not any(isinstance(m, (dt.layers.AdapterLayer, dt.layers.ModulesToSaveWrapper)) for m in base.modules())
     assert base.lm_head.weight is base.model.embed_tokens.weight
 
@@ -292,3 +290,36 @@ def test_t5_modules_to_save_copies_share_one_table() -> None:
     torch.testing.assert_close(merged.shared.weight, table.detach(), rtol=0, atol=0)
     assert all(merged.get_submodule(n).weight is merged.shared.weight for n in T5_TABLE)
     torch.testing.assert_close(_logits(merged, inputs), unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make_model, make_inputs, targets", [
+    (tied_llama, make_causal_lm_inputs, ["embed_tokens", "lm_head"]),
+    (tiny_t5, make_seq2seq_inputs, ["embed_tokens"]),
+], ids=["llama", "t5"])
+def test_dora_twins_keep_their_own_magnitude_and_do_not_merge(tmp_path, make_model, make_inputs, targets) -> None:
+    """As peft: the factors are the source's, each tied module has its own DoRA magnitude (a head's per vocabulary
+    row, an embedding's per dimension) under its own key. peft reads our file to the same outputs; a merge, which
+    one table cannot hold, is refused with the model unchanged."""
+    from safetensors.torch import load_file
+
+    config = dict(ensure_weight_tying=True, target_modules=targets, use_dora=True)
+    ours = dt.get_peft_model(make_model(), dt.LoraConfig(**config))
+    base = ours.get_base_model()
+    head = base.lm_head.deltas["default"]
+    assert head.lora_magnitude_vector.shape == (VOCAB_SIZE,)
+    _randomize(ours)
+    inputs = make_inputs(base)
+    ours.save_pretrained(tmp_path, save_embedding_layers=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(make_model(), peft.LoraConfig(**config))
+        read_by_peft = peft.PeftModel.from_pretrained(make_model(), tmp_path).eval()
+    assert set(load_file(tmp_path / "adapter_model.safetensors")) == set(
+        peft.get_peft_model_state_dict(theirs, save_embedding_layers=False))
+    expected = _logits(ours.eval(), inputs)
+    torch.testing.assert_close(_logits(read_by_peft, inputs), expected, rtol=1e-5, atol=1e-5)
+    table = base.lm_head.base_layer.weight.detach().clone()
+    with pytest.raises(dt.errors.AdapterStateError, match="use_dora.*ensure_weight_tying.*unmerged"):
+        ours.merge_adapter()
+    assert torch.equal(base.lm_head.base_layer.weight, table) and not base.lm_head.merged_adapters
+    torch.testing.assert_close(_logits(ours, inputs), expected, rtol=0, atol=0)

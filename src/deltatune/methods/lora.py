@@ -708,7 +708,19 @@ class _Transposed(nn.Module):
 
 class _FollowsSource:
     """A tied twin's merge: nothing of its own. Its weight is the very tensor of its source's, into which the source's
-    layer merges (and unmerges) the one update, so the table changes once however many modules share it."""
+    layer merges (and unmerges) the one update, so the table changes once however many modules share it. With DoRA
+    each module keeps its own magnitude (as peft), so the one table cannot hold them all: such an adapter does not
+    merge (the twin refuses, which refuses the whole merge before any weight changes)."""
+
+    dora: DoraVariant | None
+
+    def check_mergeable(self, base_layer: nn.Module) -> None:
+        if self.dora is not None:
+            raise AdapterStateError(
+                "use_dora=True with ensure_weight_tying: the tied modules share one table but each rescales it by its "
+                "own DoRA magnitude, so no single merged table reproduces them all; keep the adapter unmerged"
+            )
+        super().check_mergeable(base_layer)
 
     def merge_weight(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return weight
@@ -731,7 +743,8 @@ class TiedLoraHead(_FollowsSource, LoraLinear):
         self.lora_B = _Transposed(source.lora_embedding_A)  # weight: (vocab, r)
 
     def saved_state_dict(self) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A.weight.detach(), "lora_B.weight": self.lora_B.weight.detach()}
+        own = {k: v for k, v in super().saved_state_dict().items() if not k.endswith(".tied")}  # DoRA's magnitude
+        return {**own, "lora_A.weight": self.lora_A.weight.detach(), "lora_B.weight": self.lora_B.weight.detach()}
 
     def state_from_saved(
         self, saved: dict[str, torch.Tensor], shared: Mapping[str, torch.Tensor]
@@ -761,10 +774,12 @@ def make_tied_delta(source: Delta, base_layer: nn.Module, name: str) -> TiedLora
     ``embed_tokens``) as :class:`TiedLoraEmbedding`. The source is the model's input embedding wherever the model
     names one (:func:`find_lora_targets` makes it a target, as peft does).
 
+    With DoRA the twin has a magnitude of its own (peft's), taken from the table: ``‖W₀ + ΔW‖`` per output row of a
+    head ``(vocab,)``, per dimension of an embedding ``(dim,)``.
+
     Raises:
         TargetError: the tied module is neither an ``nn.Linear`` nor an ``nn.Embedding`` of the table's shape, or the
-            LoRA sits on a head of a model without ``get_input_embeddings`` (peft ties from the input embedding), or
-            the embedding's LoRA uses DoRA (whose magnitude a twin cannot share).
+            LoRA sits on a head of a model without ``get_input_embeddings`` (peft ties from the input embedding).
     """
     if not isinstance(source, LoraEmbedding):
         raise TargetError(
@@ -780,12 +795,10 @@ def make_tied_delta(source: Delta, base_layer: nn.Module, name: str) -> TiedLora
             f"an nn.Linear head or an nn.Embedding of the embedding's shape can share its LoRA factors; leave "
             f"ensure_weight_tying off"
         )
+    twin = TiedLoraHead(source) if type(base_layer) is nn.Linear else TiedLoraEmbedding(source, base_layer)
     if source.dora is not None:
-        raise TargetError(
-            f"ensure_weight_tying=True: the embedding tied to {name} uses use_dora, whose update a tied module cannot "
-            f"share; leave ensure_weight_tying off"
-        )
-    return TiedLoraHead(source) if type(base_layer) is nn.Linear else TiedLoraEmbedding(source, base_layer)
+        twin.dora = DoraVariant.for_delta(twin, base_layer)
+    return twin
 
 
 class LoraParameter(LoraDelta):
