@@ -142,7 +142,8 @@ def _warnings(build) -> list[str]:
     (tiny_llama, dict(target_modules=["q_proj", "embed_tokens"])),  # no tied modules in the model
     (tied_llama, dict(target_modules=["q_proj"])),  # tied modules, none in the adapter
     (tiny_gpt2, dict(target_modules=["c_attn", "wte"])),  # tied, but not under a name peft ties (wte)
-], ids=["untied-model", "tied-not-targeted", "gpt2-wte"])
+    (tiny_t5, dict(target_modules=["q", "shared"])),  # T5's input embedding, not under a name peft ties
+], ids=["untied-model", "tied-not-targeted", "gpt2-wte", "t5-shared"])
 def test_nothing_to_tie_warns_as_peft(make_model, kwargs) -> None:
     theirs = _warnings(lambda: peft.get_peft_model(make_model(), peft.LoraConfig(ensure_weight_tying=True, **kwargs)))
     ours = _warnings(lambda: dt.get_peft_model(make_model(), dt.LoraConfig(ensure_weight_tying=True, **kwargs)))
