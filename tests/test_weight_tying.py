@@ -165,6 +165,9 @@ def test_refusals_leave_the_model_unchanged() -> None:
     with pytest.raises(dt.ConfigError, match="ensure_weight_tying.*target_modules.*modules_to_save"):
         dt.get_peft_model(base, dt.LoraConfig(ensure_weight_tying=True, target_modules=["embed_tokens"],
                                               modules_to_save=["lm_head"]))
+    with pytest.raises(dt.ConfigError, match="ensure_weight_tying.*'model.embed_tokens'.*exclude_modules"):
+        dt.get_peft_model(base, dt.LoraConfig(ensure_weight_tying=True, target_modules=["lm_head", "q_proj"],
+                                              exclude_modules=["model.embed_tokens"]))
     assert not any(isinstance(m, (dt.layers.AdapterLayer, dt.layers.ModulesToSaveWrapper)) for m in base.modules())
     assert base.lm_head.weight is base.model.embed_tokens.weight
 

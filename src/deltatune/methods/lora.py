@@ -1183,7 +1183,11 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str] |
     """``LayerMethod.find_targets``: the modules ``target_modules`` selects; under :func:`ties_targets` the model's
     input embedding leads them whenever its table is a selected module's (peft adds it to the targets): so a tie is
     rooted there, and every other module sharing the table (the LM head, T5's ``encoder`` / ``decoder``
-    ``embed_tokens`` beside ``shared``) is its twin (``make_tied_delta``), also where only a twin was named."""
+    ``embed_tokens`` beside ``shared``) is its twin (``make_tied_delta``), also where only a twin was named.
+
+    Raises:
+        ConfigError: ``exclude_modules`` excludes that input embedding.
+    """
     patterns, names = find_targets(model, config)
     if not ties_targets(config):
         return patterns, names
@@ -1195,6 +1199,12 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str] |
     selected = {id(getattr(unwrap(model.get_submodule(n)), "weight", None)) for n in names}
     if table is None or id(table) not in selected:
         return patterns, names
+    if config.exclude_modules is not None and name_matches(root, config.exclude_modules):
+        raise ConfigError(
+            f"ensure_weight_tying=True ties {sorted(set(names) - {root})} to the input embedding {root!r}, which "
+            f"carries the one LoRA of the tied table, but exclude_modules excludes it (peft fails there too); "
+            f"leave {root!r} out of exclude_modules, or ensure_weight_tying off"
+        )
     return patterns, [root, *(n for n in names if n != root)]
 
 
