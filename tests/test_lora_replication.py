@@ -159,3 +159,87 @@ def test_a_load_refused_by_strict_base_leaves_the_model_unreplicated(tmp_path: P
     with pytest.raises(AdapterLoadError):
         dt.PeftModel.from_pretrained(model, tmp_path, strict_base=True)
     _assert_unchanged(model, before)
+
+
+def _replicated(model: torch.nn.Module, layer_map: list[list[int]] = MAP) -> dt.PeftModel:
+    return dt.get_peft_model(model, dt.LoraConfig(target_modules=["q_proj"], layer_replication=layer_map,
+                                                  init_lora_weights=False))
+
+
+@pytest.mark.parametrize("layer_map", [MAP, [[1, 2], [1, 2]]])  # the second leaves layer 0 out
+def test_unload_gives_back_the_original_layers(layer_map: list[list[int]]) -> None:
+    model = tiny_llama()
+    layers, originals, before = model.model.layers, list(model.model.layers), _state(model)
+    peft_model = _replicated(model, layer_map)
+    peft_model.add_adapter("other", dt.LoraConfig(target_modules=["v_proj"], layer_replication=layer_map))
+    peft_model.train()  # a mode set while replicated reaches the original layers too
+    base = peft_model.unload()
+    assert base is model and base.model.layers is layers and list(layers) == originals
+    _assert_unchanged(base, before)
+    assert all(module.training for module in base.modules())
+    inputs = make_causal_lm_inputs(base)
+    torch.testing.assert_close(logits(base, inputs), logits(tiny_llama(), inputs), rtol=0, atol=0)
+    again = _replicated(base, [[0, 2], [0, 2]])  # replicates afresh, with other ranges too
+    assert len(again.get_base_model().model.layers) == 4
+
+
+def test_unload_carries_over_what_a_cast_changed_in_layer_buffers() -> None:
+    model = tiny_llama()
+    model.model.layers[1].register_buffer("scale", torch.ones(2))  # a per-layer buffer: copied, not shared
+    peft_model = _replicated(model)
+    peft_model.double()
+    base = peft_model.unload()
+    assert len(base.model.layers) == 2 and base.model.layers[1].scale.dtype == torch.float64
+    assert {t.dtype for t in base.state_dict().values()} == {torch.float64}
+
+
+def test_deleting_the_adapter_that_replicated_puts_the_layers_back() -> None:
+    model = tiny_llama()
+    layers = model.model.layers
+    inputs = make_causal_lm_inputs(model)
+    expected = logits(model, inputs)
+    peft_model = _replicated(model)
+    peft_model.add_adapter("head", dt.LoraConfig(target_modules=["lm_head"]))  # outside the layers; B = 0
+    peft_model.set_adapter("head")
+    peft_model.delete_adapter("default")
+    assert model.model.layers is layers and model.config.num_hidden_layers == 2
+    assert not hasattr(model, "_deltatune_layer_replication") and list(peft_model.peft_config) == ["head"]
+    torch.testing.assert_close(logits(peft_model, inputs), expected, rtol=0, atol=0)  # two layers again
+    before = _state(tiny_llama())
+    _assert_unchanged(peft_model.unload(), before)
+
+
+def test_a_shared_replication_stays_until_its_last_adapter_is_deleted() -> None:
+    model = tiny_llama()
+    layers = model.model.layers
+    peft_model = _replicated(model)
+    peft_model.add_adapter("other", dt.LoraConfig(target_modules=["v_proj"], layer_replication=MAP,
+                                                  init_lora_weights=False))
+    peft_model.set_adapter("other")
+    inputs = make_causal_lm_inputs(model)
+    expected = logits(peft_model, inputs)
+    replicated = model.model.layers
+    peft_model.delete_adapter("default")
+    assert model.model.layers is replicated and model.config.num_hidden_layers == 3  # "other" still needs them
+    torch.testing.assert_close(logits(peft_model, inputs), expected, rtol=0, atol=0)
+    peft_model.add_adapter("head", dt.LoraConfig(target_modules=["lm_head"]))
+    peft_model.set_adapter("head")
+    peft_model.delete_adapter("other")
+    assert model.model.layers is layers and model.config.num_hidden_layers == 2
+
+
+def test_deleting_it_is_refused_while_another_adapter_lives_in_the_copies() -> None:
+    peft_model = _adapter()
+    peft_model.add_adapter("plain", dt.LoraConfig(target_modules=["v_proj"], init_lora_weights=False))  # 3 layers
+    peft_model.set_adapter("plain")
+    model = peft_model.get_base_model()
+    inputs = make_causal_lm_inputs(model)
+    expected, names, state = logits(peft_model, inputs), _state(model)[0], _state(model)[1]
+    with pytest.raises(AdapterStateError, match=r"\['plain'\] adapt the layers that layer_replication"):
+        peft_model.delete_adapter("default")
+    assert list(peft_model.peft_config) == ["default", "plain"] and _state(model)[0] == names
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(logits(peft_model, inputs), expected, rtol=0, atol=0)
+    with pytest.raises(AdapterStateError, match="layer_replication"):  # nor merged (the copies share weights)
+        peft_model.merge_and_unload(adapter_names=["default"])
+    assert len(model.model.layers) == 3 and list(peft_model.peft_config) == ["default", "plain"]

@@ -16,7 +16,7 @@ import functools
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -305,7 +305,8 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an inactive adapter; a router adapter (X-LoRA) takes its experts with it, and an expert cannot be
-        deleted while its router exists."""
+        deleted while its router exists. The last adapter that needs a structural change of the model
+        (``layer_replication``) takes it with it."""
         self._check_exists(adapter_name)
         owner = next((n for n, router in self._routers() if adapter_name in router.experts), None)
         if owner is not None:
@@ -314,9 +315,23 @@ class PeftModel(nn.Module):
             raise AdapterStateError(
                 f"adapter {adapter_name!r} is active; set_adapter() to another adapter before deleting it"
             )
+        gone = {adapter_name, *getattr(dict(self._routers()).get(adapter_name), "experts", ())}
+        undos = self._structure_undos([self.peft_config[n] for n in gone if n in self.peft_config],
+                                      {n: c for n, c in self.peft_config.items() if n not in gone})
         self._remove_adapter_modules(adapter_name)
         del self.peft_config[adapter_name]
+        for undo in undos:
+            undo()
         self._refresh()
+
+    def _structure_undos(self, configs: Iterable[PeftConfig],
+                         remaining: Mapping[str, PeftConfig]) -> list[Callable[[], None]]:
+        """The undos of the structural changes the methods of ``configs`` made (``LayerMethod.restore_model``) that
+        no adapter of ``remaining`` needs; raises, before anything changes, where one cannot be undone."""
+        methods = {id(m): m for m in map(get_method, {c.peft_type for c in configs})}
+        undos = [m.restore_model(self.get_base_model(), remaining) for m in methods.values()
+                 if getattr(m, "restore_model", None) is not None]
+        return [undo for undo in undos if undo is not None]
 
     def _remove_adapter_modules(self, adapter_name: str) -> None:
         router = dict(self._routers()).get(adapter_name)
@@ -511,7 +526,11 @@ class PeftModel(nn.Module):
         for _, router in self._routers():
             router.detach()
         inject.unmerge(base)
-        return inject.unload(base, keep_trained_copies=False)
+        undos = self._structure_undos(self.peft_config.values(), {})
+        inject.unload(base, keep_trained_copies=False)
+        for undo in undos:  # layer_replication: the original layers again
+            undo()
+        return base
 
     # --- running --------------------------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Sequence[str] | None = None, task_ids: Any = None, **kwargs):

@@ -166,6 +166,10 @@ class LayerMethod:
         prepare_model: ``(config, model) -> undo`` run before an adapter is resolved and built, for a config that
             changes the model's structure first (LoRA's ``layer_replication``); the returned callable (or ``None``)
             undoes it when adding the adapter fails.
+        restore_model: ``(model, {name: config} of the adapters left) -> undo``: ``prepare_model``'s change put back
+            once no adapter left needs it (``None``: nothing to undo yet), run by ``delete_adapter`` and ``unload()``
+            after the adapter's modules are gone; raises ``AdapterStateError``, before anything changes, where an
+            adapter left lives inside the change.
     """
 
     config_class: type  # a PeftConfig subclass
@@ -187,6 +191,7 @@ class LayerMethod:
     extra_targets: Callable[[Any, nn.Module], list[str]] | None = None
     make_extra_delta: Callable[[Any, nn.Module, str, Any], nn.Module] | None = None
     prepare_model: Callable[[Any, nn.Module], Callable[[], None] | None] | None = None
+    restore_model: Callable[[nn.Module, Mapping[str, Any]], Callable[[], None] | None] | None = None
     num_tasks: Callable[[Any], int] | None = None
     make_network: Callable[[Any, nn.Module, Mapping[str, nn.Module]], nn.Module] | None = None
     run_scope: Callable[[nn.Module, str, Any], Any] | None = None

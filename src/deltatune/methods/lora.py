@@ -25,12 +25,11 @@ Layer types: ``nn.Linear``, transformers ``Conv1D`` (weight stored ``(in, out)``
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -58,6 +57,7 @@ from .lora_init import (
 )
 from .lora_kasa import KasaConfig, check_model as _check_kasa_model, kasa_loss
 from .lora_monteclora import MontecloraConfig, monteclora_loss
+from .lora_replication import replicate_layers, restore_layers
 from .lora_velora import VeloraConfig
 from .trainable_tokens import check_rows, check_token_indices, input_embedding_name, make_token_adapter
 
@@ -1079,81 +1079,6 @@ def _build(cls: type[LoraDelta], config: LoraConfig, base_layer: nn.Module, r: i
     return delta
 
 
-def _decoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
-    """Where the decoder layers are: peft's places (under any chain of ``.model``, then ``.bert``): ``layers``,
-    ``encoder.layer`` or ``h``; returns the module holding the ``nn.ModuleList`` and its attribute."""
-    while hasattr(model, "model"):
-        model = model.model
-    model = getattr(model, "bert", model)
-    for path in ("layers", "encoder.layer", "h"):
-        holder_path, _, attr = path.rpartition(".")
-        holder = model.get_submodule(holder_path) if holder_path else model
-        if isinstance(getattr(holder, attr, None), nn.ModuleList):
-            return holder, attr
-    raise ConfigError(
-        f"layer_replication: found no decoder layer list in {type(model).__name__} (looked for 'layers', "
-        f"'encoder.layer' and 'h', as peft does)"
-    )
-
-
-def replicate_layers(config: LoraConfig, model: nn.Module) -> Callable[[], None] | None:
-    """``layer_replication`` (``LayerMethod.prepare_model``): the decoder layer list rebuilt from the ranges, each
-    entry a copy of its source layer holding the very same parameters (so the copies cost no base memory), with
-    ``layer_idx`` renumbered (the KV cache indexes by it) and ``num_hidden_layers`` updated. Returns the undo.
-
-    A second adapter with the same ranges finds the model already replicated and changes nothing.
-
-    Raises:
-        ConfigError: no layer list, a range beyond it, other adapters present, or different ranges than the
-            adapter that replicated the model.
-    """
-    layer_map = config.layer_replication
-    if not layer_map:
-        return None
-    done = getattr(model, "_deltatune_layer_replication", None)
-    if done is not None:
-        if done != layer_map:
-            raise ConfigError(f"layer_replication={layer_map} differs from {done}, with which the model's layers were "
-                              f"already replicated; use the same ranges for every adapter")
-        return None
-    if any(isinstance(m, AdapterLayer) for m in model.modules()):
-        raise ConfigError("layer_replication must come with the model's first adapter (it copies the layers, and "
-                          "the other adapters' layers would be copied with them)")
-    holder, attr = _decoder_layers(model)
-    layers = getattr(holder, attr)
-    beyond = [pair for pair in layer_map if pair[1] > len(layers)]
-    if beyond:
-        raise ConfigError(f"layer_replication ranges {beyond} go beyond the model's {len(layers)} layers")
-    copies = []
-    for start, end in layer_map:
-        for index in range(start, end):
-            copy_ = _shared_copy(layers[index])
-            for module in copy_.modules():
-                if hasattr(module, "layer_idx"):
-                    module.layer_idx = len(copies)
-            copies.append(copy_)
-    model_config = getattr(holder, "config", None) or getattr(model, "config", None)
-    depth = getattr(model_config, "num_hidden_layers", None)
-    setattr(holder, attr, nn.ModuleList(copies))
-    if depth is not None:
-        model_config.num_hidden_layers = len(copies)
-    model._deltatune_layer_replication = [list(p) for p in layer_map]
-
-    def undo() -> None:
-        setattr(holder, attr, layers)
-        if depth is not None:
-            model_config.num_hidden_layers = depth
-        del model._deltatune_layer_replication
-
-    return undo
-
-
-def _shared_copy(layer: nn.Module) -> nn.Module:
-    """A deep copy of ``layer`` whose every parameter is the original's tensor (weights shared, modules not)."""
-    memo = {id(p): p for p in layer.parameters()}
-    return copy.deepcopy(layer, memo)
-
-
 # peft's EMBEDDING_LAYER_NAMES: ensure_weight_tying ties only where an entry names one of these (GPT-2's ``wte`` in
 # target_modules stays untied there, with its warning, so files stay readable by peft)
 _TIED_NAMES = ("embed_tokens", "lm_head")
@@ -1358,6 +1283,7 @@ METHOD = LayerMethod(
     extra_targets=token_targets,
     make_extra_delta=make_token_delta,
     prepare_model=replicate_layers,
+    restore_model=restore_layers,
     resolve_config=resolve_config,
     make_tied_delta=make_tied_delta,
     ties_weights=ties_targets,
