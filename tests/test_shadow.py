@@ -619,6 +619,16 @@ def test_inputs_embeds_give_the_same_output_as_input_ids() -> None:
     assert_same_outputs(run(model, {**batch, "inputs_embeds": embeds}), expected)
 
 
+def test_the_tuner_level_forward_is_the_same_model() -> None:
+    # peft users also call model.base_model(...) (the tuner): it runs the shadow path and adds the auxiliary loss too
+    model = build(dt, LLAMA)
+    batch = LLAMA.inputs(model)
+    assert_same_outputs(run(model.base_model, batch), run(model, batch))
+    with model.disable_adapter():
+        plain = run(model.base_model, batch)
+    assert getattr(plain, "shadow_loss", None) is None and model.base_model.last_shadow_loss is None
+
+
 def test_shadow_dropout_acts_in_training_only() -> None:
     model = build(dt, LLAMA, shadow_dropout=0.5)
     batch = LLAMA.inputs(model)

@@ -135,16 +135,33 @@ class AdapterModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         """The model's forward; in train mode :meth:`adapter_loss` joins ``outputs.loss``, where peft's tuner model
-        adds it (a loop that computes its own loss from the logits adds ``adapter_loss()`` itself). With
-        :meth:`PeftModel.enable_fast_training` on, :func:`deltatune.fast.forward` runs it."""
+        adds it (a loop that computes its own loss from the logits adds ``adapter_loss()`` itself), and each method's
+        :meth:`run_scopes` is open around it. With :meth:`PeftModel.enable_fast_training` on,
+        :func:`deltatune.fast.forward` runs it."""
         state = self.__dict__.get("_fast_training")
-        outputs = self.model(*args, **kwargs) if state is None else fast.forward(state, self.model, args, kwargs)
+        with self.run_scopes() as finishers:
+            outputs = self.model(*args, **kwargs) if state is None else fast.forward(state, self.model, args, kwargs)
+            for finish in finishers:
+                outputs = finish(outputs, kwargs)
         loss = getattr(outputs, "loss", None)
         if self.training and isinstance(loss, torch.Tensor):
             term = self.adapter_loss()
             if term is not None:
                 outputs.loss = loss + term
         return outputs
+
+    @contextlib.contextmanager
+    def run_scopes(self) -> Iterator[list[Callable[[Any, dict[str, Any]], Any]]]:
+        """Open the ``LayerMethod.run_scope`` of every adapter whose method has one (Shadow; each scope does
+        nothing unless its adapter is in effect); yields their ``finish`` functions for a forward's outputs."""
+        with contextlib.ExitStack() as stack:
+            finishers = []
+            for name, config, method in list(self._layer_methods()):
+                if method.run_scope is not None:
+                    finish = stack.enter_context(method.run_scope(self, name, config))
+                    if finish is not None:
+                        finishers.append(finish)
+            yield finishers
 
     def __getattr__(self, name: str):
         """Besides the model's attributes: the adapters' ``LayerMethod.model_functions`` as methods, like peft's
@@ -298,8 +315,8 @@ class PeftModel(nn.Module):
             raise AdapterStateError(f"a prompt adapter cannot be combined with other active adapters: {names}")
         alone = [n for n in names if getattr(get_method(self.peft_config[n].peft_type), "single_active", False)]
         if len(names) > 1 and alone:
-            raise AdapterStateError(f"{self.peft_config[alone[0]].peft_type.value} adapters run with exactly one active "
-                                    f"adapter; got {names}")
+            kind = self.peft_config[alone[0]].peft_type.value
+            raise AdapterStateError(f"{kind} adapters run with exactly one active adapter; got {names}")
         self._active = names
         self._refresh()
 
@@ -542,12 +559,8 @@ class PeftModel(nn.Module):
         call = self._prompt_call(adapter_names)
         if call is not None:
             return prompt.prompt_forward(self.get_base_model(), *call, self.prompt_task, args, kwargs, task_ids)
-        with batch_adapters(adapter_names), batch_tasks(self._layer_task_ids(adapter_names, task_ids)), scope, \
-                self._run_scopes() as finishers:
-            outputs = self.base_model(*args, **kwargs)
-            for finish in finishers:
-                outputs = finish(outputs, kwargs)
-            return outputs
+        with batch_adapters(adapter_names), batch_tasks(self._layer_task_ids(adapter_names, task_ids)), scope:
+            return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, task_ids: Any = None, **kwargs):
         """The base model's ``generate()`` (KV cache on), optionally with one adapter (``adapter_names``) or one
@@ -559,23 +572,8 @@ class PeftModel(nn.Module):
             return prompt.prompt_generate(self.get_base_model(), *call, args, kwargs, task_ids)
         # aLoRA's offsets from the prompt, for every step (methods/alora.py)
         with batch_adapters(adapter_names), batch_tasks(self._layer_task_ids(adapter_names, task_ids)), scope, \
-                self._run_scopes():
+                self.base_model.run_scopes():
             return self.get_base_model().generate(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def _run_scopes(self) -> Iterator[list[Callable[[Any, dict[str, Any]], Any]]]:
-        """Open the ``LayerMethod.run_scope`` of each active layer adapter that has one (Shadow), unless adapters
-        are disabled; yields their ``finish`` functions for the forward's outputs."""
-        with contextlib.ExitStack() as stack:
-            finishers = []
-            for name in [] if self._prompt_disabled else self._active:
-                config = self.peft_config[name]
-                method = get_method(config.peft_type)
-                if isinstance(method, LayerMethod) and method.run_scope is not None:
-                    finish = stack.enter_context(method.run_scope(self, name, config))
-                    if finish is not None:
-                        finishers.append(finish)
-            yield finishers
 
     def _alora_scope(self, args: tuple, kwargs: dict[str, Any], *id_keys: str) -> contextlib.AbstractContextManager:
         """Where aLoRA adapters find their invocation in this call (:func:`~deltatune.methods.alora.invocation_scope`:

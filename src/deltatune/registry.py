@@ -153,11 +153,12 @@ class LayerMethod:
             that runs beside the model rather than in its layers (Shadow's backbone), built from the model; kept,
             saved and trained like ``make_shared``'s module (which a method has instead), and handed to
             ``make_delta`` the same way.
-        run_scope: ``(peft_model, adapter_name, config) -> context manager`` opened by ``PeftModel.forward`` and
-            ``generate()`` around the model while the adapter is active and adapters are enabled, for layers that
-            need state computed from the model's inputs (Shadow: the shadow backbone's state, which the adapted
-            blocks read and advance). It yields ``None`` or ``finish(outputs, kwargs) -> outputs``, which the forward
-            applies to its outputs (Shadow's auxiliary loss).
+        run_scope: ``(base_model, adapter_name, config) -> context manager`` opened around the model by the adapter
+            model's forward (``peft_model.base_model``, the tuner level, as in peft) and by ``PeftModel.generate()``,
+            for every adapter of the method, for layers that need state computed from the model's inputs (Shadow: the
+            shadow backbone's state, which the adapted blocks read and advance). It does nothing and yields ``None``
+            unless its adapter is in effect (active, adapters enabled); else it may yield ``finish(outputs, kwargs)
+            -> outputs``, which the forward applies to its outputs (Shadow's auxiliary loss).
         mergeable: ``False`` for a method whose adapters never fold into the weights (its deltas' ``check_mergeable``
             always refuses, with ``NotMergeableError``), so that tools deciding from the files alone (``deltatune
             inspect --check vllm``) do not advise merging.

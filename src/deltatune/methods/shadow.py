@@ -19,7 +19,7 @@ usable small model (§3.5). The adaptation is an input-dependent trajectory, not
 How it fits the core: each adapted block is an ``AdapterLayer`` whose :class:`ShadowBlock` runs the block
 (``Delta.run_layer``); the backbone, projection and head are the adapter's *network*
 (``LayerMethod.make_network``), kept in ``base_model.shared_state``. The state travels beside the model rather than
-through it: :func:`run_scope` (``LayerMethod.run_scope``, opened by ``PeftModel.forward`` / ``generate``) seeds
+through it: :func:`run_scope` (``LayerMethod.run_scope``, opened by ``base_model``'s forward and ``generate``) seeds
 ``s⁽⁰⁾`` from the model's raw inputs in a forward pre-hook and keeps ``states[i]``, the state entering the ``i``-th
 adapted block, which that block reads and whose successor it writes (so a block recomputed under checkpointing reads
 the same state again). In cached generation the backbone's key/value layers ride in the model's own cache object,
@@ -521,40 +521,45 @@ def _seed_hook(run: _Run, model: nn.Module, forward_cache_name: str | None):
 
 
 @contextlib.contextmanager
-def run_scope(peft_model: nn.Module, adapter_name: str, config: ShadowConfig) -> Iterator[Any]:
+def run_scope(base_model: nn.Module, adapter_name: str, config: ShadowConfig) -> Iterator[Any]:
     """``LayerMethod.run_scope``: while open, every forward of the model seeds the shadow state; yields the
-    function that adds the auxiliary loss to a forward's outputs."""
+    function that adds the auxiliary loss to a forward's outputs. Nothing while the adapter is not in effect (not
+    active in its blocks, or adapters disabled)."""
+    base_model.last_shadow_loss = None
+    network = base_model.shared_state[adapter_name]
+    entry = base_model.model.get_submodule(network.blocks[0])
+    if entry.disabled or adapter_name not in entry.active_adapters:
+        yield None
+        return
     if current_row_plan() is not None:
         raise AdapterStateError("adapter_names (one adapter per row) is not supported with a Shadow adapter")
-    if len(peft_model.active_adapters) != 1:
-        raise AdapterStateError(f"ShadowPEFT runs with exactly one active adapter; active: "
-                                f"{peft_model.active_adapters}")
-    model = peft_model.get_base_model()
-    run = _Run(peft_model.base_model.shared_state[adapter_name], [])
+    if len(entry.active_adapters) != 1:
+        raise AdapterStateError(f"ShadowPEFT runs with exactly one active adapter; active: {entry.active_adapters}")
+    model = base_model.model
+    run = _Run(network, [])
     handle = model.register_forward_pre_hook(_seed_hook(run, model, cache_argument(model)), with_kwargs=True)
     token = _RUN.set(run)
     try:
-        yield lambda outputs, kwargs: _add_auxiliary_loss(peft_model, config, run, outputs, kwargs.get("labels"))
+        yield lambda outputs, kwargs: _add_auxiliary_loss(base_model, config, run, outputs, kwargs.get("labels"))
     finally:
         _RUN.reset(token)
         handle.remove()
 
 
-def _add_auxiliary_loss(peft_model: nn.Module, config: ShadowConfig, run: _Run, outputs: Any,
+def _add_auxiliary_loss(base_model: nn.Module, config: ShadowConfig, run: _Run, outputs: Any,
                         labels: torch.Tensor | None) -> Any:
     """Eq. 8–9: with ``labels`` and a task loss, ``outputs.loss += λ · shadow loss``; the unweighted shadow loss is
     kept, detached, as ``outputs.shadow_loss`` and ``base_model.last_shadow_loss`` (peft's names)."""
-    peft_model.base_model.last_shadow_loss = None
-    loss = shadow_loss(peft_model, run, labels) if getattr(outputs, "loss", None) is not None else None
+    loss = shadow_loss(base_model.model, run, labels) if getattr(outputs, "loss", None) is not None else None
     if loss is None:
         return outputs
-    peft_model.base_model.last_shadow_loss = outputs.shadow_loss = loss.detach()
+    base_model.last_shadow_loss = outputs.shadow_loss = loss.detach()
     if config.auxiliary_loss_weight > 0:
         outputs.loss = outputs.loss + config.auxiliary_loss_weight * loss
     return outputs
 
 
-def shadow_loss(peft_model: nn.Module, run: _Run, labels: torch.Tensor | None) -> torch.Tensor | None:
+def shadow_loss(model: nn.Module, run: _Run, labels: torch.Tensor | None) -> torch.Tensor | None:
     """The shadow path's own task loss on ``s⁽⁰⁾``: next-token cross-entropy through the base LM head (computed in
     chunks, without the full logits), or the classification loss of the shadow head on the last real token."""
     from ..fast import linear_cross_entropy
@@ -563,7 +568,7 @@ def shadow_loss(peft_model: nn.Module, run: _Run, labels: torch.Tensor | None) -
     if labels is None or state is None:
         return None
     if run.network.lm_head:
-        return linear_cross_entropy(peft_model.get_base_model().get_output_embeddings(), state, labels, shift=True)
+        return linear_cross_entropy(model.get_output_embeddings(), state, labels, shift=True)
     if run.network.head is None:
         return None
     return classification_loss(run.network.head(last_token(state, run.attention_mask)), labels)
