@@ -327,3 +327,34 @@ def test_dora_twins_keep_their_own_magnitude_and_do_not_merge(tmp_path, make_mod
         ours.merge_adapter()
     assert torch.equal(base.lm_head.base_layer.weight, table) and not base.lm_head.merged_adapters
     torch.testing.assert_close(_logits(ours, inputs), expected, rtol=0, atol=0)
+
+
+def test_t5_token_rows_of_one_table_train_together(tmp_path) -> None:
+    """``trainable_token_indices`` on two modules of T5's one table: with the same rows they are one set of rows
+    (peft ties them to the input embedding's, and reads our file to the same outputs); with different rows, which
+    peft refuses under ``ensure_weight_tying`` and one merged table cannot hold, they are refused by name."""
+    from safetensors.torch import load_file
+
+    base = tiny_t5()
+    for ensure in (True, False):
+        with pytest.raises(dt.ConfigError, match=r"shared: \[5, 6\] and encoder.embed_tokens: \[7, 8\]"):
+            dt.get_peft_model(base, dt.LoraConfig(target_modules=["q"], ensure_weight_tying=ensure,
+                                                  trainable_token_indices={"shared": [5, 6],
+                                                                           "encoder.embed_tokens": [7, 8]}))
+    assert not any(isinstance(m, dt.layers.AdapterLayer) for m in base.modules())
+    config = dict(target_modules=["q"], ensure_weight_tying=True,
+                  trainable_token_indices={"shared": [5, 6], "encoder.embed_tokens": [5, 6]})
+    ours = dt.get_peft_model(base, dt.LoraConfig(**config))
+    rows = {id(ours.get_base_model().get_submodule(n).deltas["default"].token_adapter.trainable_tokens_delta)
+            for n in T5_TABLE}
+    assert len(rows) == 1
+    _randomize(ours)
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tiny_t5(), peft.LoraConfig(**config))
+        read_by_peft = peft.PeftModel.from_pretrained(tiny_t5(), tmp_path / "ours").eval()
+    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert set(saved) == set(peft.get_peft_model_state_dict(theirs))
+    inputs = make_seq2seq_inputs(base)
+    torch.testing.assert_close(_logits(read_by_peft, inputs), _logits(ours.eval(), inputs), rtol=1e-5, atol=1e-5)

@@ -1203,7 +1203,28 @@ def token_targets(config: LoraConfig, model: nn.Module) -> list[str]:
                 raise TargetError(f"{name}: another adapter adapts this embedding with LoRA, so "
                                   f"trainable_token_indices cannot wrap it (nor in peft)")
             names.append(name)
+    _check_tied_token_rows(config, model, names)
     return names
+
+
+def _check_tied_token_rows(config: LoraConfig, model: nn.Module, names: Sequence[str]) -> None:
+    """Modules sharing one table train its rows together (the others follow the first: ``resolve`` ties them), so
+    ``trainable_token_indices`` must give them one list of rows.
+
+    Raises:
+        ConfigError: two entries give different rows to modules of one table (peft refuses this under
+            ``ensure_weight_tying``; without it peft trains them apart, which one table cannot hold once merged).
+    """
+    rows: dict[int, tuple[str, list[int]]] = {}
+    for name in names:
+        weight = getattr(unwrap(model.get_submodule(name)), "weight", None)
+        first, indices = rows.setdefault(id(weight), (name, _token_indices_for(config, name)))
+        if list(_token_indices_for(config, name)) != list(indices):
+            raise ConfigError(
+                f"trainable_token_indices gives {first}: {list(indices)} and {name}: "
+                f"{list(_token_indices_for(config, name))}, but they share one weight, whose rows train together; "
+                f"give tied layers the same indices"
+            )
 
 
 def _token_indices_for(config: LoraConfig, name: str) -> list[int]:
