@@ -1,13 +1,22 @@
 """The exceptions deltatune raises on bad input.
 
 Every one subclasses ``ValueError`` so code written against peft (which raises ``ValueError``) keeps working, and
-every message says what was wrong and what to do about it.
+peft's own base classes (``PeftError``; ``NoMatchingPeftModuleError`` for targets that match nothing; ``PeftWarning``
+for warnings), so code that catches peft's catches ours. Every message says what was wrong and what to do about it.
 """
 
 from __future__ import annotations
 
 
-class DeltatuneError(ValueError):
+class PeftError(Exception):
+    """peft's base error class (``peft.PeftError``), above :class:`DeltatuneError`."""
+
+
+class PeftWarning(UserWarning):
+    """peft's base warning class (``peft.PeftWarning``); deltatune's own warning categories subclass it."""
+
+
+class DeltatuneError(PeftError, ValueError):
     """Base class of every error deltatune raises on bad input."""
 
 
@@ -17,6 +26,11 @@ class ConfigError(DeltatuneError):
 
 class TargetError(DeltatuneError):
     """``target_modules`` / ``modules_to_save`` select nothing, or select a module the method cannot wrap."""
+
+
+class NoMatchingPeftModuleError(TargetError):
+    """``target_modules`` / ``target_parameters`` match no module or parameter of the model (peft's class of the same
+    name: a ``PeftError`` and a ``ValueError``)."""
 
 
 class AdapterLoadError(DeltatuneError):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import quant
-from .errors import AdapterLoadError
+from .errors import AdapterLoadError, PeftWarning
 from .layers import AdapterLayer, adapter_layers
 
 METADATA_KEY = "deltatune.base_model"
@@ -35,7 +35,7 @@ _SAMPLE = 4  # rows and columns sampled per weight: 16 values, 32 bytes
 TOLERANCE = 0.02
 
 
-class BaseModelMismatchWarning(UserWarning):
+class BaseModelMismatchWarning(PeftWarning):
     """An adapter is loaded onto a base model other than the one it was saved with (see :mod:`deltatune.fingerprint`)."""
 
 

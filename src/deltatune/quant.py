@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AdapterStateError, QuantizationError
+from .errors import AdapterStateError, PeftWarning, QuantizationError
 
 __all__ = [
     "HANDLERS", "QuantizationError", "DequantizedLinear", "QuantHandler", "QuantizedMergeWarning", "check_target", "delta_view",
@@ -43,7 +43,7 @@ __all__ = [
 INSTALL = "pip install 'deltatune[quant]'"
 
 
-class QuantizedMergeWarning(UserWarning):
+class QuantizedMergeWarning(PeftWarning):
     """A merge into a quantized base: the measured share of the adapter's effect lost to requantization."""
 
 

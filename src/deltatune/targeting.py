@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from .errors import TargetError
+from .errors import NoMatchingPeftModuleError, TargetError
 
 ALL_LINEAR = "all-linear"
 
@@ -189,8 +189,8 @@ def find_targets(
     default targets (then recorded as ``None``, as peft does).
 
     Raises:
-        TargetError: no default targets, or nothing matches; the message lists the patterns and the model's
-            candidate module names.
+        TargetError: no default targets; :class:`NoMatchingPeftModuleError` (a ``TargetError``) when nothing
+            matches. The message lists the patterns and the model's candidate module names.
     """
     if getattr(config, "target_parameters", None):
         if config.target_modules == []:
@@ -216,7 +216,7 @@ def find_targets(
         extra = ""
         if config.layers_to_transform is not None:
             extra = f" in layers {config.layers_to_transform} (layers_pattern={config.layers_pattern!r})"
-        raise TargetError(
+        raise NoMatchingPeftModuleError(
             f"target_modules {patterns!r}{extra} matched no module of {type(model).__name__}. "
             f"Module names that can be targeted include: {_candidate_leaves(model)[:40]}"
         )
@@ -232,7 +232,8 @@ def find_parameter_targets(model: nn.Module, names: Sequence[str]) -> list[tuple
     count; a module already wrapped by adapter layers is matched through them.
 
     Raises:
-        TargetError: nothing matches; the message lists the parameter names that exist (3-D expert stacks first).
+        NoMatchingPeftModuleError: nothing matches; the message lists the parameter names that exist (3-D expert
+            stacks first).
     """
     from .layers import unwrap
 
@@ -242,7 +243,7 @@ def find_parameter_targets(model: nn.Module, names: Sequence[str]) -> list[tuple
             if name_matches(f"{module_name}.{param_name}", list(names)):
                 selected.append((module_name, param_name))
     if not selected:
-        raise TargetError(
+        raise NoMatchingPeftModuleError(
             f"target_parameters {list(names)!r} matched no parameter of {type(model).__name__}. Parameter names "
             f"that can be targeted include: {_candidate_parameters(model)[:40]}"
         )
