@@ -62,7 +62,8 @@ from .lora_velora import VeloraConfig
 from .trainable_tokens import check_rows, check_token_indices, input_embedding_name, make_token_adapter
 
 __all__ = [  # exported from deltatune
-    "ArrowConfig", "BdLoraConfig", "KasaConfig", "LoraConfig", "MontecloraConfig", "VeloraConfig", *lora_init.__all__,
+    "ArrowConfig", "BdLoraConfig", "KasaConfig", "LoraConfig", "LoraRuntimeConfig", "MontecloraConfig", "VeloraConfig",
+    *lora_init.__all__,
     "get_eva_state_dict", "initialize_lora_eva_weights",
 ]
 
@@ -70,6 +71,24 @@ _INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora", *lora_init.CHECKED)
 # Subspace iterations of fast PiSSA; a handful is the practice (peft's docs use 4-16). The bound stops a config file
 # from asking for hours of SVD work at load time.
 _MAX_PISSA_NITER = 1024
+
+
+@dataclass
+class LoraRuntimeConfig:
+    """Settings of the run, not of the adapter (peft's ``LoraConfig.runtime_config``, never saved).
+
+    Attributes:
+        ephemeral_gpu_offload: peft computes DoRA's initial weight norm on a GPU for a base kept on the CPU; deltatune
+            computes it where the base weight lives, so ``True`` is refused where a GPU exists (without one, peft
+            does nothing with it either).
+    """
+
+    ephemeral_gpu_offload: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ephemeral_gpu_offload and torch.cuda.is_available():
+            raise ConfigError("LoraRuntimeConfig(ephemeral_gpu_offload=True) is not implemented by deltatune (DoRA's "
+                              "initial weight norm is computed where the base weight lives); leave it False")
 
 
 @dataclass
@@ -135,6 +154,7 @@ class LoraConfig(LayerConfig):
         arrow_config: Arrow (``ArrowConfig``, ``methods/lora_arrow.py``): this adapter routes each token over the
             layer's other LoRA adapters; ``deltatune.create_arrow_model`` builds one from a library. Not mergeable.
         Of these (and ``use_dora``), an adapter uses at most one.
+        runtime_config: :class:`LoraRuntimeConfig` (or its dict), left out of ``adapter_config.json`` as in peft.
     """
 
     peft_type: PeftType = field(default=PeftType.LORA, init=False)
@@ -165,6 +185,7 @@ class LoraConfig(LayerConfig):
     eva_config: EvaConfig | None = None
     corda_config: CordaConfig | None = None
     lora_ga_config: LoraGAConfig | None = None
+    runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
 
     # peft LoRA features not implemented here; a file that switches one on is refused (see config.py).
     _unsupported: ClassVar[dict[str, Any]] = {
@@ -175,8 +196,17 @@ class LoraConfig(LayerConfig):
         ),
     }
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        del out["runtime_config"]  # how this run computes, not what the adapter is (peft leaves it out too)
+        return out
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.runtime_config, dict):
+            self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
+        if not isinstance(self.runtime_config, LoraRuntimeConfig):
+            raise ConfigError(f"runtime_config must be a LoraRuntimeConfig, got {type(self.runtime_config).__name__}")
         check_patterns(self.r, self.rank_pattern, self.alpha_pattern)
         check_scale("lora_alpha", self.lora_alpha)
         check_dropout("lora_dropout", self.lora_dropout)
