@@ -206,11 +206,14 @@ class PeftModel(nn.Module):
         super().__init__()
         if isinstance(model, PeftModel):
             raise AdapterStateError("the model is already a PeftModel; use add_adapter() to add another adapter")
+        if isinstance(model, AdapterModel) and getattr(model, "peft_config", None):
+            raise AdapterStateError("the model already holds adapters; use add_adapter() to add another adapter")
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         self.prompt_encoder = nn.ModuleDict()  # prompt adapters' encoders (peft's attribute name)
         self._prompt_disabled = False
-        self.base_model = AdapterModel(model)
+        # a fresh holder becomes base_model itself: a tuner (deltatune.tuners: LoraModel(model, config)) is one
+        self.base_model = model if isinstance(model, AdapterModel) else AdapterModel(model)
         self.base_model.peft_config = self.peft_config  # peft's ``model.base_model.peft_config`` is the same dict
         self._active = [adapter_name]  # the first adapter is active; add_adapter's refresh applies that
         self.training = model.training  # a model loaded for inference stays in eval mode (no adapter dropout)
