@@ -15,7 +15,7 @@ prompt plumbing (inputs lined up with the prompt, the embedding strategy, files)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -40,6 +40,29 @@ from .prompt import (
 )
 
 
+# peft's table of per-model-type functions that reshape the legacy tuple of prefix keys/values for models whose
+# attention wanted another layout. Empty, as in peft under transformers 5 (bloom's own layout is gone); deltatune always
+# hands the prefix as a transformers ``Cache`` and refuses a model type someone adds here (see ``Prefix.check_model``).
+TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING: dict[str, Callable[..., Any]] = {}
+
+
+def bloom_model_postprocess_past_key_value(
+    past_key_values: tuple[torch.Tensor, ...],
+) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """peft's reshaping of prefix keys/values for transformers' old bloom layout (before the standard cache).
+
+    ``past_key_values``: per-layer-pair tensors ``[2, batch, heads, T, head_dim]`` (keys then values), concatenated to
+    ``[2·layers, batch, heads, T, head_dim]``. Returns one ``(key, value)`` per layer, the key as
+    ``[batch·heads, head_dim, T]`` and the value as ``[batch·heads, T, head_dim]``.
+    """
+    stacked = torch.cat(past_key_values)
+    total, batch, heads, length, head_dim = stacked.shape
+    layers = total // 2
+    keys = stacked[:layers].transpose(2, 3).reshape(layers, batch * heads, head_dim, length)
+    values = stacked[layers:].reshape(layers, batch * heads, length, head_dim)
+    return tuple(zip(keys, values))
+
+
 class Prefix(PromptStrategy):
     """A per-layer key/value prefix handed to the model as a transformers ``Cache`` (Li & Liang, 2021, §4.2)."""
 
@@ -54,6 +77,13 @@ class Prefix(PromptStrategy):
             raise ConfigError(
                 f"{type(model).__name__}.forward takes no KV cache ('cache' or 'past_key_values'), so prefix tuning "
                 f"cannot feed it a prefix; use prompt tuning or P-tuning for this model"
+            )
+        model_type = getattr(_model_config(model), "model_type", None)
+        if model_type in TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING:
+            raise ConfigError(
+                f"TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING has an entry for {model_type!r}: deltatune "
+                f"hands every model its prefix as a transformers Cache and never applies a legacy key/value "
+                f"postprocess; remove the entry to use the Cache"
             )
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             raise ConfigError(

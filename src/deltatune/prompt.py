@@ -161,6 +161,21 @@ def check_encoder_size(name: str, value: object, limit: int) -> None:
 
 # --- what the base model offers ---------------------------------------------------------------------------------------
 
+def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """Decoder inputs from labels for a seq2seq model (BART's rule, as peft exports it): ``input_ids`` ``[batch, T]``
+    moved one position right, ``decoder_start_token_id`` first, ignored positions (``-100``) set to ``pad_token_id``.
+
+    Raises:
+        ValueError: ``pad_token_id`` is ``None``.
+    """
+    if pad_token_id is None:
+        raise ValueError("self.model.config.pad_token_id has to be defined.")
+    shifted = input_ids.new_zeros(input_ids.shape)
+    shifted[:, 1:] = input_ids[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill_(shifted == -100, pad_token_id)
+
+
 def _model_config(model: nn.Module):
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
