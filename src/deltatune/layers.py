@@ -270,23 +270,59 @@ class AdapterLayer(_Wrapper):
                 )
             return self._mixed_forward(plan, *args, **kwargs)
         names = [n for n in self.active_adapters if n not in self.merged_adapters]
-        deltas = [self.deltas[n] for n in names]
-        view = self._view
-        if deltas and deltas[0].run_layer is not None:  # the deltas run the layer themselves (Delta.run_layer)
-            return deltas[0].run_layer(deltas, self.base_layer, *args, **kwargs)
-        if not deltas:
+        if not names:
             return self.base_layer(*args, **kwargs)
+        runs = self._runs(names)
+        runner = next((self.deltas[n] for n in names if self.deltas[n].run_layer is not None), None)
+        if runner is not None:  # the deltas run the layer themselves (Delta.run_layer)
+            if len(runs) > 1:
+                raise AdapterStateError(
+                    f"{type(runner).__name__} runs its {type(self.base_layer).__name__} itself and cannot be combined "
+                    f"with other methods' adapters on it ({[type(self.deltas[n]).__name__ for n in names]}); "
+                    f"activate them one at a time"
+                )
+            return runner.run_layer([self.deltas[n] for n in names], self.base_layer, *args, **kwargs)
         x, *args = args
-        base_in = x
-        for delta in deltas:
-            if delta.transforms_input:
-                base_in = delta.transform_input(base_in)
-        out = self.base_layer(base_in, *args, **kwargs)
+        inputs = []  # the input each run sees: the layer's input transformed by the runs outside it
+        for run in runs:
+            inputs.append(x)
+            for name in run:
+                if self.deltas[name].transforms_input:
+                    x = self.deltas[name].transform_input(x)
+        out = self.base_layer(x, *args, **kwargs)
+        view = self._view
         weights = self.token_weights(self) if self.token_weights is not None else None
-        for name, delta in zip(names, deltas):
-            weight = None if weights is None else weights.get(name)
-            out = delta(x, out, view) if weight is None else delta.weighted_forward(x, out, view, weight)
+        for run, x in zip(reversed(runs), reversed(inputs)):  # outputs: innermost run first
+            for name in run:
+                delta = self.deltas[name]
+                weight = None if weights is None else weights.get(name)
+                out = delta(x, out, view) if weight is None else delta.weighted_forward(x, out, view, weight)
         return out
+
+    def _runs(self, names: Sequence[str]) -> list[list[str]]:
+        """``names`` cut into runs of consecutive deltas of one class, outermost first: how deltas of different
+        methods on one layer compose. Deltas of one class act as one layer of their method (input transforms in
+        order, all of them seeing the layer's input; outputs folded in order, as peft's layer of that method does);
+        runs nest like layers wrapped around each other (peft's ``PeftMixedModel``): a run sees the input as the
+        runs before it transformed it (OFT's rotation), and its outputs apply after those of the runs after it."""
+        runs: list[list[str]] = []
+        for name in names:
+            if runs and type(self.deltas[runs[-1][-1]]) is type(self.deltas[name]):
+                runs[-1].append(name)
+            else:
+                runs.append([name])
+        return runs
+
+    def _merge_order(self, names: Sequence[str]) -> list[str]:
+        """The unmerged deltas among ``names`` in the order merging must fold them in: as given for deltas of one
+        class; across classes innermost run first (:meth:`_runs` of the active order), so that the merged weight
+        computes what the nested forward does (an OFT rotation merged after a LoRA it wraps rotates ``W + ΔW``)."""
+        pending = [n for n in dict.fromkeys(names) if n in self.deltas and n not in self.merged_adapters]
+        if len({type(self.deltas[n]) for n in pending}) < 2:
+            return pending
+        active = [n for n in self.active_adapters if n in pending]
+        ordered = active + [n for n in pending if n not in active]
+        return [n for run in reversed(self._runs(ordered)) for n in run]
 
     def _mixed_forward(self, plan: RowPlan, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each group of rows goes through its own adapter; rows marked ``__base__`` (or naming an adapter this layer
@@ -332,9 +368,7 @@ class AdapterLayer(_Wrapper):
         the merged tensors are computed aside and the layer is not changed."""
         params = self._params(copy=True)  # name -> its value after the merges so far
         original = self._original_params(params)
-        for name in names:
-            if name in self.merged_adapters or name not in self.deltas:
-                continue
+        for name in self._merge_order(names):
             changed = self._merged_params(name, params, original)
             if not all(torch.isfinite(value).all() for value in changed.values()):
                 raise AdapterStateError(
@@ -352,9 +386,8 @@ class AdapterLayer(_Wrapper):
         params = self._params(copy=True)
         before = params["weight"]
         original = self._original_params(params)
-        for name in names:
-            if name not in self.merged_adapters and name in self.deltas:
-                params.update(self._merged_params(name, params, original))
+        for name in self._merge_order(names):
+            params.update(self._merged_params(name, params, original))
         stored = handler.quantize(self.base_layer, params["weight"])
         achieved = handler.dequantize_stored(self.base_layer, stored)
         return stored, params, quant.merge_error(before, params["weight"], achieved)
@@ -369,9 +402,7 @@ class AdapterLayer(_Wrapper):
         handler = self.quant_handler
         if not self.merged_adapters and any(d.merges_from_original for d in self.deltas.values()):
             self._original = self._params(copy=True)
-        for name in names:
-            if name in self.merged_adapters or name not in self.deltas:
-                continue
+        for name in self._merge_order(names):
             if handler is None:
                 params = self._params(copy=True)
                 for key, value in self._merged_params(name, params, self._original_params(params)).items():
