@@ -50,6 +50,7 @@ from .kappa import find_kappa_target_modules
 from .hotswap import hotswap_adapter, hotswap_adapter_from_state_dict, prepare_model_for_compiled_hotswap
 from .layers import AdapterLayer, Delta, ModulesToSaveWrapper
 from .model import (
+    PeftMixedModel,
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -98,6 +99,7 @@ _CORE_NAMES = [
     "PEFT_TYPE_TO_TUNER_MAPPING",
     "PeftConfig",
     "PeftError",
+    "PeftMixedModel",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",

@@ -1029,6 +1029,65 @@ TASK_WRAPPERS: dict[TaskType, type[PeftModel]] = {
 }
 
 
+# peft 0.21.2's COMPATIBLE_TUNER_TYPES (peft/tuners/mixed/model.py): the methods a PeftMixedModel holds together.
+MIXED_PEFT_TYPES = ("LORA", "LOHA", "LOKR", "ADALORA", "OFT", "SHIRA")
+
+
+class PeftMixedModel(PeftModel):
+    """Adapters of different methods (``MIXED_PEFT_TYPES``) on one model, several active at once: peft's
+    ``PeftMixedModel``, built by ``get_peft_model(..., mixed=True)`` or :meth:`from_pretrained`, each further adapter
+    added with :meth:`add_adapter` / :meth:`load_adapter` from its own (ordinary, single-method) adapter directory.
+
+    Active adapters on one layer compose in the order they were added, whatever order :meth:`set_adapter` names them
+    in, as in peft (which wraps each new method's layer around the layers already there): the first added is
+    innermost, so an OFT adapter added after a LoRA rotates the input the LoRA sees, and a merge folds them in that
+    order (``AdapterLayer._runs``). Unlike peft's, it also saves (each adapter as its own peft directory, as
+    :meth:`PeftModel.save_pretrained`), and deleting the active adapter is refused as in :class:`PeftModel`.
+    """
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """:meth:`PeftModel.add_adapter` for a method that mixes (``MIXED_PEFT_TYPES``); any other is refused.
+
+        Raises:
+            ConfigError: a method outside ``MIXED_PEFT_TYPES`` (prompt methods, IA3, VeRA, ...); nothing changes.
+        """
+        kind = peft_config.peft_type.value
+        if kind not in MIXED_PEFT_TYPES:
+            raise ConfigError(
+                f"{kind} adapters cannot be mixed: a PeftMixedModel holds {list(MIXED_PEFT_TYPES)} adapters (as "
+                f"peft's); use PeftModel for a {kind} adapter"
+            )
+        super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage,
+                            autocast_adapter_dtype=autocast_adapter_dtype)
+
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` (one name or several) the active adapters; as in peft they train unless
+        ``inference_mode`` (which is recorded in their configs)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._check_exists(name)
+        for name in names:
+            self.peft_config[name].inference_mode = inference_mode
+        super().set_adapter(names)
+
+    def delete_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Delete one inactive adapter or several (all checked first)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._check_exists(name)
+            if name in self._active:
+                raise AdapterStateError(f"adapter {name!r} is active; set_adapter() to others before deleting it")
+        for name in names:
+            super().delete_adapter(name)
+
+    def _refresh(self) -> None:
+        super()._refresh()
+        order = [n for n in reversed(self.peft_config) if n in self._active]  # outermost (last added) first
+        for _, layer in adapter_layers(self.get_base_model()):
+            layer.set_active(order)
+
+
 def get_peft_model(
     model: nn.Module,
     peft_config: PeftConfig,
@@ -1038,26 +1097,27 @@ def get_peft_model(
     revision: str | None = None,
     low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Wrap ``model`` with a new adapter described by ``peft_config``; the wrapper class follows ``task_type``.
+    """Wrap ``model`` with a new adapter described by ``peft_config``; the wrapper class follows ``task_type``
+    (``mixed``: :class:`PeftMixedModel`).
 
     Args:
         model: The base model (modified in place).
         peft_config: The adapter's config.
         adapter_name: Its name.
-        mixed: peft's ``PeftMixedModel`` (adapters of different methods active together); not implemented, so
-            ``True`` is refused.
+        mixed: Return a :class:`PeftMixedModel` (adapters of different methods active together; ``task_type``
+            then chooses no task wrapper, as in peft).
         autocast_adapter_dtype: See :meth:`PeftModel.add_adapter`.
         revision: Recorded as the config's ``revision`` (the base model's hub revision), as peft does.
         low_cpu_mem_usage: See :meth:`PeftModel.add_adapter` (``True`` is refused).
 
     Raises:
-        ConfigError: ``mixed=True`` or ``low_cpu_mem_usage=True``.
+        ConfigError: ``low_cpu_mem_usage=True``; with ``mixed=True``, a method outside ``MIXED_PEFT_TYPES``.
     """
-    if mixed:
-        raise ConfigError("mixed=True (peft's PeftMixedModel) is not supported; use one method per model")
     if revision is not None:
         peft_config = dataclasses.replace(peft_config, revision=revision)
     cls = TASK_WRAPPERS.get(peft_config.task_type, PeftModel) if peft_config.task_type else PeftModel
+    if mixed:
+        cls = PeftMixedModel
     return cls(
         model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
         low_cpu_mem_usage=low_cpu_mem_usage,
