@@ -46,8 +46,9 @@ def test_unknown_keywords_are_type_errors_everywhere(tmp_path: Path) -> None:
 
 
 def test_peft_only_options_are_refused_by_name() -> None:
-    with pytest.raises(dt.ConfigError, match="mixed=True"):
-        dt.get_peft_model(tiny_llama(), _lora(), mixed=True)
+    assert isinstance(dt.get_peft_model(tiny_llama(), _lora(), mixed=True), dt.PeftMixedModel)  # tests/test_mixed.py
+    with pytest.raises(dt.ConfigError, match="PROMPT_TUNING adapters cannot be mixed"):
+        dt.get_peft_model(tiny_llama(), dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2), mixed=True)
     with pytest.raises(dt.ConfigError, match="low_cpu_mem_usage"):
         dt.get_peft_model(tiny_llama(), _lora(), low_cpu_mem_usage=True)
     model = dt.get_peft_model(tiny_llama(), _lora())
