@@ -272,7 +272,7 @@ class AdapterLayer(_Wrapper):
         names = [n for n in self.active_adapters if n not in self.merged_adapters]
         if not names:
             return self.base_layer(*args, **kwargs)
-        runs = self._runs(names)
+        runs = self.delta_runs(names)
         runner = next((self.deltas[n] for n in names if self.deltas[n].run_layer is not None), None)
         if runner is not None:  # the deltas run the layer themselves (Delta.run_layer)
             if len(runs) > 1:
@@ -299,7 +299,7 @@ class AdapterLayer(_Wrapper):
                 out = delta(x, out, view) if weight is None else delta.weighted_forward(x, out, view, weight)
         return out
 
-    def _runs(self, names: Sequence[str]) -> list[list[str]]:
+    def delta_runs(self, names: Sequence[str]) -> list[list[str]]:
         """``names`` cut into runs of consecutive deltas of one class, outermost first: how deltas of different
         methods on one layer compose. Deltas of one class act as one layer of their method (input transforms in
         order, all of them seeing the layer's input; outputs folded in order, as peft's layer of that method does);
@@ -315,14 +315,14 @@ class AdapterLayer(_Wrapper):
 
     def _merge_order(self, names: Sequence[str]) -> list[str]:
         """The unmerged deltas among ``names`` in the order merging must fold them in: as given for deltas of one
-        class; across classes innermost run first (:meth:`_runs` of the active order), so that the merged weight
+        class; across classes innermost run first (:meth:`delta_runs` of the active order), so that the merged weight
         computes what the nested forward does (an OFT rotation merged after a LoRA it wraps rotates ``W + ΔW``)."""
         pending = [n for n in dict.fromkeys(names) if n in self.deltas and n not in self.merged_adapters]
         if len({type(self.deltas[n]) for n in pending}) < 2:
             return pending
         active = [n for n in self.active_adapters if n in pending]
         ordered = active + [n for n in pending if n not in active]
-        return [n for run in reversed(self._runs(ordered)) for n in run]
+        return [n for run in reversed(self.delta_runs(ordered)) for n in run]
 
     def _mixed_forward(self, plan: RowPlan, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each group of rows goes through its own adapter; rows marked ``__base__`` (or naming an adapter this layer
