@@ -21,8 +21,15 @@ CONFIGS = {
     "lokr": ("LoKrConfig", {"target_modules": ["v_proj", "o_proj"], "init_weights": False}),
     "oft": ("OFTConfig", {"target_modules": ["q_proj", "v_proj"], "init_weights": False, "r": 8,
                           "oft_block_size": 0}),
+    "oft2": ("OFTConfig", {"target_modules": ["v_proj"], "init_weights": False, "r": 4, "oft_block_size": 0}),
+    "shira": ("ShiraConfig", {"target_modules": ["v_proj", "o_proj"], "r": 4}),
+    "adalora": ("AdaLoraConfig", {"target_modules": ["q_proj", "v_proj"], "init_lora_weights": False,
+                                  "total_step": 10}),
 }
-COMBOS = {"lora+loha": ["lora", "loha"], "lora+lokr+oft": ["lora", "lokr", "oft"]}
+# peft 0.21.2 cannot wrap another adapter's layer in ShiRA ("SHiRA does not support nested base layers"): it comes
+# first.
+COMBOS = {"lora+loha": ["lora", "loha"], "lora+lokr+oft": ["lora", "lokr", "oft"],
+          "shira+adalora+oft": ["shira", "adalora", "oft"]}
 
 
 def _save(tmp_path: Path, name: str, writer: str) -> Path:
@@ -31,6 +38,10 @@ def _save(tmp_path: Path, name: str, writer: str) -> Path:
     lib = peft if writer == "peft" else dt
     torch.manual_seed(len(name))
     model = lib.get_peft_model(tiny_llama(), getattr(lib, cls)(**kwargs))
+    with torch.no_grad():  # ShiRA starts at zero
+        for key, param in model.named_parameters():
+            if "shira_weight" in key:
+                param.normal_()
     path = tmp_path / f"{writer}-{name}"
     model.save_pretrained(path)
     return path
@@ -68,6 +79,20 @@ def test_active_together_equal_peft_forward_and_generate(files, combo: str, writ
     assert_close_scaled(logits(ours, inputs), expected)
     kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(ours.generate(**inputs, **kwargs), theirs.generate(**inputs, **kwargs))
+
+
+def test_adapters_of_one_method_loaded_in_a_row_run_in_the_order_named(files) -> None:
+    """Two OFT adapters loaded one after the other share one peft layer, which rotates in set_adapter's order."""
+    paths = {name: files["dt", name] for name in ("lora", "oft", "oft2")}
+    ours, theirs = _mixed(dt, paths), _mixed(peft, paths)
+    inputs = make_causal_lm_inputs(ours)
+    outputs = []
+    for names in (["lora", "oft", "oft2"], ["oft2", "lora", "oft"]):
+        ours.set_adapter(names)
+        theirs.set_adapter(names)
+        outputs.append(logits(theirs, inputs))
+        assert_close_scaled(logits(ours, inputs), outputs[-1])
+    assert_clearly_different(outputs[0], outputs[1], rel=1e-4)  # rotations do not commute
 
 
 def test_oft_rotates_the_input_of_the_adapters_loaded_before_it(files) -> None:

@@ -1041,7 +1041,7 @@ class PeftMixedModel(PeftModel):
     Active adapters on one layer compose in the order they were added, whatever order :meth:`set_adapter` names them
     in, as in peft (which wraps each new method's layer around the layers already there): the first added is
     innermost, so an OFT adapter added after a LoRA rotates the input the LoRA sees, and a merge folds them in that
-    order (``AdapterLayer._runs``). Unlike peft's, it also saves (each adapter as its own peft directory, as
+    order (``AdapterLayer.delta_runs``). Unlike peft's, it also saves (each adapter as its own peft directory, as
     :meth:`PeftModel.save_pretrained`), and deleting the active adapter is refused as in :class:`PeftModel`.
     """
 
@@ -1082,10 +1082,12 @@ class PeftMixedModel(PeftModel):
             super().delete_adapter(name)
 
     def _refresh(self) -> None:
+        """Each layer's active deltas outermost (last added) first; adapters of one method added one after another
+        share one peft layer, which runs them in the order ``set_adapter`` named them."""
         super()._refresh()
-        order = [n for n in reversed(self.peft_config) if n in self._active]  # outermost (last added) first
         for _, layer in adapter_layers(self.get_base_model()):
-            layer.set_active(order)
+            runs = layer.delta_runs([n for n in reversed(self.peft_config) if n in self._active and n in layer.deltas])
+            layer.set_active([n for run in runs for n in sorted(run, key=self._active.index)])
 
 
 def get_peft_model(
