@@ -185,3 +185,13 @@ def test_built_with_mixed_true_saves_each_adapter_for_peft(tmp_path: Path) -> No
     assert_close_scaled(logits(model, inputs), logits(theirs, inputs))
     model.set_adapter(["lora", "loha"], inference_mode=True)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_mixed_model_mapping_lists_what_the_mixed_model_takes() -> None:
+    """peft's table disagrees with its own PeftMixedModel (IA3 listed but refused, OFT taken but not listed); ours
+    holds peft's COMPATIBLE_TUNER_TYPES, each key mapped to its method's tuner class."""
+    from peft.tuners.mixed import COMPATIBLE_TUNER_TYPES
+
+    assert {t.value for t in dt.PEFT_TYPE_TO_MIXED_MODEL_MAPPING} == {t.value for t in COMPATIBLE_TUNER_TYPES}
+    assert dt.PEFT_TYPE_TO_MIXED_MODEL_MAPPING["LOHA"] is dt.LoHaModel
+    assert "IA3" not in dt.PEFT_TYPE_TO_MIXED_MODEL_MAPPING and "IA3" in peft.PEFT_TYPE_TO_MIXED_MODEL_MAPPING

@@ -67,6 +67,7 @@ from . import tuners as _tuners
 from .tuners import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
     PEFT_TYPE_TO_TUNER_MAPPING,
     get_peft_config,
 )
@@ -96,6 +97,7 @@ _CORE_NAMES = [
     "ModulesToSaveWrapper",
     "NoMatchingPeftModuleError",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_MIXED_MODEL_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",
     "PeftConfig",
     "PeftError",

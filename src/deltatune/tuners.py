@@ -28,7 +28,7 @@ from .checkpoint import LAYER_KEY_PREFIX, restore_base_on_error
 from .config import _METADATA_FIELDS, PeftConfig
 from .errors import AdapterStateError, ConfigError
 from .layers import adapter_layers, save_wrappers
-from .model import TASK_WRAPPERS, AdapterModel, PeftModel
+from .model import MIXED_PEFT_TYPES, TASK_WRAPPERS, AdapterModel, PeftModel
 from .registry import LayerMethod, PeftType, PromptMethod, RouterMethod, get_method, method_modules
 
 
@@ -305,8 +305,9 @@ class _RegistryMapping(Mapping):
     """A read-only ``PeftType -> value`` table over the registry, computed per lookup (so a lookup imports one
     method); keys are also found by their string (``"LORA"``), as in peft's dicts."""
 
-    def __init__(self, value: Callable[[PeftType], Any], name: str) -> None:
+    def __init__(self, value: Callable[[PeftType], Any], name: str, keys: Sequence[str] | None = None) -> None:
         self._value, self._name = value, name
+        self._keys = tuple(PeftType) if keys is None else tuple(PeftType(k) for k in keys)
 
     def __getitem__(self, key: Any) -> Any:
         raw = key.value if isinstance(key, enum.Enum) else key
@@ -314,13 +315,15 @@ class _RegistryMapping(Mapping):
             peft_type = PeftType(raw)
         except ValueError:
             raise KeyError(key) from None
+        if peft_type not in self._keys:
+            raise KeyError(key)
         return self._value(peft_type)
 
     def __iter__(self) -> Iterator[PeftType]:
-        return iter(PeftType)
+        return iter(self._keys)
 
     def __len__(self) -> int:
-        return len(PeftType)
+        return len(self._keys)
 
     def __repr__(self) -> str:
         return f"<{self._name}: {len(self)} methods>"
@@ -331,6 +334,11 @@ PEFT_TYPE_TO_CONFIG_MAPPING: Mapping[PeftType, type[PeftConfig]] = _RegistryMapp
 PEFT_TYPE_TO_TUNER_MAPPING: Mapping[PeftType, type[nn.Module]] = _RegistryMapping(
     lambda t: _prompt_module_class(t) if isinstance(get_method(t), PromptMethod) else tuner_class(t),
     "PEFT_TYPE_TO_TUNER_MAPPING")
+# The methods a PeftMixedModel takes -> their tuner classes. peft 0.21.2's table lists the methods registered as
+# mixable, which adds HiRA, IA3, RoAd and BEFT (its PeftMixedModel then refuses them) and leaves out OFT (which it
+# takes through load_adapter only); this one lists what deltatune's PeftMixedModel takes.
+PEFT_TYPE_TO_MIXED_MODEL_MAPPING: Mapping[PeftType, type[nn.Module]] = _RegistryMapping(
+    tuner_class, "PEFT_TYPE_TO_MIXED_MODEL_MAPPING", MIXED_PEFT_TYPES)
 # peft's task type string -> PeftModel subclass
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
     task.value: cls for task, cls in TASK_WRAPPERS.items()}
