@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 import deltatune as dt
-from tests.models import make_mlp_inputs, tiny_mlp
+from deltatune.registry import PromptMethod, get_method
+from tests.cases import fuzz_seeds, perturb_adapter
+from tests.models import make_causal_lm_inputs, make_mlp_inputs, tiny_llama, tiny_mlp
 
 _MLP = dict(target_modules=["lin0", "lin1"], modules_to_save=["head"], r=4)
 
@@ -102,6 +104,20 @@ def test_lora_model_matches_peft_both_ways() -> None:
     assert type(merged_ours) is type(tiny_mlp()) and set(merged_ours.state_dict()) == set(tiny_mlp().state_dict())
 
 
+def test_a_tuner_that_cannot_be_built_leaves_the_model_as_it_was() -> None:
+    model = tiny_mlp()
+    keys = set(model.state_dict())
+    bad = {"lin0.lora_A.weight": torch.zeros(1), "lin0.lora_B.weight": torch.zeros(1)}
+    with pytest.raises(dt.AdapterLoadError, match="lora_A"):
+        dt.LoraModel(model, dt.LoraConfig(target_modules=["lin0"]), "default", state_dict=bad)
+    with pytest.raises(dt.NoMatchingPeftModuleError):
+        dt.LoraModel(model, dt.LoraConfig(target_modules=["nope"]), "default")
+    with pytest.raises(dt.ConfigError, match="'default'"):
+        dt.LoraModel(model, {"other": dt.LoraConfig(target_modules=["lin0"])}, "default")
+    assert set(model.state_dict()) == keys and isinstance(model.lin0, torch.nn.Linear)
+    torch.testing.assert_close(model(_x()), tiny_mlp()(_x()))
+
+
 def test_tuner_adapter_operations_follow_peft() -> None:
     config = dt.LoraConfig(**_MLP)
     ours = dt.LoraModel(tiny_mlp(), config, "a")
@@ -126,12 +142,59 @@ def test_tuner_adapter_operations_follow_peft() -> None:
     theirs.inject_adapter(theirs.model, "b")
     for model in (ours, theirs):
         model.set_adapter("a")
-        model.delete_adapter("a")  # the active one: peft moves to the remaining adapter
+        with pytest.warns(UserWarning, match="active"):
+            model.delete_adapter("a")  # the active one: peft moves to the remaining adapter
     assert ours.active_adapter == theirs.active_adapter == ["b"] and list(ours.peft_config) == ["b"]
+    for model in (ours, theirs):
+        model.delete_adapter("b")
+    assert ours.active_adapters == theirs.active_adapters == [] and ours.peft_config == {}
     with pytest.raises(dt.ConfigError, match="IA3Model"):
         dt.LoraModel(tiny_mlp(), dt.IA3Config(target_modules=["lin0"], feedforward_modules=[]), "default")
     restored = ours.unload()
     torch.testing.assert_close(restored(_x()), base)
+
+
+def _tuner_seeds() -> dict[str, dt.PeftType]:
+    """One loading-fuzzer seed config (tests/cases) per method that has a tuner class."""
+    seeds = {}
+    for name, seed in fuzz_seeds().items():
+        peft_type = seed.config(dt).peft_type
+        if not isinstance(get_method(peft_type), PromptMethod) and peft_type not in seeds.values():
+            seeds[name] = peft_type
+    return seeds
+
+
+# shared tensors (VeRA), a router loading experts (X-LoRA), a network of its own (Shadow), task routing (Poly),
+# model functions (AdaLoRA); the others with -m slow
+_TUNERS_BY_DEFAULT = {"VERA", "XLORA", "SHADOW", "POLY", "ADALORA"}
+
+
+@pytest.mark.parametrize("seed_name", [
+    pytest.param(name, marks=() if peft_type.value in _TUNERS_BY_DEFAULT else pytest.mark.slow)
+    for name, peft_type in _tuner_seeds().items()])
+def test_every_tuner_is_the_peft_model_s_base_model(seed_name: str) -> None:
+    """``<X>Model(model, config)`` builds, computes and saves exactly what ``get_peft_model`` does."""
+    seed = fuzz_seeds()[seed_name]
+    torch.manual_seed(0)
+    tuner = dt.PEFT_TYPE_TO_TUNER_MAPPING[seed.config(dt).peft_type](tiny_llama(), seed.config(dt), "default")
+    torch.manual_seed(0)
+    wrapped = dt.get_peft_model(tiny_llama(), seed.config(dt))
+    perturb_adapter(tuner.model)
+    perturb_adapter(wrapped.get_base_model())
+    inputs = make_causal_lm_inputs(tiny_llama())
+    if seed.config(dt).peft_type == dt.PeftType.POLY:
+        inputs["task_ids"] = torch.tensor([0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(tuner(**inputs).logits, wrapped(**inputs).logits)
+        base = tiny_llama()(**{k: v for k, v in inputs.items() if k != "task_ids"}).logits
+        assert not torch.allclose(tuner(**inputs).logits, base)
+    saved = dt.get_peft_model_state_dict(wrapped)
+    assert set(dt.get_peft_model_state_dict(tuner._wrapper)) == set(saved)
+    if seed.config(dt).peft_type == dt.PeftType.ADALORA:
+        assert callable(tuner.update_and_allocate)  # the method's own functions, as on peft's AdaLoraModel
+    unloaded = tuner.unload()
+    with torch.no_grad():
+        torch.testing.assert_close(unloaded(**{k: v for k, v in inputs.items() if k != "task_ids"}).logits, base)
 
 
 @pytest.mark.parametrize("name", ["IA3", "LOHA"])
@@ -173,6 +236,18 @@ def test_base_model_state_dict_matches_peft() -> None:
     with pytest.raises(RuntimeError, match="size mismatch"):
         dt.set_base_model_state_dict(ours, {**fresh, "lin0.weight": torch.zeros(1)})
     assert torch.equal(dt.get_base_model_state_dict(ours)["lin1.bias"], fresh["lin1.bias"])  # nothing loaded
+
+
+def test_base_model_state_dict_of_a_prompt_adapter_is_the_model_s() -> None:
+    ours = dt.get_peft_model(tiny_llama(), dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    theirs = peft.get_peft_model(tiny_llama(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert set(dt.get_base_model_state_dict(ours)) == set(peft.get_base_model_state_dict(theirs))
+
+
+def test_a_registered_prefix_postprocess_is_refused_not_ignored(monkeypatch) -> None:
+    monkeypatch.setitem(dt.TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING, "llama", lambda kv: kv)
+    with pytest.raises(dt.ConfigError, match="TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING"):
+        dt.get_peft_model(tiny_llama(), dt.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
 
 
 def test_load_peft_weights_reads_safetensors_and_weights_only_pickles(tmp_path) -> None:

@@ -190,12 +190,16 @@ class BaseTuner(AdapterModel):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter; deleting an active one leaves the others active, or the first remaining adapter when
-        it was the only one (peft's rule), and none when it was the last."""
+        it was the only one (peft's rule, with its warning), and none when it was the last."""
         self._wrapper._check_exists(adapter_name)
         active = self.active_adapters
         if adapter_name in active:
             others = [n for n in active if n != adapter_name]
-            others = others or [n for n in self.peft_config if n != adapter_name][:1]
+            if not others:
+                others = [n for n in self.peft_config if n != adapter_name][:1]
+                if others:
+                    warnings.warn(f"adapter {adapter_name!r} was active and is deleted; active now: {others[0]!r}",
+                                  UserWarning, stacklevel=2)
             if others:
                 self._wrapper.set_adapter(others)
             else:
