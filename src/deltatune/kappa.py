@@ -50,7 +50,8 @@ def find_kappa_target_modules(
     """``{"target_modules": [...], "target_parameters": [...] or None}``: the fraction ``top_p`` (at least one) of
     ``model``'s ``nn.Linear`` modules and of its fused MoE parameters (3-D, names ending in ``moe_param_suffixes``)
     with the lowest condition numbers, lowest first (``top_p=None``: all of them, ranked); matrices with a side over
-    ``max_dim_size_to_analyze`` are skipped (their SVD is too costly). ``target_parameters`` is ``None`` for a model without such tensors.
+    ``max_dim_size_to_analyze`` are skipped (their SVD is too costly). ``target_parameters`` is ``None`` for a model
+    without such tensors.
 
     Raises:
         ConfigError: ``top_p`` not ``None`` or in ``(0, 1]``.
