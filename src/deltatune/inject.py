@@ -258,6 +258,10 @@ def merge(
     named = list(adapter_layers(model))
     pending = {path: [n for n in names if n in layer.deltas and n not in layer.merged_adapters] for path, layer in named}
     for path, layer in named:  # deltas that cannot merge at all refuse before any weight changes
+        try:
+            layer.check_merge_order(pending[path])
+        except AdapterStateError as exc:
+            raise AdapterStateError(f"{path}: {exc}") from None
         for name in pending[path]:
             try:
                 layer.deltas[name].check_mergeable(layer.delta_base)

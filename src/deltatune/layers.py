@@ -313,6 +313,21 @@ class AdapterLayer(_Wrapper):
                 runs.append([name])
         return runs
 
+    def check_merge_order(self, names: Sequence[str]) -> None:
+        """Raise :class:`AdapterStateError` when merging ``names`` would change what this layer computes because a
+        merged delta transforms the input of an active delta inside it that stays unmerged (an OFT adapter loaded
+        after a LoRA: merged alone, its rotation would no longer reach the LoRA). Merging inner runs alone is exact."""
+        unmerged = [n for n in self.active_adapters if n not in self.merged_adapters]
+        runs = self.delta_runs(unmerged)
+        for i, run in enumerate(runs):
+            merging = [n for n in run if n in names and self.deltas[n].transforms_input]
+            kept = [n for inner in runs[i + 1:] for n in inner if n not in names]
+            if merging and kept:
+                raise AdapterStateError(
+                    f"merging {merging} without {kept} would change the outputs: {merging} transform the input "
+                    f"{kept} see; merge them together (or the inner ones first)"
+                )
+
     def _merge_order(self, names: Sequence[str]) -> list[str]:
         """The unmerged deltas among ``names`` in the order merging must fold them in: as given for deltas of one
         class; across classes innermost run first (:meth:`delta_runs` of the active order), so that the merged weight
