@@ -121,6 +121,20 @@ def test_merge_and_unload_equals_peft_and_the_unmerged_model(files) -> None:
     assert_close_scaled(logits(merged, inputs), logits(theirs.merge_and_unload(), inputs), rel=1e-4)
 
 
+def test_merging_an_input_transform_without_the_adapters_inside_it_is_refused(files) -> None:
+    paths = {name: files["dt", name] for name in COMBOS["lora+lokr+oft"]}
+    model = _mixed(dt, paths)
+    inputs = make_causal_lm_inputs(model)
+    expected, state = logits(model, inputs), snapshot(model)
+    with pytest.raises(dt.AdapterStateError, match=r"q_proj: merging \['oft'\] without \['lora'\]"):
+        model.merge_adapter(["oft"])
+    assert_same_state(state, model)
+    model.merge_adapter(["lora", "lokr"])  # the inner ones alone: OFT still rotates the merged weight's input
+    assert_close_scaled(logits(model, inputs), expected, rel=1e-4)
+    model.merge_adapter(["oft"])
+    assert_close_scaled(logits(model, inputs), expected, rel=1e-4)
+
+
 def test_disable_and_unload_give_the_base_model(files) -> None:
     paths = {name: files["dt", name] for name in COMBOS["lora+lokr+oft"]}
     model = _mixed(dt, paths)
