@@ -319,3 +319,17 @@ def test_lora_runtime_config_is_peft_s_and_never_saved() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dt.LoraConfig.from_dict(config.to_dict()) == config
+
+
+def test_set_adapter_trains_the_adapter_unless_inference_mode_as_peft(tmp_path) -> None:
+    # peft's PeftModel.set_adapter: the activated adapter trains unless inference_mode, whatever it was loaded as
+    ours = dt.get_peft_model(tiny_llama(), dt.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)  # loaded for inference: frozen
+    loaded = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    for model in (theirs, loaded):
+        assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+        model.set_adapter("default")
+        assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+        model.set_adapter("default", inference_mode=True)
+        assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)

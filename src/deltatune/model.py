@@ -309,8 +309,9 @@ class PeftModel(nn.Module):
         self.train(self.training)  # new adapter modules follow the wrapper's train/eval mode
         self._refresh()
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Make ``adapter_name`` (or several, applied in order) the active adapter(s); only they train."""
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` (or several, applied in order) the active adapter(s); as in peft, they train unless
+        ``inference_mode`` (recorded in their configs), and only they do."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._check_exists(name)
@@ -320,6 +321,8 @@ class PeftModel(nn.Module):
         if len(names) > 1 and alone:
             kind = self.peft_config[alone[0]].peft_type.value
             raise AdapterStateError(f"{kind} adapters run with exactly one active adapter; got {names}")
+        for name in names:
+            self.peft_config[name].inference_mode = inference_mode
         self._active = names
         self._refresh()
 
@@ -1064,12 +1067,7 @@ class PeftMixedModel(PeftModel):
     def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
         """Make ``adapter_name`` (one name or several) the active adapters; as in peft they train unless
         ``inference_mode`` (which is recorded in their configs)."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for name in names:
-            self._check_exists(name)
-        for name in names:
-            self.peft_config[name].inference_mode = inference_mode
-        super().set_adapter(names)
+        super().set_adapter([adapter_name] if isinstance(adapter_name, str) else list(adapter_name), inference_mode)
 
     def delete_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Delete one inactive adapter or several (all checked first)."""

@@ -103,7 +103,7 @@ def delete_adapter(model: PeftModel, name: str) -> torch.nn.Module:
     if not others:
         return model.unload()
     if name in model.active_adapters:
-        model.set_adapter(others[0])
+        model.set_adapter(others[0], inference_mode=True)  # served adapters never train
     model.delete_adapter(name)
     return model
 

@@ -168,10 +168,8 @@ class BaseTuner(AdapterModel):
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Make ``adapter_name`` (or several) active; ``inference_mode`` freezes them (peft's meaning)."""
-        self._wrapper.set_adapter(adapter_name)
+        self._wrapper.set_adapter(adapter_name, inference_mode)
         self.__dict__["_given_active"] = adapter_name
-        if inference_mode:
-            self.set_requires_grad(adapter_name, False)
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Switch gradients of the given adapters' parameters on or off (until the active adapters next change)."""
