@@ -71,6 +71,11 @@ class Delta(nn.Module):
     # is merged, passes them to ``merged_params(params, base_layer, original=...)``, and unmerges by restoring them
     # (then re-merging the adapters that stay merged), so no inverse is needed.
     merges_from_original: ClassVar[bool] = False
+    # A tied twin (``LayerMethod.make_tied_delta``) whose merge adds nothing to its source's: the source's layer writes
+    # the one update into the tensor both layers hold (LoRA's twins write nothing, trainable-tokens twins rewrite the
+    # very rows their source writes). Any other delta's merge writes into its layer's parameters, and two layers that
+    # hold one tensor cannot both do so (``AdapterLayer.merge_writes``). Per instance where a class serves both roles.
+    follows_source: bool = False
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input the base layer sees, for a delta with ``transforms_input``."""
@@ -458,6 +463,21 @@ class AdapterLayer(_Wrapper):
                 getattr(self.base_layer, key).data.copy_(value)
         if not self.merged_adapters:
             self._original = None
+
+    def merge_writes(self, names: Sequence[str]) -> dict[str, nn.Parameter]:
+        """The base parameters, by name, that merging the deltas ``names`` of this layer writes into: a parameter
+        target's own parameter (:attr:`Delta.parameter_name`), else every parameter of the base module (a merge may
+        rewrite its bias too); none for deltas that follow a tied source (:attr:`Delta.follows_source`). The
+        parameter objects themselves, so that layers sharing one (``layer_replication``'s copies, a head tied to the
+        embedding) can be found by identity before anything is merged (``inject.merge``)."""
+        own = dict(unwrap(self.base_layer).named_parameters(recurse=False))
+        written: dict[str, nn.Parameter] = {}
+        for name in names:
+            delta = self.deltas[name]
+            if not delta.follows_source:
+                keys = own if delta.parameter_name is None else (delta.parameter_name,)
+                written.update((key, own[key]) for key in keys)
+        return written
 
     def _original_params(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The parameters before any merge (:attr:`Delta.merges_from_original`): those kept at the first merge, or
