@@ -743,6 +743,7 @@ class _FollowsSource:
     merge (the twin refuses, which refuses the whole merge before any weight changes)."""
 
     dora: DoraVariant | None
+    follows_source = True
 
     def check_mergeable(self, base_layer: nn.Module) -> None:
         if self.dora is not None:

@@ -98,9 +98,12 @@ class TrainableTokensDelta(Delta):
 
     @classmethod
     def tied_to(cls, source: TrainableTokensDelta, base_layer: nn.Module) -> TrainableTokensDelta:
-        """A twin holding ``source``'s parameter and buffers, for a module that shares its weight."""
-        return cls(source.trainable_tokens_delta, source.trainable_tokens_original, source.token_indices,
+        """A twin holding ``source``'s parameter and buffers, for a module that shares its weight. Its merge rewrites
+        the rows its source's merge writes into the shared table (``Delta.follows_source``)."""
+        twin = cls(source.trainable_tokens_delta, source.trainable_tokens_original, source.token_indices,
                    source.slots.numel())
+        twin.follows_source = True
+        return twin
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """Token ids ``x`` ``(...)``: the listed ones read their trained row, the rest keep ``base_out``
@@ -222,6 +225,7 @@ class TokenAdapter(Delta):
         super().__init__()
         self.token_adapter = token_adapter
         self.saved = saved
+        self.follows_source = token_adapter.follows_source
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return self.token_adapter(x, base_out, base_layer)
