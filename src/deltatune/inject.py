@@ -267,6 +267,7 @@ def merge(
                 layer.deltas[name].check_mergeable(layer.delta_base)
             except AdapterStateError as exc:  # same class (NotMergeableError stays a NotImplementedError too)
                 raise type(exc)(f"cannot merge adapter {name!r} into {path}: {exc}") from None
+    _check_shared_writes(named, pending)
     layers = [layer for _, layer in named]
     if safe_merge:
         for layer in layers:
@@ -297,6 +298,28 @@ def merge(
         path: max(layer.merge_errors[n] for n in pending[path])
         for path, layer in named if layer.quant_handler is not None and pending[path]
     }
+
+
+def _check_shared_writes(named: Sequence[tuple[str, AdapterLayer]], pending: Mapping[str, Sequence[str]]) -> None:
+    """Refuse a merge after which two adapter layers would have merged their own updates into one parameter tensor
+    that both hold (``AdapterLayer.merge_writes``): the copies ``layer_replication`` makes, adapted by an adapter
+    without the ranges; an embedding and an LM head tied to it, each with a LoRA of its own. The tensor would hold
+    the sum of the updates, so each layer would compute the others' too (peft merges it so). Tied twins that follow
+    their source (``Delta.follows_source``) write nothing of their own: their one update merges once."""
+    writers: dict[int, tuple[str, str, list[str], bool]] = {}  # id(parameter) -> (layer path, name, adapters, now)
+    for path, layer in named:
+        adapters = [n for n in layer.merged_adapters + pending[path] if not layer.deltas[n].follows_source]
+        now = any(n in adapters for n in pending[path])  # merges made earlier that clash are not this call's doing
+        for key, param in layer.merge_writes(adapters).items():
+            other = writers.setdefault(id(param), (path, key, adapters, now))
+            if other[0] != path and (now or other[3]):
+                raise AdapterStateError(
+                    f"cannot merge: {other[0]} (adapter(s) {other[2]}) and {path} (adapter(s) {adapters}) hold one "
+                    f"shared tensor ({other[0]}'s {other[1]!r} is {path}'s {key!r}), and both would merge their own "
+                    f"update into it, so each layer would compute the other's update too; the model is unchanged. "
+                    f"Keep the adapter(s) unmerged. For an embedding and an LM head tied to it, train the adapter "
+                    f"with ensure_weight_tying=True (one update for the tied pair, merged once)"
+                )
 
 
 def dequantize_bases(model: nn.Module) -> list[str]:
