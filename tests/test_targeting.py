@@ -200,3 +200,33 @@ def test_modules_to_save_alternatives_need_only_one_match() -> None:
 )
 def test_trained_biases_reads_the_bias_field_once_for_every_method(config, expected: str) -> None:
     assert trained_biases(config) == expected
+
+
+_DEFAULTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("gpt_neo", "LoraConfig", {}),
+    ("Gemma3ForCausalLM", "LoraConfig", {}),
+    ("Gemma3ForCausalLM", "AdaLoraConfig", {"total_step": 1}),
+    ("GPT2LMHeadModel", "FourierFTConfig", {"n_frequency": 10}),
+    ("GPTBigCodeForCausalLM", "FourierFTConfig", {"n_frequency": 10}),
+    ("GPTBigCodeForCausalLM", "C3AConfig", {"block_size": 1}),
+    ("GPT2LMHeadModel", "WaveFTConfig", {"n_frequency": 8}),
+    ("GPTBigCodeForCausalLM", "WaveFTConfig", {"n_frequency": 8}),
+    ("GPTBigCodeForCausalLM", "OSFConfig", {}),
+]
+
+
+@pytest.mark.parametrize("model_id, config_name, kwargs", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in _DEFAULTS])
+def test_default_targets_per_method_and_model_type_are_peft_s(model_id: str, config_name: str,
+                                                              kwargs: dict[str, Any]) -> None:
+    """With no target_modules, each method adapts the modules peft's table for that method and model type names
+    (GPT-Neo and Gemma 3 have defaults; FourierFT / C3A / WaveFT adapt GPT-2's and GPTBigCode's ``mlp.c_proj``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tests.peft_decoder_table import build
+
+    ours = dt.get_peft_model(build(model_id), getattr(dt, config_name)(task_type="CAUSAL_LM", **kwargs))
+    theirs = peft.get_peft_model(build(model_id), getattr(peft, config_name)(task_type="CAUSAL_LM", **kwargs))
+    their_names = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                         if isinstance(m, BaseTunerLayer))
+    assert wrapped_names(ours) == their_names
+    assert their_names

@@ -38,12 +38,14 @@ DEFAULT_ATTENTION_TARGETS: dict[str, list[str]] = {
     "qwen3": ["q_proj", "v_proj"],
     "gemma": ["q_proj", "v_proj"],
     "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
     "phi": ["q_proj", "v_proj"],
     "phi3": ["qkv_proj"],
     "opt": ["q_proj", "v_proj"],
     "bart": ["q_proj", "v_proj"],
     "mbart": ["q_proj", "v_proj"],
     "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
     "gpt_bigcode": ["c_attn"],
     "gpt_neox": ["query_key_value"],
@@ -59,6 +61,11 @@ DEFAULT_ATTENTION_TARGETS: dict[str, list[str]] = {
     "deberta": ["in_proj"],
     "deberta-v2": ["query_proj", "value_proj"],
 }
+
+# peft's FourierFT, C3A and WaveFT tables: the attention defaults, except that GPT-2 and GPTBigCode adapt the MLP's
+# output projection (one square-ish ``mlp.c_proj`` per block instead of the fused, 3x-wide ``c_attn``).
+DEFAULT_MLP_OUT_TARGETS: dict[str, list[str]] = {
+    **DEFAULT_ATTENTION_TARGETS, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
 
 
 def _linear_types() -> tuple[type[nn.Module], ...]:

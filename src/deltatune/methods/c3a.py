@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..kernels import accumulate
 from ..layers import Delta
 from ..registry import LayerMethod
-from ..targeting import pattern_value
+from ..targeting import DEFAULT_MLP_OUT_TARGETS, pattern_value
 from .common import check_divides, check_size, check_size_pattern, place_delta
 
 __all__ = ["C3AConfig"]  # exported from deltatune
@@ -147,4 +147,5 @@ METHOD = LayerMethod(
     make_delta=make_delta,
     layer_types=(nn.Linear,),
     check_target=check_target,
+    default_targets=DEFAULT_MLP_OUT_TARGETS,
 )

@@ -30,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 from ..config import LayerConfig, PeftType
 from ..errors import ConfigError, TargetError
 from ..registry import LayerMethod
-from ..targeting import pattern_value
+from ..targeting import DEFAULT_MLP_OUT_TARGETS, pattern_value
 from .common import (
     DenseDelta, check_scale, check_seed, check_size, check_size_pattern, layer_features, place_delta,
     record_fan_in_fan_out,
@@ -145,4 +145,5 @@ METHOD = LayerMethod(
     layer_types=(nn.Linear, Conv1D),
     check_target=check_target,
     resolve_config=record_fan_in_fan_out,
+    default_targets=DEFAULT_MLP_OUT_TARGETS,
 )

@@ -54,6 +54,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
     "gpt_neox": ["query_key_value", "dense_4h_to_h"],
     "falcon": ["query_key_value", "dense_4h_to_h"],
+    "gpt_bigcode": ["c_attn", "c_proj"],
 }
 
 
