@@ -71,7 +71,8 @@ class Row:
 
 _CAUSAL = {"task_type": "CAUSAL_LM"}
 _LORA = {**_CAUSAL, "r": 8, "lora_alpha": 32, "target_modules": None, "lora_dropout": 0.05, "bias": "none"}
-_CPT = {"cpt_token_ids": [0, 1, 2, 3, 4, 5, 6, 7], "cpt_mask": [1] * 8, "cpt_tokens_type_mask": [1, 2, 2, 2, 3, 3, 4, 4]}
+_CPT = {"cpt_token_ids": [0, 1, 2, 3, 4, 5, 6, 7], "cpt_mask": [1] * 8,
+        "cpt_tokens_type_mask": [1, 2, 2, 2, 3, 3, 4, 4]}
 
 # peft's ALL_CONFIGS, in its order (names: the method, plus the variant where peft has several LoRA rows)
 ROWS: list[Row] = [
@@ -162,3 +163,21 @@ def make_config(lib: Any, row: Row, randomized: bool = False, **extra: Any) -> A
     kwargs = init_weights_off(lib, row) if randomized else dict(row.kwargs)
     return getattr(lib, row.config_name)(**kwargs, **extra)
 
+
+# Rows whose config class neither library has (the test says so and skips)
+MISSING_IN_BOTH: dict[str, str] = {
+    "Bone": "peft 0.21.2 has no BoneConfig (Bone was folded into MiSS, the next row); neither has deltatune",
+}
+
+# (model id, row name) -> why peft 0.21.2 cannot be the oracle for that cell; deltatune's own behaviour is checked
+PEFT_ORACLE_DIFFERS: dict[tuple[str, str], str] = {
+    ("GPT2LMHeadModel", "OSF"): ("peft 0.21.2's OSF finds GPT-2's c_attn/c_proj (transformers Conv1D), wraps none and "
+                                 "trains nothing; deltatune refuses the Conv1D targets by name"),
+    ("MistralForCausalLM", "AdaLoRA"): ("peft 0.21.2's AdaLoRA table has no Mistral entry (it refuses target_modules="
+                                        "None); deltatune adapts q_proj/v_proj as for Llama"),
+}
+
+# Prompt-learning methods on a causal LM: deltatune derives position_ids from the attention mask (cumsum - 1, as
+# generate() does), so a plain forward over a batch with masked tokens equals cached generation; peft's forward uses
+# 0..n-1 whatever the mask. Outputs are compared with peft on unmasked inputs only.
+PROMPT_POSITIONS = PROMPT_LEARNING
