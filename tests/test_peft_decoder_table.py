@@ -7,14 +7,14 @@ ways, its merge of two adapters, and whether it refuses what deltatune refuses).
 (:func:`tests.peft_decoder_table.skip_reason`); cells where peft cannot be the oracle are listed with the reason in
 ``PEFT_ORACLE_DIFFERS``.
 
-The default suite runs every row once (rows spread over the models) and LoRA on every model; the full grid is slow.
+The default suite runs every row once (rows spread over the models) and LoRA on every model, saving in safetensors;
+the full grid (and the pickle format) is slow.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from tests.peft_decoder_table import (
     MISSING_IN_BOTH, MODEL_IDS, NEVER_ACTIVE, NO_CONV1D, PEFT_ORACLE_DIFFERS, PROMPT_LEARNING, PROMPT_POSITIONS, ROWS,
     Row, build, inputs, make_config, skip_reason,
 )
+from tests.test_peft_table import both_refuse
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -136,19 +137,20 @@ def load(lib: Any, model_id: str, path: Path, **kwargs: Any) -> nn.Module:
         return lib.PeftModel.from_pretrained(build(model_id), path, **kwargs).eval()
 
 
-def both_refuse(ours: Callable[[], Any], theirs: Callable[[], Any], what: str) -> bool:
-    """Run ``ours``; if deltatune refuses, peft must refuse too (then True: nothing more to check)."""
-    try:
-        ours()
-        return False
-    except (ValueError, TypeError, RuntimeError, NotImplementedError) as ours_error:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                theirs()
-        except Exception:  # noqa: BLE001 - any refusal by peft: both refuse
-            return True
-        raise AssertionError(f"deltatune refuses {what} where peft does not: {ours_error!r}") from ours_error
+def two_adapters(model_id: str, row: Row) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """deltatune's randomized ``default`` adapter plus a second one, ``other`` (seed 1, active), and the logits of
+    each. A second adapter that is still an identity (VB-LoRA) is moved as training would move it."""
+    model = random_model(dt, model_id, row)
+    first = logits(model)
+    torch.manual_seed(1)
+    model.add_adapter("other", make_config(dt, row, randomized=True))
+    model.set_adapter("other")
+    if not differs(logits(model), first):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.requires_grad and ".other" in name:
+                    param.add_(0.1)
+    return model, first, logits(model)
 
 
 def loss_of(model: nn.Module) -> torch.Tensor:
@@ -207,8 +209,8 @@ def test_prepare_for_training_gradients_reach_the_adapter_only(model_id: str, ro
     assert ours == theirs
 
 
-@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "pickle"])
 @pytest.mark.parametrize("model_id, row", CELLS)
+@pytest.mark.parametrize("safe", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["safetensors", "pickle"])
 def test_save_load_round_trip_and_interop(model_id: str, row: Row, safe: bool, tmp_path: Path) -> None:
     """peft's _test_save_pretrained (both formats): a randomized adapter saved and loaded into a fresh base gives the
     same logits; the file holds peft's keys and shapes; the file loads in peft with our logits, and peft's file
@@ -241,12 +243,7 @@ def test_save_selected_adapters(model_id: str, row: Row, tmp_path: Path) -> None
     """peft's _test_save_pretrained_selected_adapters: two adapters saved (the second in its own folder) load back
     with each adapter's logits; ``selected_adapters`` saves only the one named."""
     _skip("save_pretrained_selected_adapters", model_id, row)
-    model = random_model(dt, model_id, row)
-    first = logits(model)
-    torch.manual_seed(1)
-    model.add_adapter("other", make_config(dt, row, randomized=True))
-    model.set_adapter("other")
-    second = logits(model)
+    model, first, second = two_adapters(model_id, row)
     model.save_pretrained(tmp_path / "all")
     model.save_pretrained(tmp_path / "selected", selected_adapters=["other"])
     assert (tmp_path / "all/other/adapter_config.json").is_file()
@@ -296,17 +293,7 @@ def test_merge_layers_multi(model_id: str, row: Row, tmp_path: Path) -> None:
     two files."""
     _skip("merge_layers_multi", model_id, row)
     _merge_applies(row)
-    model = random_model(dt, model_id, row)
-    first = logits(model)
-    torch.manual_seed(1)
-    model.add_adapter("other", make_config(dt, row, randomized=True))
-    model.set_adapter("other")
-    if not differs(logits(model), first):  # an identity-init second adapter (VB-LoRA): move it as training would
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if param.requires_grad and ".other" in name:
-                    param.add_(0.1)
-    second = logits(model)
+    model, first, second = two_adapters(model_id, row)
     assert differs(first, second) != (row.name in NEVER_ACTIVE)
     model.set_adapter("default")
     torch.testing.assert_close(logits(model), first, **TOL)
@@ -368,13 +355,8 @@ def test_mixed_adapter_batches(model_id: str, row: Row) -> None:
     """peft's _test_mixed_adapter_batches (LoRA rows): with ``adapter_names`` each row gets its adapter's logits
     (``__base__``: the base model's), and generate takes ``adapter_names`` too."""
     _skip("mixed_adapter_batches", model_id, row)
-    model = random_model(dt, model_id, row)
-    torch.manual_seed(1)
-    model.add_adapter("other", make_config(dt, row, randomized=True))
-    alone = {}
-    for name in ("default", "other"):
-        model.set_adapter(name)
-        alone[name] = logits(model)
+    model, first, second = two_adapters(model_id, row)
+    alone = {"default": first, "other": second}
     with model.disable_adapter():
         alone["__base__"] = logits(model)
     for names in (["default", "other"], ["other", "__base__"]):
@@ -403,14 +385,9 @@ def test_disabled_adapter_is_the_base_model(model_id: str, row: Row) -> None:
 def test_delete_adapter(model_id: str, row: Row) -> None:
     """peft's _test_delete_inactive_adapter: deleting an adapter removes its config and every tensor of it, and
     leaves the other adapter's logits as they were. peft's _test_delete_adapter deletes the *active* adapter (peft
-    then activates the first remaining one); deltatune refuses that by name (DELETE_ACTIVE) and changes nothing."""
+    then activates the first remaining one); deltatune refuses that by name and changes nothing (see DELETE_ACTIVE in the table)."""
     _skip("delete_adapter", model_id, row)
-    model = random_model(dt, model_id, row)
-    first = logits(model)
-    torch.manual_seed(1)
-    model.add_adapter("other", make_config(dt, row, randomized=True))
-    model.set_adapter("other")
-    second = logits(model)
+    model, first, second = two_adapters(model_id, row)
     with pytest.raises(dt.AdapterStateError, match="'other' is active"):
         model.delete_adapter("other")
     assert list(model.peft_config) == ["default", "other"]
