@@ -267,7 +267,7 @@ def merge(
                 layer.deltas[name].check_mergeable(layer.delta_base)
             except AdapterStateError as exc:  # same class (NotMergeableError stays a NotImplementedError too)
                 raise type(exc)(f"cannot merge adapter {name!r} into {path}: {exc}") from None
-    _check_shared_writes(named, pending)
+    _check_shared_writes(model, named, pending)
     layers = [layer for _, layer in named]
     if safe_merge:
         for layer in layers:
@@ -300,26 +300,87 @@ def merge(
     }
 
 
-def _check_shared_writes(named: Sequence[tuple[str, AdapterLayer]], pending: Mapping[str, Sequence[str]]) -> None:
-    """Refuse a merge after which two adapter layers would have merged their own updates into one parameter tensor
-    that both hold (``AdapterLayer.merge_writes``): the copies ``layer_replication`` makes, adapted by an adapter
-    without the ranges; an embedding and an LM head tied to it, each with a LoRA of its own. The tensor would hold
-    the sum of the updates, so each layer would compute the others' too (peft merges it so). Tied twins that follow
-    their source (``Delta.follows_source``) write nothing of their own: their one update merges once."""
-    writers: dict[int, tuple[str, str, list[str], bool]] = {}  # id(parameter) -> (layer path, name, adapters, now)
+def _check_shared_writes(
+    model: nn.Module, named: Sequence[tuple[str, AdapterLayer]], pending: Mapping[str, Sequence[str]]
+) -> None:
+    """Refuse a merge after which a parameter tensor that several modules hold would not compute, in each of them,
+    what it did unmerged (``AdapterLayer.merge_writes`` names what a layer's merge writes, by identity):
+
+    * two adapter layers would each have merged their own update into it (the copies ``layer_replication`` makes,
+      adapted by an adapter without the ranges; an embedding and an LM head tied to it, each with a LoRA of its own):
+      it would hold the sum, so each layer would compute the others' updates too (peft merges it so);
+    * another module that holds it does not take that update (an LM head tied to an embedding that alone has a
+      LoRA; a copy of a replicated layer the adapter left out): merged, it would compute the update as well.
+
+    Tied twins that follow their source (``Delta.follows_source``) take its update: their one update merges once."""
+    after = {path: layer.merged_adapters + list(pending[path]) for path, layer in named}
+    writers: dict[int, tuple[str, str, list[str]]] = {}  # id(parameter) -> (layer path, its name there, adapters)
     for path, layer in named:
-        adapters = [n for n in layer.merged_adapters + pending[path] if not layer.deltas[n].follows_source]
-        now = any(n in adapters for n in pending[path])  # merges made earlier that clash are not this call's doing
-        for key, param in layer.merge_writes(adapters).items():
-            other = writers.setdefault(id(param), (path, key, adapters, now))
-            if other[0] != path and (now or other[3]):
+        now = [n for n in pending[path] if not layer.deltas[n].follows_source]
+        if not now:  # merges made earlier that clash are not this call's doing
+            continue
+        for key, param in layer.merge_writes(after[path]).items():
+            adapters = [n for n in after[path] if any(p is param for p in layer.merge_writes([n]).values())]
+            other = writers.setdefault(id(param), (path, key, adapters))
+            if other[0] != path:
                 raise AdapterStateError(
                     f"cannot merge: {other[0]} (adapter(s) {other[2]}) and {path} (adapter(s) {adapters}) hold one "
                     f"shared tensor ({other[0]}'s {other[1]!r} is {path}'s {key!r}), and both would merge their own "
                     f"update into it, so each layer would compute the other's update too; the model is unchanged. "
-                    f"Keep the adapter(s) unmerged. For an embedding and an LM head tied to it, train the adapter "
-                    f"with ensure_weight_tying=True (one update for the tied pair, merged once)"
+                    f"{_KEEP_UNMERGED}"
                 )
+    if not writers:
+        return
+    for holder, takes in _holders(model, named, after):
+        for key, param in holder.named_parameters(recurse=False):
+            writer = writers.get(id(param))
+            if writer is not None and sorted(takes.get(id(param), ())) != sorted(writer[2]):
+                raise AdapterStateError(
+                    f"cannot merge: {writer[0]} would merge adapter(s) {writer[2]} into its {writer[1]!r}, which is "
+                    f"also {_module_name(model, holder)}'s {key!r} (a shared or tied weight), where adapter(s) "
+                    f"{sorted(takes.get(id(param), ()))} apply; merged, that module would compute the update too, "
+                    f"which it does not now; the model is unchanged. {_KEEP_UNMERGED}"
+                )
+
+
+_KEEP_UNMERGED = (
+    "Keep the adapter(s) unmerged. For an embedding and an LM head tied to it, train the adapter with "
+    "ensure_weight_tying=True and both in target_modules (one update for the tied pair, merged once)"
+)
+
+
+def _holders(
+    model: nn.Module, named: Sequence[tuple[str, AdapterLayer]], after: Mapping[str, Sequence[str]]
+) -> Iterator[tuple[nn.Module, dict[int, list[str]]]]:
+    """The modules that compute with base parameters, each with the adapters whose update it takes into each of its
+    parameters once ``after`` (layer path -> its merged adapters after this call) is merged, by ``id(parameter)``:
+    those its adapter layers write into it, and the followed updates of tied twins. Adapter parameters (the deltas)
+    and modules that do not run (a ``modules_to_save`` original while a trained copy runs in its place) are left
+    out."""
+    takes: dict[int, dict[int, list[str]]] = {}  # id(module) -> id(parameter) -> adapters
+    skip: set[int] = set()
+    for path, layer in named:
+        owner = unwrap(layer.base_layer)
+        own = takes.setdefault(id(owner), {})
+        for name in after[path]:
+            if layer.deltas[name].follows_source:
+                written = dict(owner.named_parameters(recurse=False)).values()
+            else:
+                written = layer.merge_writes([name]).values()
+            for param in written:
+                own.setdefault(id(param), []).append(name)
+        skip.update(id(m) for m in layer.deltas.modules())
+    for _, wrapper in save_wrappers(model):
+        skip.update(id(m) for m in wrapper.modules_to_save.modules())
+        if wrapper.active_adapter is not None and not wrapper.disabled:
+            skip.update(id(m) for m in wrapper.original_module.modules())
+    for module in model.modules():
+        if id(module) not in skip:
+            yield module, takes.get(id(module), {})
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next((name for name, m in model.named_modules() if m is module), type(module).__name__)
 
 
 def dequantize_bases(model: nn.Module) -> list[str]:
