@@ -182,7 +182,3 @@ PEFT_ORACLE_DIFFERS: dict[tuple[str, str], str] = {
 # 0..n-1 whatever the mask. Outputs are compared with peft on unmasked inputs only.
 PROMPT_POSITIONS = PROMPT_LEARNING
 
-# peft's _test_delete_adapter deletes the active adapter and expects the first remaining one to become active;
-# deltatune refuses deleting an active adapter (AdapterStateError naming it) and changes nothing, so a user never
-# ends up running an adapter they did not choose. The check asserts deltatune's refusal instead.
-DELETE_ACTIVE = "deltatune refuses to delete the active adapter; peft 0.21.2 activates the first remaining one"

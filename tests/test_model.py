@@ -149,11 +149,28 @@ def test_set_adapter_to_a_missing_name_is_refused() -> None:
     assert model.active_adapters == ["default"]
 
 
-def test_deleting_the_active_adapter_is_refused() -> None:
-    model = _llama()
-    with pytest.raises(dt.AdapterStateError, match="'default' is active; set_adapter"):
-        model.delete_adapter("default")
-    assert list(model.peft_config) == ["default"]
+def test_deleting_the_active_adapter_falls_back_like_peft() -> None:
+    """peft's rule: the other active adapters stay active, else the first remaining adapter becomes active, and
+    deleting the last one leaves none (the base model's outputs)."""
+    model = _llama(init_lora_weights=False)
+    batch = make_causal_lm_inputs(model)
+    first = logits(model, batch)
+    torch.manual_seed(1)
+    model.add_adapter("second", dt.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False))
+    model.set_adapter("second")
+    second = logits(model, batch)
+    model.delete_adapter("second")
+    assert model.active_adapters == ["default"]
+    torch.testing.assert_close(logits(model, batch), first)
+    torch.manual_seed(1)
+    model.add_adapter("second", dt.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False))
+    model.set_adapter(["default", "second"])
+    model.delete_adapter("default")
+    assert model.active_adapters == ["second"]
+    torch.testing.assert_close(logits(model, batch), second)
+    model.delete_adapter("second")
+    assert model.active_adapters == [] and list(model.peft_config) == []
+    torch.testing.assert_close(logits(model, batch), logits(tiny_llama(), batch))
 
 
 def test_deleting_a_missing_adapter_is_refused() -> None:

@@ -327,17 +327,14 @@ class PeftModel(nn.Module):
         self._refresh()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Delete an inactive adapter; a router adapter (X-LoRA) takes its experts with it, and an expert cannot be
-        deleted while its router exists. The last adapter that needs a structural change of the model
-        (``layer_replication``) takes it with it."""
+        """Delete an adapter; a router adapter (X-LoRA) takes its experts with it, and an expert cannot be deleted
+        while its router exists. The last adapter that needs a structural change of the model
+        (``layer_replication``) takes it with it. Deleting an active adapter leaves the other active ones active,
+        or else the first remaining adapter (none if it was the last), as peft does."""
         self._check_exists(adapter_name)
         owner = next((n for n, router in self._routers() if adapter_name in router.experts), None)
         if owner is not None:
             raise AdapterStateError(f"adapter {adapter_name!r} is an expert of {owner!r}; delete {owner!r} instead")
-        if adapter_name in self._active:
-            raise AdapterStateError(
-                f"adapter {adapter_name!r} is active; set_adapter() to another adapter before deleting it"
-            )
         gone = {adapter_name, *getattr(dict(self._routers()).get(adapter_name), "experts", ())}
         undos = self._structure_undos([self.peft_config[n] for n in gone if n in self.peft_config],
                                       {n: c for n, c in self.peft_config.items() if n not in gone})
@@ -345,6 +342,9 @@ class PeftModel(nn.Module):
         del self.peft_config[adapter_name]
         for undo in undos:
             undo()
+        if adapter_name in self._active:
+            remaining = [n for n in self._active if n not in gone]
+            self._active = remaining or list(self.peft_config)[:1]
         self._refresh()
 
     def _structure_undos(self, configs: Iterable[PeftConfig],
