@@ -173,6 +173,23 @@ def test_deleting_the_active_adapter_falls_back_like_peft() -> None:
     torch.testing.assert_close(logits(model, batch), logits(tiny_llama(), batch))
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_a_second_adapter_that_trains_biases_is_refused_like_peft(bias: str) -> None:
+    """The biases belong to the base model and every adapter shares them: a second adapter training them would
+    write the first one's trained biases into its own file. peft refuses it too."""
+    model = _llama(bias=bias)
+    before = snapshot(model)
+    with pytest.raises(dt.ConfigError, match=f"bias='{bias}': adapter 'default' already trains"):
+        model.add_adapter("second", dt.LoraConfig(task_type="CAUSAL_LM", bias=bias))
+    assert list(model.peft_config) == ["default"]
+    assert_same_state(before, model)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(task_type="CAUSAL_LM", bias=bias))
+    with pytest.raises(ValueError, match="only 1 adapter with bias"):
+        theirs.add_adapter("second", peft.LoraConfig(task_type="CAUSAL_LM", bias=bias))
+    model.add_adapter("second", dt.LoraConfig(task_type="CAUSAL_LM"))  # bias="none" beside it is fine
+    assert list(model.peft_config) == ["default", "second"]
+
+
 def test_deleting_a_missing_adapter_is_refused() -> None:
     with pytest.raises(dt.AdapterStateError, match="no adapter named 'ghost'"):
         _llama().delete_adapter("ghost")

@@ -265,7 +265,7 @@ class PeftModel(nn.Module):
 
         Raises:
             AdapterStateError: invalid or duplicate name.
-            ConfigError: ``low_cpu_mem_usage=True``.
+            ConfigError: ``low_cpu_mem_usage=True``; a second adapter that trains biases (``bias``).
             TargetError: the config's targets match nothing or something the method cannot adapt.
         """
         validate_adapter_name(adapter_name)
@@ -276,6 +276,12 @@ class PeftModel(nn.Module):
             )
         if adapter_name in self.peft_config:
             raise AdapterStateError(f"an adapter named {adapter_name!r} already exists; choose another name")
+        biased = [n for n, c in self.peft_config.items() if trained_biases(c) != "none"]
+        if biased and trained_biases(peft_config) != "none":  # one bias tensor per layer, shared by all adapters
+            raise ConfigError(
+                f"bias={peft_config.bias!r}: adapter {biased[0]!r} already trains the model's biases, which every "
+                "adapter shares; only one adapter may train them (bias='none' for the others), as in peft"
+            )
         config = copy.deepcopy(peft_config)  # the adapter's own: the caller's object is never modified
         method = get_method(config.peft_type)
         base = self.get_base_model()
