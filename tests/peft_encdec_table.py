@@ -170,13 +170,13 @@ ROWS: list[Row] = (
 
 def peft_skip(row: Row, check: str) -> str | None:
     """peft's own skip rule for ``check`` on ``row`` (None: peft runs it). ``check`` names the generic check:
-    ``merge``, ``merge_two``, ``disable``, ``gradient_checkpointing``, ``prompt_training``; rows where peft 0.21.2
+    ``merge``, ``two_adapters``, ``disable``, ``gradient_checkpointing``, ``prompt_training``; rows where peft 0.21.2
     cannot be the oracle are listed here too, saying why."""
     if check == "disable" and row.config_name == "OSFConfig":
         return "peft skips OSF's disable check: its exact SVD split leaves the output unchanged until training"
     if check == "merge" and row.config_name == "BeftConfig" and row.model_id == "T5":
         return "peft skips BEFT's merge on T5: T5 has no bias terms"
-    if check == "merge_two" and "trainable_token_indices" in row.kwargs:
+    if check == "two_adapters" and "trainable_token_indices" in row.kwargs:
         return ("peft 0.21.2 refuses a second trainable-tokens adapter on the same token ids (its merge would be "
                 "undefined), so it cannot load both adapters to merge them")
     if check == "gradient_checkpointing" and row.config_name == "PrefixTuningConfig":
@@ -189,6 +189,14 @@ def peft_skip(row: Row, check: str) -> str | None:
     if check == "prompt_training" and deberta and row.config_name == "PrefixTuningConfig":
         return "peft skips prefix tuning's prompt-learning training on DeBERTa models"
     return None
+
+
+# Checks where deltatune refuses what peft 0.21.2 does (config class, check) -> why; the test checks that deltatune
+# refuses with a clear error and skips, so the row lights up when the gap closes.
+DELTATUNE_GAPS: dict[tuple[str, str], str] = {
+    ("IA3Config", "weighted_combination"): "deltatune's add_weighted_adapter combines LoRA adapters only; peft also "
+                                           "sums IA3 vectors (weighted)",
+}
 
 
 def init_weights_off(config_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:

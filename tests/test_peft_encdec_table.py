@@ -25,7 +25,16 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.layers import AdapterLayer
-from tests.peft_encdec_table import ROWS, SEQ2SEQ_MODELS, Row, build, inputs, make_config, peft_skip
+from tests.peft_encdec_table import (
+    DELTATUNE_GAPS,
+    ROWS,
+    SEQ2SEQ_MODELS,
+    Row,
+    build,
+    inputs,
+    make_config,
+    peft_skip,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -272,7 +281,7 @@ def test_merge_two_adapters_like_peft(row: Row, tmp_path: Path) -> None:
     add_random_adapter(model, dt, row, "other", seed=1)
     model.save_pretrained(tmp_path)
     theirs = peft_load(row, tmp_path)
-    if reason := peft_skip(row, "merge_two"):
+    if reason := peft_skip(row, "two_adapters"):
         pytest.skip(reason)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -408,3 +417,86 @@ def test_gradient_checkpointing_training(row: Row, reentrant: bool) -> None:
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], **MERGE_TOL)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("row", params(core=False, rows=[row for row in ADAPTER_ROWS if "bias" in row.kwargs
+                                                          or row.config_name in ("AdaLoraConfig", "BOFTConfig")]))
+def test_second_adapter_with_bias_like_peft(row: Row) -> None:
+    """peft's ``_test_adding_multiple_adapters_with_bias_raises``: with ``bias="all"`` a second adapter that also
+    trains biases is refused exactly where peft refuses it, and a refusal leaves the model as it was."""
+    config = {**row.kwargs, "bias": "all"}
+    ours = dt.get_peft_model(build(row.model_id), getattr(dt, row.config_name)(**config))
+    theirs = peft.get_peft_model(build(row.model_id), getattr(peft, row.config_name)(**config))
+    before = {n: p.detach().clone() for n, p in ours.state_dict().items()}
+
+    def add(model: nn.Module, lib: Any) -> None:
+        model.add_adapter("adapter1", getattr(lib, row.config_name)(**config))
+
+    try:
+        add(ours, dt)
+    except ValueError:
+        with pytest.raises(ValueError):
+            add(theirs, peft)
+        assert list(ours.peft_config) == ["default"]
+        after = ours.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+        return
+    add(theirs, peft)  # deltatune accepted it: peft must too
+    assert list(ours.peft_config) == ["default", "adapter1"]
+
+
+@pytest.mark.parametrize("row", params(core=False))
+def test_from_pretrained_with_config_object(row: Row, tmp_path: Path) -> None:
+    """peft's ``_test_from_pretrained_config_construction``: ``from_pretrained(config=...)`` uses the given config
+    instead of the saved one (seen in a field the file does not have), in inference mode, with the saved weights.
+    peft also asserts that the loaded config *is* the caller's object; deltatune keeps a copy and never modifies
+    the caller's config (``tests/test_config_immutability.py``), so only the values are compared."""
+    model = random_model(dt, row)
+    model.save_pretrained(tmp_path)
+    config = make_config(dt, row, randomized=True)
+    config.base_model_name_or_path = "given-config-object"
+    loaded = dt.PeftModel.from_pretrained(build(row.model_id), tmp_path, config=config)
+    assert type(loaded.peft_config["default"]) is type(config)
+    assert loaded.peft_config["default"].base_model_name_or_path == "given-config-object"
+    assert loaded.peft_config["default"].inference_mode
+    assert not any(p.requires_grad for p in loaded.parameters())
+    torch.testing.assert_close(out(loaded, row), out(model, row), **TOL)
+
+
+# Deterministic combination types (the DARE ones draw random masks, which the two libraries draw differently).
+COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "magnitude_prune", "magnitude_prune_svd")
+
+
+@pytest.mark.parametrize("row", params(core=False, rows=[row for row in ROWS
+                                                          if row.config_name in ("LoraConfig", "IA3Config")]))
+def test_weighted_combination_like_peft(row: Row, tmp_path: Path) -> None:
+    """peft's ``_test_weighted_combination_of_adapters``: ``add_weighted_adapter`` of two randomized adapters gives
+    the outputs peft gives for the same two files, for each deterministic combination type; where deltatune refuses
+    a type, peft refuses it too."""
+    if reason := peft_skip(row, "two_adapters"):
+        pytest.skip(reason)
+    model = random_model(dt, row)
+    add_random_adapter(model, dt, row, "other", seed=1)
+    model.save_pretrained(tmp_path)
+    theirs = peft_load(row, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.load_adapter(tmp_path / "other", adapter_name="other")
+    kinds = COMBINATIONS if row.config_name == "LoraConfig" else (None,)
+    for kind in kinds:
+        extra = {} if kind is None else {"combination_type": kind, "density": 0.5}
+        name = f"mix_{kind}"
+
+        def combine(m: nn.Module) -> None:
+            m.add_weighted_adapter(["default", "other"], [0.7, -0.4], name, **extra)
+
+        if gap := DELTATUNE_GAPS.get((row.config_name, "weighted_combination")):
+            with pytest.raises(dt.ConfigError, match="LoRA adapters only"):
+                combine(model)
+            pytest.skip(gap)
+        if both_refuse(lambda: combine(model), lambda: combine(theirs), f"add_weighted_adapter({kind})"):
+            continue
+        combine(theirs)
+        model.set_adapter(name)
+        theirs.set_adapter(name)
+        torch.testing.assert_close(out(model, row), out(theirs, row), **MERGE_TOL)
