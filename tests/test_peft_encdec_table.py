@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from deltatune.layers import AdapterLayer
+from deltatune.layers import AdapterLayer, adapter_layers
 from tests.peft_encdec_table import (
     DELTATUNE_GAPS,
     ROWS,
@@ -500,3 +500,39 @@ def test_weighted_combination_like_peft(row: Row, tmp_path: Path) -> None:
         model.set_adapter(name)
         theirs.set_adapter(name)
         torch.testing.assert_close(out(model, row), out(theirs, row), **MERGE_TOL)
+
+
+@pytest.mark.parametrize("row", params(core=False))
+def test_get_base_model_state_dict(row: Row) -> None:
+    """peft's ``get_base_model_state_dict``: the wrapped model gives back the base model's own keys and tensors,
+    with no adapter tensor among them, and the same keys as peft's."""
+    model = random_model(dt, row)
+    state = dt.get_base_model_state_dict(model)
+    expected = build(row.model_id).state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+    assert state.keys() == peft.get_base_model_state_dict(get_model(peft, row)).keys()
+
+
+def _peft_adapted(model: nn.Module) -> list[str]:
+    """Names of the modules a peft model wrapped in a tuner layer (a trainable-tokens layer sits one level down, in
+    its wrapper's ``token_adapter``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sorted(n.removeprefix("base_model.model.").removesuffix(".token_adapter") for n, m in model.named_modules()
+                  if isinstance(m, BaseTunerLayer) and hasattr(m, "base_layer"))
+
+
+@pytest.mark.parametrize("row", params(core=False, rows=[
+    row for row in ADAPTER_ROWS if "layers_to_transform" in getattr(peft, row.config_name).__dataclass_fields__]))
+def test_layer_indexing_like_peft(row: Row) -> None:
+    """peft's ``_test_training_layer_indexing``: ``layers_to_transform=[0]`` adapts the same modules of the first
+    block(s) as peft, with as many trainable parameters."""
+    config = {**row.kwargs, "layers_to_transform": [0]}
+    ours = dt.get_peft_model(build(row.model_id), getattr(dt, row.config_name)(**config))
+    theirs = peft.get_peft_model(build(row.model_id), getattr(peft, row.config_name)(**config))
+    adapted = sorted(n.removeprefix("base_model.model.") for n, _ in adapter_layers(ours))
+    assert adapted and adapted == _peft_adapted(theirs)
+    assert len(adapted) < len(list(adapter_layers(get_model(dt, row))))  # the second block stays as it is
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
