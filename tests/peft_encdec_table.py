@@ -137,28 +137,16 @@ SEQ2SEQ_CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("AdamssConfig", {"target_modules": None, "r": 8}),
 ]
 
-# peft's feature-extraction rows. Its table also has ``BoneConfig(r=2)``, a name peft 0.21.2 no longer exports
-# (Bone became MiSS, whose row is next to it), kept out here; its ``DeLoRAConfig`` is 0.21.2's ``DeloraConfig``.
+# peft's feature-extraction rows: the encoder-decoder rows of the same configs, in the same order, without the
+# zero-initialized prefix. Its table also has ``BoneConfig(r=2)``, a name peft 0.21.2 no longer exports (Bone became
+# MiSS, whose row is next to it), kept out here; its ``DeLoRAConfig`` is 0.21.2's ``DeloraConfig``.
+_FEATURE_NAMES = frozenset({"AdaLoraConfig", "BOFTConfig", "MissConfig", "DeloraConfig", "FourierFTConfig", "HRAConfig",
+                            "IA3Config", "LoraConfig", "OFTConfig", "PrefixTuningConfig", "PromptEncoderConfig",
+                            "PromptTuningConfig", "RoadConfig", "ShiraConfig", "VBLoRAConfig", "VeraConfig",
+                            "C3AConfig"})
 FEATURE_CONFIGS: list[tuple[str, dict[str, Any]]] = [
-    ("AdaLoraConfig", {"target_modules": None, "total_step": 1}),
-    ("BOFTConfig", {"target_modules": None}),
-    ("MissConfig", {"target_modules": None, "r": 2}),
-    ("DeloraConfig", {"target_modules": None, "r": 2}),
-    ("FourierFTConfig", {"n_frequency": 10, "target_modules": None}),
-    ("HRAConfig", {"target_modules": None}),
-    ("IA3Config", {"target_modules": None, "feedforward_modules": None}),
-    ("LoraConfig", dict(_LORA)),
-    ("LoraConfig", {**_LORA, "trainable_token_indices": [0, 1, 3]}),
-    ("OFTConfig", {"target_modules": None}),
-    ("PrefixTuningConfig", {"num_virtual_tokens": 10}),
-    ("PromptEncoderConfig", {"num_virtual_tokens": 10, "encoder_hidden_size": 32}),
-    ("PromptTuningConfig", {"num_virtual_tokens": 10}),
-    ("RoadConfig", {"variant": "road_1", "group_size": 2}),
-    ("ShiraConfig", {"r": 1, "target_modules": None, "init_weights": False}),
-    ("VBLoRAConfig", dict(_VBLORA)),
-    ("VeraConfig", dict(_VERA)),
-    ("C3AConfig", {"block_size": 1, "target_modules": None}),
-]
+    (name, kwargs) for name, kwargs in SEQ2SEQ_CONFIGS
+    if name in _FEATURE_NAMES and not (name == "PrefixTuningConfig" and "init_weights" in kwargs)]
 
 ROWS: list[Row] = (
     [Row("seq2seq", m, name, {**kw, "task_type": "SEQ_2_SEQ_LM"}) for name, kw in SEQ2SEQ_CONFIGS

@@ -13,7 +13,6 @@ core checks and LoRA on every model through all of them; the rest of the grid is
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from tests.peft_encdec_table import (
     make_config,
     peft_skip,
 )
+from tests.test_peft_table import add_noise_to_trainable, both_refuse
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -114,16 +114,12 @@ def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
 def randomize(model: nn.Module, row: Row, seed: int) -> None:
     """Where the "init off" config still leaves the output at the base's (VB-LoRA, identity-by-construction
     methods), add deterministic noise to every trainable tensor, as training would."""
-    if differs(out(model, row), base_out(row)):
-        return
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if param.requires_grad and param.is_floating_point():
-                param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * 0.1)
+    if not differs(out(model, row), base_out(row)):
+        add_noise_to_trainable(model, seed)
 
 
 def random_model(lib: Any, row: Row, seed: int = 0) -> nn.Module:
+    """Row ``row`` with its "init off" config (and noise where that is still the base model)."""
     model = get_model(lib, row, randomized=True, seed=seed)
     randomize(model, row, seed)
     return model
@@ -145,25 +141,24 @@ def trained_base_parameters(lib: Any, row: Row) -> set[str]:
     return {names[id(p)] for p in model.parameters() if id(p) in names and p.requires_grad}
 
 
-def both_refuse(ours: Callable[[], Any], theirs: Callable[[], Any], what: str) -> bool:
-    """Run ``ours``; if deltatune refuses, peft must refuse the same operation too (then True: nothing to check)."""
-    try:
-        ours()
-        return False
-    except (ValueError, TypeError, RuntimeError, NotImplementedError) as ours_error:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                theirs()
-        except Exception:  # noqa: BLE001 - any refusal by peft: both refuse
-            return True
-        raise AssertionError(f"deltatune refuses {what} where peft does not: {ours_error!r}") from ours_error
-
-
 def peft_load(row: Row, path: Path, **kwargs: Any) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return peft.PeftModel.from_pretrained(build(row.model_id), path, **kwargs).eval()
+
+
+def two_adapters_in_both(row: Row, tmp_path: Path) -> tuple[nn.Module, nn.Module]:
+    """deltatune's randomized ``default`` plus ``other`` (seed 1), and peft loading both from deltatune's files."""
+    if reason := peft_skip(row, "two_adapters"):
+        pytest.skip(reason)
+    model = random_model(dt, row)
+    add_random_adapter(model, dt, row, "other", seed=1)
+    model.save_pretrained(tmp_path)
+    theirs = peft_load(row, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.load_adapter(tmp_path / "other", adapter_name="other")
+    return model, theirs
 
 
 @pytest.mark.parametrize("row", params(core=False))
@@ -277,15 +272,7 @@ def test_merge_two_adapters_like_peft(row: Row, tmp_path: Path) -> None:
     same two adapter files."""
     if reason := peft_skip(row, "merge"):
         pytest.skip(reason)
-    model = random_model(dt, row)
-    add_random_adapter(model, dt, row, "other", seed=1)
-    model.save_pretrained(tmp_path)
-    theirs = peft_load(row, tmp_path)
-    if reason := peft_skip(row, "two_adapters"):
-        pytest.skip(reason)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs.load_adapter(tmp_path / "other", adapter_name="other")
+    model, theirs = two_adapters_in_both(row, tmp_path)
     names = ["default", "other"]
     if both_refuse(lambda: model.merge_adapter(adapter_names=names), lambda: theirs.merge_adapter(adapter_names=names),
                    "merging two adapters"):
@@ -473,15 +460,7 @@ def test_weighted_combination_like_peft(row: Row, tmp_path: Path) -> None:
     """peft's ``_test_weighted_combination_of_adapters``: ``add_weighted_adapter`` of two randomized adapters gives
     the outputs peft gives for the same two files, for each deterministic combination type; where deltatune refuses
     a type, peft refuses it too."""
-    if reason := peft_skip(row, "two_adapters"):
-        pytest.skip(reason)
-    model = random_model(dt, row)
-    add_random_adapter(model, dt, row, "other", seed=1)
-    model.save_pretrained(tmp_path)
-    theirs = peft_load(row, tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs.load_adapter(tmp_path / "other", adapter_name="other")
+    model, theirs = two_adapters_in_both(row, tmp_path)
     kinds = COMBINATIONS if row.config_name == "LoraConfig" else (None,)
     for kind in kinds:
         extra = {} if kind is None else {"combination_type": kind, "density": 0.5}

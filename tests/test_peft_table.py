@@ -139,8 +139,12 @@ def randomize(model: nn.Module, row: Row, seed: int) -> None:
     """Make a randomized-init adapter visibly non-identity: where the "init off" config still leaves the output at the
     base's (LN tuning, VB-LoRA, identity-by-construction methods), add deterministic noise to every trainable tensor,
     as training would."""
-    if differs(out(model), base_out(row)):
-        return
+    if not differs(out(model), base_out(row)):
+        add_noise_to_trainable(model, seed)
+
+
+def add_noise_to_trainable(model: nn.Module, seed: int) -> None:
+    """Deterministic N(0, 0.1²) noise (seeded, in name order) on every trainable floating-point tensor."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
