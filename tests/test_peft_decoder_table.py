@@ -114,19 +114,25 @@ def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool((a - b).abs().max() > 1e-6)
 
 
+def perturb(model: nn.Module, seed: int, adapter: str = "") -> None:
+    """Deterministic noise (std 0.1) on every trainable tensor (whose name holds ``adapter``), as training would add.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if param.requires_grad and param.is_floating_point() and adapter in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
 def random_model(lib: Any, model_id: str, row: Row, seed: int = 0, **kwargs: Any) -> nn.Module:
-    """A randomized adapter (identity init off). Where the output still equals the base's (VB-LoRA's zero logits,
-    prompt learning never does), deterministic noise on every trainable tensor, as training would add."""
+    """A randomized adapter (identity init off), perturbed where its effect is still below 1e-4 (VB-LoRA's small
+    init on some models, an aLoRA adapter that never activates)."""
     if lib is dt:
         model = get_or_refused(model_id, row, randomized=True, seed=seed, **kwargs)
     else:
         model = get_model(peft, model_id, row, randomized=True, seed=seed, **kwargs)
-    if not differs(logits(model), base_logits(model_id)):
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for _, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-                if param.requires_grad and param.is_floating_point():
-                    param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    if not (logits(model) - base_logits(model_id)).abs().max() > 1e-4:
+        perturb(model, seed)
     return model
 
 
@@ -139,17 +145,15 @@ def load(lib: Any, model_id: str, path: Path, **kwargs: Any) -> nn.Module:
 
 def two_adapters(model_id: str, row: Row) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """deltatune's randomized ``default`` adapter plus a second one, ``other`` (seed 1, active), and the logits of
-    each. A second adapter that is still an identity (VB-LoRA) is moved as training would move it."""
+    each. A second adapter still within 1e-4 of the base model or the first adapter (VB-LoRA's small init) is
+    perturbed as training would move it."""
     model = random_model(dt, model_id, row)
     first = logits(model)
     torch.manual_seed(1)
     model.add_adapter("other", make_config(dt, row, randomized=True))
     model.set_adapter("other")
-    if not differs(logits(model), first):
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if param.requires_grad and ".other" in name:
-                    param.add_(0.1)
+    if not min((logits(model) - first).abs().max(), (logits(model) - base_logits(model_id)).abs().max()) > 1e-4:
+        perturb(model, seed=1, adapter=".other")
     return model, first, logits(model)
 
 
@@ -174,7 +178,7 @@ def test_attributes_and_adapter_name(model_id: str, row: Row) -> None:
     theirs = get_model(peft, model_id, row, adapter_name="test-name")
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     reference = base_logits(model_id)
-    if torch.allclose(logits(theirs), reference, **MERGE_TOL):
+    if torch.allclose(logits(theirs), reference, **TOL):  # identity at init (VB-LoRA's small random init is not)
         torch.testing.assert_close(logits(ours), reference, **MERGE_TOL)
     else:
         assert differs(logits(ours), reference)
@@ -203,6 +207,8 @@ def test_prepare_for_training_gradients_reach_the_adapter_only(model_id: str, ro
         assert moved == any(p.grad.abs().sum() > 0 for p in theirs.parameters() if p.requires_grad)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
+    if oracle_differs(model_id, row):
+        return
     prepared = [lib.get_peft_model(lib.prepare_model_for_kbit_training(build(model_id)), make_config(lib, row))
                 for lib in (dt, peft)]
     ours, theirs = (m.get_input_embeddings()(inputs()["input_ids"]).requires_grad for m in prepared)
