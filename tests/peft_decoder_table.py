@@ -182,3 +182,6 @@ PEFT_ORACLE_DIFFERS: dict[tuple[str, str], str] = {
 # 0..n-1 whatever the mask. Outputs are compared with peft on unmasked inputs only.
 PROMPT_POSITIONS = PROMPT_LEARNING
 
+# aLoRA finds its invocation tokens in input_ids: called with inputs_embeds alone it never activates and the model
+# computes the base model's logits, in peft 0.21.2 as in deltatune.
+EMBEDS_WITHOUT_INVOCATION = "an aLoRA adapter called with inputs_embeds only stays off (peft: the same)"
