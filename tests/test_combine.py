@@ -301,8 +301,9 @@ def test_bad_requests_raise_and_change_nothing(call: dict, error: type, match: s
 
 @pytest.mark.parametrize(
     ("other", "match"),
-    [(lambda: dt.LoraConfig(use_dora=True), "uses DoRA"), (lambda: dt.IA3Config(feedforward_modules=[]), "LoRA")],
-    ids=["dora", "ia3"],
+    [(lambda: dt.LoraConfig(use_dora=True), "uses DoRA"), (lambda: dt.IA3Config(feedforward_modules=[]), "LoRA"),
+     (lambda: dt.LoraConfig(trainable_token_indices=[3, 4]), "trainable_token_indices")],
+    ids=["dora", "ia3", "trainable-tokens"],
 )
 def test_dora_and_other_methods_are_refused(other, match: str) -> None:
     model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(), adapter_name="x")

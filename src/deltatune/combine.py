@@ -269,6 +269,10 @@ def resolve_request(
         if config.lora_bias:
             raise ConfigError(f"adapter {name!r} has lora_bias=True, whose bias the combined A and B factors cannot "
                               f"carry; combine adapters without lora_bias, or merge_and_unload() them one by one")
+        if config.trainable_token_indices:
+            raise ConfigError(f"adapter {name!r} trains token embeddings (trainable_token_indices), which "
+                              f"add_weighted_adapter cannot combine (peft gives the combination the original rows, "
+                              f"dropping what was trained); combine adapters without them, or merge_and_unload()")
         if config.target_parameters:
             raise ConfigError(f"adapter {name!r} uses target_parameters (per-expert factors), which "
                               f"add_weighted_adapter cannot combine (peft refuses it too); merge_and_unload() instead")
