@@ -185,3 +185,17 @@ PROMPT_POSITIONS = PROMPT_LEARNING
 # aLoRA finds its invocation tokens in input_ids: called with inputs_embeds alone it never activates and the model
 # computes the base model's logits, in peft 0.21.2 as in deltatune.
 EMBEDS_WITHOUT_INVOCATION = "an aLoRA adapter called with inputs_embeds only stays off (peft: the same)"
+
+# The combination types of peft 0.21.2's add_weighted_adapter that its table's rows exercise (None: IA3's one way)
+WEIGHTED_COMBINATIONS: dict[str, tuple[str | None, ...]] = {
+    "LoraConfig": ("linear", "cat", "svd"),
+    "IA3Config": (None,),
+}
+
+# Rows whose add_weighted_adapter deltatune refuses by name where peft 0.21.2 combines (row name or config class ->
+# why); the check asserts the refusal and that nothing changed.
+WEIGHTED_REFUSED: dict[str, str] = {
+    "IA3Config": "deltatune's add_weighted_adapter combines LoRA adapters only; peft also sums IA3 vectors (a gap)",
+    "LoRA-trainable-tokens": ("peft's combination gets the original token rows, silently dropping both adapters' "
+                              "trained tokens; deltatune refuses trainable_token_indices"),
+}

@@ -27,7 +27,7 @@ from torch import nn
 import deltatune as dt
 from tests.peft_decoder_table import (
     MISSING_IN_BOTH, MIXED_BATCHES, MODEL_IDS, NEVER_ACTIVE, NO_CONV1D, PEFT_ORACLE_DIFFERS, PROMPT_LEARNING,
-    PROMPT_POSITIONS, ROWS, Row, build, inputs, make_config, skip_reason,
+    PROMPT_POSITIONS, ROWS, WEIGHTED_COMBINATIONS, WEIGHTED_REFUSED, Row, build, inputs, make_config, skip_reason,
 )
 from tests.test_peft_table import both_refuse
 
@@ -403,6 +403,37 @@ def test_mixed_adapter_batches(model_id: str, row: Row) -> None:
     for i, name in enumerate(["other", "default"]):
         model.set_adapter(name)
         assert_same_greedy(tokens[i:i + 1], scores[i:i + 1], greedy(model, **inputs())[0][i:i + 1])
+
+
+@pytest.mark.parametrize("model_id, row", CELLS)
+def test_weighted_combination_of_adapters(model_id: str, row: Row, tmp_path: Path) -> None:
+    """peft's _test_weighted_combination_of_adapters: ``add_weighted_adapter`` of two adapters, for each combination
+    type peft has for the method, gives the logits of peft's combination of the same two files (where deltatune
+    refuses a combination, peft must refuse it too; WEIGHTED_REFUSED: deltatune's refusals by name)."""
+    _skip("weighted_combination_of_adapters", model_id, row)
+    if row.config_name not in WEIGHTED_COMBINATIONS:
+        pytest.skip("peft's add_weighted_adapter combines LoRA and IA3 adapters only")
+    model, _, _ = two_adapters(model_id, row)
+    if refused := WEIGHTED_REFUSED.get(row.name) or WEIGHTED_REFUSED.get(row.config_name):
+        before = logits(model)
+        with pytest.raises(dt.ConfigError):
+            model.add_weighted_adapter(["default", "other"], [0.5, 0.7], "mix")
+        assert list(model.peft_config) == ["default", "other"]
+        torch.testing.assert_close(logits(model), before, **TOL)
+        pytest.skip(refused)
+    model.save_pretrained(tmp_path)
+    theirs = load(peft, model_id, tmp_path)
+    theirs.load_adapter(tmp_path / "other", adapter_name="other")
+    for combination in WEIGHTED_COMBINATIONS[row.config_name]:
+        kwargs = {} if combination is None else {"combination_type": combination}
+        args = (["default", "other"], [0.5, 0.7], f"mix_{combination}")
+        if both_refuse(lambda: model.add_weighted_adapter(*args, **kwargs),
+                       lambda: theirs.add_weighted_adapter(*args, **kwargs), f"add_weighted_adapter {kwargs}"):
+            continue
+        theirs.add_weighted_adapter(*args, **kwargs)
+        model.set_adapter(args[2])
+        theirs.set_adapter(args[2])
+        torch.testing.assert_close(logits(model), logits(theirs), **MERGE_TOL)
 
 
 @pytest.mark.parametrize("model_id, row", CELLS)
