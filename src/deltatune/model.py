@@ -1076,12 +1076,11 @@ class PeftMixedModel(PeftModel):
         super().set_adapter([adapter_name] if isinstance(adapter_name, str) else list(adapter_name), inference_mode)
 
     def delete_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Delete one inactive adapter or several (all checked first)."""
+        """Delete one adapter or several (all checked first); deleting active ones follows
+        :meth:`PeftModel.delete_adapter`'s rule, as in peft."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._check_exists(name)
-            if name in self._active:
-                raise AdapterStateError(f"adapter {name!r} is active; set_adapter() to others before deleting it")
         for name in names:
             super().delete_adapter(name)
 
