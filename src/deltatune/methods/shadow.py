@@ -48,7 +48,7 @@ from torch import nn
 
 from ..config import LayerConfig, PeftType, TaskType
 from ..errors import AdapterStateError, ConfigError, NotMergeableError, TargetError
-from ..layers import AdapterLayer, Delta
+from ..layers import Delta, unwrap
 from ..prompt import CACHE_ARGUMENTS, cache_argument
 from ..registry import LayerMethod
 from ..rows import current_row_plan
@@ -688,10 +688,8 @@ def unload_shadow(base_model: nn.Module, adapter_name: str | None = None, copy: 
 
 
 def _copy_module(module: nn.Module) -> nn.Module:
-    """A deep copy whose adapter wrappers (an adapted LM head or embedding) are replaced by their base modules."""
-    if isinstance(module, AdapterLayer):
-        module = module.base_layer
-    return copy.deepcopy(module)
+    """A deep copy of the module an adapted LM head or embedding wraps (``layers.unwrap``), or of ``module``."""
+    return copy.deepcopy(unwrap(module))
 
 
 def _per_adapter(part: str) -> property:
